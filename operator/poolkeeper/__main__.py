@@ -1,0 +1,3 @@
+from poolkeeper.cli import main
+
+raise SystemExit(main())

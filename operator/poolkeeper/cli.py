@@ -1,0 +1,112 @@
+"""The `poolkeeper` command: run the operator, manage a dev control plane, report heartbeats, invoke handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _devcluster(args: argparse.Namespace) -> int:
+    from poolkeeper.devcluster import Cluster, ClusterError
+    from poolkeeper.devcluster.build import BuildError
+
+    cluster = Cluster(Path(args.dir))
+    try:
+        if args.action == "up":
+            started = time.monotonic()
+            cluster.up()
+            print(f"devcluster ready in {time.monotonic() - started:.1f}s at {cluster.server}")
+            print(f"  kubeconfig: {cluster.kubeconfig}\n  source {cluster.env_file}  # KUBECONFIG and kubectl on PATH")
+        elif args.action == "down":
+            stopped = cluster.down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        else:
+            status = cluster.status()
+            print(json.dumps(status, indent=2))
+            return 0 if status["ready"] else 1
+    except (ClusterError, BuildError, OSError) as exc:
+        print(f"devcluster {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from poolkeeper.app import OperatorOptions, run_operator
+
+    return run_operator(OperatorOptions(
+        kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace or ()), handlers_dir=args.handlers_dir,
+        metrics_port=args.metrics_port, metrics_address=args.metrics_address,
+        http_allowed_cidrs=tuple(args.http_allowed_cidrs.split(",")) if args.http_allowed_cidrs else None,
+        pod_label_selector=args.pod_label_selector, workers=args.workers, function_workers=args.function_workers,
+    ))
+
+
+def _heartbeat(args: argparse.Namespace) -> int:
+    from poolkeeper.agent import HeartbeatError, report_heartbeat
+
+    try:
+        result = report_heartbeat(args.name, namespace=args.namespace, state=args.state, kubeconfig=args.kubeconfig,
+                                  message=args.message)
+    except HeartbeatError as exc:
+        print(f"heartbeat failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"instance {args.namespace}/{args.name}: state={result['state']} lastHeartbeatTime={result['lastHeartbeatTime']}")
+    return 0
+
+
+def _invoke(argv: list[str]) -> int:
+    from poolkeeper.functions.invoke_cli import invoke_main
+
+    return invoke_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolkeeper", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    run.add_argument("--namespace", action="append", help="watch only this namespace (repeatable)")
+    run.add_argument("--handlers-dir", default=None, help="folder of Python handler functions (default: ./handlers)")
+    run.add_argument("--metrics-port", type=int, default=8080, help="port for /healthz, /readyz, /metrics (0: off)")
+    run.add_argument("--metrics-address", default="0.0.0.0", help="address for the metrics server")
+    run.add_argument("--http-allowed-cidrs", default=None,
+                     help="comma-separated CIDRs HTTP handlers may reach (default: any but link-local)")
+    run.add_argument("--pod-label-selector", default=None,
+                     help="server-side label selector for the Pod watch (e.g. 'poolkeeper.dev/member')")
+    run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")
+    run.add_argument("--function-workers", type=int, default=None,
+                     help="worker processes for Python handlers (default: max(2, CPUs))")
+    run.set_defaults(func=_run)
+
+    dev = sub.add_parser("devcluster", help="a real local control plane for development and tests")
+    dev.add_argument("action", choices=("up", "down", "status"))
+    dev.add_argument("--dir", default=".devcluster", help="state folder (default: ./.devcluster)")
+    dev.set_defaults(func=_devcluster)
+
+    inst = sub.add_parser("instance", help="report an Instance's state, as a machine's agent")
+    inst_sub = inst.add_subparsers(dest="instance_command", required=True)
+    hb = inst_sub.add_parser("heartbeat", help="write status.state and lastHeartbeatTime")
+    hb.add_argument("name")
+    hb.add_argument("--namespace", "-n", default="default")
+    hb.add_argument("--state", default="running",
+                    choices=("pending", "running", "stopping", "stopped", "terminated"))
+    hb.add_argument("--message", default=None)
+    hb.add_argument("--kubeconfig", default=None)
+    hb.set_defaults(func=_heartbeat)
+
+    sub.add_parser("invoke", help="run a handler function locally with a sample event", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["invoke"]:
+        return _invoke(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return int(args.func(args))

@@ -1,0 +1,1 @@
+"""The reconcile machinery: an informer-fed store, a work queue, and per-pool reconcilers."""

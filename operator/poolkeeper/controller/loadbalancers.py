@@ -1,0 +1,186 @@
+"""LoadBalancers: one runtime-API client each, a 1 s health watch, and their status.
+
+Watching the load balancer's own state is allowed (instance discovery is never polled):
+it is how a restarted HAProxy, which lost every runtime server, is noticed and re-filled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles
+from poolkeeper.core.conditions import Condition, merge_conditions
+from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, parse_load_balancer
+from poolkeeper.kube.api import ApiError, KubeApi, resource_path
+from poolkeeper.kube.events import EventRecorder, now_rfc3339
+from poolkeeper.kube.status import StatusWriter
+
+log = logging.getLogger(__name__)
+GROUP_VERSION = "poolkeeper.dev/v1alpha1"
+
+
+@dataclass
+class _Entry:
+    spec: LoadBalancerSpec
+    client: HAProxyClient
+    reachable: bool | None = None
+    identity: tuple[str, str] | None = None  # (Pid, start) to notice restarts
+    version: str = ""
+    error: str = ""
+
+
+class LoadBalancers:
+    def __init__(self, api: KubeApi, status: StatusWriter, events: EventRecorder,
+                 pools_using: Callable[[str], list[tuple[str, str]]], enqueue: Callable[[tuple[str, str]], None],
+                 interval: float = 1.0) -> None:
+        self.api, self.status, self.events = api, status, events
+        self.pools_using, self.enqueue, self.interval = pools_using, enqueue, interval
+        self._entries: dict[str, _Entry] = {}
+        self._bodies: dict[str, dict[str, Any]] = {}
+        self._tls_dir = tempfile.mkdtemp(prefix="poolkeeper-tls-")
+
+    # ----- the watch calls these
+    async def upsert(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        self._bodies[name] = body
+        try:
+            spec = parse_load_balancer(body)
+        except InvalidSpec as exc:
+            await self._drop_client(name)
+            self._write_status(name, Condition("Reachable", False, "InvalidSpec", str(exc)))
+            self.events.post(body, "InvalidSpec", str(exc), warning=True)
+            return
+        entry = self._entries.get(name)
+        if entry is not None and entry.spec == spec:
+            return
+        await self._drop_client(name)
+        tls = await self._tls_files(spec) if spec.tls_secret else None
+        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls))
+        await self.check(name)
+
+    async def remove(self, name: str) -> None:
+        self._bodies.pop(name, None)
+        await self._drop_client(name)
+        self.status.forget(self._status_path(name))
+        for key in self.pools_using(name):
+            self.enqueue(key)
+
+    async def _drop_client(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            await entry.client.close()
+
+    async def _tls_files(self, spec: LoadBalancerSpec) -> TLSFiles | None:
+        assert spec.tls_secret is not None
+        namespace, secret_name = spec.tls_secret
+        secret = await self.api.get_or_none(resource_path("v1", "secrets", namespace, secret_name))
+        if secret is None:
+            raise InvalidSpec(f"TLS Secret {namespace}/{secret_name} not found")
+        data = secret.get("data") or {}
+        paths = []
+        for key in ("ca.crt", "tls.crt", "tls.key"):
+            if key not in data:
+                raise InvalidSpec(f"TLS Secret {namespace}/{secret_name} has no {key}")
+            path = os.path.join(self._tls_dir, f"{spec.name}-{key}")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(base64.b64decode(data[key]))
+            paths.append(path)
+        return TLSFiles(ca_file=paths[0], cert_file=paths[1], key_file=paths[2])
+
+    # ----- what pools ask
+    def get(self, name: str) -> tuple[LoadBalancerSpec, HAProxyClient] | None:
+        entry = self._entries.get(name)
+        return (entry.spec, entry.client) if entry else None
+
+    def body(self, name: str) -> dict[str, Any] | None:
+        return self._bodies.get(name)
+
+    def invalid(self, name: str) -> str | None:
+        """Why a LoadBalancer that exists cannot be used, or None."""
+        if name in self._bodies and name not in self._entries:
+            return f"LoadBalancer {name} has an invalid spec"
+        return None
+
+    # ----- health watch
+    async def check(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        try:
+            info = await entry.client.info()
+        except (HAProxyUnreachable, OSError, asyncio.TimeoutError) as exc:
+            changed = entry.reachable is not False
+            entry.reachable, entry.error = False, str(exc)
+            if changed:
+                log.warning("LoadBalancer %s unreachable: %s", name, exc)
+                body = self._bodies.get(name)
+                if body:
+                    self.events.post(body, "Unreachable", f"HAProxy runtime API unreachable: {exc}", warning=True)
+                self._notify_pools(name)
+        else:
+            identity = (info.get("Pid", ""), info.get("Start_time_sec") or info.get("Uptime_sec", ""))
+            restarted = entry.identity is not None and identity[0] != entry.identity[0]
+            recovered = entry.reachable is False
+            entry.identity, entry.version, entry.error = identity, info.get("Version", ""), ""
+            entry.reachable = True
+            if restarted or recovered:
+                log.info("LoadBalancer %s %s; re-applying its pools", name, "restarted" if restarted else "reachable")
+                self._notify_pools(name)
+        self.publish(name)
+
+    def _notify_pools(self, name: str) -> None:
+        for key in self.pools_using(name):
+            self.enqueue(key)
+
+    def publish(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        if entry.reachable:
+            cond = Condition("Reachable", True, "RuntimeAPIAnswered", f"HAProxy {entry.version}")
+        else:
+            cond = Condition("Reachable", False, "RuntimeAPIUnreachable", entry.error or "not checked yet")
+        self._write_status(name, cond, version=entry.version)
+
+    def _write_status(self, name: str, cond: Condition, version: str = "") -> None:
+        body = self._bodies.get(name) or {}
+        meta = body.get("metadata") or {}
+        previous = (body.get("status") or {}).get("conditions")
+        status: dict[str, Any] = {
+            "conditions": merge_conditions(previous, [cond], meta.get("generation"), now_rfc3339()),
+            "pools": len(self.pools_using(name)), "observedGeneration": meta.get("generation"),
+        }
+        if version:
+            status["version"] = version
+        self.status.submit(self._status_path(name), status)
+
+    @staticmethod
+    def _status_path(name: str) -> str:
+        return resource_path(GROUP_VERSION, "loadbalancers", None, name, "status")
+
+    async def run(self) -> None:
+        """Check every LoadBalancer once per interval, concurrently, forever."""
+        while True:
+            names = list(self._entries)
+            if names:
+                await asyncio.gather(*(self.check(n) for n in names), return_exceptions=True)
+            await asyncio.sleep(self.interval)
+
+    async def close(self) -> None:
+        for name in list(self._entries):
+            await self._drop_client(name)
+
+    def reachable(self, name: str) -> bool | None:
+        entry = self._entries.get(name)
+        return entry.reachable if entry else None
+
+
+__all__ = ["ApiError", "LoadBalancers"]

@@ -1,0 +1,341 @@
+"""Reconcile one TargetPool: build the desired model, read the backend, plan, apply, report.
+
+Level-triggered like sample-controller: every reconcile starts from what the load balancer
+says now, so restarts, missed events and a restarted HAProxy all heal the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from poolkeeper import API_VERSION
+from poolkeeper.backends import ActionResult
+from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProblem
+from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
+from poolkeeper.backends.haproxy_client import HAProxyUnreachable
+from poolkeeper.controller.loadbalancers import LoadBalancers
+from poolkeeper.controller.readiness import ReadinessGates
+from poolkeeper.controller.store import Key, Store
+from poolkeeper.core.conditions import Condition, merge_conditions
+from poolkeeper.core.model import (
+    ActualMember,
+    AddMember,
+    DesiredMember,
+    MemberReport,
+    MemberState,
+    Plan,
+    RemoveMember,
+)
+from poolkeeper.core.planner import Refusal, desired_members, plan_pool
+from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, claim_winner, namespace_allowed, parse_pool
+from poolkeeper.core.retry import backoff_delay
+from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
+from poolkeeper.kube.events import EventRecorder, now_rfc3339
+from poolkeeper.kube.status import StatusWriter
+
+log = logging.getLogger(__name__)
+FINALIZER = "poolkeeper.dev/cleanup"
+RESYNC_SECONDS = 30.0
+WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
+
+
+class Backend(Protocol):
+    async def read_members(self) -> dict[str, ActualMember]: ...
+    async def apply(self, actions: Any) -> list[ActionResult]: ...
+
+
+class Blocked(Exception):
+    """The pool cannot be synced for a reason a person must fix; goes into `Synced`."""
+
+    def __init__(self, reason: str, message: str, retry: float | None = RESYNC_SECONDS) -> None:
+        super().__init__(message)
+        self.reason, self.retry = reason, retry
+
+
+@dataclass
+class PoolMemory:
+    """What one pool remembers between reconciles (all of it may be lost on restart)."""
+
+    draining_since: dict[str, float] = field(default_factory=dict)
+    failures: int = 0
+    refused_reported: set[str] = field(default_factory=set)
+    reports: dict[str, MemberReport] = field(default_factory=dict)
+
+
+class ReconcileHooks(Protocol):
+    """Lifecycle handlers plug in here: they gate members and see every reconcile."""
+
+    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str]]: ...
+    async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
+                      results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None: ...
+
+
+class NoHooks:
+    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(), frozenset()
+
+    async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
+                      results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None:
+        return None
+
+
+class PoolController:
+    def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder,
+                 lbs: LoadBalancers, gates: ReadinessGates, metrics: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.api, self.status, self.events = store, api, status, events
+        self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
+        self.hooks: ReconcileHooks = NoHooks()
+        self.memory: dict[Key, PoolMemory] = {}
+        self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
+
+    # ----- specs, cached per resourceVersion
+    def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
+        body = self.store.pools.get(key)
+        if body is None:
+            return None
+        version = body["metadata"].get("resourceVersion", "")
+        cached = self._specs.get(key)
+        if cached and cached[0] == version:
+            return cached[1]
+        try:
+            parsed: PoolSpec | InvalidSpec = parse_pool(body)
+        except InvalidSpec as exc:
+            parsed = exc
+        self._specs[key] = (version, parsed)
+        return parsed
+
+    def valid_specs(self) -> list[PoolSpec]:
+        return [s for k in list(self.store.pools) if isinstance(s := self.spec(k), PoolSpec)]
+
+    def pools_using_lb(self, lb: str) -> list[Key]:
+        return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
+
+    # ----- the reconcile
+    async def reconcile(self, key: Key) -> float | None:
+        """Bring one pool in line; returns when to look again (None: only on the next event)."""
+        body = self.store.pools.get(key)
+        if body is None:
+            self.memory.pop(key, None)
+            self._specs.pop(key, None)
+            return None
+        spec = self.spec(key)
+        memory = self.memory.setdefault(key, PoolMemory())
+        if isinstance(spec, InvalidSpec):
+            self._publish(body, None, [], Condition("Synced", False, "InvalidSpec", str(spec)))
+            self.events.post(body, "InvalidSpec", str(spec), warning=True)
+            return None
+        assert spec is not None
+        if spec.deleting:
+            return await self._finalize(body, spec, memory)
+        if FINALIZER not in (body["metadata"].get("finalizers") or []):
+            await self._add_finalizer(body)
+        try:
+            backend, allowed = await self._backend(spec)
+            actual = await backend.read_members()
+        except Blocked as blocked:
+            memory.reports = {}
+            self._publish(body, spec, [], Condition("Synced", False, blocked.reason, str(blocked)))
+            return blocked.retry
+        except (HAProxyUnreachable, BackendMissing, OSError, asyncio.TimeoutError, ApiError) as exc:
+            return self._backend_failed(body, spec, memory, exc)
+        pending, held = self.hooks.held(spec)
+        desired, refused = desired_members(
+            namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
+            instances=self._candidates(spec), allowed_cidrs=allowed, held=pending | held,
+        )
+        self._report_refused(body, memory, refused)
+        if isinstance(backend, EndpointSliceBackend):
+            backend.bind(desired)
+        now = self.clock()
+        plan = plan_pool(desired=desired, actual=actual, draining_since=memory.draining_since, now=now,
+                         deregistration_delay=spec.deregistration_delay,
+                         health_checks=spec.health_check is not None)
+        results = await backend.apply(plan.actions) if plan.actions else []
+        memory.draining_since = dict(plan.draining_since)
+        failed = [r for r in results if not r.ok]
+        self._record(body, spec, results)
+        reports = self._reports(plan, pending, held)
+        memory.reports = {r.instance: r for r in reports if r.instance}
+        await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
+        await self.hooks.observe(spec, desired, results, memory.reports)
+        memory.failures = 0
+        synced = Condition("Synced", True, "Synced", f"{len(desired)} desired members on {spec.backend_text}")
+        if failed:
+            synced = Condition("Synced", False, "BackendError", failed[0].message)
+        self._publish(body, spec, reports, synced, desired=len(desired))
+        if results and len(failed) < len(results):
+            return 0.0  # read back what we just did, so status shows it at once
+        if failed or any(r.state is not MemberState.ACTIVE for r in reports):
+            return WATCH_SECONDS
+        return RESYNC_SECONDS
+
+    def _candidates(self, spec: PoolSpec) -> Any:
+        namespace = None if spec.kind == "Node" else spec.namespace
+        return self.store.instances_of(spec.kind, namespace)
+
+    def _pods_with_gate(self, spec: PoolSpec) -> list[Any]:
+        if spec.kind != "Pod":
+            return []
+        gate = f"poolkeeper.dev/{spec.name}"
+        return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
+
+    async def _backend(self, spec: PoolSpec) -> tuple[Backend, Any]:
+        winner = claim_winner(s for s in self.valid_specs() if s.claim == spec.claim and not s.deleting)
+        if winner is not None and winner.key != spec.key:
+            raise Blocked("Conflict", f"{spec.backend_text} is already used by TargetPool "
+                          f"{winner.namespace}/{winner.name}, which is older")
+        if spec.backend_type == "EndpointSlice":
+            backend = EndpointSliceBackend(self.api, namespace=spec.namespace, service=spec.service,
+                                           pool=spec.name, pool_uid=spec.uid, port=spec.port)
+            try:
+                await backend.check_service()
+            except ServiceProblem as exc:
+                raise Blocked(exc.reason, str(exc)) from exc
+            return backend, None
+        found = self.lbs.get(spec.load_balancer)
+        if found is None:
+            why = self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
+            raise Blocked("LoadBalancerNotFound", why)
+        lb, client = found
+        if not namespace_allowed(lb, self.store.namespace_labels.get(spec.namespace)):
+            raise Blocked("NotAllowed", f"LoadBalancer {lb.name} does not allow pools from namespace {spec.namespace}")
+        try:
+            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check)
+            return pool, lb.allowed_cidrs
+        except BackendMissing as exc:
+            raise Blocked("BackendNotFound", str(exc)) from exc
+
+    def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> float:
+        memory.failures += 1
+        if isinstance(exc, BackendMissing):
+            reason = "BackendNotFound"
+        else:
+            reason = "BackendUnreachable"
+        message = f"{spec.backend_text}: {exc}"
+        if memory.failures == 1:
+            self.events.post(body, reason, message, warning=True)
+        if self.metrics is not None:
+            self.metrics.backend_errors.labels(reason=reason).inc()
+        self._publish(body, spec, list(memory.reports.values()), Condition("Synced", False, reason, message))
+        return backoff_delay(memory.failures, 0.5, 10.0)
+
+    def _report_refused(self, body: dict[str, Any], memory: PoolMemory, refused: list[Refusal]) -> None:
+        now_refused = {r.instance.ref for r in refused}
+        for item in refused:
+            if item.instance.ref not in memory.refused_reported:
+                self.events.post(body, "MemberRefused", f"{item.instance.ref}: {item.reason}", warning=True)
+        memory.refused_reported = now_refused
+
+    def _reports(self, plan: Plan, pending: frozenset[str], held: frozenset[str]) -> list[MemberReport]:
+        """Members waiting on a blocking `up` hook show Registering; abandoned ones show Held."""
+        out = []
+        for report in plan.members:
+            if report.name in pending and report.state is MemberState.HELD:
+                report = MemberReport(report.name, report.instance, report.address, report.port,
+                                      MemberState.REGISTERING, report.health, "waiting for a blocking up hook")
+            out.append(report)
+        return out
+
+    def _record(self, body: dict[str, Any], spec: PoolSpec, results: list[ActionResult]) -> None:
+        for result in results:
+            action = result.action
+            if not result.ok:
+                if isinstance(action, RemoveMember) and "connections" in result.message:
+                    continue  # del waits for in-flight connections: retried next round
+                self.events.post(body, "BackendError", f"{type(action).__name__} {action.name}: {result.message}",
+                                 warning=True)
+            elif isinstance(action, AddMember):
+                self.events.post(body, "Registered", f"{action.name} ({action.address}:{action.port}) added "
+                                 f"to {spec.backend_text}")
+            elif isinstance(action, RemoveMember):
+                self.events.post(body, "Deregistered", f"{action.name} removed from {spec.backend_text} "
+                                 f"({action.reason})")
+            if self.metrics is not None:
+                self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
+
+    def _publish(self, body: dict[str, Any], spec: PoolSpec | None, reports: list[MemberReport], synced: Condition,
+                 desired: int | None = None) -> None:
+        meta = body["metadata"]
+        active = sum(1 for r in reports if r.state is MemberState.ACTIVE)
+        draining = sum(1 for r in reports if r.state is MemberState.DRAINING)
+        if desired is None:
+            desired = sum(1 for r in reports if r.state is not MemberState.DRAINING)
+        if not synced.status:
+            ready = Condition("Ready", False, synced.reason, synced.message)
+        elif desired == 0:
+            ready = Condition("Ready", False, "NoMembers", "no instance matches the selector and is up")
+        elif active == desired:
+            ready = Condition("Ready", True, "AllMembersActive", f"{active} of {desired} members active")
+        else:
+            ready = Condition("Ready", False, "MembersNotActive", f"{active} of {desired} members active")
+        now = now_rfc3339()
+        status = {
+            "members": [self._member_row(r, now, body) for r in reports],
+            "desired": desired, "active": active, "draining": draining,
+            "conditions": merge_conditions((body.get("status") or {}).get("conditions"), [ready, synced],
+                                           meta.get("generation"), now),
+            "observedGeneration": meta.get("generation"),
+            "backend": spec.backend_text if spec else "",
+        }
+        self.status.submit(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"], "status"),
+                           status)
+        if self.metrics is not None and spec is not None:
+            self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(active)
+
+    @staticmethod
+    def _member_row(report: MemberReport, now: str, body: dict[str, Any]) -> dict[str, Any]:
+        previous = {m.get("instance"): m for m in (body.get("status") or {}).get("members") or []}
+        prior = previous.get(report.instance)
+        since = prior.get("since") if prior and prior.get("state") == report.state.value else now
+        return {"instance": report.instance or report.name, "address": report.address, "port": report.port,
+                "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+
+    # ----- finalizer
+    async def _add_finalizer(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
+        await self.api.patch(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"]),
+                             {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}})
+
+    async def _finalize(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory) -> float | None:
+        """Drain and remove every member, release the pods' gates, then let the pool go."""
+        if FINALIZER not in (body["metadata"].get("finalizers") or []):
+            return None
+        try:
+            backend, _ = await self._backend(spec)
+            if isinstance(backend, EndpointSliceBackend):
+                await backend.delete_all()
+                remaining = 0
+            else:
+                actual = await backend.read_members()
+                plan = plan_pool(desired={}, actual=actual, draining_since=memory.draining_since, now=self.clock(),
+                                 deregistration_delay=spec.deregistration_delay, health_checks=False)
+                results = await backend.apply(plan.actions)
+                self._record(body, spec, results)
+                memory.draining_since = dict(plan.draining_since)
+                remaining = len(await backend.read_members())
+        except Blocked:
+            remaining = 0  # nothing of ours can be there (no LB, not allowed, or another pool owns it)
+        except (HAProxyUnreachable, BackendMissing, OSError, asyncio.TimeoutError, ApiError) as exc:
+            return self._backend_failed(body, spec, memory, exc)
+        if remaining:
+            return WATCH_SECONDS
+        await self.gates.sync(spec.name, self._pods_with_gate(spec), {}, release=True)
+        meta = body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        index = finalizers.index(FINALIZER)
+        try:
+            await self.api.patch(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"]), [
+                {"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+                {"op": "remove", "path": f"/metadata/finalizers/{index}"}], JSON_PATCH)
+        except ApiError as exc:
+            if exc.status not in (404, 409, 422):
+                raise
+        self.events.post(body, "Finalized", f"all members removed from {spec.backend_text}")
+        return None

@@ -1,0 +1,1 @@
+"""Pure decision logic: no I/O, no kopf, no aiohttp, no kubernetes imports."""

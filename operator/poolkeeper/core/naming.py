@@ -1,0 +1,21 @@
+"""Deterministic backend server names: the only mark of ownership a load balancer keeps."""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "pk-"
+
+
+def _digest(text: str, size: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:size]
+
+
+def pool_prefix(namespace: str, name: str) -> str:
+    """Every server of one pool starts with this; servers without it are never touched."""
+    return f"{PREFIX}{_digest(f'{namespace}/{name}', 8)}-"
+
+
+def member_name(namespace: str, pool: str, instance_uid: str) -> str:
+    """Derived from the pool and the instance uid, so a new pod reusing an old IP gets a new name."""
+    return pool_prefix(namespace, pool) + _digest(instance_uid, 12)

@@ -1,0 +1,165 @@
+"""The pool planner: desired members vs what the load balancer reports -> a plan.
+
+A pure function of its inputs, so the same inputs give the same plan and applying a plan
+twice changes nothing: the second reconcile sees the load balancer already as desired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from poolkeeper.core.addresses import Network, refusal
+from poolkeeper.core.model import (
+    Action,
+    ActualMember,
+    AddMember,
+    Admin,
+    DesiredMember,
+    InstanceState,
+    MemberReport,
+    MemberState,
+    Phase,
+    Plan,
+    RemoveMember,
+    SetAdmin,
+)
+from poolkeeper.core.naming import member_name
+from poolkeeper.core.selectors import LabelSelector
+
+HEALTHY = "UP"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An instance that matched the pool but may not be registered, and why."""
+
+    instance: InstanceState
+    reason: str
+
+
+def desired_members(
+    *,
+    namespace: str,
+    pool: str,
+    kind: str,
+    selector: LabelSelector,
+    port: int,
+    instances: Iterable[InstanceState],
+    allowed_cidrs: Sequence[Network] | None = None,
+    held: frozenset[str] = frozenset(),
+) -> tuple[dict[str, DesiredMember], list[Refusal]]:
+    """Instances that are up or draining and match: up ones serve, draining ones drain."""
+    desired: dict[str, DesiredMember] = {}
+    refused: list[Refusal] = []
+    for inst in instances:
+        if inst.kind != kind or inst.phase is Phase.DOWN or not selector.matches(inst.labels):
+            continue
+        if kind == "Pod" and inst.namespace != namespace:
+            continue
+        if kind == "Instance" and inst.namespace != namespace:
+            continue
+        why = refusal(inst.address, allowed_cidrs)
+        if why is not None:
+            refused.append(Refusal(inst, why))
+            continue
+        name = member_name(namespace, pool, inst.uid)
+        desired[name] = DesiredMember(
+            name=name, instance=inst, address=str(inst.address), port=port,
+            serving=inst.phase is Phase.UP, held=name in held,
+        )
+    return desired, refused
+
+
+def _target_admin(member: DesiredMember, health: str, health_checks: bool) -> Admin:
+    if member.held:
+        return Admin.MAINT
+    if not member.serving:
+        return Admin.DRAIN
+    if health_checks and health != HEALTHY:
+        return Admin.DRAIN  # checks run, traffic waits for the first pass
+    return Admin.READY
+
+
+def plan_pool(
+    *,
+    desired: Mapping[str, DesiredMember],
+    actual: Mapping[str, ActualMember],
+    draining_since: Mapping[str, float],
+    now: float,
+    deregistration_delay: float,
+    health_checks: bool,
+) -> Plan:
+    """Decide the actions that bring `actual` to `desired`, draining before every removal."""
+    actions: list[Action] = []
+    reports: list[MemberReport] = []
+    since: dict[str, float] = {}
+
+    for name in sorted(desired):
+        want = desired[name]
+        have = actual.get(name)
+        if have is not None and (have.address, have.port) != (want.address, want.port):
+            actions.append(RemoveMember(name, "address changed", force=True))
+            have = None
+        if have is None and not want.serving:
+            continue  # a draining instance that was never registered stays out
+        health = have.health if have else ""
+        target = _target_admin(want, health, health_checks)
+        if have is None:
+            actions.append(AddMember(name, want.address, want.port))
+            actions.append(SetAdmin(name, target))
+        elif have.admin != target:
+            actions.append(SetAdmin(name, target))
+        if not want.serving:
+            started = draining_since.get(name, now)
+            since[name] = started
+            if _drained(have, started, now, deregistration_delay, instance_serving=True):
+                actions.append(RemoveMember(name, "drained", force=now - started >= deregistration_delay))
+                continue
+        reports.append(_report(want, have, target, health_checks))
+
+    for name in sorted(set(actual) - set(desired)):
+        have = actual[name]
+        started = draining_since.get(name, now)
+        if have.admin is Admin.READY:
+            actions.append(SetAdmin(name, Admin.DRAIN))
+        if _drained(have, started, now, deregistration_delay, instance_serving=False):
+            actions.append(RemoveMember(name, "no longer desired", force=now - started >= deregistration_delay))
+            continue
+        since[name] = started
+        reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
+                                    have.health, "instance left the pool; draining"))
+    return Plan(tuple(actions), tuple(reports), since)
+
+
+def _drained(have: ActualMember | None, started: float, now: float, delay: float, *, instance_serving: bool) -> bool:
+    """A draining member may go once it has no sessions, or when the delay is over.
+
+    When the load balancer cannot count sessions (EndpointSlices), a member whose instance
+    still serves waits out the delay; one whose instance stopped serving goes at once.
+    """
+    if have is None:
+        return True
+    if now - started >= delay:
+        return True
+    if have.sessions is None:
+        return not instance_serving
+    return have.sessions == 0 and have.admin is not Admin.READY
+
+
+def _report(want: DesiredMember, have: ActualMember | None, target: Admin, health_checks: bool) -> MemberReport:
+    inst = want.instance
+    health = have.health if have else ""
+    if want.held:
+        state, reason = MemberState.HELD, "kept out of rotation by a blocking hook"
+    elif not want.serving:
+        state, reason = MemberState.DRAINING, inst.reason or "instance is draining"
+    elif have is not None and have.admin is Admin.READY and target is Admin.READY:
+        state, reason = MemberState.ACTIVE, ""
+    elif have is None:
+        state, reason = MemberState.REGISTERING, "being added to the load balancer"
+    elif health_checks and health != HEALTHY:
+        state, reason = MemberState.REGISTERING, f"waiting for health checks to pass ({health or 'no result yet'})"
+    else:
+        state, reason = MemberState.REGISTERING, "entering rotation"
+    return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason)

@@ -1,0 +1,314 @@
+"""A pool of warm worker processes that run handler functions for the asyncio operator.
+
+Processes, not threads: a handler that hangs, spins on the CPU or blocks inside `async def` can
+only be stopped reliably by killing its process. Each worker serves one invocation at a time over
+a pipe; the operator waits on the pipe's fd with `loop.add_reader`, so nothing here blocks the
+event loop, and kills + replaces a worker whose invocation overran its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from poolkeeper.core.retry import backoff_delay
+from poolkeeper.functions import worker as worker_module
+from poolkeeper.functions.worker import Reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationResult:
+    """The outcome of one invocation; duration_ms is what the caller waited, queueing included."""
+
+    ok: bool
+    value: Any  # the handler's return value after a JSON round trip; None unless ok
+    error: str | None
+    duration_ms: float
+    timed_out: bool = False
+
+
+def default_size() -> int:
+    """One worker per core, but at least two so one slow handler doesn't stall every other."""
+    return max(2, os.cpu_count() or 1)
+
+
+@dataclass(eq=False, slots=True)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+class _WorkerDied(Exception):
+    """The worker's pipe closed mid-invocation: it crashed, exited, or the pool is closing."""
+
+
+class FunctionPool:
+    """Run `handle(event, context)` functions from a handlers dir in killable worker processes.
+
+    Use from one event loop: `await start()` once, then `invoke()` concurrently (at most `size`
+    run at once, the rest wait for a free worker within their own timeout), then `await close()`.
+    """
+
+    def __init__(
+        self, size: int | None = None, *, preload: Sequence[str] = (), start_method: str = "forkserver"
+    ) -> None:
+        if start_method == "fork":
+            raise ValueError("the fork start method is unsafe in a process with threads and an event loop")
+        self.size = default_size() if size is None else size
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        self._preload = tuple(preload)  # modules every worker imports once at start
+        self._mp = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._mp.set_forkserver_preload([worker_module.__name__])
+        # One thread does all process starting and reaping: both block, and serialising them
+        # avoids races inside multiprocessing's bookkeeping.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="poolkeeper-spawner")
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._workers: set[_Worker] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> FunctionPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start `size` workers and wait until they exist (they warm up on their own)."""
+        if self._idle is not None:
+            raise RuntimeError("FunctionPool.start() was already called")
+        self._idle = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for _ in range(self.size):
+            new = await loop.run_in_executor(self._spawner, self._spawn)
+            self._workers.add(new)
+            self._idle.put_nowait(new)
+
+    def _spawn(self) -> _Worker:
+        """Start one worker process (blocking: runs on the spawner thread)."""
+        parent_end, child_end = self._mp.Pipe(duplex=True)
+        process = self._mp.Process(
+            target=worker_module.worker_main,
+            args=(child_end, self._preload),
+            name="poolkeeper-function-worker",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return _Worker(process, parent_end)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers, busy or idle (for tests and diagnostics)."""
+        return sorted(w.pid for w in self._workers if w.pid is not None)
+
+    async def invoke(
+        self,
+        handlers_dir: str | os.PathLike[str],
+        name: str,
+        event: dict[str, Any],
+        *,
+        timeout: float,
+        attempt: int = 1,
+        function_name: str | None = None,
+    ) -> InvocationResult:
+        """Call FILE.FUNCTION `name` with `event`; never raises for anything the handler does.
+
+        The timeout runs from this call: waiting for a free worker counts against it. On timeout
+        the worker is SIGKILLed and replaced and the result says `timed out after <timeout>s`.
+        """
+        deadline = time.monotonic() + timeout
+        request = ("invoke", os.fspath(handlers_dir), name, event, attempt, function_name or name, deadline)
+        return await self._call(request, deadline, timeout)
+
+    async def check(self, handlers_dir: str | os.PathLike[str], name: str, *, timeout: float = 10.0) -> str | None:
+        """Why `name` can't be called (a HandlerLoadError text), or None when it can.
+
+        Runs the module's top-level code in a worker, never in the operator; this also warms that
+        worker's module cache.
+        """
+        result = await self._call(("check", os.fspath(handlers_dir), name), time.monotonic() + timeout, timeout)
+        if result.timed_out:
+            return f"loading {name} timed out after {timeout:g}s (does its module hang at import?)"
+        return result.error
+
+    async def _call(self, request: tuple[Any, ...], deadline: float, timeout: float) -> InvocationResult:
+        started = time.monotonic()
+
+        def result(ok: bool, value: Any = None, error: str | None = None, timed_out: bool = False) -> InvocationResult:
+            return InvocationResult(ok, value, error, (time.monotonic() - started) * 1000, timed_out)
+
+        worker = await self._acquire(deadline)
+        if worker is None:
+            return result(False, error=f"timed out after {timeout:g}s waiting for a free worker", timed_out=True)
+        try:
+            ok, payload, error = await self._exchange(worker, request, deadline)
+        except TimeoutError:
+            log.warning("killing function worker %s: %s overran its %gs timeout", worker.pid, request[2], timeout)
+            self._discard(worker)
+            return result(False, error=f"timed out after {timeout:g}s", timed_out=True)
+        except _WorkerDied as exc:
+            self._discard(worker)
+            return result(False, error=str(exc))
+        except BaseException:
+            self._discard(worker)  # cancelled mid-call: the handler must not run on unobserved
+            raise
+        self._release(worker)
+        return result(ok, None if payload is None else json.loads(payload), error)
+
+    async def _acquire(self, deadline: float) -> _Worker | None:
+        """A live idle worker, or None if none frees up before the deadline."""
+        if self._idle is None:
+            raise RuntimeError("FunctionPool.start() must be awaited before use")
+        if self._closed:
+            raise RuntimeError("FunctionPool is closed")
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                while True:
+                    worker = await self._idle.get()
+                    if worker.process.is_alive():
+                        return worker
+                    self._discard(worker)  # died while idle (OOM killer, stray signal...)
+        except TimeoutError:
+            return None
+
+    async def _exchange(self, worker: _Worker, request: tuple[Any, ...], deadline: float) -> Reply:
+        """Send a request and wait for the reply without blocking the loop; TimeoutError at deadline."""
+        loop = asyncio.get_running_loop()
+        try:
+            worker.conn.send(request)
+        except OSError as exc:
+            raise _WorkerDied(f"worker process died before the call ({exc})") from exc
+        readable = loop.create_future()
+        fd = worker.conn.fileno()
+        loop.add_reader(fd, _set_done, readable)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await readable
+        finally:
+            loop.remove_reader(fd)
+        try:
+            reply: Reply = worker.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise _WorkerDied(await self._death_notice(worker)) from exc
+        return reply
+
+    async def _death_notice(self, worker: _Worker) -> str:
+        """Why a worker's pipe closed, with its exit status when it can be had quickly."""
+        if self._closed:
+            return "the function pool was closed during the call"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._spawner, worker.process.join, 1.0)
+        code = worker.process.exitcode
+        if code is not None and code < 0:
+            return f"worker process died during the call (killed by {signal.Signals(-code).name})"
+        return f"worker process died during the call (exit code {code})"
+
+    def _release(self, worker: _Worker) -> None:
+        assert self._idle is not None
+        if self._closed:
+            self._stop(worker, kill=False)
+        else:
+            self._idle.put_nowait(worker)
+
+    def _discard(self, worker: _Worker) -> None:
+        """Kill a worker that can't be reused and start its replacement in the background."""
+        self._stop(worker, kill=True)
+        if not self._closed:
+            self._track(asyncio.get_running_loop().create_task(self._replace()))
+
+    def _stop(self, worker: _Worker, *, kill: bool) -> None:
+        """Close the pipe (an idle worker exits on EOF), SIGKILL if asked, reap on the spawner."""
+        self._workers.discard(worker)
+        if kill and worker.process.exitcode is None:
+            try:
+                worker.process.kill()
+            except OSError:
+                pass  # already gone
+        worker.conn.close()
+        try:
+            self._spawner.submit(_reap, worker.process)
+        except RuntimeError:  # the pool has shut down its spawner: reap only if it's quick
+            worker.process.join(0.1)
+
+    async def _replace(self) -> None:
+        """Spawn a worker into the idle queue, retrying with backoff if the system refuses."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while not self._closed:
+            attempt += 1
+            try:
+                new = await loop.run_in_executor(self._spawner, self._spawn)
+            except (OSError, RuntimeError, ValueError) as exc:
+                delay = backoff_delay(attempt, 0.1, 5.0)
+                log.error("could not start a function worker (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._workers.add(new)
+            self._release(new)
+            return
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop every worker: idle ones exit on EOF, busy ones are killed (their calls fail)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._spawner, _noop)  # let a replacement being started finish
+        while self._idle is not None and not self._idle.empty():
+            self._stop(self._idle.get_nowait(), kill=False)
+        for busy in list(self._workers):
+            busy.process.kill()  # its caller sees EOF, reports the pool closed and discards it
+        give_up = time.monotonic() + grace
+        while self._workers and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        await loop.run_in_executor(self._spawner, _noop)  # wait for the queued reaping
+        self._spawner.shutdown(wait=False)
+
+
+def _noop() -> None:
+    pass
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _reap(process: BaseProcess) -> None:
+    """Wait for an exiting worker; kill it if it ignores EOF (a handler thread keeping it alive)."""
+    process.join(2.0)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    process.close()
+
+

@@ -1,0 +1,1 @@
+"""Thin adapters to the Kubernetes API: credentials, an async client, Events, status writes."""

@@ -1,0 +1,137 @@
+"""A small async Kubernetes API client over one aiohttp session.
+
+kopf owns the watches; this client does the writes the operator needs (status, finalizers,
+EndpointSlices, pod conditions, Events, ConfigMaps) without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import kopf
+
+MERGE = "application/merge-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class ApiError(Exception):
+    """A non-2xx answer; `status` and `reason` come from the API server's Status object."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def _material(path: Any, data: Any) -> str | None:
+    """A file path for ssl, writing inline (base64 or PEM) data to a private temp file."""
+    if path:
+        return str(path)
+    if not data:
+        return None
+    raw = data if isinstance(data, bytes) else str(data).encode()
+    if not raw.lstrip().startswith(b"-----"):
+        raw = base64.b64decode(raw)
+    handle = tempfile.NamedTemporaryFile(prefix="poolkeeper-", suffix=".pem", delete=False)  # noqa: SIM115
+    handle.write(raw)
+    handle.close()
+    return handle.name
+
+
+def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    ctx = ssl.create_default_context(cafile=_material(info.ca_path, info.ca_data))
+    cert = _material(info.certificate_path, info.certificate_data)
+    key = _material(info.private_key_path, info.private_key_data)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def resource_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
+                  subresource: str | None = None) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = base + (f"/namespaces/{quote(namespace)}" if namespace else "") + f"/{plural}"
+    if name:
+        path += f"/{quote(name)}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class KubeApi:
+    """Requests against one API server; JSON in, JSON out, ApiError on failure."""
+
+    def __init__(self, info: kopf.ConnectionInfo, *, limit: int = 32) -> None:
+        self.info = info
+        self.server = info.server.rstrip("/")
+        self._headers = {"Accept": "application/json", **info.as_http_headers()}
+        self._ssl = ssl_context(info)
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._limit)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
+                      params: Mapping[str, str] | None = None) -> Any:
+        url = self.server + path + (f"?{urlencode(params)}" if params else "")
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if data is not None else {}
+        async with self.session.request(method, url, data=data, headers=headers) as resp:
+            text = await resp.text()
+            if resp.status >= 300:
+                try:
+                    status = json.loads(text)
+                    raise ApiError(resp.status, status.get("reason", ""), status.get("message", text))
+                except ValueError:
+                    raise ApiError(resp.status, resp.reason or "", text) from None
+            return json.loads(text) if text else None
+
+    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        return await self.request("GET", path, params=params)
+
+    async def get_or_none(self, path: str) -> Any:
+        try:
+            return await self.get(path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(self, path: str, body: Any) -> Any:
+        return await self.request("POST", path, body=body)
+
+    async def replace(self, path: str, body: Any) -> Any:
+        return await self.request("PUT", path, body=body)
+
+    async def patch(self, path: str, body: Any, content_type: str = MERGE) -> Any:
+        return await self.request("PATCH", path, body=body, content_type=content_type)
+
+    async def delete(self, path: str) -> Any:
+        try:
+            return await self.request("DELETE", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise

@@ -1,0 +1,1 @@
+"""Where instances come from: Pods, Nodes and Instance custom resources."""
