@@ -92,6 +92,7 @@ class PoolController:
         self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
         self.hooks: ReconcileHooks = NoHooks()
         self.memory: dict[Key, PoolMemory] = {}
+        self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
         self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
 
     # ----- specs, cached per resourceVersion
@@ -157,6 +158,7 @@ class PoolController:
                          deregistration_delay=spec.deregistration_delay,
                          health_checks=spec.health_check is not None)
         results = await backend.apply(plan.actions) if plan.actions else []
+        self.applied[key] = len(results)
         memory.draining_since = dict(plan.draining_since)
         failed = [r for r in results if not r.ok]
         self._record(body, spec, results)

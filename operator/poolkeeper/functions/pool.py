@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -19,8 +20,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Literal
 
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.functions import worker as worker_module
@@ -67,17 +69,25 @@ class FunctionPool:
     """
 
     def __init__(
-        self, size: int | None = None, *, preload: Sequence[str] = (), start_method: str = "forkserver"
+        self,
+        size: int | None = None,
+        *,
+        preload: Sequence[str] = (),
+        start_method: Literal["forkserver", "spawn"] = "forkserver",
     ) -> None:
-        if start_method == "fork":
-            raise ValueError("the fork start method is unsafe in a process with threads and an event loop")
         self.size = default_size() if size is None else size
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
         self._preload = tuple(preload)  # modules every worker imports once at start
-        self._mp = multiprocessing.get_context(start_method)
+        # Never fork: the operator has threads and an event loop a forked child would inherit.
+        self._mp: ForkServerContext | SpawnContext
         if start_method == "forkserver":
+            self._mp = multiprocessing.get_context("forkserver")
             self._mp.set_forkserver_preload([worker_module.__name__])
+        elif start_method == "spawn":
+            self._mp = multiprocessing.get_context("spawn")
+        else:
+            raise ValueError(f"start_method must be forkserver or spawn, got {start_method!r}")
         # One thread does all process starting and reaping: both block, and serialising them
         # avoids races inside multiprocessing's bookkeeping.
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="poolkeeper-spawner")
@@ -85,6 +95,7 @@ class FunctionPool:
         self._workers: set[_Worker] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._all_stopped = asyncio.Event()  # set once closed and the last worker is stopped
 
     async def __aenter__(self) -> FunctionPool:
         await self.start()
@@ -129,7 +140,7 @@ class FunctionPool:
         name: str,
         event: dict[str, Any],
         *,
-        timeout: float,
+        timeout: float,  # noqa: ASYNC109 - enforced by killing the worker, not by cancelling us
         attempt: int = 1,
         function_name: str | None = None,
     ) -> InvocationResult:
@@ -142,35 +153,42 @@ class FunctionPool:
         request = ("invoke", os.fspath(handlers_dir), name, event, attempt, function_name or name, deadline)
         return await self._call(request, deadline, timeout)
 
-    async def check(self, handlers_dir: str | os.PathLike[str], name: str, *, timeout: float = 10.0) -> str | None:
+    async def check(
+        self,
+        handlers_dir: str | os.PathLike[str],
+        name: str,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - as for invoke
+    ) -> str | None:
         """Why `name` can't be called (a HandlerLoadError text), or None when it can.
 
         Runs the module's top-level code in a worker, never in the operator; this also warms that
         worker's module cache.
         """
-        result = await self._call(("check", os.fspath(handlers_dir), name), time.monotonic() + timeout, timeout)
+        deadline = time.monotonic() + timeout
+        result = await self._call(("check", os.fspath(handlers_dir), name), deadline, timeout)
         if result.timed_out:
             return f"loading {name} timed out after {timeout:g}s (does its module hang at import?)"
         return result.error
 
-    async def _call(self, request: tuple[Any, ...], deadline: float, timeout: float) -> InvocationResult:
+    async def _call(self, request: tuple[Any, ...], deadline: float, limit: float) -> InvocationResult:
         started = time.monotonic()
 
-        def result(ok: bool, value: Any = None, error: str | None = None, timed_out: bool = False) -> InvocationResult:
+        def result(ok: bool, value: Any, error: str | None, timed_out: bool = False) -> InvocationResult:
             return InvocationResult(ok, value, error, (time.monotonic() - started) * 1000, timed_out)
 
         worker = await self._acquire(deadline)
         if worker is None:
-            return result(False, error=f"timed out after {timeout:g}s waiting for a free worker", timed_out=True)
+            return result(False, None, f"timed out after {limit:g}s waiting for a free worker", True)
         try:
             ok, payload, error = await self._exchange(worker, request, deadline)
         except TimeoutError:
-            log.warning("killing function worker %s: %s overran its %gs timeout", worker.pid, request[2], timeout)
+            log.warning("killing function worker %s: %s overran %gs", worker.pid, request[2], limit)
             self._discard(worker)
-            return result(False, error=f"timed out after {timeout:g}s", timed_out=True)
+            return result(False, None, f"timed out after {limit:g}s", timed_out=True)
         except _WorkerDied as exc:
             self._discard(worker)
-            return result(False, error=str(exc))
+            return result(False, None, str(exc))
         except BaseException:
             self._discard(worker)  # cancelled mid-call: the handler must not run on unobserved
             raise
@@ -241,11 +259,11 @@ class FunctionPool:
     def _stop(self, worker: _Worker, *, kill: bool) -> None:
         """Close the pipe (an idle worker exits on EOF), SIGKILL if asked, reap on the spawner."""
         self._workers.discard(worker)
+        if self._closed and not self._workers:
+            self._all_stopped.set()
         if kill and worker.process.exitcode is None:
-            try:
+            with contextlib.suppress(OSError):  # already gone
                 worker.process.kill()
-            except OSError:
-                pass  # already gone
         worker.conn.close()
         try:
             self._spawner.submit(_reap, worker.process)
@@ -287,9 +305,9 @@ class FunctionPool:
             self._stop(self._idle.get_nowait(), kill=False)
         for busy in list(self._workers):
             busy.process.kill()  # its caller sees EOF, reports the pool closed and discards it
-        give_up = time.monotonic() + grace
-        while self._workers and time.monotonic() < give_up:
-            await asyncio.sleep(0.01)
+        if self._workers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_stopped.wait(), grace)
         await loop.run_in_executor(self._spawner, _noop)  # wait for the queued reaping
         self._spawner.shutdown(wait=False)
 

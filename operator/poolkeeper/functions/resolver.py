@@ -9,6 +9,7 @@ so fixing it takes effect on the next call without restarting anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -95,10 +96,8 @@ def _execute(path: Path, file: str) -> types.ModuleType:
             sys.modules[module_name] = previous
         raise HandlerLoadError(f"{path.name} failed to import: {type(exc).__name__}: {exc}") from exc
     finally:
-        try:
+        with contextlib.suppress(ValueError):
             sys.path.remove(handlers_dir)
-        except ValueError:
-            pass
     return module
 
 

@@ -101,8 +101,8 @@ def run_check(handlers_dir: str, name: str) -> Reply:
 def handle_request(request: tuple[Any, ...]) -> Reply:
     """Dispatch one request tuple."""
     match request:
-        case ("invoke", str(handlers_dir), str(name), dict(event), int(attempt), str(function_name), deadline):
-            return run_invocation(handlers_dir, name, event, attempt, function_name, float(deadline))
+        case ("invoke", str(directory), str(name), dict(event), int(attempt), str(function_name), deadline):
+            return run_invocation(directory, name, event, attempt, function_name, float(deadline))
         case ("check", str(handlers_dir), str(name)):
             return run_check(handlers_dir, name)
     return False, None, f"worker got a malformed request: {request[:1]!r}"
@@ -127,7 +127,7 @@ def worker_main(conn: Connection, preload: Sequence[str] = ()) -> None:
     for module in preload:
         try:
             importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - a missing optional module must not stop the worker
+        except Exception:  # a missing optional module must not stop the worker
             logging.getLogger(__name__).warning("could not preload %s", module, exc_info=True)
     while True:
         try:

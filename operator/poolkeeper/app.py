@@ -1,0 +1,354 @@
+"""The kopf wiring, and only that: which watch feeds which part of the controller.
+
+Pods, Nodes and Instances go through `@kopf.on.event` (no per-object progress storage, so
+no extra PATCH per pod); each event updates the compact store and queues the pools it may
+affect. Workers drain the queue (informer -> queue -> reconcile, as in sample-controller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from poolkeeper import GROUP, VERSION
+from poolkeeper.controller.loadbalancers import LoadBalancers
+from poolkeeper.controller.pools import PoolController
+from poolkeeper.controller.queue import WorkQueue
+from poolkeeper.controller.readiness import ReadinessGates
+from poolkeeper.controller.store import Key, Store
+from poolkeeper.core import heartbeats
+from poolkeeper.core.model import InstanceState
+from poolkeeper.core.poolspec import PoolSpec
+from poolkeeper.kube.api import KubeApi
+from poolkeeper.kube.credentials import load_credentials
+from poolkeeper.kube.events import EventRecorder
+from poolkeeper.kube.status import StatusWriter
+from poolkeeper.metrics import Metrics, start_probe_server
+from poolkeeper.sources.convert import heartbeat_timeout, instance_state, node_state, parse_time, pod_state
+
+log = logging.getLogger("poolkeeper")
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    kubeconfig: str | None = None
+    namespaces: tuple[str, ...] = ()
+    handlers_dir: str | None = None
+    metrics_port: int = 8080
+    metrics_address: str = "0.0.0.0"
+    http_allowed_cidrs: tuple[str, ...] | None = None
+    pod_label_selector: str | None = None
+    workers: int = 4
+    function_workers: int | None = None
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share, kept in kopf's memo."""
+
+    options: OperatorOptions
+    store: Store = field(default_factory=Store)
+    queue: WorkQueue[Key] = field(default_factory=WorkQueue)
+    metrics: Metrics = field(default_factory=Metrics)
+    api: KubeApi | None = None
+    pools: PoolController | None = None
+    lbs: LoadBalancers | None = None
+    lifecycle: Any = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    event_times: dict[Key, float] = field(default_factory=dict)
+    heartbeat_seen: dict[tuple[str, str], heartbeats.HeartbeatSeen] = field(default_factory=dict)
+    heartbeat_timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
+    instance_bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    ready: bool = False
+    probe: Any = None
+
+
+RUNTIME: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    assert RUNTIME is not None, "the operator is not started"
+    return RUNTIME
+
+
+# ---------------------------------------------------------------- startup and shutdown
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    return load_credentials(runtime().options.kubeconfig)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    rt = runtime()
+    settings.posting.enabled = False  # we post our own, meaningful Events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    if rt.options.pod_label_selector:
+        settings.watching.label_selectors["pods"] = rt.options.pod_label_selector
+    rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
+    status = StatusWriter(rt.api)
+    events = EventRecorder(rt.api)
+    rt.lbs = LoadBalancers(rt.api, status, events, pools_using=lambda lb: rt.pools.pools_using_lb(lb) if rt.pools else [],
+                           enqueue=rt.queue.add)
+    rt.pools = PoolController(rt.store, rt.api, status, events, rt.lbs, ReadinessGates(rt.api), rt.metrics)
+    rt.lifecycle = _start_lifecycle(rt, status, events)
+    if rt.lifecycle is not None:
+        rt.pools.hooks = rt.lifecycle
+    for index in range(max(1, rt.options.workers)):
+        rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
+    rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
+    rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
+    if rt.options.metrics_port:
+        rt.probe = await start_probe_server(rt.metrics, lambda: rt.ready, rt.options.metrics_address,
+                                            rt.options.metrics_port)
+    asyncio.get_running_loop().call_later(1.0, _mark_ready, rt)
+
+
+def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> Any:
+    try:
+        from poolkeeper.lifecycle import LifecycleHandlers
+    except ImportError:
+        return None
+    assert rt.api is not None
+    handlers_dir = Path(rt.options.handlers_dir or os.environ.get("POOLKEEPER_HANDLERS_DIR") or "handlers")
+    return LifecycleHandlers(rt.store, rt.api, status, events, rt.queue, handlers_dir=handlers_dir,
+                             allowed_cidrs=rt.options.http_allowed_cidrs, workers=rt.options.function_workers,
+                             metrics=rt.metrics)
+
+
+def _mark_ready(rt: Runtime) -> None:
+    rt.ready = True
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    rt = runtime()
+    for task in rt.tasks:
+        task.cancel()
+    await asyncio.gather(*rt.tasks, return_exceptions=True)
+    rt.queue.shutdown()
+    if rt.lifecycle is not None:
+        await rt.lifecycle.close()
+    if rt.lbs is not None:
+        await rt.lbs.close()
+    if rt.pools is not None:
+        await rt.pools.status.flush()
+        await rt.pools.events.flush()
+    if rt.probe is not None:
+        await rt.probe.cleanup()
+    if rt.api is not None:
+        await rt.api.close()
+
+
+async def _worker(rt: Runtime) -> None:
+    assert rt.pools is not None
+    while True:
+        key = await rt.queue.get()
+        started = time.monotonic()
+        try:
+            delay = await rt.pools.reconcile(key)
+            rt.metrics.reconciles.labels(result="ok").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile of pool %s/%s failed", *key)
+            rt.metrics.reconciles.labels(result="error").inc()
+            delay = 5.0
+        finally:
+            rt.queue.done(key)
+        event_at = rt.event_times.pop(key, None)
+        if event_at is not None and rt.pools.applied.get(key):
+            rt.metrics.event_to_backend.observe(time.monotonic() - event_at)
+        if delay is not None:
+            rt.queue.add_after(key, delay)
+        log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
+
+
+async def _resync(rt: Runtime) -> None:
+    """Every pool at least every 30 s, whatever happened: repairs drift nobody told us about."""
+    while True:
+        await asyncio.sleep(30)
+        for key in list(rt.store.pools):
+            rt.queue.add(key)
+
+
+# ---------------------------------------------------------------- instances
+def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None) -> None:
+    """Queue every pool of this kind whose selector matches the instance now or before."""
+    assert rt.pools is not None
+    now = time.monotonic()
+    for key, _ in rt.store.pools_for_kind(state.kind):
+        spec = rt.pools.spec(key)
+        if not isinstance(spec, PoolSpec):
+            continue
+        if state.kind != "Node" and spec.namespace != state.namespace:
+            continue
+        if spec.selector.matches(state.labels) or (previous is not None and spec.selector.matches(previous.labels)):
+            rt.event_times.setdefault(key, now)
+            rt.queue.add(key)
+
+
+def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
+    if deleted:
+        previous = rt.store.drop_instance(state.kind, state.namespace, state.name)
+    else:
+        previous = rt.store.put_instance(state)
+        if previous == state:
+            return  # a status write that changed nothing we care about
+    if previous is None or previous.phase != state.phase:
+        rt.metrics.transitions.labels(kind=state.kind, to=state.phase.value).inc()
+    _affected(rt, state, previous)
+
+
+@kopf.on.event("", "v1", "pods")
+def pod_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    deleted = event.get("type") == "DELETED"
+    _apply_instance(rt, pod_state(event["object"], deleted=deleted), deleted)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    deleted = event.get("type") == "DELETED"
+    _apply_instance(rt, node_state(event["object"], deleted=deleted), deleted)
+
+
+@kopf.on.event(GROUP, VERSION, "instances")
+def instance_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    obj = event["object"]
+    meta = obj.get("metadata") or {}
+    key = (meta.get("namespace") or "", meta.get("name") or "")
+    deleted = event.get("type") == "DELETED"
+    if deleted:
+        rt.instance_bodies.pop(key, None)
+        rt.heartbeat_seen.pop(key, None)
+        timer = rt.heartbeat_timers.pop(key, None)
+        if timer:
+            timer.cancel()
+    else:
+        rt.instance_bodies[key] = {"metadata": {k: meta.get(k) for k in ("namespace", "name", "uid", "labels")},
+                                   "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
+        beat = (obj.get("status") or {}).get("lastHeartbeatTime")
+        seen = heartbeats.observe(rt.heartbeat_seen.get(key), beat, time.monotonic(), datetime.now(UTC),
+                                  parse_time(beat))
+        if seen is None:
+            rt.heartbeat_seen.pop(key, None)
+        else:
+            rt.heartbeat_seen[key] = seen
+    _evaluate_instance(rt, key, deleted=deleted, obj=obj)
+
+
+def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = False,
+                       obj: dict[str, Any] | None = None) -> None:
+    """Decide fresh/stale now and arm one timer for the moment the heartbeat would go stale."""
+    body = obj if deleted else rt.instance_bodies.get(key)
+    if body is None:
+        return
+    timeout = heartbeat_timeout(body)
+    remaining = heartbeats.expires_in(rt.heartbeat_seen.get(key), timeout, time.monotonic())
+    fresh = remaining is None or remaining > 0
+    _apply_instance(rt, instance_state(body, heartbeat_fresh=fresh, deleted=deleted), deleted)
+    timer = rt.heartbeat_timers.pop(key, None)
+    if timer:
+        timer.cancel()
+    if not deleted and remaining is not None and remaining > 0:
+        rt.heartbeat_timers[key] = asyncio.get_running_loop().call_later(
+            remaining + 0.01, _evaluate_instance, rt, key)
+
+
+# ---------------------------------------------------------------- pools, load balancers, namespaces
+@kopf.on.event(GROUP, VERSION, "targetpools")
+def pool_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    obj = event["object"]
+    key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    if event.get("type") == "DELETED":
+        rt.store.pools.pop(key, None)
+    else:
+        previous = rt.store.pools.get(key)
+        rt.store.pools[key] = obj
+        if previous is not None and previous.get("spec") == obj.get("spec") and \
+                previous["metadata"].get("deletionTimestamp") == obj["metadata"].get("deletionTimestamp") and \
+                previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
+            return  # our own status write coming back
+    rt.queue.add(key)
+    _requeue_claimants(rt, key)
+    if rt.lifecycle is not None:
+        rt.lifecycle.pool_changed(key)
+
+
+def _requeue_claimants(rt: Runtime, key: Key) -> None:
+    """A pool appearing or leaving can settle a conflict for the others on the same backend."""
+    assert rt.pools is not None
+    for spec in rt.pools.valid_specs():
+        if spec.key != key:
+            rt.queue.add(spec.key)
+
+
+@kopf.on.event(GROUP, VERSION, "loadbalancers")
+async def load_balancer_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    assert rt.lbs is not None and rt.pools is not None
+    obj = event["object"]
+    name = obj["metadata"]["name"]
+    if event.get("type") == "DELETED":
+        await rt.lbs.remove(name)
+        return
+    await rt.lbs.upsert(obj)
+    for key in rt.pools.pools_using_lb(name):
+        rt.queue.add(key)
+
+
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    meta = event["object"]["metadata"]
+    if event.get("type") == "DELETED":
+        rt.store.namespace_labels.pop(meta["name"], None)
+        return
+    labels = dict(meta.get("labels") or {})
+    if rt.store.namespace_labels.get(meta["name"]) != labels:
+        rt.store.namespace_labels[meta["name"]] = labels
+        for key in list(rt.store.pools):
+            if key[0] == meta["name"]:
+                rt.queue.add(key)
+
+
+@kopf.on.event(GROUP, VERSION, "lifecyclehandlers")
+async def lifecycle_handler_event(event: dict[str, Any], **_: Any) -> None:
+    rt = runtime()
+    obj = event["object"]
+    key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    if event.get("type") == "DELETED":
+        rt.store.handlers.pop(key, None)
+    else:
+        rt.store.handlers[key] = obj
+    if rt.lifecycle is not None:
+        await rt.lifecycle.handler_changed(key, obj, deleted=event.get("type") == "DELETED")
+
+
+# ---------------------------------------------------------------- entry point
+def run_operator(options: OperatorOptions) -> int:
+    """Run until SIGINT/SIGTERM; the exit code is 0 on a clean stop."""
+    global RUNTIME
+    RUNTIME = Runtime(options)
+    if options.kubeconfig:
+        os.environ["KUBECONFIG"] = options.kubeconfig
+    namespaces = list(options.namespaces)
+    try:
+        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces))
+    except KeyboardInterrupt:
+        pass
+    return 0

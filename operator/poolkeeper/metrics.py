@@ -1,0 +1,54 @@
+"""Prometheus metrics and the liveness/readiness probe server, on one port."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.transitions = Counter("poolkeeper_transitions_total", "Instance phase transitions seen",
+                                   ["kind", "to"], registry=r)
+        self.reconciles = Counter("poolkeeper_reconciles_total", "Pool reconciles", ["result"], registry=r)
+        self.backend_errors = Counter("poolkeeper_backend_errors_total", "Backend errors", ["reason"], registry=r)
+        self.backend_actions = Counter("poolkeeper_backend_actions_total", "Backend actions applied",
+                                       ["action", "ok"], registry=r)
+        self.event_to_backend = Histogram("poolkeeper_event_to_backend_seconds",
+                                          "From a watch event to the backend change it caused",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.members = Gauge("poolkeeper_pool_active_members", "Active members per pool",
+                             ["namespace", "pool"], registry=r)
+        self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
+                                   ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def start_probe_server(metrics: Metrics, ready: Callable[[], bool], address: str, port: int) -> web.AppRunner:
+    """/healthz: the loop answers; /readyz: watches listed and workers running; /metrics."""
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ready") if ready() else web.Response(status=503, text="starting")
+
+    async def render(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", render)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, address, port).start()
+    return runner
