@@ -46,7 +46,8 @@ def report_heartbeat(name: str, *, namespace: str = "default", state: str = "run
     api = client.CustomObjectsApi()
     try:
         api.patch_namespaced_custom_object_status(
-            "poolkeeper.dev", "v1alpha1", namespace, "instances", name, {"status": status})
+            group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="instances", name=name,
+            body={"status": status})
     except ApiException as exc:
         raise HeartbeatError(f"{exc.status} {exc.reason}: {exc.body}") from exc
     return status

@@ -344,6 +344,7 @@ def run_operator(options: OperatorOptions) -> int:
     """Run until SIGINT/SIGTERM; the exit code is 0 on a clean stop."""
     global RUNTIME
     RUNTIME = Runtime(options)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per pod event is noise
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
     namespaces = list(options.namespaces)

@@ -44,6 +44,10 @@ RESYNC_SECONDS = 30.0
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
 
 
+def _waiting_for_connections(result: ActionResult) -> bool:
+    return isinstance(result.action, RemoveMember) and "connections" in result.message
+
+
 class Backend(Protocol):
     async def read_members(self) -> dict[str, ActualMember]: ...
     async def apply(self, actions: Any) -> list[ActionResult]: ...
@@ -70,14 +74,18 @@ class PoolMemory:
 class ReconcileHooks(Protocol):
     """Lifecycle handlers plug in here: they gate members and see every reconcile."""
 
-    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str]]: ...
+    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]: ...
+    async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool: ...
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
                       results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None: ...
 
 
 class NoHooks:
-    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str]]:
-        return frozenset(), frozenset()
+    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        return frozenset(), frozenset(), frozenset()
+
+    async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool:
+        return False
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
                       results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None:
@@ -145,18 +153,16 @@ class PoolController:
             return blocked.retry
         except (HAProxyUnreachable, BackendMissing, OSError, asyncio.TimeoutError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
-        pending, held = self.hooks.held(spec)
-        desired, refused = desired_members(
-            namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
-            instances=self._candidates(spec), allowed_cidrs=allowed, held=pending | held,
-        )
+        desired, refused, (pending, held, keep) = self._desired(spec, allowed)
+        if await self.hooks.prepare(spec, desired):
+            desired, refused, (pending, held, keep) = self._desired(spec, allowed)  # a blocking hook now holds
         self._report_refused(body, memory, refused)
         if isinstance(backend, EndpointSliceBackend):
             backend.bind(desired)
         now = self.clock()
         plan = plan_pool(desired=desired, actual=actual, draining_since=memory.draining_since, now=now,
                          deregistration_delay=spec.deregistration_delay,
-                         health_checks=spec.health_check is not None)
+                         health_checks=spec.health_check is not None, keep=keep)
         results = await backend.apply(plan.actions) if plan.actions else []
         self.applied[key] = len(results)
         memory.draining_since = dict(plan.draining_since)
@@ -166,16 +172,30 @@ class PoolController:
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
         await self.hooks.observe(spec, desired, results, memory.reports)
-        memory.failures = 0
         synced = Condition("Synced", True, "Synced", f"{len(desired)} desired members on {spec.backend_text}")
-        if failed:
-            synced = Condition("Synced", False, "BackendError", failed[0].message)
+        hard = [r for r in failed if not _waiting_for_connections(r)]
+        if hard:
+            synced = Condition("Synced", False, "BackendError", hard[0].message)
+            memory.failures += 1
+        else:
+            memory.failures = 0
         self._publish(body, spec, reports, synced, desired=len(desired))
+        if hard:
+            return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
         if results and len(failed) < len(results):
             return 0.0  # read back what we just did, so status shows it at once
         if failed or any(r.state is not MemberState.ACTIVE for r in reports):
             return WATCH_SECONDS
         return RESYNC_SECONDS
+
+    def _desired(self, spec: PoolSpec, allowed: Any) -> tuple[dict[str, DesiredMember], list[Refusal],
+                                                               tuple[frozenset[str], frozenset[str], frozenset[str]]]:
+        gates = self.hooks.held(spec)
+        desired, refused = desired_members(
+            namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
+            instances=self._candidates(spec), allowed_cidrs=allowed, held=gates[0] | gates[1],
+        )
+        return desired, refused, gates
 
     def _candidates(self, spec: PoolSpec) -> Any:
         namespace = None if spec.kind == "Node" else spec.namespace
@@ -248,7 +268,7 @@ class PoolController:
         for result in results:
             action = result.action
             if not result.ok:
-                if isinstance(action, RemoveMember) and "connections" in result.message:
+                if _waiting_for_connections(result):
                     continue  # del waits for in-flight connections: retried next round
                 self.events.post(body, "BackendError", f"{type(action).__name__} {action.name}: {result.message}",
                                  warning=True)

@@ -89,8 +89,12 @@ def plan_pool(
     now: float,
     deregistration_delay: float,
     health_checks: bool,
+    keep: frozenset[str] = frozenset(),
 ) -> Plan:
-    """Decide the actions that bring `actual` to `desired`, draining before every removal."""
+    """Decide the actions that bring `actual` to `desired`, draining before every removal.
+
+    Members in `keep` (a blocking draining hook still runs) drain but are not removed yet.
+    """
     actions: list[Action] = []
     reports: list[MemberReport] = []
     since: dict[str, float] = {}
@@ -113,7 +117,7 @@ def plan_pool(
         if not want.serving:
             started = draining_since.get(name, now)
             since[name] = started
-            if _drained(have, started, now, deregistration_delay, instance_serving=True):
+            if name not in keep and _drained(have, started, now, deregistration_delay, instance_serving=True):
                 actions.append(RemoveMember(name, "drained", force=now - started >= deregistration_delay))
                 continue
         reports.append(_report(want, have, target, health_checks))
@@ -123,7 +127,7 @@ def plan_pool(
         started = draining_since.get(name, now)
         if have.admin is Admin.READY:
             actions.append(SetAdmin(name, Admin.DRAIN))
-        if _drained(have, started, now, deregistration_delay, instance_serving=False):
+        if name not in keep and _drained(have, started, now, deregistration_delay, instance_serving=False):
             actions.append(RemoveMember(name, "no longer desired", force=now - started >= deregistration_delay))
             continue
         since[name] = started

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,9 +27,11 @@ from poolkeeper.core.retry import retry_after_seconds
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-LINK_LOCAL: tuple[IPNetwork, ...] = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")  # incl. 169.254.169.254, cloud metadata
+LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 _ERROR_BODY_CHARS = 200
+_MAX_BODY = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +60,19 @@ def address_refusal(address: str | IPAddress, allowed_cidrs: Sequence[IPNetwork]
     ip = ipaddress.ip_address(str(address).split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    link_local = any(ip in net for net in LINK_LOCAL)
+    link_local = ip.is_link_local
     if allowed_cidrs is None:
         allowed = not link_local
     else:
         containing = [net for net in allowed_cidrs if net.version == ip.version and ip in net]
-        allowed = bool(containing) and (
-            not link_local
-            or any(net.subnet_of(ll) for net in containing for ll in LINK_LOCAL if ll.version == net.version)
-        )
+        allowed = bool(containing) and (not link_local or any(_within_link_local(net) for net in containing))
     return None if allowed else f"address {ip} is not allowed by the operator's --http-allowed-cidrs"
+
+
+def _within_link_local(net: IPNetwork) -> bool:
+    if isinstance(net, ipaddress.IPv4Network):
+        return net.subnet_of(LINK_LOCAL_V4)
+    return net.subnet_of(LINK_LOCAL_V6)
 
 
 def check_url_allowed(url: str, allowed_cidrs: Sequence[IPNetwork] | None) -> str | None:
@@ -94,7 +100,8 @@ def check_url_allowed(url: str, allowed_cidrs: Sequence[IPNetwork] | None) -> st
 
 def parse_cidrs(values: Sequence[str]) -> list[IPNetwork]:
     """Networks from `--http-allowed-cidrs` values (comma-separated lists allowed); ValueError if bad."""
-    return [ipaddress.ip_network(item.strip()) for value in values for item in value.split(",") if item.strip()]
+    items = (item.strip() for value in values for item in value.split(","))
+    return [ipaddress.ip_network(item) for item in items if item]
 
 
 def classify_status(status: int) -> tuple[bool, bool]:
@@ -115,7 +122,9 @@ class _Guard:
     attempted: int = 0
 
 
-_current_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("poolkeeper_http_guard", default=None)
+_current_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar(
+    "poolkeeper_http_guard", default=None
+)
 
 
 class AddressNotAllowedError(aiohttp.ClientConnectionError):
@@ -147,7 +156,10 @@ class GuardedConnector(aiohttp.TCPConnector):
         return socket.socket(family=family, type=type_, proto=proto)
 
     async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> aiohttp.connector.Connection:
         """Hand out a connection only if its peer is allowed now (a pooled one may predate the policy)."""
         connection = await super().connect(req, traces, timeout)
@@ -206,16 +218,20 @@ async def deliver_http(
     guard = _Guard(allowed_cidrs)
     token = _current_guard.set(guard)
     try:
-        async with session.post(
-            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as response:
-            text = await response.text(errors="replace")
+        limit = aiohttp.ClientTimeout(total=timeout)
+        request = session.post(url, data=body, headers=headers, timeout=limit, allow_redirects=False)
+        async with request as response:
+            # Read (a bounded part of) the body so the connection can be reused and errors explained.
+            text = (await response.content.read(_MAX_BODY)).decode("utf-8", errors="replace")
             status = response.status
             retry_after_header = response.headers.get("Retry-After")
     except TimeoutError:
         return result(False, None, True, f"timed out after {timeout:g}s")
+    except aiohttp.InvalidURL as exc:
+        return result(False, None, False, f"URL {url!r} is invalid: {exc}")
     except (aiohttp.ClientError, OSError) as exc:
-        if guard.refused and (guard.attempted == len(guard.refused) or isinstance(exc, AddressNotAllowedError)):
+        refused_all = guard.attempted == len(guard.refused) or isinstance(exc, AddressNotAllowedError)
+        if guard.refused and refused_all:
             return result(False, None, False, guard.refused[0])
         return result(False, None, True, f"{type(exc).__name__}: {exc}")
     finally:
@@ -224,11 +240,5 @@ async def deliver_http(
     if ok:
         return result(True, status, False, None)
     error = f"HTTP {status}" + (f": {text.strip()[:_ERROR_BODY_CHARS]}" if text.strip() else "")
-    retry_after = retry_after_seconds(retry_after_header, _utcnow()) if retryable else None
+    retry_after = retry_after_seconds(retry_after_header, datetime.now(UTC)) if retryable else None
     return result(False, status, retryable, error, retry_after)
-
-
-def _utcnow() -> Any:
-    from datetime import UTC, datetime  # noqa: PLC0415
-
-    return datetime.now(UTC)

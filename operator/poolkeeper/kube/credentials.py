@@ -16,9 +16,9 @@ def load_credentials(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
         os.environ["KUBECONFIG"] = kubeconfig
     info = None
     if not os.environ.get("KUBECONFIG") and os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
-        info = kopf.login_with_service_account(logger=log)
+        info = kopf.login_with_service_account(logger=log, settings=kopf.OperatorSettings())
     if info is None:
-        info = kopf.login_with_kubeconfig(logger=log)
+        info = kopf.login_with_kubeconfig(logger=log, settings=kopf.OperatorSettings())
     if info is None:
         raise kopf.LoginError("no credentials: neither in-cluster nor a kubeconfig (set --kubeconfig)")
     return info

@@ -1,0 +1,174 @@
+"""One poolkeeper pool inside one HAProxy backend section, driven through the runtime API.
+
+HAProxy keeps no metadata on a runtime server, so ownership is the name: only servers whose
+name starts with the pool's prefix are read or touched; servers from the config file are
+never touched. Every read and every plan is one round trip on the shared client.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+
+from poolkeeper.backends import ActionResult
+from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable
+from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, RemoveMember, SetAdmin
+from poolkeeper.core.poolspec import HealthCheck
+
+__all__ = ["BackendMissing", "HAProxyPool", "HealthCheck", "normalise_health"]
+
+# Bits and values of `show servers state` (HAProxy 2.6 include/haproxy/server-t.h, check-t.h).
+SRV_ST_STOPPED = 0  # srv_op_state: 0 stopped, 1 starting, 2 running, 3 stopping
+ADMF_MAINT = 0x01 | 0x02 | 0x04 | 0x20  # forced, inherited, from config, DNS resolution failed
+ADMF_DRAIN = 0x08 | 0x10  # forced, inherited
+CHK_ST_ENABLED = 0x04  # checks are switched on (`enable health`)
+CHK_ST_PAUSED = 0x08  # ... but suspended while the server is in maintenance
+HCHK_STATUS_CHECKED = 3  # srv_check_status below this: unknown, INI, START (no check finished yet)
+
+# Answers that mean success; `set`, `enable` and `shutdown` answer nothing when they work.
+_SUCCESS = frozenset({"", "New server registered.", "Server deleted."})
+_NO_SUCH_SERVER = "No such server."
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; our names are 24 long
+_POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
+
+
+class BackendMissing(Exception):
+    """The backend section named in the pool does not exist in this HAProxy's config."""
+
+
+def normalise_health(op_state: int, admin_state: int, check_state: int, check_status: int) -> str:
+    """HAProxy's own verdict from `show servers state` fields, as the planner reads it.
+
+    "" no checks; "CHECKING" no check has finished since checks were switched on, or they are
+    paused by maintenance (leaving it resets the server to "up, one failure from down", so the
+    old result decides nothing); "DOWN" checks took it out; "UP" checks keep it in, including
+    while going down ("UP 1/3"), which is HAProxy's `fall` to apply, not ours.
+    """
+    if not check_state & CHK_ST_ENABLED:
+        return ""
+    if check_state & CHK_ST_PAUSED or admin_state & ADMF_MAINT or check_status < HCHK_STATUS_CHECKED:
+        return "CHECKING"
+    return "DOWN" if op_state == SRV_ST_STOPPED else "UP"
+
+
+def _admin(admin_state: int) -> Admin:
+    if admin_state & ADMF_MAINT:
+        return Admin.MAINT
+    if admin_state & ADMF_DRAIN:
+        return Admin.DRAIN
+    return Admin.READY
+
+
+def _table(answer: str) -> list[dict[str, str]]:
+    """`show servers state` (a version line, then a `# a b c` header and space-separated rows)."""
+    lines = answer.splitlines()
+    if len(lines) < 2 or not lines[1].startswith("#"):
+        return []
+    header = lines[1].lstrip("# ").split()
+    return [dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip()]
+
+
+def _target(address: str, port: int) -> str:
+    ip = ipaddress.ip_address(address)  # dynamic servers take an IP: a DNS name is never resolved
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+class HAProxyPool:
+    """Backend protocol for the servers of one pool (by name prefix) in one backend section."""
+
+    def __init__(self, client: HAProxyClient, backend: str, prefix: str,
+                 health_check: HealthCheck | None) -> None:
+        if not _NAME.fullmatch(backend):
+            raise ValueError(f"{backend!r} is not a valid HAProxy backend name")
+        if not prefix:
+            raise ValueError("a pool needs a name prefix: without one it would own every server")
+        self.client, self.backend, self.prefix, self.health_check = client, backend, prefix, health_check
+
+    async def read_members(self) -> dict[str, ActualMember]:
+        """Address, admin state, health and sessions of the pool's servers, in one round trip."""
+        state, stat = await self.client.execute(
+            [f"show servers state {self.backend}", f"show stat {self.backend} 4 -1"])
+        if not state.startswith("1\n"):
+            if "find backend" in state:
+                raise BackendMissing(f"backend {self.backend!r} not found in HAProxy")
+            raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {state!r} "
+                                     f"to 'show servers state {self.backend}'")
+        sessions = self._sessions(stat)
+        members = {}
+        for row in _table(state):
+            name = row.get("srv_name", "")
+            if row.get("be_name") != self.backend or not name.startswith(self.prefix):
+                continue
+            admin_state = int(row["srv_admin_state"])
+            members[name] = ActualMember(
+                name=name, address=row["srv_addr"], port=int(row["srv_port"]), admin=_admin(admin_state),
+                health=normalise_health(int(row["srv_op_state"]), admin_state, int(row["srv_check_state"]),
+                                        int(row["srv_check_status"])),
+                sessions=sessions.get(name),
+            )
+        return members
+
+    def _sessions(self, stat: str) -> Mapping[str, int]:
+        """Current plus queued sessions per server: `del server` waits for both to be zero."""
+        if not stat.startswith("# "):
+            return {}
+        found = {}
+        for row in csv.DictReader(io.StringIO(stat[2:])):
+            name = row.get("svname") or ""
+            if row.get("pxname") == self.backend and name.startswith(self.prefix):
+                found[name] = int(row.get("scur") or 0) + int(row.get("qcur") or 0)
+        return found
+
+    async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
+        """All actions in one round trip, in order; each result is judged on its own answers."""
+        commands: list[str] = []
+        spans: list[tuple[Action, int, int] | ActionResult] = []
+        for action in actions:
+            try:
+                these = self._commands(action)
+            except ValueError as exc:
+                spans.append(ActionResult(action, False, f"not sent to HAProxy: {exc}"))
+                continue
+            spans.append((action, len(commands), len(commands) + len(these)))
+            commands.extend(these)
+        answers = await self.client.execute(commands)
+        return [span if isinstance(span, ActionResult) else self._result(span[0], answers[span[1]:span[2]])
+                for span in spans]
+
+    def _commands(self, action: Action) -> list[str]:
+        server = self._server(action.name)
+        match action:
+            case AddMember():
+                add = f"add server {server} {_target(action.address, action.port)}"
+                check = self.health_check
+                if check is None:
+                    return [f"{add} {_POOLING}"]
+                # Checks on, still in MAINT: the SetAdmin that follows (drain until UP) lets no
+                # request reach a target before its first check has passed.
+                checks = f"check inter {check.interval_seconds}s rise {check.rise} fall {check.fall}"
+                return [f"{add} {checks} {_POOLING}", f"enable health {server}"]
+            case SetAdmin():
+                return [f"set server {server} state {action.admin.value}"]
+            case RemoveMember():
+                cut = [f"shutdown sessions server {server}"] if action.force else []
+                return [f"set server {server} state maint", *cut, f"del server {server}"]
+        raise ValueError(f"unknown action {action!r}")
+
+    def _server(self, name: str) -> str:
+        if not name.startswith(self.prefix):
+            raise ValueError(f"server {name!r} does not belong to this pool (prefix {self.prefix!r})")
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid HAProxy server name")
+        return f"{self.backend}/{name}"
+
+    @staticmethod
+    def _result(action: Action, answers: Sequence[str]) -> ActionResult:
+        if isinstance(action, RemoveMember) and all(a == _NO_SUCH_SERVER for a in answers):
+            return ActionResult(action, True, "already removed")
+        failed = next((a for a in answers if a not in _SUCCESS), None)
+        return ActionResult(action, failed is None, failed or "")

@@ -1,0 +1,81 @@
+"""Per-pool instance transitions for handlers (pure).
+
+A handler is told about an instance's state changes in order, each numbered by a
+per-instance sequence that is persisted with the outbox, so ids survive restarts. After a
+restart the diff between what the handler was last told and what is true now is coalesced
+into one transition per instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from poolkeeper.core.model import DesiredMember, InstanceState
+
+NONE = "none"
+UP, DRAINING, DOWN = "up", "draining", "down"
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """The last state a handler was told about for one instance, and its sequence number."""
+
+    state: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    instance: InstanceState
+    member: str  # backend server name
+    event_type: str  # up | draining | down | registered | deregistered
+    from_state: str
+    to_state: str
+    seq: int
+    reason: str
+
+
+def member_states(desired: Mapping[str, DesiredMember]) -> dict[str, tuple[str, DesiredMember]]:
+    """instance uid -> (up | draining, member) for every member the pool wants."""
+    return {m.instance.uid: (UP if m.serving else DRAINING, m) for m in desired.values()}
+
+
+def instance_transitions(
+    announced: Mapping[str, Announced],
+    current: Mapping[str, tuple[str, DesiredMember]],
+    known: Mapping[str, tuple[InstanceState, str]],
+) -> list[Transition]:
+    """One transition per instance whose state differs from what was announced.
+
+    `known` maps instance uid -> (last instance record, member name) for instances that may
+    have left the pool, so their `down` event can still say who they were.
+    """
+    out: list[Transition] = []
+    for uid in sorted(current):
+        state, member = current[uid]
+        before = announced.get(uid)
+        if before is None or before.state != state:
+            out.append(Transition(member.instance, member.name, state, before.state if before else NONE, state,
+                                  (before.seq if before else 0) + 1, member.instance.reason))
+    for uid in sorted(set(announced) - set(current)):
+        before = announced[uid]
+        if before.state in (DOWN, NONE) or uid not in known:
+            continue
+        inst, name = known[uid]
+        reason = inst.reason if inst.phase.value == DOWN else "instance no longer matches the pool"
+        out.append(Transition(inst, name, DOWN, before.state, DOWN, before.seq + 1, reason))
+    return out
+
+
+def member_transition(announced: Announced | None, inst: InstanceState, name: str, event_type: str,
+                      reason: str) -> Transition:
+    """registered / deregistered: the load balancer acted; the instance state is unchanged."""
+    state = announced.state if announced else NONE
+    return Transition(inst, name, event_type, state, state, (announced.seq if announced else 0) + 1, reason)
+
+
+def advance(announced: dict[str, Announced], transitions: Iterable[Transition]) -> None:
+    """Record transitions as announced (before delivery: the outbox holds them until delivered)."""
+    for t in transitions:
+        announced[t.instance.uid] = Announced(t.to_state, t.seq)

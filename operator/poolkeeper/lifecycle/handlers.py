@@ -1,0 +1,269 @@
+"""LifecycleHandlers plugged into the pool reconcile: transitions -> outbox -> deliveries,
+and blocking hooks that gate a member's registration or removal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from poolkeeper.backends import ActionResult
+from poolkeeper.controller.store import Key, Store
+from poolkeeper.core.addresses import parse_cidrs
+from poolkeeper.core.cloudevents import build_event
+from poolkeeper.core.model import DesiredMember, InstanceState, MemberReport, RemoveMember, SetAdmin, Admin
+from poolkeeper.core.poolspec import PoolSpec
+from poolkeeper.core.transitions import (
+    Announced,
+    Transition,
+    instance_transitions,
+    member_states,
+    member_transition,
+)
+from poolkeeper.functions.http import make_http_session
+from poolkeeper.functions.pool import FunctionPool
+from poolkeeper.kube.api import KubeApi
+from poolkeeper.kube.events import EventRecorder
+from poolkeeper.kube.status import StatusWriter
+from poolkeeper.lifecycle.delivery import HandlerRuntime
+from poolkeeper.lifecycle.outbox import Outbox, instance_from_record, instance_record
+from poolkeeper.lifecycle.spec import HandlerSpec, parse_handler
+
+log = logging.getLogger(__name__)
+RECHECK_SECONDS = 5.0
+
+
+class Gates:
+    """Blocking hooks' hold on members: (pool key, member name) -> why."""
+
+    def __init__(self) -> None:
+        self.pending_up: dict[tuple[Key, str], set[str]] = {}  # -> event ids still running
+        self.pending_drain: dict[tuple[Key, str], set[str]] = {}
+        self.abandoned: set[tuple[Key, str]] = set()
+
+    def for_pool(self, key: Key) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        pending = frozenset(n for (k, n), ids in self.pending_up.items() if k == key and ids)
+        held = frozenset(n for (k, n) in self.abandoned if k == key)
+        keep = frozenset(n for (k, n), ids in self.pending_drain.items() if k == key and ids)
+        return pending, held, keep
+
+
+class LifecycleHandlers:
+    def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder, queue: Any, *,
+                 handlers_dir: Path, allowed_cidrs: tuple[str, ...] | None, workers: int | None,
+                 metrics: Any = None) -> None:
+        self.store, self.api, self.status, self.events, self.queue = store, api, status, events, queue
+        self.handlers_dir, self.metrics = handlers_dir, metrics
+        self.allowed_cidrs = parse_cidrs(list(allowed_cidrs)) if allowed_cidrs else None
+        self.functions = FunctionPool(workers)
+        self.http = make_http_session(self.allowed_cidrs)
+        self.runtimes: dict[Key, HandlerRuntime] = {}
+        self.gates = Gates()
+        self._started = False
+        self._recheck: asyncio.Task[None] | None = None
+
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.functions.start()
+            self._recheck = asyncio.create_task(self._recheck_loop(), name="handler-recheck")
+
+    # ----- the watch calls these
+    async def handler_changed(self, key: Key, body: dict[str, Any], *, deleted: bool) -> None:
+        await self._ensure_started()
+        old = self.runtimes.get(key)
+        if deleted:
+            if old is not None:
+                await old.close()
+                self.runtimes.pop(key, None)
+                self._requeue_pool(key[0], old.spec.pool)
+            return
+        spec = parse_handler(body)
+        if old is not None and old.spec == spec:
+            old.body = body
+            return
+        outbox = old.outbox if old is not None and old.spec.uid == spec.uid else Outbox(
+            self.api, spec.namespace, spec.name, spec.uid)
+        if old is None or old.outbox is not outbox:
+            await outbox.load()
+        if old is not None:
+            await old.close()
+        runtime = HandlerRuntime(spec, body, api=self.api, outbox=outbox, functions=self.functions, http=self.http,
+                                 handlers_dir=self.handlers_dir, allowed_cidrs=self.allowed_cidrs, status=self.status,
+                                 events=self.events, settled=self._settled_for(key), metrics=self.metrics)
+        self.runtimes[key] = runtime
+        await runtime.validate()
+        for event_id, record in sorted(outbox.pending.items(), key=lambda kv: kv[1].get("order", 0)):
+            self._gate(record, runtime)
+            runtime.enqueue(event_id)
+        self._requeue_pool(spec.namespace, spec.pool)
+        if old is not None and old.spec.pool != spec.pool:
+            self._requeue_pool(spec.namespace, old.spec.pool)
+
+    def pool_changed(self, key: Key) -> None:
+        return None
+
+    def _requeue_pool(self, namespace: str, pool: str) -> None:
+        if (namespace, pool) in self.store.pools:
+            self.queue.add((namespace, pool))
+
+    async def _recheck_loop(self) -> None:
+        """A broken handler file recovers without a restart: re-check the ones not Ready."""
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            for runtime in list(self.runtimes.values()):
+                if runtime.problem is not None:
+                    try:
+                        await runtime.validate()
+                    except Exception:  # noqa: BLE001 - a recheck must never stop the loop
+                        log.exception("re-checking handler %s failed", runtime.spec.name)
+
+    # ----- the pool reconcile calls these
+    def _handlers_for(self, spec: PoolSpec) -> list[HandlerRuntime]:
+        return [r for (ns, _), r in self.runtimes.items() if ns == spec.namespace and r.spec.pool == spec.name]
+
+    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        return self.gates.for_pool(spec.key)
+
+    async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool:
+        """Record this reconcile's instance transitions in the outboxes before the backend acts.
+
+        Returns True when a blocking hook now holds a member, so the caller re-plans with it.
+        """
+        runtimes = self._handlers_for(spec)
+        if not runtimes:
+            return False
+        current = member_states(desired)
+        gated = False
+        new: list[tuple[HandlerRuntime, str]] = []
+        for runtime in runtimes:
+            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
+            announced = runtime.outbox.announced_for(spec.uid)
+            known = {uid: (self._current_record(e), e.get("member", "")) for uid, e in announced_raw.items()}
+            transitions = instance_transitions(announced, current, known)
+            for t in transitions:
+                self.gates.abandoned.discard((spec.key, t.member))  # Held lasts until the next transition
+                event_id = self._record(runtime, spec, t, announced_raw)
+                if event_id:
+                    new.append((runtime, event_id))
+                    gated |= self._gate(runtime.outbox.pending[event_id], runtime)
+            for uid, entry in list(announced_raw.items()):
+                if entry["state"] == "down" and uid not in current and not self._still_exists(entry):
+                    del announced_raw[uid]
+                    runtime.outbox.touch()
+        await self._persist(runtimes)
+        for runtime, event_id in new:
+            runtime.enqueue(event_id)
+        return gated
+
+    async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
+                      reports: Mapping[str, MemberReport]) -> None:
+        """registered (entered rotation) and deregistered (removed) come from what the backend did."""
+        runtimes = self._handlers_for(spec)
+        if not runtimes or not results:
+            return
+        by_name = {m.name: m.instance for m in desired.values()}
+        new: list[tuple[HandlerRuntime, str]] = []
+        for runtime in runtimes:
+            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
+            by_member = {e.get("member"): (uid, e) for uid, e in announced_raw.items()}
+            for result in results:
+                action = result.action
+                if not result.ok:
+                    continue
+                if isinstance(action, SetAdmin) and action.admin is Admin.READY and action.name in by_name:
+                    event_type, inst = "registered", by_name[action.name]
+                elif isinstance(action, RemoveMember) and action.name in by_member and action.reason != "address changed":
+                    event_type = "deregistered"
+                    inst = self._current_record(by_member[action.name][1])
+                else:
+                    continue
+                entry = announced_raw.get(inst.uid)
+                before = Announced(entry["state"], int(entry["seq"])) if entry else None
+                t = member_transition(before, inst, action.name, event_type, action.reason if isinstance(
+                    action, RemoveMember) else "member entered rotation")
+                event_id = self._record(runtime, spec, t, announced_raw)
+                if event_id:
+                    new.append((runtime, event_id))
+        await self._persist(runtimes)
+        for runtime, event_id in new:
+            runtime.enqueue(event_id)
+
+    # ----- helpers
+    def _record(self, runtime: HandlerRuntime, spec: PoolSpec, t: Transition,
+                announced_raw: dict[str, dict[str, Any]]) -> str | None:
+        """Advance what the handler was told; queue an event if it subscribed to this type."""
+        announced_raw[t.instance.uid] = {"state": t.to_state, "seq": t.seq, "member": t.member,
+                                         "instance": instance_record(t.instance)}
+        runtime.outbox.touch()
+        if t.event_type not in runtime.spec.events:
+            return None
+        event = build_event(
+            handler_uid=runtime.spec.uid, pool_uid=spec.uid, pool_namespace=spec.namespace, pool_name=spec.name,
+            instance={**instance_record(t.instance), "port": spec.port}, event_type=t.event_type, sequence=t.seq,
+            from_state=t.from_state, to_state=t.to_state, reason=t.reason, time=datetime.now(UTC))
+        runtime.outbox.pending[event["id"]] = {
+            "event": event, "event_type": t.event_type, "instance_uid": t.instance.uid, "member": t.member,
+            "pool": list(spec.key), "attempts": 0, "order": time.time_ns(),
+            "blocking": runtime.spec.blocking and t.event_type in ("up", "draining"),
+        }
+        return str(event["id"])
+
+    def _gate(self, record: dict[str, Any], runtime: HandlerRuntime) -> bool:
+        if not record.get("blocking"):
+            return False
+        key = (tuple(record["pool"]), record["member"])
+        table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
+        table.setdefault(key, set()).add(record["event"]["id"])  # type: ignore[arg-type]
+        return record["event_type"] == "up"
+
+    def _settled_for(self, handler_key: Key) -> Callable[[dict[str, Any], bool], None]:
+        def settled(record: dict[str, Any], ok: bool) -> None:
+            if not record.get("blocking"):
+                return
+            runtime = self.runtimes.get(handler_key)
+            pool_key = tuple(record["pool"])
+            member_key = (pool_key, record["member"])
+            table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
+            ids = table.get(member_key)  # type: ignore[call-overload]
+            if ids is not None:
+                ids.discard(record["event"]["id"])
+                if not ids:
+                    table.pop(member_key, None)  # type: ignore[call-overload]
+            if record["event_type"] == "up" and not ok and runtime and runtime.spec.on_failure == "Abandon":
+                self.gates.abandoned.add(member_key)  # type: ignore[arg-type]
+            pool_body = self.store.pools.get(pool_key)  # type: ignore[arg-type]
+            if pool_body is not None:
+                verdict = "succeeded" if ok else f"failed ({runtime.spec.on_failure if runtime else 'Continue'})"
+                self.events.post(pool_body, "LifecycleHook",
+                                 f"blocking {record['event_type']} hook {handler_key[1]} for "
+                                 f"{record['event'].get('subject')} {verdict}", warning=not ok)
+            self.queue.add(pool_key)
+        return settled
+
+    def _current_record(self, entry: Mapping[str, Any]) -> InstanceState:
+        record = entry.get("instance") or {}
+        live = self.store.get_instance(record.get("kind", ""), record.get("namespace") or "", record.get("name", ""))
+        if live is not None and live.uid == record.get("uid"):
+            return live
+        return instance_from_record(record, f"{record.get('kind', 'instance').lower()} deleted")
+
+    def _still_exists(self, entry: Mapping[str, Any]) -> bool:
+        record = entry.get("instance") or {}
+        live = self.store.get_instance(record.get("kind", ""), record.get("namespace") or "", record.get("name", ""))
+        return live is not None and live.uid == record.get("uid")
+
+    async def _persist(self, runtimes: list[HandlerRuntime]) -> None:
+        await asyncio.gather(*(r.outbox.persist() for r in runtimes))
+
+    async def close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+        for runtime in list(self.runtimes.values()):
+            await runtime.close()
+        await self.http.close()
+        await self.functions.close()

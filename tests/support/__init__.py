@@ -1,0 +1,1 @@
+"""Helpers that start real things for tests and demos: HAProxy, HTTP backends, load."""
