@@ -16,7 +16,12 @@ def _devcluster(args: argparse.Namespace) -> int:
 
     cluster = Cluster(Path(args.dir))
     try:
-        if args.action == "up":
+        if args.action == "build":
+            started = time.monotonic()
+            from poolkeeper.devcluster import ensure_binaries
+
+            print(f"devcluster binaries in {ensure_binaries()} ({time.monotonic() - started:.1f}s)")
+        elif args.action == "up":
             started = time.monotonic()
             cluster.up()
             print(f"devcluster ready in {time.monotonic() - started:.1f}s at {cluster.server}")
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     dev = sub.add_parser("devcluster", help="a real local control plane for development and tests")
-    dev.add_argument("action", choices=("up", "down", "status"))
+    dev.add_argument("action", choices=("build", "up", "down", "status"))
     dev.add_argument("--dir", default=".devcluster", help="state folder (default: ./.devcluster)")
     dev.set_defaults(func=_devcluster)
 

@@ -131,8 +131,10 @@ async def test_async_handler_runs_in_its_own_loop(pool: FunctionPool, handlers: 
         ("h.fails", "ValueError: bad input"),
         ("h.fails_quietly", "KeyError"),
         ("h.exits", "SystemExit: bye"),
-        ("h.not_json", "return value of h.not_json is not JSON-serialisable: Object of type set is not JSON serializable"),
-        ("h.nan", "return value of h.nan is not JSON-serialisable: Out of range float values are not JSON compliant"),
+        ("h.not_json",
+         "return value of h.not_json is not JSON-serialisable: Object of type set is not JSON serializable"),
+        ("h.nan",
+         "return value of h.nan is not JSON-serialisable: Out of range float values are not JSON compliant"),
     ],
 )
 async def test_handler_failures_are_results(pool: FunctionPool, handlers: Path, name: str, error: str) -> None:

@@ -62,20 +62,22 @@ def _admin(admin_state: int) -> Admin:
     return Admin.READY
 
 
-def _table(answer: str) -> list[dict[str, str]]:
-    """`show servers state` (a version line, then a `# a b c` header and space-separated rows)."""
-    lines = answer.splitlines()
-    if len(lines) < 2 or not lines[1].startswith("#"):
-        return []
-    header = lines[1].lstrip("# ").split()
-    return [dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip()]
-
-
 def _target(address: str, port: int) -> str:
     ip = ipaddress.ip_address(address)  # dynamic servers take an IP: a DNS name is never resolved
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _same_target(address: str, port: int, other_address: str, other_port: int) -> bool:
+    try:
+        return port == other_port and ipaddress.ip_address(address) == ipaddress.ip_address(other_address)
+    except ValueError:
+        return False
+
+
+def _clash(result: ActionResult) -> bool:
+    return isinstance(result.action, AddMember) and result.message.startswith("Already exists")
 
 
 class HAProxyPool:
@@ -91,19 +93,10 @@ class HAProxyPool:
 
     async def read_members(self) -> dict[str, ActualMember]:
         """Address, admin state, health and sessions of the pool's servers, in one round trip."""
-        state, stat = await self.client.execute(
-            [f"show servers state {self.backend}", f"show stat {self.backend} 4 -1"])
-        if not state.startswith("1\n"):
-            if "find backend" in state:
-                raise BackendMissing(f"backend {self.backend!r} not found in HAProxy")
-            raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {state!r} "
-                                     f"to 'show servers state {self.backend}'")
+        state, stat = await self.client.execute([self._show_state, f"show stat {self.backend} 4 -1"])
         sessions = self._sessions(stat)
         members = {}
-        for row in _table(state):
-            name = row.get("srv_name", "")
-            if row.get("be_name") != self.backend or not name.startswith(self.prefix):
-                continue
+        for name, row in self._own_rows(state).items():
             admin_state = int(row["srv_admin_state"])
             members[name] = ActualMember(
                 name=name, address=row["srv_addr"], port=int(row["srv_port"]), admin=_admin(admin_state),
@@ -112,6 +105,23 @@ class HAProxyPool:
                 sessions=sessions.get(name),
             )
         return members
+
+    @property
+    def _show_state(self) -> str:
+        return f"show servers state {self.backend}"
+
+    def _own_rows(self, state: str) -> dict[str, dict[str, str]]:
+        """The pool's rows of `show servers state` (a version line, a `# a b c` header, rows)."""
+        lines = state.splitlines()
+        if not lines or lines[0] != "1" or len(lines) < 2 or not lines[1].startswith("#"):
+            if "find backend" in state:
+                raise BackendMissing(f"backend {self.backend!r} not found in HAProxy")
+            raise HAProxyUnreachable(
+                f"HAProxy at {self.client.endpoint} answered {state!r} to {self._show_state!r}")
+        header = lines[1].lstrip("# ").split()
+        rows = (dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip())
+        return {row["srv_name"]: row for row in rows
+                if row.get("be_name") == self.backend and row.get("srv_name", "").startswith(self.prefix)}
 
     def _sessions(self, stat: str) -> Mapping[str, int]:
         """Current plus queued sessions per server: `del server` waits for both to be zero."""
@@ -137,8 +147,32 @@ class HAProxyPool:
             spans.append((action, len(commands), len(commands) + len(these)))
             commands.extend(these)
         answers = await self.client.execute(commands)
-        return [span if isinstance(span, ActionResult) else self._result(span[0], answers[span[1]:span[2]])
-                for span in spans]
+        results = [span if isinstance(span, ActionResult) else self._result(span[0], answers[span[1]:span[2]])
+                   for span in spans]
+        if any(_clash(result) for result in results):
+            results = await self._settle_clashes(results)
+        return results
+
+    async def _settle_clashes(self, results: list[ActionResult]) -> list[ActionResult]:
+        """An add of a server that exists is done if it has the same address: adds stay idempotent.
+
+        That happens when a batch is re-sent after a lost connection or a plan is applied twice;
+        it costs one more round trip, only then.
+        """
+        (state,) = await self.client.execute([self._show_state])
+        rows = self._own_rows(state)
+        settled = []
+        for result in results:
+            action = result.action
+            if _clash(result) and isinstance(action, AddMember):
+                row = rows.get(action.name, {})
+                have = f"{row.get('srv_addr')}:{row.get('srv_port')}"
+                if row and _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
+                    result = ActionResult(action, True, "already present")
+                else:
+                    result = ActionResult(action, False, f"{result.message} (at {have})")
+            settled.append(result)
+        return settled
 
     def _commands(self, action: Action) -> list[str]:
         server = self._server(action.name)

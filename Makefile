@@ -1,0 +1,48 @@
+# poolkeeper developer entry points. Every target that needs Python uses .venv/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= .demo
+DEMO_SECONDS ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: all venv binaries test test-unit test-integration lint duplicates demo demo-down bench clean
+
+all: test
+
+$(BIN)/poolkeeper: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/poolkeeper
+
+# kube-apiserver, kube-controller-manager, kubectl and etcd, built from devcluster/ (cached).
+binaries: venv
+	$(BIN)/poolkeeper devcluster build
+
+test: venv binaries
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests
+
+test-unit: venv
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests/unit
+
+test-integration: venv binaries
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests/integration
+
+lint: venv
+	$(BIN)/ruff check operator tests handlers bench
+	$(BIN)/mypy
+
+demo: venv binaries
+	$(BIN)/python -m poolkeeper.demo up --dir $(DEMO_DIR) --seconds $(DEMO_SECONDS)
+
+demo-down: venv
+	$(BIN)/python -m poolkeeper.demo down --dir $(DEMO_DIR)
+
+bench: venv binaries
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
