@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -306,3 +307,30 @@ def test_invoke_cli_reports_failures(handlers: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err == "error: ValueError: bad input\n"
     assert invoke_main(["h.sleeps", "--handlers-dir", str(handlers), "--timeout", "0.3"]) == 1
     assert capsys.readouterr().err == "error: timed out after 0.3s\n"
+
+
+ORPHAN_SCRIPT = """
+import asyncio, sys
+from poolkeeper.functions.pool import FunctionPool
+
+async def main():
+    pool = FunctionPool(size=2)
+    await pool.start()
+    print(" ".join(map(str, pool.worker_pids())), flush=True)
+    await pool.invoke(sys.argv[1], "h.burns", {"id": "x"}, timeout=60)
+
+asyncio.run(main())
+"""
+
+
+async def test_workers_do_not_outlive_a_killed_operator(handlers: Path) -> None:
+    operator = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORPHAN_SCRIPT, str(handlers), stdout=asyncio.subprocess.PIPE
+    )
+    assert operator.stdout is not None
+    pids = [int(pid) for pid in (await asyncio.wait_for(operator.stdout.readline(), 10)).split()]
+    assert len(pids) == 2
+    await asyncio.sleep(0.3)  # one worker is now spinning on the CPU
+    operator.kill()
+    await operator.wait()
+    assert await eventually(lambda: all(gone(pid) for pid in pids), limit=5.0), "workers outlived the operator"

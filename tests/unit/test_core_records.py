@@ -192,6 +192,10 @@ def test_slice_layout_is_stable_and_bounded() -> None:
     assert step.changed == {"s1"} and not step.new and not step.delete
     emptied = layout(current, {k: v for k, v in wanted.items() if k >= "m100"}, key, limit=100)
     assert emptied.delete == ["s1"]
+    # 20 survivors spread over two slices are folded into one
+    survivors = {k: v for k, v in wanted.items() if k in {"m010", "m011", "m150", "m151"}}
+    folded = layout(current, survivors, key, limit=100)
+    assert len(folded.existing) + len(folded.new) == 1 and len(folded.delete) == 2
 
 
 # ---------------------------------------------------------------- transitions

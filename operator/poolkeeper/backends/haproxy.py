@@ -31,6 +31,8 @@ HCHK_STATUS_CHECKED = 3  # srv_check_status below this: unknown, INI, START (no 
 # Answers that mean success; `set`, `enable` and `shutdown` answer nothing when they work.
 _SUCCESS = frozenset({"", "New server registered.", "Server deleted."})
 _NO_SUCH_SERVER = "No such server."
+_BUSY = "Server still has connections attached to it, cannot remove it."
+_EXISTS = "Already exists"
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; our names are 24 long
 _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
 
@@ -76,8 +78,11 @@ def _same_target(address: str, port: int, other_address: str, other_port: int) -
         return False
 
 
-def _clash(result: ActionResult) -> bool:
-    return isinstance(result.action, AddMember) and result.message.startswith("Already exists")
+def _result(action: Action, answers: Sequence[str]) -> ActionResult:
+    if isinstance(action, RemoveMember) and all(a == _NO_SUCH_SERVER for a in answers):
+        return ActionResult(action, True, "already removed")
+    failed = next((a for a in answers if a not in _SUCCESS), None)
+    return ActionResult(action, failed is None, failed or "")
 
 
 class HAProxyPool:
@@ -147,31 +152,36 @@ class HAProxyPool:
             spans.append((action, len(commands), len(commands) + len(these)))
             commands.extend(these)
         answers = await self.client.execute(commands)
-        results = [span if isinstance(span, ActionResult) else self._result(span[0], answers[span[1]:span[2]])
+        results = [span if isinstance(span, ActionResult) else _result(span[0], answers[span[1]:span[2]])
                    for span in spans]
-        if any(_clash(result) for result in results):
-            results = await self._settle_clashes(results)
-        return results
+        return await self._second_round(results)
 
-    async def _settle_clashes(self, results: list[ActionResult]) -> list[ActionResult]:
-        """An add of a server that exists is done if it has the same address: adds stay idempotent.
+    async def _second_round(self, results: list[ActionResult]) -> list[ActionResult]:
+        """One more round trip, only when an answer calls for it.
 
-        That happens when a batch is re-sent after a lost connection or a plan is applied twice;
-        it costs one more round trip, only then.
+        - `del server` refused while HAProxy was still closing the idle connections that the
+          drain -> maint flip released (they go on another thread, within a millisecond): ask again.
+        - `add server` of a name that exists: done if it has the same address, so re-sending a
+          batch after a lost connection, or applying a plan twice, stays harmless.
         """
-        (state,) = await self.client.execute([self._show_state])
-        rows = self._own_rows(state)
-        settled = []
-        for result in results:
-            action = result.action
-            if _clash(result) and isinstance(action, AddMember):
-                row = rows.get(action.name, {})
-                have = f"{row.get('srv_addr')}:{row.get('srv_port')}"
-                if row and _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
-                    result = ActionResult(action, True, "already present")
-                else:
-                    result = ActionResult(action, False, f"{result.message} (at {have})")
-            settled.append(result)
+        busy = [i for i, r in enumerate(results) if isinstance(r.action, RemoveMember) and r.message == _BUSY]
+        clashes = [i for i, r in enumerate(results) if isinstance(r.action, AddMember)
+                   and r.message.startswith(_EXISTS)]
+        if not busy and not clashes:
+            return results
+        commands = [f"del server {self.backend}/{results[i].action.name}" for i in busy]
+        answers = await self.client.execute([*commands, *([self._show_state] if clashes else [])])
+        settled = list(results)
+        for i, answer in zip(busy, answers, strict=False):
+            settled[i] = _result(results[i].action, [answer])
+        rows = self._own_rows(answers[-1]) if clashes else {}
+        for i in clashes:
+            action, row = results[i].action, rows.get(results[i].action.name)
+            assert isinstance(action, AddMember)
+            if row is not None and _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
+                settled[i] = ActionResult(action, True, "already present")
+            elif row is not None:
+                settled[i] = ActionResult(action, False, f"{results[i].message} (at {row['srv_addr']}:{row['srv_port']})")
         return settled
 
     def _commands(self, action: Action) -> list[str]:
@@ -189,8 +199,13 @@ class HAProxyPool:
             case SetAdmin():
                 return [f"set server {server} state {action.admin.value}"]
             case RemoveMember():
+                # Entering MAINT closes the server's idle keep-alive connections, which `del` counts
+                # as attached. Connections that went idle while it already was in MAINT (a request
+                # that finished after a refused del) stay forever, so every attempt flips
+                # drain -> maint: no new traffic in either state, idle connections closed each time.
                 cut = [f"shutdown sessions server {server}"] if action.force else []
-                return [f"set server {server} state maint", *cut, f"del server {server}"]
+                return [f"set server {server} state drain", f"set server {server} state maint", *cut,
+                        f"del server {server}"]
         raise ValueError(f"unknown action {action!r}")
 
     def _server(self, name: str) -> str:
@@ -199,10 +214,3 @@ class HAProxyPool:
         if not _NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid HAProxy server name")
         return f"{self.backend}/{name}"
-
-    @staticmethod
-    def _result(action: Action, answers: Sequence[str]) -> ActionResult:
-        if isinstance(action, RemoveMember) and all(a == _NO_SUCH_SERVER for a in answers):
-            return ActionResult(action, True, "already removed")
-        failed = next((a for a in answers if a not in _SUCCESS), None)
-        return ActionResult(action, failed is None, failed or "")

@@ -56,4 +56,30 @@ def layout(current: Mapping[str, Sequence[Mapping[str, Any]]], wanted: Mapping[s
     while pending:
         result.new.append(pending[:limit])
         pending = pending[limit:]
+    _consolidate(result, len(wanted), limit)
     return result
+
+
+def _consolidate(result: SliceLayout, total: int, limit: int) -> None:
+    """Fold the smallest slices into the others while more slices exist than the endpoints need."""
+    needed = -(-total // limit)
+    while len(result.existing) + len(result.new) > needed and result.existing:
+        smallest = min(result.existing, key=lambda n: (len(result.existing[n]), n))
+        moving = result.existing.pop(smallest)
+        result.changed.discard(smallest)
+        for name in sorted(result.existing, key=lambda n: (-len(result.existing[n]), n)):
+            room = limit - len(result.existing[name])
+            if room > 0 and moving:
+                result.existing[name].extend(moving[:room])
+                moving = moving[room:]
+                result.changed.add(name)
+        for chunk in result.new:
+            room = limit - len(chunk)
+            if room > 0 and moving:
+                chunk.extend(moving[:room])
+                moving = moving[room:]
+        if moving:  # could not fit after all: keep it
+            result.existing[smallest] = moving
+            result.changed.add(smallest)
+            break
+        result.delete.append(smallest)

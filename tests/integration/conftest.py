@@ -1,0 +1,85 @@
+"""Fixtures for tests that run the real operator against the real control plane."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from poolkeeper.devcluster import Cluster
+from poolkeeper.devcluster.kubelet import FakeKubelet
+from support.operator_process import OperatorProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: Cluster) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def core(api_client: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api_client)
+
+
+@pytest.fixture(scope="session")
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture(scope="session")
+def kubelet(cluster: Cluster) -> Iterator[FakeKubelet]:
+    stand_in = FakeKubelet(str(cluster.kubeconfig))
+    stand_in.ensure_node()
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture(scope="session")
+def handlers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped handlers plus whatever a test writes, in a folder the operator reads."""
+    folder = tmp_path_factory.mktemp("handlers")
+    for source in (REPO / "handlers").glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, handlers_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+             kubelet: FakeKubelet) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator-logs"), handlers_dir=handlers_dir,
+                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
+    try:
+        proc.start()
+    except RuntimeError as exc:
+        pytest.fail(f"the operator could not start: {exc}", pytrace=False)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def running_operator(operator: OperatorProcess) -> OperatorProcess:
+    """The session's operator, restarted first if an earlier test killed it."""
+    if operator.proc is None or operator.proc.poll() is not None:
+        operator.start()
+    return operator
+
+
+@pytest.fixture()
+def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    core.create_namespace(body={"metadata": {"name": name, "labels": {"poolkeeper.dev/test": "true"}}})
+    yield name
+    try:
+        core.delete_namespace(name=name)
+    except ApiException:
+        pass

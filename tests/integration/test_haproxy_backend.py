@@ -1,0 +1,475 @@
+"""The HAProxy backend against a real HAProxy 2.6 with real HTTP traffic through it.
+
+Every test starts its own HAProxy (about 0.1 s) and real HTTP servers on 127.0.0.x, and
+judges by what clients actually received, not only by what the runtime API says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import pytest
+from support.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
+from support.http_backends import HTTPBackend, LoadGenerator, LoadReport, start_backend
+
+from poolkeeper.backends import ActionResult
+from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool, HealthCheck
+from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles, parse_endpoint
+from poolkeeper.core.model import (
+    Action,
+    ActualMember,
+    AddMember,
+    Admin,
+    DesiredMember,
+    InstanceState,
+    Phase,
+    RemoveMember,
+    SetAdmin,
+)
+from poolkeeper.core.naming import member_name, pool_prefix
+from poolkeeper.core.planner import plan_pool
+
+pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
+
+NS, POOL = "shop", "web"
+PREFIX = pool_prefix(NS, POOL)
+T = TypeVar("T")
+
+
+def name(i: int) -> str:
+    return member_name(NS, POOL, f"uid-{i}")
+
+
+# ----- fixtures
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
+    proc = HAProxyProcess(tmp_path / "haproxy", ["web", "checked"])
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def client(haproxy: HAProxyProcess) -> AsyncIterator[HAProxyClient]:
+    client = HAProxyClient(haproxy.admin_endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def pool(client: HAProxyClient) -> HAProxyPool:
+    return HAProxyPool(client, "web", PREFIX, None)
+
+
+@pytest.fixture
+def http() -> Iterator[Callable[[str], HTTPBackend]]:
+    """Start real HTTP backends on given loopback addresses; all stopped at the end."""
+    started: list[HTTPBackend] = []
+
+    def start(address: str) -> HTTPBackend:
+        started.append(start_backend(address))
+        return started[-1]
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+# ----- helpers
+
+
+def add(member: str, backend: HTTPBackend, admin: Admin = Admin.READY) -> list[Action]:
+    return [AddMember(member, backend.address, backend.port), SetAdmin(member, admin)]
+
+
+async def apply_ok(pool: HAProxyPool, actions: Sequence[Action]) -> list[ActionResult]:
+    results = await pool.apply(actions)
+    assert [r.action for r in results] == list(actions)
+    assert all(r.ok for r in results), results
+    return results
+
+
+async def load(url: str, count: int, connections: int = 4) -> LoadReport:
+    generator = LoadGenerator(url, connections=connections).start(count=count)
+    return await asyncio.to_thread(generator.wait, 30)
+
+
+async def until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str,
+                timeout: float = 8.0) -> T:
+    """Poll `probe` until `done(value)`; fail with the last value after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what}: still {value!r} after {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def stat_rows(client: HAProxyClient, backend: str) -> dict[str, dict[str, str]]:
+    """`show stat` rows of a backend by svname (BACKEND is the backend's own row)."""
+    (answer,) = await client.execute([f"show stat {backend} -1 -1"])
+    return {row["svname"]: row for row in csv.DictReader(io.StringIO(answer.removeprefix("# ")))}
+
+
+async def slow_request(url: str, delay: float) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/?delay={delay}") as response:
+        return response.status, await response.text()
+
+
+# ----- pure parts
+
+
+@pytest.mark.parametrize(("endpoint", "parsed"), [
+    ("unix:///run/haproxy/admin.sock", ("unix", "/run/haproxy/admin.sock")),
+    ("tcp://127.0.0.1:9999", ("tcp", "127.0.0.1", 9999)),
+    ("tcp://[::1]:9999", ("tcp", "::1", 9999)),
+    ("tcp://haproxy.lb.svc:9999", ("tcp", "haproxy.lb.svc", 9999)),
+])
+def test_parse_endpoint(endpoint: str, parsed: tuple[str, ...]) -> None:
+    assert parse_endpoint(endpoint) == parsed
+
+
+@pytest.mark.parametrize(("endpoint", "why"), [
+    ("/run/haproxy/admin.sock", "no scheme"),
+    ("unix://admin.sock", "absolute socket path"),
+    ("tcp://127.0.0.1", "host and a port"),
+    ("tcp://127.0.0.1:99999", "invalid port"),
+    ("http://127.0.0.1:80", "unknown scheme"),
+])
+def test_parse_endpoint_refuses(endpoint: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        parse_endpoint(endpoint)
+
+
+async def test_commands_cannot_smuggle_more_commands(client: HAProxyClient) -> None:
+    for bad in ["show info; show stat", "show info\nshow stat", ""]:
+        with pytest.raises(ValueError, match="single runtime API command"):
+            await client.execute([bad])
+
+
+# ----- membership and traffic
+
+
+async def test_added_ready_members_get_traffic(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    results = await apply_ok(pool, [*add(name(1), a), *add(name(2), b)])
+    assert [r.message for r in results] == ["", "", "", ""]
+    assert await pool.read_members() == {
+        name(1): ActualMember(name(1), a.address, a.port, Admin.READY, "", 0),
+        name(2): ActualMember(name(2), b.address, b.port, Admin.READY, "", 0),
+    }
+    report = await load(haproxy.frontend_url("web"), 200)
+    assert report.failed == 0, report.failures
+    assert report.served_by[a.name] > 50 and report.served_by[b.name] > 50, report.served_by
+
+
+async def test_added_member_stays_out_of_rotation_until_set_admin(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    await apply_ok(pool, [*add(name(1), a), AddMember(name(2), b.address, b.port)])
+    assert (await pool.read_members())[name(2)].admin is Admin.MAINT
+    report = await load(haproxy.frontend_url("web"), 50)
+    assert report.served_by == {a.name: 50} and b.requests_served == 0
+
+
+async def test_drained_member_gets_no_new_requests(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    await apply_ok(pool, [*add(name(1), a), *add(name(2), b)])
+    await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN)])
+    assert (await pool.read_members())[name(1)].admin is Admin.DRAIN
+    before = a.requests_served
+    report = await load(haproxy.frontend_url("web"), 200)
+    assert report.failed == 0, report.failures
+    assert report.served_by == {b.name: 200}
+    assert a.requests_served == before
+
+
+async def test_remove_waits_for_sessions(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    a = http("127.0.0.2")
+    await apply_ok(pool, add(name(1), a))
+    request = asyncio.create_task(slow_request(haproxy.frontend_url("web"), 1.0))
+    await until(pool.read_members, lambda m: m[name(1)].sessions == 1, "session visible")
+
+    (result,) = await pool.apply([RemoveMember(name(1), "drained")])
+    assert not result.ok
+    assert result.message == "Server still has connections attached to it, cannot remove it."
+    assert (await pool.read_members())[name(1)].admin is Admin.MAINT  # no new traffic meanwhile
+
+    assert await request == (200, a.name)  # the in-flight request was not cut
+    await until(lambda: pool.apply([RemoveMember(name(1), "drained")]), lambda r: r[0].ok, "removed")
+    assert await pool.read_members() == {}
+
+
+async def test_forced_remove_cuts_sessions(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    a = http("127.0.0.2")
+    await apply_ok(pool, add(name(1), a))
+    request = asyncio.create_task(slow_request(haproxy.frontend_url("web"), 5.0))
+    await until(pool.read_members, lambda m: m[name(1)].sessions == 1, "session visible")
+    results = await until(lambda: pool.apply([RemoveMember(name(1), "delay over", force=True)]),
+                          lambda r: r[0].ok, "forced removal", timeout=3)
+    assert results[0].message == ""
+    status, _ = await asyncio.wait_for(request, 3)
+    assert status != 200  # cut, not completed
+    assert await pool.read_members() == {}
+
+
+async def test_removing_a_missing_member_is_done(pool: HAProxyPool) -> None:
+    (result,) = await pool.apply([RemoveMember(name(9), "gone")])
+    assert result.ok and result.message == "already removed"
+
+
+async def test_servers_outside_the_pool_are_never_touched_nor_reported(
+        tmp_path: Path, http: Callable[[str], HTTPBackend]) -> None:
+    static, a = http("127.0.0.5"), http("127.0.0.2")
+    proc = HAProxyProcess(tmp_path / "declared", ["web"], declared={"web": static.name})
+    proc.start()
+    client = HAProxyClient(proc.admin_endpoint)
+    try:
+        pool = HAProxyPool(client, "web", PREFIX, None)
+        other = HAProxyPool(client, "web", pool_prefix(NS, "other"), None)
+        other_name = member_name(NS, "other", "uid-1")
+        await apply_ok(other, [AddMember(other_name, a.address, a.port), SetAdmin(other_name, Admin.DRAIN)])
+        before = await stat_rows(client, "web")
+
+        await apply_ok(pool, add(name(1), a))
+        assert set(await pool.read_members()) == {name(1)}
+        refused = await pool.apply([SetAdmin(DECLARED_SERVER, Admin.MAINT), RemoveMember(DECLARED_SERVER, "x"),
+                                    RemoveMember(other_name, "x", force=True)])
+        assert [r.ok for r in refused] == [False, False, False]
+        assert all("does not belong to this pool" in r.message for r in refused), refused
+        report = await load(proc.frontend_url("web"), 100)
+        await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN), RemoveMember(name(1), "gone")])
+
+        after = await stat_rows(client, "web")
+        assert set(after) == {DECLARED_SERVER, other_name, "BACKEND"}
+        for server in (DECLARED_SERVER, other_name):
+            assert after[server]["status"] == before[server]["status"]
+        assert report.failed == 0 and report.served_by[static.name] > 0
+        assert set(await other.read_members()) == {other_name}
+    finally:
+        await client.close()
+        proc.stop()
+
+
+async def test_applying_the_same_plan_twice_changes_nothing(
+        pool: HAProxyPool, http: Callable[[str], HTTPBackend]) -> None:
+    a, b, c = http("127.0.0.2"), http("127.0.0.3"), http("127.0.0.4")
+    plan = [*add(name(1), a), *add(name(2), b, Admin.DRAIN), *add(name(3), c, Admin.MAINT)]
+    await apply_ok(pool, plan)
+    first = await pool.read_members()
+    again = await apply_ok(pool, plan)
+    assert [r.message for r in again if isinstance(r.action, AddMember)] == ["already present"] * 3
+    assert await pool.read_members() == first
+    assert {n: m.admin for n, m in first.items()} == {
+        name(1): Admin.READY, name(2): Admin.DRAIN, name(3): Admin.MAINT}
+
+    # the planner agrees: with the pool as desired there is nothing left to do
+    desired = {
+        name(1): desired_member(name(1), a, Phase.UP),
+        name(2): desired_member(name(2), b, Phase.DRAINING),
+        name(3): desired_member(name(3), c, Phase.UP, held=True),
+    }
+    plan_again = plan_pool(desired=desired, actual=first, draining_since={name(2): 0.0}, now=1.0,
+                           deregistration_delay=30, health_checks=False)
+    assert plan_again.actions == ()
+
+
+async def test_an_add_clashing_with_another_address_fails(
+        pool: HAProxyPool, http: Callable[[str], HTTPBackend]) -> None:
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    await apply_ok(pool, add(name(1), a))
+    (result,) = await pool.apply([AddMember(name(1), b.address, b.port)])
+    assert not result.ok and f"(at {a.address}:{a.port})" in result.message
+
+
+def desired_member(member: str, backend: HTTPBackend, phase: Phase, held: bool = False) -> DesiredMember:
+    instance = InstanceState(kind="Pod", namespace=NS, name=member, uid=member, address=backend.address,
+                             labels={}, phase=phase, reason="")
+    return DesiredMember(member, instance, backend.address, backend.port, serving=phase is Phase.UP, held=held)
+
+
+# ----- health checks
+
+
+async def test_health_checks_keep_traffic_off_until_the_first_check_passes(
+        client: HAProxyClient, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    pool = HAProxyPool(client, "checked", PREFIX, HealthCheck(interval_seconds=1, rise=2, fall=2))
+    first, late = http("127.0.0.2"), http("127.0.0.3")
+    dead_port = free_port("127.0.0.4")  # nothing listens there
+    desired = {name(1): desired_member(name(1), first, Phase.UP)}
+
+    async def reconcile() -> dict[str, ActualMember]:
+        actual = await pool.read_members()
+        plan = plan_pool(desired=desired, actual=actual, draining_since={}, now=0.0,
+                         deregistration_delay=30, health_checks=True)
+        await apply_ok(pool, plan.actions)
+        return actual
+
+    await until(reconcile, lambda m: m.get(name(1), None) is not None and m[name(1)].admin is Admin.READY,
+                "first member in rotation")
+    assert (await pool.read_members())[name(1)].health == "UP"
+
+    traffic = LoadGenerator(haproxy.frontend_url("checked"), connections=4, rate=200).start()
+    dead = InstanceState(kind="Pod", namespace=NS, name="dead", uid="dead", address="127.0.0.4",
+                         labels={}, phase=Phase.UP, reason="")
+    desired[name(2)] = desired_member(name(2), late, Phase.UP)
+    desired[name(3)] = DesiredMember(name(3), dead, "127.0.0.4", dead_port, serving=True)
+
+    actual = await reconcile()
+    after_add = await pool.read_members()
+    assert after_add[name(2)].admin is Admin.DRAIN and after_add[name(3)].admin is Admin.DRAIN
+    assert after_add[name(2)].health in {"CHECKING", "UP"}
+    assert after_add[name(3)].health in {"CHECKING", "DOWN"}
+
+    seen_dead: set[str] = set()
+
+    async def step() -> dict[str, ActualMember]:
+        actual = await reconcile()
+        seen_dead.add(f"{actual[name(3)].admin.value}/{actual[name(3)].health}")
+        return actual
+
+    actual = await until(step, lambda m: m[name(2)].admin is Admin.READY and m[name(3)].health == "DOWN",
+                         "late member in rotation, dead one DOWN")
+    await asyncio.sleep(0.5)  # traffic reaches the late member too
+    report = await asyncio.to_thread(traffic.stop)
+
+    assert seen_dead <= {"drain/CHECKING", "drain/DOWN"}, seen_dead
+    assert report.failed == 0, report.failures
+    assert report.served_by[late.name] > 0
+    rows = await stat_rows(client, "checked")
+    assert rows[name(3)]["stot"] == "0" and rows[name(3)]["econ"] == "0"  # not one connection tried
+    assert rows["BACKEND"]["wredis"] == "0"
+    assert actual[name(1)].health == "UP"
+
+
+async def test_health_reads_checking_in_maintenance(
+        client: HAProxyClient, http: Callable[[str], HTTPBackend]) -> None:
+    pool = HAProxyPool(client, "checked", PREFIX, HealthCheck(interval_seconds=1, rise=1, fall=1))
+    a = http("127.0.0.2")
+    await apply_ok(pool, add(name(1), a, Admin.DRAIN))
+    await until(pool.read_members, lambda m: m[name(1)].health == "UP", "checks passed")
+    await apply_ok(pool, [SetAdmin(name(1), Admin.MAINT)])
+    # checks are paused in MAINT, and leaving it restarts them from "one failure from down"
+    assert (await pool.read_members())[name(1)].health == "CHECKING"
+
+
+# ----- connection handling
+
+
+async def test_restart_loses_runtime_servers_and_the_client_reconnects(
+        pool: HAProxyPool, client: HAProxyClient, haproxy: HAProxyProcess,
+        http: Callable[[str], HTTPBackend]) -> None:
+    a = http("127.0.0.2")
+    await apply_ok(pool, add(name(1), a))
+    pid = (await client.info())["Pid"]
+
+    haproxy.restart()
+    assert await pool.read_members() == {}  # same client: reconnected transparently
+    assert (await client.info())["Pid"] != pid
+    await apply_ok(pool, add(name(1), a))
+    assert (await load(haproxy.frontend_url("web"), 20)).served_by == {a.name: 20}
+
+    haproxy.stop()
+    with pytest.raises(HAProxyUnreachable, match="cannot connect to HAProxy at unix://.*refused"):
+        await pool.read_members()
+    haproxy.start()
+    assert await pool.read_members() == {}
+
+
+async def test_an_idle_session_closed_by_haproxy_is_reopened(client: HAProxyClient, pool: HAProxyPool) -> None:
+    assert await client.execute(["set timeout cli 1"]) == [""]
+    await asyncio.sleep(1.5)  # HAProxy closes the idle session
+    assert await pool.read_members() == {}
+
+
+async def test_concurrent_callers_get_their_own_answers(client: HAProxyClient) -> None:
+    async def ask(i: int) -> None:
+        answers = await client.execute(["show info", f"show servers state {'web' if i % 2 else 'checked'}"])
+        assert answers[0].startswith("Name: HAProxy")
+        assert answers[1].startswith("1\n# be_id")
+
+    await asyncio.gather(*(ask(i) for i in range(50)))
+
+
+async def test_backend_missing(client: HAProxyClient) -> None:
+    with pytest.raises(BackendMissing, match="backend 'nosuch' not found in HAProxy"):
+        await HAProxyPool(client, "nosuch", PREFIX, None).read_members()
+
+
+async def test_tls_endpoint_requires_a_client_certificate(
+        tmp_path: Path, http: Callable[[str], HTTPBackend]) -> None:
+    proc = HAProxyProcess(tmp_path / "tls", ["web"], tls=True)
+    proc.start()
+    client = HAProxyClient(proc.tcp_endpoint, proc.tls_files)
+    try:
+        a = http("127.0.0.2")
+        pool = HAProxyPool(client, "web", PREFIX, None)
+        await apply_ok(pool, add(name(1), a))
+        assert set(await pool.read_members()) == {name(1)}
+        assert (await load(proc.frontend_url("web"), 10)).served_by == {a.name: 10}
+
+        # no client certificate: the handshake is refused
+        context = ssl.create_default_context(cafile=str(proc.tls_files.ca_file))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.tls_port, ssl=context)
+        writer.write(b"show info\n")
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await reader.readuntil(b"\n")
+        writer.close()
+
+        # a certificate from another CA: refused too
+        rogue = make_ca(tmp_path / "rogue", "rogue")
+        cert, key = issue_cert(rogue, tmp_path / "rogue", "intruder", server=False)
+        intruder = HAProxyClient(proc.tcp_endpoint, TLSFiles(proc.tls_files.ca_file, cert, key))
+        with pytest.raises(HAProxyUnreachable, match="refused the session"):
+            await intruder.info()
+        await intruder.close()
+
+        # plain text on the TLS port gets nothing
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.tls_port)
+        writer.write(b"show info\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await client.close()
+        proc.stop()
+
+
+# ----- the whole story
+
+
+async def test_rolling_replace_under_load_loses_no_request(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[[str], HTTPBackend]) -> None:
+    old = {name(i): http(f"127.0.0.{10 + i}") for i in range(5)}
+    new = {name(10 + i): http(f"127.0.0.{20 + i}") for i in range(5)}
+    await apply_ok(pool, [action for member, backend in old.items() for action in add(member, backend)])
+    traffic = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start()
+    await asyncio.sleep(0.3)
+
+    for (gone, backend), (coming, replacement) in zip(old.items(), new.items(), strict=True):
+        await apply_ok(pool, [*add(coming, replacement), SetAdmin(gone, Admin.DRAIN)])
+        await until(pool.read_members, lambda m, gone=gone: m[gone].sessions == 0, "drained")
+        await until(lambda gone=gone: pool.apply([RemoveMember(gone, "replaced")]), lambda r: r[0].ok, "removed")
+        await asyncio.to_thread(backend.stop)  # the old instance really goes away
+        await asyncio.sleep(0.1)
+
+    await asyncio.sleep(0.3)
+    report = await asyncio.to_thread(traffic.stop)
+    assert report.failed == 0, report.failures
+    assert report.total > 300
+    assert set(await pool.read_members()) == set(new)
+    assert all(report.served_by[b.name] > 0 for b in new.values()), report.served_by

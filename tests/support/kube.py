@@ -1,0 +1,72 @@
+"""Small helpers for tests that talk to the API server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, message: str = "condition",
+             interval: float = 0.1) -> T:
+    """Poll a test-side predicate (never the operator's way of working) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except (ApiException, KeyError, IndexError, TypeError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+
+
+def create(custom: client.CustomObjectsApi, namespace: str, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", **body}
+    return dict(custom.create_namespaced_custom_object(group=GROUP, version=VERSION, namespace=namespace,
+                                                       plural=plural, body=body))
+
+
+def get(custom: client.CustomObjectsApi, namespace: str, plural: str, name: str) -> dict[str, Any]:
+    return dict(custom.get_namespaced_custom_object(group=GROUP, version=VERSION, namespace=namespace,
+                                                    plural=plural, name=name))
+
+
+def delete(custom: client.CustomObjectsApi, namespace: str, plural: str, name: str) -> None:
+    custom.delete_namespaced_custom_object(group=GROUP, version=VERSION, namespace=namespace, plural=plural, name=name)
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return {}
+
+
+def pod_pool(name: str, *, app: str, port: int = 8080, backend: dict[str, Any], delay: int = 30,
+             **extra: Any) -> dict[str, Any]:
+    return {"kind": "TargetPool", "metadata": {"name": name},
+            "spec": {"source": {"kind": "Pod", "selector": {"matchLabels": {"app": app}}}, "port": port,
+                     "backend": backend, "deregistrationDelaySeconds": delay, **extra}}
+
+
+def slice_backend(service: str) -> dict[str, Any]:
+    return {"type": "EndpointSlice", "endpointSlice": {"serviceName": service}}
+
+
+def selectorless_service(core: client.CoreV1Api, namespace: str, name: str, port: int = 8080) -> None:
+    core.create_namespaced_service(namespace=namespace, body={
+        "metadata": {"name": name}, "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]}})
+
+
+def events_for(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str]]:
+    items = core.list_namespaced_event(namespace=namespace).items
+    return [(e.reason, e.message) for e in items if e.involved_object.name == name]
