@@ -272,8 +272,10 @@ def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = Fal
 @kopf.on.event(GROUP, VERSION, "targetpools")
 def pool_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
+    assert rt.pools is not None and rt.lbs is not None
     obj = event["object"]
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    before = rt.pools.spec(key)
     if event.get("type") == "DELETED":
         rt.store.pools.pop(key, None)
     else:
@@ -285,6 +287,10 @@ def pool_event(event: dict[str, Any], **_: Any) -> None:
             return  # our own status write coming back
     rt.queue.add(key)
     _requeue_claimants(rt, key)
+    after = rt.pools.spec(key)
+    for spec in (before, after):  # keep each LoadBalancer's `pools` count current
+        if isinstance(spec, PoolSpec) and spec.backend_type == "HAProxy":
+            rt.lbs.publish(spec.load_balancer)
     if rt.lifecycle is not None:
         rt.lifecycle.pool_changed(key)
 

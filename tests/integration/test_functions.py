@@ -90,11 +90,12 @@ async def pool() -> AsyncIterator[FunctionPool]:
 
 
 def gone(pid: int) -> bool:
+    """No such process, or only a zombie (orphans may never be reaped where PID 1 doesn't)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 async def eventually(predicate: object, limit: float = 3.0) -> bool:

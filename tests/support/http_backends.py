@@ -18,12 +18,12 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 
 T = TypeVar("T")
@@ -125,16 +125,73 @@ class LoadReport:
         return LoadReport(self.ok, self.failed, list(self.failures), Counter(self.served_by), self.elapsed)
 
 
+class HTTPConnection:
+    """One keep-alive HTTP/1.1 client connection on asyncio streams.
+
+    Deliberately plain: unlike aiohttp's client, it never re-sends a request that failed on a
+    reused connection, so every request HAProxy lost is counted as lost.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// URL")
+        self.host, self.port = parts.hostname, parts.port or 80
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self) -> tuple[int, str]:
+        """Send the GET, return (status, body); raises OSError/EOFError/ValueError when it fails."""
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        try:
+            writer.write(self._request)
+            status_line = await reader.readline()
+            if not status_line:
+                raise EOFError("connection closed before an answer")
+            status = int(status_line.split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                key, _, value = line.decode("latin-1").partition(":")
+                headers[key.strip().lower()] = value.strip().lower()
+            body = await self._body(reader, headers)
+        except BaseException:
+            self.close()
+            raise
+        if headers.get("connection") == "close":
+            self.close()
+        return status, body.decode(errors="replace")
+
+    @staticmethod
+    async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding") == "chunked":
+            chunks = []
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                chunks.append((await reader.readexactly(size + 2))[:-2])
+            await reader.readline()
+            return b"".join(chunks)
+        return await reader.readexactly(int(headers.get("content-length", "0")))
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
 class LoadGenerator:
     """`connections` keep-alive clients sending GETs to `url`, at most `rate` requests/s in total.
 
     `start(count=..., duration=...)` runs in the background until either bound (or `stop()`);
     `wait()` blocks until then. In async code use `await asyncio.to_thread(load.wait)`.
+    A failure is any answer but 200, or any error; nothing is retried.
     """
 
     MAX_SAMPLES = 20
 
     def __init__(self, url: str, connections: int = 16, rate: float | None = None, timeout: float = 10.0) -> None:
+        HTTPConnection(url)  # refuse a bad URL here, not on the thread
         self.url, self.connections, self.rate, self.timeout = url, connections, rate, timeout
         self._report = LoadReport()
         self._lock = threading.Lock()
@@ -191,27 +248,28 @@ class LoadGenerator:
             issued += 1
             return True
 
-        connector = aiohttp.TCPConnector(limit=self.connections, force_close=False)
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                await asyncio.gather(*(self._worker(session, more) for _ in range(self.connections)))
+            await asyncio.gather(*(self._worker(more) for _ in range(self.connections)))
         finally:
             self._done.set()
 
-    async def _worker(self, session: aiohttp.ClientSession, more: Callable[[], bool]) -> None:
+    async def _worker(self, more: Callable[[], bool]) -> None:
+        connection = HTTPConnection(self.url)
         interval = self.connections / self.rate if self.rate else 0.0
         next_at = time.monotonic()
-        while more():
-            try:
-                async with session.get(self.url) as response:
-                    body = await response.text()
-                    self._record(response.status == 200, body, f"HTTP {response.status}: {body[:80]!r}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._record(False, "", f"{type(exc).__name__}: {exc}")
-            if interval:
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        try:
+            while more():
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        status, body = await connection.get()
+                    self._record(status == 200, body, f"HTTP {status}: {body[:80]!r}")
+                except (OSError, EOFError, ValueError, TimeoutError) as exc:
+                    self._record(False, "", f"{type(exc).__name__}: {exc}")
+                if interval:
+                    next_at += interval
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        finally:
+            connection.close()
 
     def _record(self, ok: bool, body: str, failure: str) -> None:
         with self._lock:
@@ -222,5 +280,3 @@ class LoadGenerator:
                 self._report.failed += 1
                 if len(self._report.failures) < self.MAX_SAMPLES:
                     self._report.failures.append(failure)
-
-

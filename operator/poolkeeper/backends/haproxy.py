@@ -85,6 +85,16 @@ def _result(action: Action, answers: Sequence[str]) -> ActionResult:
     return ActionResult(action, failed is None, failed or "")
 
 
+def _settle_add(result: ActionResult, row: Mapping[str, str] | None) -> ActionResult:
+    """An add refused because the name exists is done when the server there has the same address."""
+    action = result.action
+    if row is None or not isinstance(action, AddMember):
+        return result
+    if _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
+        return ActionResult(action, True, "already present")
+    return ActionResult(action, False, f"{result.message} (at {row['srv_addr']}:{row['srv_port']})")
+
+
 class HAProxyPool:
     """Backend protocol for the servers of one pool (by name prefix) in one backend section."""
 
@@ -174,14 +184,10 @@ class HAProxyPool:
         settled = list(results)
         for i, answer in zip(busy, answers, strict=False):
             settled[i] = _result(results[i].action, [answer])
-        rows = self._own_rows(answers[-1]) if clashes else {}
-        for i in clashes:
-            action, row = results[i].action, rows.get(results[i].action.name)
-            assert isinstance(action, AddMember)
-            if row is not None and _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
-                settled[i] = ActionResult(action, True, "already present")
-            elif row is not None:
-                settled[i] = ActionResult(action, False, f"{results[i].message} (at {row['srv_addr']}:{row['srv_port']})")
+        if clashes:
+            rows = self._own_rows(answers[-1])
+            for i in clashes:
+                settled[i] = _settle_add(results[i], rows.get(results[i].action.name))
         return settled
 
     def _commands(self, action: Action) -> list[str]:

@@ -172,14 +172,14 @@ class PoolController:
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
         await self.hooks.observe(spec, desired, results, memory.reports)
-        synced = Condition("Synced", True, "Synced", f"{len(desired)} desired members on {spec.backend_text}")
+        synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}")
         hard = [r for r in failed if not _waiting_for_connections(r)]
         if hard:
             synced = Condition("Synced", False, "BackendError", hard[0].message)
             memory.failures += 1
         else:
             memory.failures = 0
-        self._publish(body, spec, reports, synced, desired=len(desired))
+        self._publish(body, spec, reports, synced, desired=sum(1 for m in desired.values() if m.serving))
         if hard:
             return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
         if results and len(failed) < len(results):

@@ -91,6 +91,8 @@ class FunctionPool:
         # One thread does all process starting and reaping: both block, and serialising them
         # avoids races inside multiprocessing's bookkeeping.
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="poolkeeper-spawner")
+        # Workers hold the read end and exit when it hits EOF: when we close it, or die.
+        self._lifeline_r, self._lifeline_w = self._mp.Pipe(duplex=False)
         self._idle: asyncio.Queue[_Worker] | None = None
         self._workers: set[_Worker] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,7 +122,7 @@ class FunctionPool:
         parent_end, child_end = self._mp.Pipe(duplex=True)
         process = self._mp.Process(
             target=worker_module.worker_main,
-            args=(child_end, self._preload),
+            args=(child_end, self._lifeline_r, self._preload),
             name="poolkeeper-function-worker",
             daemon=True,
         )
@@ -310,6 +312,8 @@ class FunctionPool:
                 await asyncio.wait_for(self._all_stopped.wait(), grace)
         await loop.run_in_executor(self._spawner, _noop)  # wait for the queued reaping
         self._spawner.shutdown(wait=False)
+        self._lifeline_r.close()
+        self._lifeline_w.close()  # any straggler exits now
 
 
 def _noop() -> None:

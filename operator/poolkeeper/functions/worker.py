@@ -108,22 +108,26 @@ def handle_request(request: tuple[Any, ...]) -> Reply:
     return False, None, f"worker got a malformed request: {request[:1]!r}"
 
 
-def _exit_when_orphaned(interval: float = 1.0) -> None:
-    """Exit if the process that started us is gone, even while a handler is stuck in a loop."""
-    parent = os.getppid()
-    while True:
-        time.sleep(interval)
-        if os.getppid() != parent:
-            os._exit(0)
+def _exit_with_the_operator(lifeline: Connection) -> None:
+    """Exit as soon as the operator's end of `lifeline` closes, even mid-call in a stuck handler.
+
+    Only the operator holds the write end, so EOF means it died or closed the pool. (The parent
+    pid is no use: under forkserver it is the fork server, which outlives a killed operator.)
+    """
+    try:
+        while True:
+            lifeline.recv_bytes()
+    except (EOFError, OSError):
+        os._exit(0)
 
 
-def worker_main(conn: Connection, preload: Sequence[str] = ()) -> None:
+def worker_main(conn: Connection, lifeline: Connection, preload: Sequence[str] = ()) -> None:
     """Entry point of a worker process: serve requests until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the operator's to handle
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    threading.Thread(target=_exit_when_orphaned, name="orphan-watchdog", daemon=True).start()
+    threading.Thread(target=_exit_with_the_operator, args=(lifeline,), name="lifeline", daemon=True).start()
     for module in preload:
         try:
             importlib.import_module(module)

@@ -1,0 +1,285 @@
+"""The operator driving a real HAProxy, with real HTTP traffic through it (127.0.0.0/8 only)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from poolkeeper.backends.haproxy_client import HAProxyClient
+from poolkeeper.devcluster.kubelet import FakeKubelet
+from support.haproxy import HAProxyProcess, free_port
+from support.http_backends import HTTPBackend, LoadGenerator, start_backend
+from support.kube import condition, create, events_for, get, pod_pool, wait_for
+from support.operator_process import OperatorProcess
+
+_subnets = itertools.count(1)
+
+
+def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
+    """server name -> "addr:port" of the poolkeeper servers HAProxy has now (read by the test)."""
+    async def read() -> list[str]:
+        c = HAProxyClient(haproxy.admin_endpoint)
+        try:
+            return await c.execute([f"show servers state {backend}"])
+        finally:
+            await c.close()
+    out = {}
+    for line in asyncio.run(read())[0].splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[3].startswith("pk-"):
+            out[parts[3]] = f"{parts[4]}:{parts[18]}" if len(parts) > 18 else parts[4]
+    return out
+
+
+def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, **spec: Any) -> None:
+    custom.create_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", body={
+        "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": name},
+        "spec": {"type": "HAProxy", "haproxy": {"endpoint": endpoint}, **spec}})
+
+
+def ha_backend(lb: str, backend: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": lb}, "backend": backend, **extra}}
+
+
+def members(custom: client.CustomObjectsApi, namespace: str, pool: str) -> dict[str, dict[str, Any]]:
+    status = get(custom, namespace, "targetpools", pool).get("status") or {}
+    return {m["instance"]: m for m in status.get("members") or []}
+
+
+class Fleet:
+    """Pods backed by real HTTP servers on their own 127.x addresses, all on one port."""
+
+    def __init__(self, kubelet: FakeKubelet, namespace: str, app: str, gates: tuple[str, ...] = ()) -> None:
+        self.kubelet, self.namespace, self.app, self.gates = kubelet, namespace, app, gates
+        self.port = free_port()
+        self.subnet = next(_subnets)
+        self.backends: dict[str, HTTPBackend] = {}
+        self.ips: dict[str, str] = {}
+        self.counter = itertools.count(1)
+
+    def add(self, name: str, *, serve: bool = True) -> str:
+        ip = f"127.{100 + self.subnet}.0.{next(self.counter)}"
+        self.ips[name] = ip
+        if serve:
+            self.backends[name] = start_backend(ip, self.port)
+        self.kubelet.create_pod(self.namespace, name, {"app": self.app}, gates=self.gates, port=self.port)
+        self.kubelet.set_ready(self.namespace, name, ip)
+        return ip
+
+    def unready(self, name: str) -> None:
+        self.kubelet.set_ready(self.namespace, name, self.ips[name], ready=False)
+
+    def stop_all(self) -> None:
+        for backend in self.backends.values():
+            backend.stop()
+
+
+@pytest.fixture()
+def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
+    proc = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"), declared={"web": "127.0.0.1:9 disabled"})
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterator[str]:
+    name = f"edge-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, name, haproxy.admin_endpoint)
+    yield name
+    custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=name)
+
+
+def test_rolling_replacement_under_load_loses_nothing(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    gate = "poolkeeper.dev/web"
+    fleet = Fleet(kubelet, namespace, "web", gates=(gate,))
+    try:
+        for i in range(10):
+            fleet.add(f"web-{i}")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "web"), delay=30))
+        wait_for(lambda: len([m for m in members(custom, namespace, "web").values() if m["state"] == "Active"]) == 10,
+                 30, "10 active members")
+        assert len(haproxy_servers(haproxy, "web")) == 10
+
+        def gate_true(pod: str) -> bool:
+            obj = core.read_namespaced_pod(name=pod, namespace=namespace)
+            return any(c.type == gate and c.status == "True" for c in obj.status.conditions or [])
+
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start(duration=120)
+        try:
+            time.sleep(0.5)
+            for i in range(10):
+                old, new = f"web-{i}", f"web-new-{i}"
+                fleet.add(new)
+                wait_for(lambda n=new: gate_true(n), 20, f"{new} registered")  # type: ignore[misc]
+                kubelet.delete_pod(namespace, old)  # Terminating: still serving while it drains
+                wait_for(lambda o=old: f"Pod/{namespace}/{o}" not in members(custom, namespace, "web"),  # type: ignore[misc]
+                         30, f"{old} drained and removed")
+                fleet.backends.pop(old).stop()  # only now does the process exit
+                kubelet.finish_termination(namespace, old)
+        finally:
+            report = load.stop()
+        assert report.total > 500, report
+        assert report.failed == 0, report.failures
+        served = {body.split(":")[0] for body in report.served_by}
+        assert any(ip.startswith(f"127.{100 + fleet.subnet}.0.1") for ip in served)
+        assert len(haproxy_servers(haproxy, "web")) == 10
+        assert "declared" not in " ".join(haproxy_servers(haproxy, "web"))  # config servers never reported
+        pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
+                        condition(p, "Ready").get("status") == "True" and p, 10, "pool Ready")
+        assert pool["status"]["active"] == 10 and pool["status"]["desired"] == 10
+        reasons = [r for r, _ in events_for(core, namespace, "web")]
+        assert "Registered" in reasons and "Deregistered" in reasons
+    finally:
+        fleet.stop_all()
+
+
+def test_haproxy_restart_is_noticed_and_reapplied(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = Fleet(kubelet, namespace, "api")
+    try:
+        for i in range(3):
+            fleet.add(f"api-{i}")
+        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "api")))
+        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
+        haproxy.kill()
+        synced = wait_for(lambda: (c := condition(get(custom, namespace, "targetpools", "api"), "Synced")) and
+                          c.get("reason") == "BackendUnreachable" and c, 20, "BackendUnreachable")
+        assert synced["status"] == "False"
+        lb = custom.get_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
+                                              name=lb_name)
+        assert condition(lb, "Reachable")["status"] == "False"
+        haproxy.start()  # a fresh HAProxy: every runtime server is gone
+        restarted = time.monotonic()
+        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 10, "servers re-applied")
+        assert time.monotonic() - restarted < 5.0
+        report = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=200).wait(30)
+        assert report.failed == 0 and report.ok == 200, report.failures
+        wait_for(lambda: condition(get(custom, namespace, "targetpools", "api"), "Ready").get("status") == "True",
+                 10, "pool Ready again")
+    finally:
+        fleet.stop_all()
+
+
+def test_operator_killed_during_churn_converges_without_duplicates(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        for i in range(6):
+            fleet.add(f"w-{i}")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "web"), delay=5))
+        wait_for(lambda: len(haproxy_servers(haproxy, "web")) == 6, 20, "6 servers")
+        before = haproxy_servers(haproxy, "web")
+        # churn, and kill the operator in the middle of it
+        fleet.add("w-6")
+        fleet.unready("w-0")
+        running_operator.kill()
+        fleet.add("w-7")
+        kubelet.finish_termination(namespace, "w-1")
+        running_operator.start()
+        expected = {f"Pod/{namespace}/w-{i}" for i in (2, 3, 4, 5, 6, 7)}
+        wait_for(lambda: {k for k, m in members(custom, namespace, "web").items() if m["state"] == "Active"}
+                 == expected and len(haproxy_servers(haproxy, "web")) == 6, 30, "converged")
+        after = haproxy_servers(haproxy, "web")
+        kept = set(before) & set(after)
+        assert len(kept) == 4  # w-2..w-5 stayed: not drained, not re-added
+        registered = [m for r, m in events_for(core, namespace, "web") if r == "Registered"]
+        names = [m.split()[0] for m in registered]
+        assert len(names) == len(set(names)) == 8, registered  # each server registered exactly once
+        metrics = running_operator.metrics()
+        assert "poolkeeper_reconciles_total" in metrics
+    finally:
+        fleet.stop_all()
+
+
+def test_faults_are_contained_to_their_own_pool(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str, tmp_path: Path) -> None:
+    fleet = Fleet(kubelet, namespace, "web")
+    dead = f"dead-{uuid.uuid4().hex[:6]}"
+    picky = f"picky-{uuid.uuid4().hex[:6]}"
+    fenced = f"fenced-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, dead, f"unix://{tmp_path}/nothing-here.sock")
+    load_balancer(custom, picky, haproxy.admin_endpoint,
+                  allowedNamespaces={"from": "Selector", "selector": {"matchLabels": {"team": "payments"}}})
+    load_balancer(custom, fenced, haproxy.admin_endpoint, allowedTargetCIDRs=["127.250.0.0/16"])
+    try:
+        fleet.add("w-0")
+        fleet.add("w-1", serve=False)
+        create(custom, namespace, "targetpools", pod_pool("good", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "web")))
+        create(custom, namespace, "targetpools", pod_pool("unreachable", app="web", port=fleet.port,
+                                                           backend=ha_backend(dead, "web")))
+        create(custom, namespace, "targetpools", pod_pool("notallowed", app="web", port=fleet.port,
+                                                           backend=ha_backend(picky, "api")))
+        create(custom, namespace, "targetpools", pod_pool("nobackend", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "no_such_backend")))
+        create(custom, namespace, "targetpools", pod_pool("refused", app="web", port=fleet.port,
+                                                           backend=ha_backend(fenced, "api")))
+        for pool, reason in (("unreachable", "BackendUnreachable"), ("notallowed", "NotAllowed"),
+                             ("nobackend", "BackendNotFound")):
+            cond = wait_for(lambda p=pool, r=reason: (c := condition(get(custom, namespace, "targetpools", p),  # type: ignore[misc]
+                                                                     "Synced")) and c.get("reason") == r and c,
+                            20, f"{pool}: {reason}")
+            assert cond["status"] == "False" and cond["message"]
+        lb = wait_for(lambda: (o := custom.get_cluster_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=dead)) and
+            condition(o, "Reachable").get("status") == "False" and o["status"].get("pools") == 1 and o,
+            20, "dead LB not Reachable, used by one pool")
+        assert "nothing-here.sock" in condition(lb, "Reachable")["message"]
+        ok_lb = custom.get_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
+                                                 name=lb_name)
+        assert condition(ok_lb, "Reachable")["status"] == "True" and "HAProxy" in condition(ok_lb, "Reachable")["message"]
+        # addresses outside allowedTargetCIDRs are refused, with an Event
+        wait_for(lambda: any(r == "MemberRefused" and "allowedTargetCIDRs" in m
+                             for r, m in events_for(core, namespace, "refused")), 20, "MemberRefused event")
+        # the healthy pool was never disturbed
+        good = wait_for(lambda: (p := get(custom, namespace, "targetpools", "good")) and
+                        condition(p, "Ready").get("status") == "True" and p, 20, "good pool Ready")
+        assert good["status"]["active"] == 2
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=20).wait(30)
+        assert report.ok > 0
+    finally:
+        fleet.stop_all()
+        for name in (dead, picky, fenced):
+            custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
+                                                name=name)
+
+
+def test_health_checks_keep_traffic_off_dead_targets(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        fleet.add("alive")
+        fleet.add("dead", serve=False)  # ready in Kubernetes, but nothing listens
+        create(custom, namespace, "targetpools", pod_pool(
+            "web", app="web", port=fleet.port,
+            backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1})))
+        wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/alive", {}).get("state")
+                 == "Active", 20, "alive Active")
+        # the dead target is in HAProxy, checked every second, and never gets a request
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=100).start(duration=3).wait(30)
+        dead = members(custom, namespace, "web")[f"Pod/{namespace}/dead"]
+        assert dead["state"] == "Registering" and dead["health"] in ("DOWN", "CHECKING"), dead
+        assert report.failed == 0, report.failures  # 503s before the first pass would show here
+        assert all(body.startswith(fleet.backends["alive"].address) for body in report.served_by)
+        pool = get(custom, namespace, "targetpools", "web")
+        assert condition(pool, "Ready")["status"] == "False" and pool["status"]["active"] == 1
+    finally:
+        fleet.stop_all()
