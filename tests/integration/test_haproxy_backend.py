@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from support.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
-from support.http_backends import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 from poolkeeper.backends import ActionResult
-from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool, HealthCheck
+from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool, HealthCheck, normalise_health
 from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles, parse_endpoint
 from poolkeeper.core.model import (
     Action,
@@ -34,6 +32,8 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
+from support.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
+from support.http_backends import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
 
@@ -103,15 +103,15 @@ async def load(url: str, count: int, connections: int = 4) -> LoadReport:
 
 
 async def until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str,
-                timeout: float = 8.0) -> T:
-    """Poll `probe` until `done(value)`; fail with the last value after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
+                within: float = 8.0) -> T:
+    """Poll `probe` until `done(value)`; fail with the last value after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = await probe()
         if done(value):
             return value
         if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"{what}: still {value!r} after {timeout} s")
+            pytest.fail(f"{what}: still {value!r} after {within} s")
         await asyncio.sleep(0.02)
 
 
@@ -155,6 +155,26 @@ def test_parse_endpoint(endpoint: str, parsed: tuple[str, ...]) -> None:
 def test_parse_endpoint_refuses(endpoint: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         parse_endpoint(endpoint)
+
+
+# (srv_op_state, srv_admin_state, srv_check_state, srv_check_health) from `show servers state` and
+# check_status from `show stat`, as HAProxy 2.6.12 showed them for rise 2, fall 2 (stat status in the id)
+@pytest.mark.parametrize(("op", "admin", "checks", "health", "status", "expected"), [
+    pytest.param(2, 0, 0, 0, "", "", id="no check"),
+    pytest.param(0, 1, 2, 0, "", "", id="MAINT, added with check, not enabled"),
+    pytest.param(2, 8, 6, 2, "INI", "CHECKING", id="DRAIN 1/2 INI: just added"),
+    pytest.param(2, 8, 6, 3, "L4OK", "UP", id="DRAIN L4OK"),
+    pytest.param(0, 8, 6, 0, "L4CON", "DOWN", id="DOWN L4CON while drained"),
+    pytest.param(2, 0, 6, 3, "L4OK", "UP", id="UP L4OK"),
+    pytest.param(2, 0, 7, 3, "* L4OK", "UP", id="UP, next check running"),
+    pytest.param(2, 0, 6, 2, "L4CON", "UP", id="UP 1/2 L4CON: going down"),
+    pytest.param(0, 0, 6, 1, "L4OK", "DOWN", id="DOWN 1/2 L4OK: going up"),
+    pytest.param(0, 1, 14, 0, "", "CHECKING", id="MAINT: checks paused"),
+    pytest.param(2, 8, 6, 2, "L4OK", "CHECKING", id="DRAIN 1/2 L4OK: stale, just left MAINT"),
+])
+def test_normalise_health(op: int, admin: int, checks: int, health: int, status: str, expected: str) -> None:
+    assert normalise_health(op_state=op, admin_state=admin, check_state=checks, check_health=health,
+                            check_status=status, rise=2, fall=2) == expected
 
 
 async def test_commands_cannot_smuggle_more_commands(client: HAProxyClient) -> None:
@@ -359,15 +379,26 @@ async def test_health_checks_keep_traffic_off_until_the_first_check_passes(
     assert actual[name(1)].health == "UP"
 
 
-async def test_health_reads_checking_in_maintenance(
+async def test_a_member_leaving_maintenance_is_checked_afresh(
         client: HAProxyClient, http: Callable[..., HTTPBackend]) -> None:
-    pool = HAProxyPool(client, "checked", PREFIX, HealthCheck(interval_seconds=1, rise=1, fall=1))
+    """HAProxy keeps the pre-maintenance check result: it must not read UP for a target that died meanwhile."""
+    pool = HAProxyPool(client, "checked", PREFIX, HealthCheck(interval_seconds=1, rise=2, fall=2))
     a = http("127.0.0.2")
     await apply_ok(pool, add(name(1), a, Admin.DRAIN))
     await until(pool.read_members, lambda m: m[name(1)].health == "UP", "checks passed")
     await apply_ok(pool, [SetAdmin(name(1), Admin.MAINT)])
-    # checks are paused in MAINT, and leaving it restarts them from "one failure from down"
-    assert (await pool.read_members())[name(1)].health == "CHECKING"
+    assert (await pool.read_members())[name(1)].health == "CHECKING"  # checks are paused
+
+    a.stop()  # the target dies while held
+    await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN)])
+    seen: list[str] = []
+
+    async def health() -> str:
+        seen.append((await pool.read_members())[name(1)].health)
+        return seen[-1]
+
+    await until(health, lambda h: h == "DOWN", "dead target found DOWN")
+    assert set(seen) <= {"CHECKING", "DOWN"} and seen[0] == "CHECKING", seen
 
 
 # ----- connection handling
@@ -387,7 +418,7 @@ async def test_restart_loses_runtime_servers_and_the_client_reconnects(
     assert (await load(haproxy.frontend_url("web"), 20)).served_by == {a.name: 20}
 
     haproxy.stop()
-    with pytest.raises(HAProxyUnreachable, match="cannot connect to HAProxy at unix://.*refused"):
+    with pytest.raises(HAProxyUnreachable, match=r"cannot connect to HAProxy at unix://.*refused"):
         await pool.read_members()
     haproxy.start()
     assert await pool.read_members() == {}
@@ -456,22 +487,33 @@ async def test_tls_endpoint_requires_a_client_certificate(
 
 async def test_rolling_replace_under_load_loses_no_request(
         pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[..., HTTPBackend]) -> None:
-    old = {name(i): http(f"127.0.0.{10 + i}", delay=0.02) for i in range(5)}  # always some in flight
+    old = {name(i): http(f"127.0.0.{10 + i}", delay=0.05) for i in range(5)}  # always some in flight
     new = {name(10 + i): http(f"127.0.0.{20 + i}") for i in range(5)}
     await apply_ok(pool, [action for member, backend in old.items() for action in add(member, backend)])
+
+    async def replace(gone: str, coming: str) -> None:
+        """Add the new member, drain the old one, wait for its sessions to end, then remove it."""
+        await apply_ok(pool, [*add(coming, new[coming]), SetAdmin(gone, Admin.DRAIN)])
+
+        async def sessions() -> int | None:
+            return (await pool.read_members())[gone].sessions
+
+        async def remove() -> ActionResult:
+            return (await pool.apply([RemoveMember(gone, "replaced")]))[0]
+
+        await until(sessions, lambda n: n == 0, f"{gone} drained")
+        await until(remove, lambda r: r.ok, f"{gone} removed")
+        await asyncio.to_thread(old[gone].stop)  # the old instance really goes away
+
     traffic = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start()
     await asyncio.sleep(0.3)
-
-    for (gone, backend), (coming, replacement) in zip(old.items(), new.items(), strict=True):
-        await apply_ok(pool, [*add(coming, replacement), SetAdmin(gone, Admin.DRAIN)])
-        await until(pool.read_members, lambda m, gone=gone: m[gone].sessions == 0, "drained")
-        await until(lambda gone=gone: pool.apply([RemoveMember(gone, "replaced")]), lambda r: r[0].ok, "removed")
-        await asyncio.to_thread(backend.stop)  # the old instance really goes away
+    for gone, coming in zip(old, new, strict=True):
+        await replace(gone, coming)
         await asyncio.sleep(0.1)
-
     await asyncio.sleep(0.3)
     report = await asyncio.to_thread(traffic.stop)
+
     assert report.failed == 0, report.failures
-    assert report.total > 300
+    assert report.total > 200, report
     assert set(await pool.read_members()) == set(new)
     assert all(report.served_by[b.name] > 0 for b in new.values()), report.served_by

@@ -26,7 +26,8 @@ ADMF_MAINT = 0x01 | 0x02 | 0x04 | 0x20  # forced, inherited, from config, DNS re
 ADMF_DRAIN = 0x08 | 0x10  # forced, inherited
 CHK_ST_ENABLED = 0x04  # checks are switched on (`enable health`)
 CHK_ST_PAUSED = 0x08  # ... but suspended while the server is in maintenance
-HCHK_STATUS_CHECKED = 3  # srv_check_status below this: unknown, INI, START (no check finished yet)
+# `show stat` check_status of a check that passed ("* " in front while the next one runs)
+CHECK_PASSED = frozenset({"L4OK", "L6OK", "L7OK", "L7OKC", "PROCOK"})
 
 # Answers that mean success; `set`, `enable` and `shutdown` answer nothing when they work.
 _SUCCESS = frozenset({"", "New server registered.", "Server deleted."})
@@ -41,19 +42,35 @@ class BackendMissing(Exception):
     """The backend section named in the pool does not exist in this HAProxy's config."""
 
 
-def normalise_health(op_state: int, admin_state: int, check_state: int, check_status: int) -> str:
-    """HAProxy's own verdict from `show servers state` fields, as the planner reads it.
+def normalise_health(*, op_state: int, admin_state: int, check_state: int, check_health: int,
+                     check_status: str, rise: int, fall: int) -> str:
+    """HAProxy's health verdict for the planner: "", "CHECKING", "DOWN" or "UP".
 
-    "" no checks; "CHECKING" no check has finished since checks were switched on, or they are
-    paused by maintenance (leaving it resets the server to "up, one failure from down", so the
-    old result decides nothing); "DOWN" checks took it out; "UP" checks keep it in, including
-    while going down ("UP 1/3"), which is HAProxy's `fall` to apply, not ours.
+    - "": no checks switched on.
+    - "CHECKING": no check has finished since HAProxy (re)started judging the server. A new
+      server, and one leaving maintenance, starts "up, one failure from down" (health = rise,
+      shown `DRAIN 1/2`), with status INI or the stale result from before maintenance; the
+      first passing check lifts health to rise+fall-1 at once, so running with a passed status
+      but a lower health can only be that reset. In maintenance checks are paused: "CHECKING".
+    - "DOWN": checks took it out (`DOWN`, and `DOWN 1/2` while going back up).
+    - "UP": in rotation as far as checks go, including `UP 1/2` after a failure: HAProxy
+      applies `fall` itself.
+    With fall=1 a reset server cannot be told from a checked one and reads "UP".
     """
     if not check_state & CHK_ST_ENABLED:
         return ""
-    if check_state & CHK_ST_PAUSED or admin_state & ADMF_MAINT or check_status < HCHK_STATUS_CHECKED:
+    status = check_status.removeprefix("* ")
+    if check_state & CHK_ST_PAUSED or admin_state & ADMF_MAINT or status in ("", "INI", "UNK"):
         return "CHECKING"
-    return "DOWN" if op_state == SRV_ST_STOPPED else "UP"
+    if op_state == SRV_ST_STOPPED:
+        return "DOWN"
+    if status in CHECK_PASSED and check_health < rise + fall - 1:
+        return "CHECKING"
+    return "UP"
+
+
+def _int(text: str | None) -> int:
+    return int(text) if text else 0
 
 
 def _admin(admin_state: int) -> Admin:
@@ -107,18 +124,27 @@ class HAProxyPool:
         self.client, self.backend, self.prefix, self.health_check = client, backend, prefix, health_check
 
     async def read_members(self) -> dict[str, ActualMember]:
-        """Address, admin state, health and sessions of the pool's servers, in one round trip."""
+        """Address, admin state, health and sessions of the pool's servers, in one round trip.
+
+        `show servers state` has the admin and operational state; `show stat` the sessions and
+        the check status as text.
+        """
         state, stat = await self.client.execute([self._show_state, f"show stat {self.backend} 4 -1"])
-        sessions = self._sessions(stat)
+        rows = self._own_rows(state)  # first: it tells a missing backend
+        stats = self._stat_rows(stat)
         members = {}
-        for name, row in self._own_rows(state).items():
+        for name, row in rows.items():
+            if (counters := stats.get(name)) is None:
+                continue  # deleted between the two commands
             admin_state = int(row["srv_admin_state"])
+            health = normalise_health(
+                op_state=int(row["srv_op_state"]), admin_state=admin_state,
+                check_state=int(row["srv_check_state"]), check_health=int(row["srv_check_health"]),
+                check_status=counters["check_status"], rise=_int(counters["check_rise"]),
+                fall=_int(counters["check_fall"]))
             members[name] = ActualMember(
                 name=name, address=row["srv_addr"], port=int(row["srv_port"]), admin=_admin(admin_state),
-                health=normalise_health(int(row["srv_op_state"]), admin_state, int(row["srv_check_state"]),
-                                        int(row["srv_check_status"])),
-                sessions=sessions.get(name),
-            )
+                health=health, sessions=_int(counters["scur"]) + _int(counters["qcur"]))
         return members
 
     @property
@@ -138,16 +164,12 @@ class HAProxyPool:
         return {row["srv_name"]: row for row in rows
                 if row.get("be_name") == self.backend and row.get("srv_name", "").startswith(self.prefix)}
 
-    def _sessions(self, stat: str) -> Mapping[str, int]:
-        """Current plus queued sessions per server: `del server` waits for both to be zero."""
+    def _stat_rows(self, stat: str) -> dict[str, dict[str, str]]:
+        """The pool's rows of `show stat` CSV (sessions count current plus queued: `del` waits for both)."""
         if not stat.startswith("# "):
-            return {}
-        found = {}
-        for row in csv.DictReader(io.StringIO(stat[2:])):
-            name = row.get("svname") or ""
-            if row.get("pxname") == self.backend and name.startswith(self.prefix):
-                found[name] = int(row.get("scur") or 0) + int(row.get("qcur") or 0)
-        return found
+            raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {stat[:200]!r} to 'show stat'")
+        return {row["svname"]: row for row in csv.DictReader(io.StringIO(stat[2:]))
+                if row.get("pxname") == self.backend and (row.get("svname") or "").startswith(self.prefix)}
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         """All actions in one round trip, in order; each result is judged on its own answers."""

@@ -77,7 +77,7 @@ class ReconcileHooks(Protocol):
     def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]: ...
     async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool: ...
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
-                      results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None: ...
+                      results: list[ActionResult], present: frozenset[str]) -> None: ...
 
 
 class NoHooks:
@@ -88,7 +88,7 @@ class NoHooks:
         return False
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
-                      results: list[ActionResult], reports: Mapping[str, MemberReport]) -> None:
+                      results: list[ActionResult], present: frozenset[str]) -> None:
         return None
 
 
@@ -171,7 +171,7 @@ class PoolController:
         reports = self._reports(plan, pending, held)
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
-        await self.hooks.observe(spec, desired, results, memory.reports)
+        await self.hooks.observe(spec, desired, results, frozenset(r.name for r in reports))
         synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}")
         hard = [r for r in failed if not _waiting_for_connections(r)]
         if hard:

@@ -83,7 +83,8 @@ class FunctionPool:
         self._mp: ForkServerContext | SpawnContext
         if start_method == "forkserver":
             self._mp = multiprocessing.get_context("forkserver")
-            self._mp.set_forkserver_preload([worker_module.__name__])
+            # Imported once in the fork server (if it isn't running yet), so workers share the pages.
+            self._mp.set_forkserver_preload([worker_module.__name__, *self._preload])
         elif start_method == "spawn":
             self._mp = multiprocessing.get_context("spawn")
         else:

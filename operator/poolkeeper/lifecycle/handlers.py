@@ -151,20 +151,20 @@ class LifecycleHandlers:
                 if event_id:
                     new.append((runtime, event_id))
                     gated |= self._gate(runtime.outbox.pending[event_id], runtime)
-            for uid, entry in list(announced_raw.items()):
-                if entry["state"] == "down" and uid not in current and not self._still_exists(entry):
-                    del announced_raw[uid]
-                    runtime.outbox.touch()
         await self._persist(runtimes)
         for runtime, event_id in new:
             runtime.enqueue(event_id)
         return gated
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
-                      reports: Mapping[str, MemberReport]) -> None:
-        """registered (entered rotation) and deregistered (removed) come from what the backend did."""
+                      present: frozenset[str]) -> None:
+        """registered (entered rotation) and deregistered (removed) come from what the backend did.
+
+        `present` names the members still in the backend; an instance that is gone, was told
+        `down` and has no member left is forgotten, so the outbox does not grow forever.
+        """
         runtimes = self._handlers_for(spec)
-        if not runtimes or not results:
+        if not runtimes:
             return
         by_name = {m.name: m.instance for m in desired.values()}
         new: list[tuple[HandlerRuntime, str]] = []
@@ -189,6 +189,10 @@ class LifecycleHandlers:
                 event_id = self._record(runtime, spec, t, announced_raw)
                 if event_id:
                     new.append((runtime, event_id))
+            for uid, entry in list(announced_raw.items()):
+                if entry["state"] == "down" and entry.get("member") not in present and not self._still_exists(entry):
+                    del announced_raw[uid]
+                    runtime.outbox.touch()
         await self._persist(runtimes)
         for runtime, event_id in new:
             runtime.enqueue(event_id)

@@ -1,0 +1,302 @@
+"""LifecycleHandlers end to end: real operator, real API server, real worker processes, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from poolkeeper.devcluster.kubelet import FakeKubelet
+from support.haproxy import HAProxyProcess
+from support.http_backends import LoadGenerator
+from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
+from support.operator_process import OperatorProcess
+from support.pools import Fleet, ha_backend, haproxy_servers, load_balancer, members
+from support.receiver import Receiver
+
+ALL_EVENTS = ["up", "draining", "down", "registered", "deregistered"]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver().start()
+    yield rec
+    rec.stop()
+
+
+def handler(name: str, pool: str, function: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {"kind": "LifecycleHandler", "metadata": {"name": name},
+            "spec": {"poolRef": {"name": pool}, "events": spec.pop("events", ALL_EVENTS), "function": function,
+                     **spec}}
+
+
+def python(name: str) -> dict[str, Any]:
+    return {"type": "Python", "python": {"handler": name}}
+
+
+def http(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "HTTP", "http": {"url": url, **extra}}
+
+
+def write_handler(handlers_dir: Path, module: str, body: str) -> None:
+    (handlers_dir / f"{module}.py").write_text(body)
+
+
+def recorder_module(out: Path) -> str:
+    return f'''
+import json, time
+def handle(event, context):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps({{"event": event, "attempt": context.attempt, "function": context.function_name,
+                            "remaining": context.remaining_time_ms(), "at": time.time()}}) + "\\n")
+    return {{"seen": event["id"]}}
+'''
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def handler_status(custom: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    return get(custom, namespace, "lifecyclehandlers", name).get("status") or {}
+
+
+def test_python_handler_gets_cloudevents_for_every_transition(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, handlers_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    module = f"rec_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, recorder_module(out))
+    selectorless_service(core, namespace, "web")
+    pool = create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web"), delay=60))
+    lh = create(custom, namespace, "lifecyclehandlers", handler("rec", "web", python(f"{module}.handle")))
+    wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "rec"), "Ready").get("status") == "True",
+             20, "handler Ready")
+    kubelet.create_pod(namespace, "web-0", {"app": "web", "tier": "front"})
+    kubelet.set_ready(namespace, "web-0", "192.0.2.77")
+    wait_for(lambda: len(lines(out)) >= 2, 20, "up + registered")
+    kubelet.delete_pod(namespace, "web-0")
+    wait_for(lambda: len(lines(out)) >= 3, 20, "draining")
+    kubelet.finish_termination(namespace, "web-0")
+    wait_for(lambda: len(lines(out)) >= 5, 20, "down + deregistered")
+    got = lines(out)
+    types = [g["event"]["type"].rsplit(".", 1)[1] for g in got]
+    assert types == ["up", "registered", "draining", "down", "deregistered"], types
+    ids = [g["event"]["id"] for g in got]
+    assert len(set(ids)) == 5
+    first = got[0]["event"]
+    assert first["specversion"] == "1.0" and first["type"] == "dev.poolkeeper.instance.up"
+    assert first["source"] == f"/namespaces/{namespace}/targetpools/web"
+    assert first["subject"] == f"Pod/{namespace}/web-0" and first["datacontenttype"] == "application/json"
+    data = first["data"]
+    assert data["from"] == "none" and data["to"] == "up" and data["pool"]["uid"] == pool["metadata"]["uid"]
+    assert data["instance"]["address"] == "192.0.2.77" and data["instance"]["port"] == 8080
+    assert data["instance"]["labels"] == {"app": "web", "tier": "front"}
+    assert got[2]["event"]["data"]["from"] == "up" and got[2]["event"]["data"]["to"] == "draining"
+    assert got[1]["event"]["type"] == "dev.poolkeeper.member.registered"
+    assert got[0]["function"] == f"{module}.handle" and got[0]["attempt"] == 1
+    assert 0 < got[0]["remaining"] <= 10_000
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "rec")).get("succeeded") == 5 and s,
+                      10, "status counts")
+    assert status["invocations"] == 5 and status["failed"] == 0 and status["deadLettered"] == 0
+    assert status["lastInvocation"]["result"] == "Succeeded"
+    assert lh["metadata"]["uid"]
+
+
+def test_http_handler_signs_retries_and_dead_letters(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, receiver: Receiver) -> None:
+    key = b"s3cret-key"
+    core.create_namespaced_secret(namespace=namespace, body={
+        "metadata": {"name": "hook-key"}, "data": {"key": base64.b64encode(key).decode()}})
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web")))
+    flaky = f"/fail-2/{namespace}"
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "flaky", "web", http(receiver.url(flaky), secretRef={"name": "hook-key", "key": "key"}), events=["up"],
+        retry={"maxAttempts": 3, "initialBackoffSeconds": 1, "maxBackoffSeconds": 2}))
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "broken", "web", http(receiver.url("/always-500")), events=["up"],
+        retry={"maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1},
+        deadLetter={"http": {"url": receiver.url(f"/dlq/{namespace}")}}))
+    kubelet.create_pod(namespace, "web-0", {"app": "web"})
+    kubelet.set_ready(namespace, "web-0", "192.0.2.78")
+
+    wait_for(lambda: len(receiver.on(flaky)) >= 3, 30, "three attempts")
+    attempts = receiver.on(flaky)
+    assert len({a.event_id for a in attempts}) == 1  # the same id on every retry
+    for attempt in attempts:
+        headers = attempt.headers
+        assert headers["ce-specversion"] == "1.0" and headers["ce-type"] == "dev.poolkeeper.instance.up"
+        assert headers["ce-source"] == f"/namespaces/{namespace}/targetpools/web"
+        assert headers["ce-subject"] == f"Pod/{namespace}/web-0" and headers["content-type"] == "application/json"
+        expected = "sha256=" + hmac.new(key, attempt.body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["poolkeeper-signature"], expected)
+        assert attempt.data["to"] == "up"
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "flaky")).get("succeeded") == 1 and s,
+                      10, "flaky succeeded")
+    assert status["lastInvocation"]["attempts"] == 3 and status["lastInvocation"]["result"] == "Succeeded"
+
+    dlq = wait_for(lambda: receiver.on(f"/dlq/{namespace}"), 30, "dead-letter delivery")
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "broken")).get("deadLettered") == 1 and s,
+                      10, "dead-lettered count")
+    assert status["lastInvocation"]["result"] == "DeadLettered" and "500" in status["lastInvocation"]["error"]
+    assert dlq[0].headers["ce-type"] == "dev.poolkeeper.instance.up"
+    wait_for(lambda: any(r == "DeadLettered" for r, _ in events_for(core, namespace, "broken")), 10, "Event")
+
+
+def test_ordering_per_instance_and_no_head_of_line_blocking(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, receiver: Receiver) -> None:
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web"), delay=60))
+    path = "/slow-slowpod"
+    create(custom, namespace, "lifecyclehandlers", handler("ordered", "web", http(receiver.url(path)),
+                                                           events=["up", "draining"]))
+    kubelet.create_pod(namespace, "slowpod", {"app": "web"})
+    kubelet.set_ready(namespace, "slowpod", "192.0.2.80")
+    wait_for(lambda: [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("slowpod")], 10, "slow up")
+    kubelet.delete_pod(namespace, "slowpod")  # draining, queued behind the slow `up`
+    started = time.time()
+    kubelet.create_pod(namespace, "fastpod", {"app": "web"})
+    kubelet.set_ready(namespace, "fastpod", "192.0.2.81")
+    fast = wait_for(lambda: [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("fastpod")], 10, "fast")
+    assert fast[0].at - started < 1.5  # not stuck behind slowpod's 2 s deliveries
+    slow = wait_for(lambda: (s := [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("slowpod")])
+                    and len(s) == 2 and s, 15, "slow draining")
+    assert [r.headers["ce-type"].rsplit(".", 1)[1] for r in slow] == ["up", "draining"]
+    assert slow[1].at - slow[0].at >= 1.9  # the draining event waited for the slow `up` to finish
+
+
+def test_timeout_is_a_hard_stop(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, handlers_dir: Path) -> None:
+    module = f"sleepy_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, "import time\ndef handle(event, context):\n    time.sleep(60)\n")
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web")))
+    create(custom, namespace, "lifecyclehandlers", handler("sleepy", "web", python(f"{module}.handle"),
+                                                           events=["up"], timeoutSeconds=1, retry={"maxAttempts": 1}))
+    wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "sleepy"), "Ready").get("status") == "True",
+             20, "Ready")
+    kubelet.create_pod(namespace, "web-0", {"app": "web"})
+    kubelet.set_ready(namespace, "web-0", "192.0.2.82")
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "sleepy")).get("deadLettered") == 1 and s,
+                      20, "timed out and dead-lettered")
+    last = status["lastInvocation"]
+    assert "timed out" in last["error"] and last["durationMs"] < 3000 and status["failed"] == 1
+
+
+def test_broken_handler_file_reports_and_recovers(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        handlers_dir: Path) -> None:
+    module = f"broken_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, "def handle(event, context)\n    return 1\n")  # SyntaxError
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web")))
+    create(custom, namespace, "lifecyclehandlers", handler("fixme", "web", python(f"{module}.handle")))
+    create(custom, namespace, "lifecyclehandlers", handler("missing", "web", python("no_such_file.handle")))
+    ready = wait_for(lambda: (c := condition(get(custom, namespace, "lifecyclehandlers", "fixme"), "Ready")) and
+                     c.get("status") == "False" and c, 20, "Ready False")
+    assert ready["reason"] == "HandlerLoadFailed" and "SyntaxError" in ready["message"]
+    missing = wait_for(lambda: (c := condition(get(custom, namespace, "lifecyclehandlers", "missing"), "Ready")) and
+                       c.get("status") == "False" and c, 20, "missing file")
+    assert "no_such_file" in missing["message"]
+    wait_for(lambda: any(r == "HandlerLoadFailed" for r, _ in events_for(core, namespace, "fixme")), 10, "Event")
+    write_handler(handlers_dir, module, "def handle(event, context):\n    return 1\n")
+    wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "fixme"), "Ready").get("status") == "True",
+             20, "recovered without a restart")
+
+
+def test_blocking_up_hook_gates_registration(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, handlers_dir: Path, tmp_path: Path) -> None:
+    haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
+    haproxy.start()
+    lb = f"gate-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, lb, haproxy.admin_endpoint)
+    flag = tmp_path / "go"
+    module = f"gate_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, f'''
+import os, time
+def handle(event, context):
+    while not os.path.exists({str(flag)!r}):
+        time.sleep(0.05)
+    return "warm"
+def refuse(event, context):
+    raise RuntimeError("not today")
+''')
+    fleet = Fleet(kubelet, namespace, "web")
+    other = Fleet(kubelet, namespace, "api")
+    try:
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb, "web")))
+        create(custom, namespace, "lifecyclehandlers", handler("warmup", "web", python(f"{module}.handle"),
+                                                               events=["up"], blocking=True, timeoutSeconds=30))
+        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=other.port,
+                                                           backend=ha_backend(lb, "api")))
+        create(custom, namespace, "lifecyclehandlers", handler(
+            "veto", "api", python(f"{module}.refuse"), events=["up"], blocking=True, onFailure="Abandon",
+            retry={"maxAttempts": 1}))
+        for name in ("warmup", "veto"):
+            wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
+                                              "Ready").get("status") == "True", 20, f"{name} Ready")
+        fleet.add("web-0")
+        other.add("api-0")
+        ref = f"Pod/{namespace}/web-0"
+        member = wait_for(lambda: members(custom, namespace, "web").get(ref), 20, "member listed")
+        assert member["state"] == "Registering" and "hook" in member["reason"]
+        time.sleep(1)
+        servers = haproxy_servers(haproxy, "web")
+        assert len(servers) == 1  # added, but in maintenance: no traffic yet
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=5).wait(30)
+        assert report.ok == 0  # nothing is in rotation while the hook runs
+        flag.write_text("go")
+        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=20).wait(30)
+        assert report.ok == 20 and report.failed == 0
+
+        held = wait_for(lambda: (m := members(custom, namespace, "api").get(f"Pod/{namespace}/api-0")) and
+                        m["state"] == "Held" and m, 20, "Held after an abandoned hook")
+        assert "hook" in held["reason"]
+        report = LoadGenerator(haproxy.frontend_url("api"), connections=1).start(count=5).wait(30)
+        assert report.ok == 0  # never takes traffic
+        wait_for(lambda: any(r == "LifecycleHook" for r, _ in events_for(core, namespace, "api")), 10, "pool Event")
+    finally:
+        fleet.stop_all()
+        other.stop_all()
+        custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
+        haproxy.stop()
+
+
+def test_delivery_survives_operator_sigkill_with_same_id(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, receiver: Receiver) -> None:
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web")))
+    path = f"/fail-2/{namespace}/restart"
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "durable", "web", http(receiver.url(path)), events=["up"],
+        retry={"maxAttempts": 10, "initialBackoffSeconds": 3, "maxBackoffSeconds": 3}))
+    kubelet.create_pod(namespace, "web-0", {"app": "web"})
+    kubelet.set_ready(namespace, "web-0", "192.0.2.83")
+    first = wait_for(lambda: receiver.on(path), 20, "first (failing) attempt")
+    running_operator.kill()  # mid-retry
+    time.sleep(0.5)
+    running_operator.start()
+    wait_for(lambda: len(receiver.on(path)) >= 3, 30, "delivered after the restart")
+    assert {r.event_id for r in receiver.on(path)} == {first[0].event_id}
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "durable")).get("succeeded", 0) >= 1 and s,
+                      20, "succeeded")
+    assert status["lastInvocation"]["eventId"] == first[0].event_id

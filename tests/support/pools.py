@@ -1,0 +1,76 @@
+"""Pools of pods backed by real HTTP servers, and HAProxy helpers, shared by operator tests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from kubernetes import client
+
+from poolkeeper.backends.haproxy_client import HAProxyClient
+from poolkeeper.devcluster.kubelet import FakeKubelet
+from support.haproxy import HAProxyProcess, free_port
+from support.http_backends import HTTPBackend, start_backend
+from support.kube import get
+
+_subnets = itertools.count(1)
+
+
+def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
+    """server name -> "addr:port" of the poolkeeper servers HAProxy has now (read by the test)."""
+    async def read() -> list[str]:
+        c = HAProxyClient(haproxy.admin_endpoint)
+        try:
+            return await c.execute([f"show servers state {backend}"])
+        finally:
+            await c.close()
+    out = {}
+    for line in asyncio.run(read())[0].splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[3].startswith("pk-"):
+            out[parts[3]] = f"{parts[4]}:{parts[18]}" if len(parts) > 18 else parts[4]
+    return out
+
+
+def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, **spec: Any) -> None:
+    custom.create_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", body={
+        "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": name},
+        "spec": {"type": "HAProxy", "haproxy": {"endpoint": endpoint}, **spec}})
+
+
+def ha_backend(lb: str, backend: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": lb}, "backend": backend, **extra}}
+
+
+def members(custom: client.CustomObjectsApi, namespace: str, pool: str) -> dict[str, dict[str, Any]]:
+    status = get(custom, namespace, "targetpools", pool).get("status") or {}
+    return {m["instance"]: m for m in status.get("members") or []}
+
+
+class Fleet:
+    """Pods backed by real HTTP servers on their own 127.x addresses, all on one port."""
+
+    def __init__(self, kubelet: FakeKubelet, namespace: str, app: str, gates: tuple[str, ...] = ()) -> None:
+        self.kubelet, self.namespace, self.app, self.gates = kubelet, namespace, app, gates
+        self.port = free_port()
+        self.subnet = next(_subnets)
+        self.backends: dict[str, HTTPBackend] = {}
+        self.ips: dict[str, str] = {}
+        self.counter = itertools.count(1)
+
+    def add(self, name: str, *, serve: bool = True) -> str:
+        ip = f"127.{100 + self.subnet}.0.{next(self.counter)}"
+        self.ips[name] = ip
+        if serve:
+            self.backends[name] = start_backend(ip, self.port)
+        self.kubelet.create_pod(self.namespace, name, {"app": self.app}, gates=self.gates, port=self.port)
+        self.kubelet.set_ready(self.namespace, name, ip)
+        return ip
+
+    def unready(self, name: str) -> None:
+        self.kubelet.set_ready(self.namespace, name, self.ips[name], ready=False)
+
+    def stop_all(self) -> None:
+        for backend in self.backends.values():
+            backend.stop()
