@@ -211,21 +211,21 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
 
 
 @kopf.on.event("", "v1", "pods")
-def pod_event(event: dict[str, Any], **_: Any) -> None:
+async def pod_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
     deleted = event.get("type") == "DELETED"
     _apply_instance(rt, pod_state(event["object"], deleted=deleted), deleted)
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(event: dict[str, Any], **_: Any) -> None:
+async def node_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
     deleted = event.get("type") == "DELETED"
     _apply_instance(rt, node_state(event["object"], deleted=deleted), deleted)
 
 
 @kopf.on.event(GROUP, VERSION, "instances")
-def instance_event(event: dict[str, Any], **_: Any) -> None:
+async def instance_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
     obj = event["object"]
     meta = obj.get("metadata") or {}
@@ -270,7 +270,7 @@ def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = Fal
 
 # ---------------------------------------------------------------- pools, load balancers, namespaces
 @kopf.on.event(GROUP, VERSION, "targetpools")
-def pool_event(event: dict[str, Any], **_: Any) -> None:
+async def pool_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
     assert rt.pools is not None and rt.lbs is not None
     obj = event["object"]
@@ -318,7 +318,7 @@ async def load_balancer_event(event: dict[str, Any], **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "namespaces")
-def namespace_event(event: dict[str, Any], **_: Any) -> None:
+async def namespace_event(event: dict[str, Any], **_: Any) -> None:
     rt = runtime()
     meta = event["object"]["metadata"]
     if event.get("type") == "DELETED":

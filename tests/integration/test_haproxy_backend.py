@@ -335,11 +335,14 @@ async def test_health_checks_keep_traffic_off_until_the_first_check_passes(
     dead_port = free_port("127.0.0.4")  # nothing listens there
     desired = {name(1): desired_member(name(1), first, Phase.UP)}
 
+    def plan(actual: dict[str, ActualMember]) -> tuple[Action, ...]:
+        return plan_pool(desired=desired, actual=actual, draining_since={}, now=0.0,
+                         deregistration_delay=30, health_checks=True).actions
+
     async def reconcile() -> dict[str, ActualMember]:
+        """What the operator does on every event: read, plan, apply; returns what it read."""
         actual = await pool.read_members()
-        plan = plan_pool(desired=desired, actual=actual, draining_since={}, now=0.0,
-                         deregistration_delay=30, health_checks=True)
-        await apply_ok(pool, plan.actions)
+        await apply_ok(pool, plan(actual))
         return actual
 
     await until(reconcile, lambda m: m.get(name(1), None) is not None and m[name(1)].admin is Admin.READY,
@@ -352,7 +355,10 @@ async def test_health_checks_keep_traffic_off_until_the_first_check_passes(
     desired[name(2)] = desired_member(name(2), late, Phase.UP)
     desired[name(3)] = DesiredMember(name(3), dead, "127.0.0.4", dead_port, serving=True)
 
-    actual = await reconcile()
+    actions = plan(await pool.read_members())
+    assert set(actions) == {AddMember(name(2), late.address, late.port), SetAdmin(name(2), Admin.DRAIN),
+                            AddMember(name(3), "127.0.0.4", dead_port), SetAdmin(name(3), Admin.DRAIN)}
+    await apply_ok(pool, actions)
     after_add = await pool.read_members()
     assert after_add[name(2)].admin is Admin.DRAIN and after_add[name(3)].admin is Admin.DRAIN
     assert after_add[name(2)].health in {"CHECKING", "UP"}
