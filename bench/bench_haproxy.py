@@ -10,20 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # for support.haproxy
 
 from poolkeeper.backends import ActionResult
 from poolkeeper.backends.haproxy import HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.model import AddMember, Admin, RemoveMember, SetAdmin
 from poolkeeper.core.naming import member_name, pool_prefix
-from support.haproxy import HAProxyProcess
+from poolkeeper.devcluster.haproxy import HAProxyProcess
 
 
 async def timed(call: Callable[[], Awaitable[object]]) -> float:

@@ -32,8 +32,8 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
-from support.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
-from support.http_backends import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
+from poolkeeper.devcluster.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
+from poolkeeper.devcluster.traffic import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
 

@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client
 
 from poolkeeper.devcluster.kubelet import FakeKubelet
-from support.haproxy import HAProxyProcess
-from support.http_backends import LoadGenerator
+from poolkeeper.devcluster.haproxy import HAProxyProcess
+from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
 from support.operator_process import OperatorProcess
 from support.pools import Fleet, ha_backend, haproxy_servers, load_balancer, members

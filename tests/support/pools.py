@@ -10,8 +10,8 @@ from kubernetes import client
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.devcluster.kubelet import FakeKubelet
-from support.haproxy import HAProxyProcess, free_port
-from support.http_backends import HTTPBackend, start_backend
+from poolkeeper.devcluster.haproxy import HAProxyProcess, free_port
+from poolkeeper.devcluster.traffic import HTTPBackend, start_backend
 from support.kube import get
 
 _subnets = itertools.count(1)

@@ -163,7 +163,10 @@ class PoolController:
         plan = plan_pool(desired=desired, actual=actual, draining_since=memory.draining_since, now=now,
                          deregistration_delay=spec.deregistration_delay,
                          health_checks=spec.health_check is not None, keep=keep)
-        results = await backend.apply(plan.actions) if plan.actions else []
+        try:
+            results = await backend.apply(plan.actions) if plan.actions else []
+        except (HAProxyUnreachable, OSError, asyncio.TimeoutError, ApiError) as exc:
+            return self._backend_failed(body, spec, memory, exc)
         self.applied[key] = len(results)
         memory.draining_since = dict(plan.draining_since)
         failed = [r for r in results if not r.ok]
