@@ -24,7 +24,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = Path(reuse) if reuse else tmp_path_factory.mktemp("devcluster")
     try:
         started = Cluster(root).up()
-    except Exception as exc:  # noqa: BLE001 - report any start failure as a test failure
+    except Exception as exc:
         pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
     started.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
     started.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper",

@@ -8,6 +8,7 @@ affect. Workers drain the queue (informer -> queue -> reconcile, as in sample-co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -98,8 +99,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
-    rt.lbs = LoadBalancers(rt.api, status, events, pools_using=lambda lb: rt.pools.pools_using_lb(lb) if rt.pools else [],
-                           enqueue=rt.queue.add)
+    rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
+                           pools_using=lambda lb: rt.pools.pools_using_lb(lb) if rt.pools else [])
     rt.pools = PoolController(rt.store, rt.api, status, events, rt.lbs, ReadinessGates(rt.api), rt.metrics)
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
@@ -354,8 +355,6 @@ def run_operator(options: OperatorOptions) -> int:
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
     namespaces = list(options.namespaces)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces))
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -59,7 +59,8 @@ def _heartbeat(args: argparse.Namespace) -> int:
     except HeartbeatError as exc:
         print(f"heartbeat failed: {exc}", file=sys.stderr)
         return 1
-    print(f"instance {args.namespace}/{args.name}: state={result['state']} lastHeartbeatTime={result['lastHeartbeatTime']}")
+    print(f"instance {args.namespace}/{args.name}: state={result['state']} "
+          f"lastHeartbeatTime={result['lastHeartbeatTime']}")
     return 0
 
 

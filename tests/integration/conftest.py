@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -79,7 +80,5 @@ def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> Iterato
     name = "".join(c for c in name if c.isalnum() or c == "-")
     core.create_namespace(body={"metadata": {"name": name, "labels": {"poolkeeper.dev/test": "true"}}})
     yield name
-    try:
+    with contextlib.suppress(ApiException):
         core.delete_namespace(name=name)
-    except ApiException:
-        pass

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.haproxy import HAProxyProcess
+from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
 from support.operator_process import OperatorProcess

@@ -22,7 +22,6 @@ from support.kube import (
 )
 from support.operator_process import OperatorProcess
 
-
 SLICE_LABELS = "endpointslice.kubernetes.io/managed-by=poolkeeper.dev,kubernetes.io/service-name="
 
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any
 
 from kubernetes import client
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.haproxy import HAProxyProcess, free_port
-from poolkeeper.devcluster.traffic import HTTPBackend, start_backend
+from poolkeeper.devcluster.haproxy import HAProxyProcess
+from poolkeeper.devcluster.workload import Workload
 from support.kube import get
-
-_subnets = itertools.count(1)
 
 
 def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
@@ -48,29 +44,4 @@ def members(custom: client.CustomObjectsApi, namespace: str, pool: str) -> dict[
     return {m["instance"]: m for m in status.get("members") or []}
 
 
-class Fleet:
-    """Pods backed by real HTTP servers on their own 127.x addresses, all on one port."""
-
-    def __init__(self, kubelet: FakeKubelet, namespace: str, app: str, gates: tuple[str, ...] = ()) -> None:
-        self.kubelet, self.namespace, self.app, self.gates = kubelet, namespace, app, gates
-        self.port = free_port()
-        self.subnet = next(_subnets)
-        self.backends: dict[str, HTTPBackend] = {}
-        self.ips: dict[str, str] = {}
-        self.counter = itertools.count(1)
-
-    def add(self, name: str, *, serve: bool = True) -> str:
-        ip = f"127.{100 + self.subnet}.0.{next(self.counter)}"
-        self.ips[name] = ip
-        if serve:
-            self.backends[name] = start_backend(ip, self.port)
-        self.kubelet.create_pod(self.namespace, name, {"app": self.app}, gates=self.gates, port=self.port)
-        self.kubelet.set_ready(self.namespace, name, ip)
-        return ip
-
-    def unready(self, name: str) -> None:
-        self.kubelet.set_ready(self.namespace, name, self.ips[name], ready=False)
-
-    def stop_all(self) -> None:
-        for backend in self.backends.values():
-            backend.stop()
+Fleet = Workload  # pods backed by real HTTP servers (poolkeeper.devcluster.workload)

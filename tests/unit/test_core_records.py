@@ -102,7 +102,8 @@ def test_pod_keeps_gate_status() -> None:
 def node(ready: str = "True", unschedulable: bool = False, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"metadata": {"name": "n1", "uid": "nu", "labels": labels or {}},
             "spec": {"unschedulable": unschedulable},
-            "status": {"addresses": [{"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "192.0.2.9"}],
+            "status": {"addresses": [{"type": "Hostname", "address": "n1"},
+                                     {"type": "InternalIP", "address": "192.0.2.9"}],
                        "conditions": [{"type": "Ready", "status": ready}]}}
 
 

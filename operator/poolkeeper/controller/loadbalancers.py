@@ -116,7 +116,7 @@ class LoadBalancers:
             return
         try:
             info = await entry.client.info()
-        except (HAProxyUnreachable, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, HAProxyUnreachable, OSError) as exc:
             changed = entry.reachable is not False
             entry.reachable, entry.error = False, str(exc)
             if changed:

@@ -6,7 +6,6 @@ says now, so restarts, missed events and a restarted HAProxy all heal the same w
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -69,6 +68,7 @@ class PoolMemory:
     failures: int = 0
     refused_reported: set[str] = field(default_factory=set)
     reports: dict[str, MemberReport] = field(default_factory=dict)
+    instance_of: dict[str, str] = field(default_factory=dict)  # server name -> Kind/ns/name, for Events
 
 
 class ReconcileHooks(Protocol):
@@ -151,7 +151,7 @@ class PoolController:
             memory.reports = {}
             self._publish(body, spec, [], Condition("Synced", False, blocked.reason, str(blocked)))
             return blocked.retry
-        except (HAProxyUnreachable, BackendMissing, OSError, asyncio.TimeoutError, ApiError) as exc:
+        except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         desired, refused, (pending, held, keep) = self._desired(spec, allowed)
         if await self.hooks.prepare(spec, desired):
@@ -165,12 +165,13 @@ class PoolController:
                          health_checks=spec.health_check is not None, keep=keep)
         try:
             results = await backend.apply(plan.actions) if plan.actions else []
-        except (HAProxyUnreachable, OSError, asyncio.TimeoutError, ApiError) as exc:
+        except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         self.applied[key] = len(results)
         memory.draining_since = dict(plan.draining_since)
         failed = [r for r in results if not r.ok]
-        self._record(body, spec, results)
+        memory.instance_of.update({name: m.instance.ref for name, m in desired.items()})
+        self._record(body, spec, results, memory)
         reports = self._reports(plan, pending, held)
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
@@ -238,10 +239,7 @@ class PoolController:
 
     def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> float:
         memory.failures += 1
-        if isinstance(exc, BackendMissing):
-            reason = "BackendNotFound"
-        else:
-            reason = "BackendUnreachable"
+        reason = "BackendNotFound" if isinstance(exc, BackendMissing) else "BackendUnreachable"
         message = f"{spec.backend_text}: {exc}"
         if memory.failures == 1:
             self.events.post(body, reason, message, warning=True)
@@ -267,20 +265,23 @@ class PoolController:
             out.append(report)
         return out
 
-    def _record(self, body: dict[str, Any], spec: PoolSpec, results: list[ActionResult]) -> None:
+    def _record(self, body: dict[str, Any], spec: PoolSpec, results: list[ActionResult], memory: PoolMemory) -> None:
         for result in results:
             action = result.action
+            who = memory.instance_of.get(action.name, action.name)
             if not result.ok:
                 if _waiting_for_connections(result):
                     continue  # del waits for in-flight connections: retried next round
-                self.events.post(body, "BackendError", f"{type(action).__name__} {action.name}: {result.message}",
+                self.events.post(body, "BackendError", f"{type(action).__name__} {who}: {result.message}",
                                  warning=True)
             elif isinstance(action, AddMember):
-                self.events.post(body, "Registered", f"{action.name} ({action.address}:{action.port}) added "
-                                 f"to {spec.backend_text}")
+                self.events.post(body, "Registered", f"{who} ({action.address}:{action.port}) added to "
+                                 f"{spec.backend_text} as {action.name}")
             elif isinstance(action, RemoveMember):
-                self.events.post(body, "Deregistered", f"{action.name} removed from {spec.backend_text} "
-                                 f"({action.reason})")
+                self.events.post(body, "Deregistered", f"{who} ({action.name}) removed from {spec.backend_text}: "
+                                 f"{action.reason}")
+                if action.reason != "address changed":
+                    memory.instance_of.pop(action.name, None)
             if self.metrics is not None:
                 self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
 
@@ -342,12 +343,12 @@ class PoolController:
                 plan = plan_pool(desired={}, actual=actual, draining_since=memory.draining_since, now=self.clock(),
                                  deregistration_delay=spec.deregistration_delay, health_checks=False)
                 results = await backend.apply(plan.actions)
-                self._record(body, spec, results)
+                self._record(body, spec, results, memory)
                 memory.draining_since = dict(plan.draining_since)
                 remaining = len(await backend.read_members())
         except Blocked:
             remaining = 0  # nothing of ours can be there (no LB, not allowed, or another pool owns it)
-        except (HAProxyUnreachable, BackendMissing, OSError, asyncio.TimeoutError, ApiError) as exc:
+        except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         if remaining:
             return WATCH_SECONDS

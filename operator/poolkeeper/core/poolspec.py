@@ -87,7 +87,9 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
     if backend.get("type") == "HAProxy":
         ha = backend.get("haproxy") or {}
         hc = ha.get("healthCheck")
-        check = HealthCheck(int(hc.get("intervalSeconds", 2)), int(hc.get("rise", 2)), int(hc.get("fall", 3))) if hc else None
+        check = None
+        if hc:
+            check = HealthCheck(int(hc.get("intervalSeconds", 2)), int(hc.get("rise", 2)), int(hc.get("fall", 3)))
         return PoolSpec(**common, load_balancer=(ha.get("loadBalancerRef") or {}).get("name", ""),
                         backend=ha.get("backend", ""), health_check=check)
     if backend.get("type") == "EndpointSlice":

@@ -7,6 +7,7 @@ checking that each pid still runs a command line that names DIR (so a reused pid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -245,10 +246,8 @@ class Cluster:
                         break
                     time.sleep(0.05)
                 else:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 stopped.append(name)
         if self.state.get("pids"):
             self.state["pids"] = {}

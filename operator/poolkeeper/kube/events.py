@@ -71,5 +71,5 @@ class EventRecorder:
                 self._recent[key] = (name, namespace, 1, time.monotonic())
                 if len(self._recent) > 5000:
                     self._recent.clear()
-            except (ApiError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ApiError, OSError) as exc:
                 log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)

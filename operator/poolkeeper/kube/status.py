@@ -60,7 +60,7 @@ class StatusWriter:
                 except ApiError as exc:
                     if exc.status != 404:
                         log.warning("status write to %s failed: %s", path, exc)
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError) as exc:
                     log.warning("status write to %s failed: %s", path, exc)
         finally:
             self._tasks.pop(path, None)

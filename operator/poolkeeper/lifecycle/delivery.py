@@ -105,7 +105,7 @@ class HandlerRuntime:
                 if record is not None:
                     try:
                         await self._deliver(record)
-                    except (OSError, ApiError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, OSError, ApiError) as exc:
                         log.warning("delivery of %s stopped, kept in the outbox: %s", event_id, exc)
                         return
                 queue.popleft()
@@ -141,8 +141,8 @@ class HandlerRuntime:
     async def _attempt(self, event: dict[str, Any], attempt: int) -> tuple[bool, str, bool, float | None]:
         spec = self.spec
         if spec.function_type == "Python":
-            result = await self.functions.invoke(self.handlers_dir, spec.python_handler, event,
-                                                 timeout=spec.timeout, attempt=attempt, function_name=spec.python_handler)
+            result = await self.functions.invoke(self.handlers_dir, spec.python_handler, event, timeout=spec.timeout,
+                                                 attempt=attempt, function_name=spec.python_handler)
             return result.ok, result.error or "", True, None
         if self.problem and self.problem[0] == "URLNotAllowed":
             return False, self.problem[1], False, None

@@ -15,7 +15,7 @@ from poolkeeper.backends import ActionResult
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import parse_cidrs
 from poolkeeper.core.cloudevents import build_event
-from poolkeeper.core.model import DesiredMember, InstanceState, MemberReport, RemoveMember, SetAdmin, Admin
+from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.transitions import (
     Announced,
@@ -31,7 +31,7 @@ from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.delivery import HandlerRuntime
 from poolkeeper.lifecycle.outbox import Outbox, instance_from_record, instance_record
-from poolkeeper.lifecycle.spec import HandlerSpec, parse_handler
+from poolkeeper.lifecycle.spec import parse_handler
 
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 5.0
@@ -119,7 +119,7 @@ class LifecycleHandlers:
                 if runtime.problem is not None:
                     try:
                         await runtime.validate()
-                    except Exception:  # noqa: BLE001 - a recheck must never stop the loop
+                    except Exception:
                         log.exception("re-checking handler %s failed", runtime.spec.name)
 
     # ----- the pool reconcile calls these
@@ -177,7 +177,8 @@ class LifecycleHandlers:
                     continue
                 if isinstance(action, SetAdmin) and action.admin is Admin.READY and action.name in by_name:
                     event_type, inst = "registered", by_name[action.name]
-                elif isinstance(action, RemoveMember) and action.name in by_member and action.reason != "address changed":
+                elif (isinstance(action, RemoveMember) and action.name in by_member
+                      and action.reason != "address changed"):
                     event_type = "deregistered"
                     inst = self._current_record(by_member[action.name][1])
                 else:
