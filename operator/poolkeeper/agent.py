@@ -24,19 +24,19 @@ def report_heartbeat(name: str, *, namespace: str = "default", state: str = "run
                      kubeconfig: str | None = None, message: str | None = None) -> dict[str, Any]:
     """Write status.state and status.lastHeartbeatTime (now, UTC) on the Instance."""
     from kubernetes import client, config
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
     from kubernetes.config.config_exception import ConfigException
 
     if state not in STATES:
         raise HeartbeatError(f"state must be one of {', '.join(STATES)}")
     try:
         if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig)
+            config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
         else:
             try:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
             except ConfigException:
-                config.load_kube_config()
+                config.load_kube_config()  # type: ignore[no-untyped-call]
     except (ConfigException, OSError) as exc:
         raise HeartbeatError(f"no Kubernetes credentials: {exc}") from exc
     status: dict[str, Any] = {

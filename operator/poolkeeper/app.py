@@ -212,23 +212,23 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
 
 
 @kopf.on.event("", "v1", "pods")
-async def pod_event(event: dict[str, Any], **_: Any) -> None:
+async def pod_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
     deleted = event.get("type") == "DELETED"
     _apply_instance(rt, pod_state(event["object"], deleted=deleted), deleted)
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(event: dict[str, Any], **_: Any) -> None:
+async def node_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
     deleted = event.get("type") == "DELETED"
     _apply_instance(rt, node_state(event["object"], deleted=deleted), deleted)
 
 
 @kopf.on.event(GROUP, VERSION, "instances")
-async def instance_event(event: dict[str, Any], **_: Any) -> None:
+async def instance_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
-    obj = event["object"]
+    obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata") or {}
     key = (meta.get("namespace") or "", meta.get("name") or "")
     deleted = event.get("type") == "DELETED"
@@ -271,10 +271,10 @@ def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = Fal
 
 # ---------------------------------------------------------------- pools, load balancers, namespaces
 @kopf.on.event(GROUP, VERSION, "targetpools")
-async def pool_event(event: dict[str, Any], **_: Any) -> None:
+async def pool_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
     assert rt.pools is not None and rt.lbs is not None
-    obj = event["object"]
+    obj: dict[str, Any] = dict(event["object"])
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
     before = rt.pools.spec(key)
     if event.get("type") == "DELETED":
@@ -305,10 +305,10 @@ def _requeue_claimants(rt: Runtime, key: Key) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "loadbalancers")
-async def load_balancer_event(event: dict[str, Any], **_: Any) -> None:
+async def load_balancer_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
     assert rt.lbs is not None and rt.pools is not None
-    obj = event["object"]
+    obj: dict[str, Any] = dict(event["object"])
     name = obj["metadata"]["name"]
     if event.get("type") == "DELETED":
         await rt.lbs.remove(name)
@@ -319,7 +319,7 @@ async def load_balancer_event(event: dict[str, Any], **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "namespaces")
-async def namespace_event(event: dict[str, Any], **_: Any) -> None:
+async def namespace_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
     meta = event["object"]["metadata"]
     if event.get("type") == "DELETED":
@@ -334,9 +334,9 @@ async def namespace_event(event: dict[str, Any], **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "lifecyclehandlers")
-async def lifecycle_handler_event(event: dict[str, Any], **_: Any) -> None:
+async def lifecycle_handler_event(*, event: kopf.RawEvent, **_: Any) -> None:
     rt = runtime()
-    obj = event["object"]
+    obj: dict[str, Any] = dict(event["object"])
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
     if event.get("type") == "DELETED":
         rt.store.handlers.pop(key, None)

@@ -11,6 +11,7 @@ failed); `down` stops everything `up` started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -19,10 +20,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from poolkeeper.devcluster import Cluster
 from poolkeeper.devcluster.haproxy import HAProxyProcess, free_port
@@ -30,6 +31,7 @@ from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.traffic import LoadGenerator
 from poolkeeper.devcluster.workload import Workload
 
+GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 NAMESPACE = "demo"
 POOL = "web"
 GATE = f"poolkeeper.dev/{POOL}"
@@ -100,44 +102,29 @@ class Demo:
 
     # ----------------------------------------------------------- scenario
     def objects(self, api: client.ApiClient) -> None:
+        """Create the namespace, the LoadBalancer, and fresh TargetPool and LifecycleHandler objects."""
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        try:
-            core.create_namespace(body={"metadata": {"name": NAMESPACE}})
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        group = {"group": "poolkeeper.dev", "version": "v1alpha1"}
+        with contextlib.suppress(ApiException):
+            core.create_namespace(body=cast(Any, {"metadata": {"name": NAMESPACE}}))
         lb = {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": "demo-edge"},
               "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.admin_endpoint}}}
-        self._apply(lambda: custom.create_cluster_custom_object(**group, plural="loadbalancers", body=lb),
-                    lambda: custom.replace_cluster_custom_object(**group, plural="loadbalancers", name="demo-edge",
-                                                                 body=self._with_version(custom.get_cluster_custom_object(
-                                                                     **group, plural="loadbalancers", name="demo-edge"),
-                                                                     lb)))
+        with contextlib.suppress(ApiException):
+            custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name="demo-edge")
+        custom.create_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", body=lb)
         for plural, body in (("targetpools", self.pool_body()), ("lifecyclehandlers", self.handler_body())):
             name = body["metadata"]["name"]
             try:
-                custom.delete_namespaced_custom_object(**group, namespace=NAMESPACE, plural=plural, name=name)
-                while True:
-                    custom.get_namespaced_custom_object(**group, namespace=NAMESPACE, plural=plural, name=name)
+                custom.delete_namespaced_custom_object(group=GROUP, version=VERSION, namespace=NAMESPACE,
+                                                       plural=plural, name=name)
+                while True:  # the pool's finalizer drains what an earlier run left
+                    custom.get_namespaced_custom_object(group=GROUP, version=VERSION, namespace=NAMESPACE,
+                                                        plural=plural, name=name)
                     time.sleep(0.2)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-            custom.create_namespaced_custom_object(**group, namespace=NAMESPACE, plural=plural, body=body)
-
-    @staticmethod
-    def _with_version(current: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
-        return {**body, "metadata": {**body["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
-
-    @staticmethod
-    def _apply(create: Any, replace: Any) -> None:
-        try:
-            create()
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            replace()
+            custom.create_namespaced_custom_object(group=GROUP, version=VERSION, namespace=NAMESPACE,
+                                                   plural=plural, body=body)
 
     def pool_body(self) -> dict[str, Any]:
         return {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "TargetPool", "metadata": {"name": POOL},
@@ -156,10 +143,7 @@ class Demo:
 
     def run(self, seconds: float) -> int:
         self.start()
-        api = client.ApiClient(client.Configuration())
-        from kubernetes import config
-
-        api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+        api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))  # type: ignore[no-untyped-call]
         kubelet = FakeKubelet(str(self.cluster.kubeconfig))
         kubelet.ensure_node()
         self._clear_pods(client.CoreV1Api(api))
@@ -219,7 +203,8 @@ class Demo:
     def _clear_pods(core: client.CoreV1Api) -> None:
         try:
             for pod in core.list_namespaced_pod(namespace=NAMESPACE).items:
-                core.delete_namespaced_pod(name=pod.metadata.name, namespace=NAMESPACE, grace_period_seconds=0)
+                if pod.metadata and pod.metadata.name:
+                    core.delete_namespaced_pod(name=pod.metadata.name, namespace=NAMESPACE, grace_period_seconds=0)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -239,8 +224,8 @@ class LiveView:
         self._last_render = 0.0
 
     def pool(self) -> dict[str, Any]:
-        return dict(self.custom.get_namespaced_custom_object(group="poolkeeper.dev", version="v1alpha1",
-                                                             namespace=NAMESPACE, plural="targetpools", name=POOL))
+        return cast(dict[str, Any], self.custom.get_namespaced_custom_object(
+            group=GROUP, version=VERSION, namespace=NAMESPACE, plural="targetpools", name=POOL))
 
     def members(self) -> list[dict[str, Any]]:
         return list((self.pool().get("status") or {}).get("members") or [])
@@ -262,7 +247,8 @@ class LiveView:
     def wait_gate(self, namespace: str, pod: str, deadline: float) -> None:
         def gate_true() -> bool:
             obj = self.core.read_namespaced_pod(name=pod, namespace=namespace)
-            return any(c.type == GATE and c.status == "True" for c in obj.status.conditions or [])
+            conditions = (obj.status.conditions if obj.status else None) or []
+            return any(c.type == GATE and c.status == "True" for c in conditions)
         self._wait(gate_true, deadline)
 
     def wait_gone(self, pod: str, deadline: float) -> None:

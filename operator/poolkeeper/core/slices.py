@@ -34,7 +34,7 @@ def layout(current: Mapping[str, Sequence[Mapping[str, Any]]], wanted: Mapping[s
     result = SliceLayout()
     placed: set[str] = set()
     for slice_name in sorted(current):
-        kept = []
+        kept: list[dict[str, Any]] = []
         for ep in current[slice_name]:
             key = key_of(ep)
             if key in wanted and key not in placed and len(kept) < limit:

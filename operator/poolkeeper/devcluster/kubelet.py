@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 
 def _now() -> str:
@@ -23,7 +23,7 @@ def _now() -> str:
 
 class FakeKubelet:
     def __init__(self, kubeconfig: str, node: str = "devnode-1", node_ip: str = "192.0.2.1") -> None:
-        self.api_client = config.new_client_from_config(config_file=kubeconfig)
+        self.api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
         self.core = client.CoreV1Api(self.api_client)
         self.node = node
         self.node_ip = node_ip
@@ -33,7 +33,7 @@ class FakeKubelet:
         name, ip = name or self.node, ip or self.node_ip
         body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": dict(labels or {})}}
         try:
-            self.core.create_node(body=body)
+            self.core.create_node(body=cast(Any, body))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -59,14 +59,12 @@ class FakeKubelet:
                                 "ports": [{"containerPort": port}]}],
             },
         }
-        created = self.core.create_namespaced_pod(namespace=namespace, body=body)
+        created = self.core.create_namespaced_pod(namespace=namespace, body=cast(Any, body))
         return dict(created.to_dict())
 
     def set_ready(self, namespace: str, name: str, ip: str, ready: bool = True) -> None:
         """Write what a kubelet writes; Ready also needs every readiness gate True, as in a kubelet."""
-        pod = self.core.read_namespaced_pod(name=name, namespace=namespace)
-        gates = [g.condition_type for g in pod.spec.readiness_gates or []]
-        current = {c.type: c.status for c in (pod.status.conditions or [])}
+        gates, current = self._gates_and_conditions(namespace, name)
         gates_ok = all(current.get(g) == "True" for g in gates)
         flag = "True" if ready else "False"
         conditions = [
@@ -79,11 +77,15 @@ class FakeKubelet:
             "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": self.node_ip,
             "conditions": conditions}})
 
+    def _gates_and_conditions(self, namespace: str, name: str) -> tuple[list[str], dict[str, str]]:
+        pod = self.core.read_namespaced_pod(name=name, namespace=namespace)
+        gates = [g.condition_type for g in (pod.spec.readiness_gates if pod.spec else None) or []]
+        conditions = (pod.status.conditions if pod.status else None) or []
+        return gates, {c.type: c.status for c in conditions}
+
     def sync_ready(self, namespace: str, name: str) -> bool:
         """Recompute Ready from ContainersReady and the gates (a kubelet does this on gate changes)."""
-        pod = self.core.read_namespaced_pod(name=name, namespace=namespace)
-        current = {c.type: c.status for c in (pod.status.conditions or [])}
-        gates = [g.condition_type for g in pod.spec.readiness_gates or []]
+        gates, current = self._gates_and_conditions(namespace, name)
         ready = current.get("ContainersReady") == "True" and all(current.get(g) == "True" for g in gates)
         if (current.get("Ready") == "True") != ready:
             self.core.patch_namespaced_pod_status(name=name, namespace=namespace, body={"status": {"conditions": [

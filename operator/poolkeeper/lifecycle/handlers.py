@@ -224,7 +224,7 @@ class LifecycleHandlers:
         key = (tuple(record["pool"]), record["member"])
         table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
         table.setdefault(key, set()).add(record["event"]["id"])  # type: ignore[arg-type]
-        return record["event_type"] == "up"
+        return bool(record["event_type"] == "up")
 
     def _settled_for(self, handler_key: Key) -> Callable[[dict[str, Any], bool], None]:
         def settled(record: dict[str, Any], ok: bool) -> None:
