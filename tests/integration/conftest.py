@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -53,10 +54,29 @@ def handlers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def service_account_kubeconfig(cluster: Cluster, folder: Path) -> Path:
+    """A kubeconfig for the operator's own ServiceAccount, bound by manifests/rbac.yaml.
+
+    The operator in these tests runs with exactly the permissions it ships with, so a missing
+    RBAC rule fails a test instead of a user's deployment.
+    """
+    for manifest in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
+        cluster.kubectl_run("apply", "-f", str(REPO / "manifests" / manifest))
+    token = cluster.kubectl_run("create", "token", "poolkeeper", "-n", "poolkeeper-system",
+                                "--duration=24h").stdout.strip()
+    config_text = json.loads(cluster.kubeconfig.read_text())
+    config_text["users"] = [{"name": "poolkeeper", "user": {"token": token}}]
+    config_text["contexts"][0]["context"]["user"] = "poolkeeper"
+    path = folder / "operator.kubeconfig"
+    path.write_text(json.dumps(config_text))
+    return path
+
+
 @pytest.fixture(scope="session")
 def operator(cluster: Cluster, handlers_dir: Path, tmp_path_factory: pytest.TempPathFactory,
              kubelet: FakeKubelet) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator-logs"), handlers_dir=handlers_dir,
+    logs = tmp_path_factory.mktemp("operator-logs")
+    proc = OperatorProcess(service_account_kubeconfig(cluster, logs), logs, handlers_dir=handlers_dir,
                            extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
     try:
         proc.start()

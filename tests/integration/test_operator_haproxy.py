@@ -95,9 +95,9 @@ def test_haproxy_restart_is_noticed_and_reapplied(
         synced = wait_for(lambda: (c := condition(get(custom, namespace, "targetpools", "api"), "Synced")) and
                           c.get("reason") == "BackendUnreachable" and c, 20, "BackendUnreachable")
         assert synced["status"] == "False"
-        lb = custom.get_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
-                                              name=lb_name)
-        assert condition(lb, "Reachable")["status"] == "False"
+        wait_for(lambda: condition(custom.get_cluster_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb_name), "Reachable")
+            .get("status") == "False", 10, "LoadBalancer not Reachable")
         haproxy.start()  # a fresh HAProxy: every runtime server is gone
         restarted = time.monotonic()
         wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 10, "servers re-applied")
@@ -220,3 +220,46 @@ def test_health_checks_keep_traffic_off_dead_targets(
         assert condition(pool, "Ready")["status"] == "False" and pool["status"]["active"] == 1
     finally:
         fleet.stop_all()
+
+
+def test_tls_runtime_api_with_client_certificate_from_secret(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        kubelet: FakeKubelet, tmp_path: Path) -> None:
+    import base64
+
+    haproxy = HAProxyProcess(tmp_path / "haproxy-tls", backends=("web",), tls=True)
+    haproxy.start()
+    files = haproxy.tls_files
+    data = {key: base64.b64encode(Path(path).read_bytes()).decode()
+            for key, path in (("ca.crt", files.ca_file), ("tls.crt", files.cert_file), ("tls.key", files.key_file))}
+    core.create_namespaced_secret(namespace=namespace, body={"metadata": {"name": "haproxy-admin"}, "data": data})
+    lb = f"tls-{uuid.uuid4().hex[:6]}"
+    bad = f"tls-nosecret-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, lb, haproxy.tcp_endpoint,
+                  haproxy={"endpoint": haproxy.tcp_endpoint,
+                           "tls": {"secretRef": {"namespace": namespace, "name": "haproxy-admin"}}})
+    load_balancer(custom, bad, haproxy.tcp_endpoint,
+                  haproxy={"endpoint": haproxy.tcp_endpoint,
+                           "tls": {"secretRef": {"namespace": namespace, "name": "missing"}}})
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        fleet.add("w-0")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb, "web")))
+        wait_for(lambda: condition(custom.get_cluster_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb), "Reachable")
+            .get("status") == "True", 20, "TLS LoadBalancer reachable")
+        wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/w-0", {}).get("state") == "Active",
+                 20, "member Active through the TLS runtime API")
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=20).wait(30)
+        assert report.ok == 20
+        cond = wait_for(lambda: (c := condition(custom.get_cluster_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=bad), "Reachable"))
+            and c.get("reason") == "TLSSecretInvalid" and c, 20, "missing TLS secret reported")
+        assert "missing" in cond["message"]
+    finally:
+        fleet.stop_all()
+        for name in (lb, bad):
+            custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
+                                                name=name)
+        haproxy.stop()

@@ -61,7 +61,12 @@ class LoadBalancers:
         if entry is not None and entry.spec == spec:
             return
         await self._drop_client(name)
-        tls = await self._tls_files(spec) if spec.tls_secret else None
+        try:
+            tls = await self._tls_files(spec) if spec.tls_secret else None
+        except InvalidSpec as exc:
+            self._write_status(name, Condition("Reachable", False, "TLSSecretInvalid", str(exc)))
+            self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
+            return
         self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls))
         await self.check(name)
 
