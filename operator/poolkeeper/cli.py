@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")
     run.add_argument("--function-workers", type=int, default=None,
                      help="worker processes for Python handlers (default: max(2, CPUs))")
+    run.add_argument("--log-format", choices=("json", "plain"), default="json", help="log lines as JSON (default)")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 
     dev = sub.add_parser("devcluster", help="a real local control plane for development and tests")
@@ -114,5 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["invoke"]:
         return _invoke(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from poolkeeper.logs import configure
+
+    configure(getattr(args, "log_format", "plain"), logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     return int(args.func(args))

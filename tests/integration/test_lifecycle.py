@@ -300,3 +300,41 @@ def test_delivery_survives_operator_sigkill_with_same_id(
     status = wait_for(lambda: (s := handler_status(custom, namespace, "durable")).get("succeeded", 0) >= 1 and s,
                       20, "succeeded")
     assert status["lastInvocation"]["eventId"] == first[0].event_id
+
+
+def test_transitions_while_the_operator_is_down_are_coalesced(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, receiver: Receiver) -> None:
+    selectorless_service(core, namespace, "web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("web")))
+    path = f"/ok/{namespace}/coalesce"
+    create(custom, namespace, "lifecyclehandlers", handler("told", "web", http(receiver.url(path)),
+                                                           events=["up", "draining", "down"]))
+    kubelet.create_pod(namespace, "web-0", {"app": "web"})
+    kubelet.set_ready(namespace, "web-0", "192.0.2.90")
+    kubelet.create_pod(namespace, "web-1", {"app": "web"})
+    kubelet.set_ready(namespace, "web-1", "192.0.2.91")
+    wait_for(lambda: len(receiver.on(path)) == 2, 20, "two up events")
+    running_operator.kill()
+    # while it is down: web-0 drains and goes away (up -> draining -> gone), web-1 flaps back to up
+    kubelet.delete_pod(namespace, "web-0")
+    kubelet.finish_termination(namespace, "web-0")
+    kubelet.set_ready(namespace, "web-1", "192.0.2.91", ready=False)
+    kubelet.set_ready(namespace, "web-1", "192.0.2.91", ready=True)
+    running_operator.start()
+    got = wait_for(lambda: (r := receiver.on(path)) and len(r) >= 3 and r, 20, "the coalesced event")
+    time.sleep(2)  # nothing else may arrive
+    got = receiver.on(path)
+    assert len(got) == 3, [(r.headers["ce-type"], r.headers["ce-subject"]) for r in got]
+    last = got[2]
+    assert last.headers["ce-subject"].endswith("/web-0") and last.headers["ce-type"].endswith(".down")
+    assert last.data["from"] == "up" and last.data["to"] == "down"
+
+
+def test_link_local_url_is_refused_before_anything_is_sent(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi) -> None:
+    create(custom, namespace, "lifecyclehandlers", handler("metadata", "web",
+                                                           http("http://169.254.169.254/latest/meta-data")))
+    cond = wait_for(lambda: (c := condition(get(custom, namespace, "lifecyclehandlers", "metadata"), "Ready")) and
+                    c.get("status") == "False" and c, 20, "refused URL")
+    assert cond["reason"] == "URLNotAllowed" and "169.254.169.254" in cond["message"]
