@@ -338,3 +338,49 @@ def test_link_local_url_is_refused_before_anything_is_sent(
     cond = wait_for(lambda: (c := condition(get(custom, namespace, "lifecyclehandlers", "metadata"), "Ready")) and
                     c.get("status") == "False" and c, 20, "refused URL")
     assert cond["reason"] == "URLNotAllowed" and "169.254.169.254" in cond["message"]
+
+
+def test_blocking_draining_hook_holds_removal_and_annotate_handler_writes(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, handlers_dir: Path, tmp_path: Path) -> None:
+    haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web",))
+    haproxy.start()
+    lb = f"drain-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, lb, haproxy.admin_endpoint)
+    flag = tmp_path / "drained"
+    module = f"drainhook_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, f'''
+import os, time
+def handle(event, context):
+    while not os.path.exists({str(flag)!r}):
+        time.sleep(0.05)
+    return "flushed"
+''')
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb, "web"), delay=120))
+        create(custom, namespace, "lifecyclehandlers", handler("flush", "web", python(f"{module}.handle"),
+                                                               events=["draining"], blocking=True, timeoutSeconds=60))
+        create(custom, namespace, "lifecyclehandlers", handler("stamp", "web", python("annotate.handle"),
+                                                               events=["up"]))
+        for name in ("flush", "stamp"):
+            wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
+                                              "Ready").get("status") == "True", 20, f"{name} Ready")
+        fleet.add("web-0")
+        ref = f"Pod/{namespace}/web-0"
+        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+        # the shipped annotate handler wrote the last transition onto the pod (as the operator's ServiceAccount)
+        note = wait_for(lambda: (core.read_namespaced_pod(name="web-0", namespace=namespace).metadata.annotations
+                                 or {}).get("poolkeeper.dev/last-transition"), 20, "annotation")
+        assert json.loads(note)["type"].endswith(".up")
+        fleet.begin_termination("web-0")
+        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Draining", 20, "Draining")
+        time.sleep(1.5)
+        assert len(haproxy_servers(haproxy, "web")) == 1  # idle, but the hook still runs: not removed
+        flag.write_text("done")
+        wait_for(lambda: not haproxy_servers(haproxy, "web"), 20, "removed once the hook succeeded")
+    finally:
+        fleet.stop_all()
+        custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
+        haproxy.stop()

@@ -185,6 +185,8 @@ def test_faults_are_contained_to_their_own_pool(
         # addresses outside allowedTargetCIDRs are refused, with an Event
         wait_for(lambda: any(r == "MemberRefused" and "allowedTargetCIDRs" in m
                              for r, m in events_for(core, namespace, "refused")), 20, "MemberRefused event")
+        refused = members(custom, namespace, "refused")[f"Pod/{namespace}/w-0"]
+        assert refused["state"] == "Held" and "allowedTargetCIDRs" in refused["reason"]
         # the healthy pool was never disturbed
         good = wait_for(lambda: (p := get(custom, namespace, "targetpools", "good")) and
                         condition(p, "Ready").get("status") == "True" and p, 20, "good pool Ready")
@@ -263,3 +265,27 @@ def test_tls_runtime_api_with_client_certificate_from_secret(
             custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
                                                 name=name)
         haproxy.stop()
+
+
+def test_pool_deleted_while_operator_is_down_is_cleaned_up(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = Fleet(kubelet, namespace, "api")
+    try:
+        for i in range(3):
+            fleet.add(f"api-{i}")
+        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "api"), delay=5))
+        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
+        running_operator.kill()
+        custom.delete_namespaced_custom_object(group="poolkeeper.dev", version="v1alpha1", namespace=namespace,
+                                               plural="targetpools", name="api")
+        time.sleep(1)
+        assert len(haproxy_servers(haproxy, "api")) == 3  # the finalizer holds the pool for the operator
+        running_operator.start()
+        wait_for(lambda: not haproxy_servers(haproxy, "api"), 20, "servers removed after the restart")
+        wait_for(lambda: not custom.list_namespaced_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools")["items"],
+            20, "pool gone once cleaned up")
+    finally:
+        fleet.stop_all()

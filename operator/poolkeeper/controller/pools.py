@@ -172,7 +172,9 @@ class PoolController:
         failed = [r for r in results if not r.ok]
         memory.instance_of.update({name: m.instance.ref for name, m in desired.items()})
         self._record(body, spec, results, memory)
-        reports = self._reports(plan, pending, held)
+        reports = self._reports(plan, pending, held) + [
+            MemberReport("", r.instance.ref, r.instance.address or "", spec.port, MemberState.HELD, "",
+                         f"refused: {r.reason}") for r in refused]
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
         await self.hooks.observe(spec, desired, results, frozenset(r.name for r in reports))

@@ -32,6 +32,8 @@ def wanted_gate(report: MemberReport | None) -> tuple[str, str, str]:
     """(status, reason, message) for a pod's gate condition."""
     if report is None:
         return "False", "NotRegistered", "not a member of the pool (not ready, or refused)"
+    if report.state is MemberState.HELD and report.reason.startswith("refused"):
+        return "False", "Refused", report.reason
     reason, message = REASONS[report.state]
     if report.reason:
         message = f"{message}: {report.reason}"
