@@ -40,7 +40,7 @@ def report_heartbeat(name: str, *, namespace: str = "default", state: str = "run
     except (ConfigException, OSError) as exc:
         raise HeartbeatError(f"no Kubernetes credentials: {exc}") from exc
     status: dict[str, Any] = {
-        "state": state, "lastHeartbeatTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        "state": state, "lastHeartbeatTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     if message is not None:
         status["message"] = message
     api = client.CustomObjectsApi()

@@ -15,7 +15,7 @@ from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
 from support.operator_process import OperatorProcess
-from support.pools import Fleet, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import Fleet, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
 
 
 @pytest.fixture()
@@ -120,7 +120,9 @@ def test_operator_killed_during_churn_converges_without_duplicates(
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
                                                            backend=ha_backend(lb_name, "web"), delay=5))
         wait_for(lambda: len(haproxy_servers(haproxy, "web")) == 6, 20, "6 servers")
-        before = haproxy_servers(haproxy, "web")
+        report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=60).wait(30)
+        assert report.ok == 60
+        before = haproxy_stats(haproxy, "web")  # session counters reset if a server were re-added
         # churn, and kill the operator in the middle of it
         fleet.add("w-6")
         fleet.unready("w-0")
@@ -131,12 +133,16 @@ def test_operator_killed_during_churn_converges_without_duplicates(
         expected = {f"Pod/{namespace}/w-{i}" for i in (2, 3, 4, 5, 6, 7)}
         wait_for(lambda: {k for k, m in members(custom, namespace, "web").items() if m["state"] == "Active"}
                  == expected and len(haproxy_servers(haproxy, "web")) == 6, 30, "converged")
-        after = haproxy_servers(haproxy, "web")
+        after = haproxy_stats(haproxy, "web")
         kept = set(before) & set(after)
-        assert len(kept) == 4  # w-2..w-5 stayed: not drained, not re-added
+        assert len(kept) == 4  # w-2..w-5 stayed ...
+        for name in kept:  # ... never removed and re-added (counters intact), never drained
+            assert int(after[name]["stot"]) >= int(before[name]["stot"]) > 0, (before[name], after[name])
+            assert after[name]["status"] in ("UP", "no check"), after[name]["status"]
         registered = [m for r, m in events_for(core, namespace, "web") if r == "Registered"]
         names = [m.split(" as ")[-1] for m in registered]
-        assert len(names) == len(set(names)) == 8, registered  # each server registered exactly once
+        # each server registered once (an Event in flight when the process was killed may be lost)
+        assert len(names) == len(set(names)) >= 7, registered
         metrics = running_operator.metrics()
         assert "poolkeeper_reconciles_total" in metrics
     finally:

@@ -31,6 +31,7 @@ def test_instances_follow_state_and_heartbeats(
     assert not endpoints(api_client, namespace, "vms")  # pending: not up yet
     # the agent CLI, as a machine would run it
     env = {"KUBECONFIG": str(cluster.kubeconfig), "PATH": "/usr/bin:/bin"}
+    beat = time.monotonic()
     cli = subprocess.run([sys.executable, "-m", "poolkeeper", "instance", "heartbeat", "vm-1", "-n", namespace],
                          capture_output=True, text=True, env=env, check=False)
     assert cli.returncode == 0, cli.stderr
@@ -41,9 +42,8 @@ def test_instances_follow_state_and_heartbeats(
     out = cluster.kubectl_run("get", "inst", "-n", namespace).stdout
     assert out.splitlines()[0].split() == ["NAME", "ADDRESS", "STATE", "LAST-HEARTBEAT", "AGE"]
     # vm-1 stops sending heartbeats: it goes down after 5 s by the operator's own clock
-    lost = time.monotonic()
     wait_for(lambda: "192.0.2.101" not in endpoints(api_client, namespace, "vms"), 15, "heartbeat lost")
-    assert 4.0 < time.monotonic() - lost < 10.0
+    assert 5.0 <= time.monotonic() - beat < 12.0
     # a fresh heartbeat brings it back
     report_heartbeat("vm-1", namespace=namespace, kubeconfig=str(cluster.kubeconfig))
     wait_for(lambda: "192.0.2.101" in endpoints(api_client, namespace, "vms"), 10, "back after a heartbeat")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from typing import Any
 
 from kubernetes import client
@@ -27,6 +29,19 @@ def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
         if len(parts) > 5 and parts[3].startswith("pk-"):
             out[parts[3]] = f"{parts[4]}:{parts[18]}" if len(parts) > 18 else parts[4]
     return out
+
+
+def haproxy_stats(haproxy: HAProxyProcess, backend: str) -> dict[str, dict[str, str]]:
+    """server name -> `show stat` row (scur, stot, status, ...) for poolkeeper's servers."""
+    async def read() -> str:
+        c = HAProxyClient(haproxy.admin_endpoint)
+        try:
+            return (await c.execute(["show stat -1 4 -1"]))[0]
+        finally:
+            await c.close()
+    text = asyncio.run(read()).lstrip("# ")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return {r["svname"]: r for r in rows if r["pxname"] == backend and r["svname"].startswith("pk-")}
 
 
 def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, **spec: Any) -> None:

@@ -32,7 +32,7 @@ class Received:
 @dataclass
 class Receiver:
     """`/ok` answers 204; `/fail-N` fails the first N deliveries of each event id with 503;
-    `/always-500`; `/slow-<subject suffix>` sleeps 2 s for subjects ending in that suffix."""
+    `/always-500`; `/slow-<subject suffix>` sleeps 4 s for subjects ending in that suffix."""
 
     port: int = 0
     received: list[Received] = field(default_factory=list)
@@ -70,7 +70,7 @@ class Receiver:
         elif path == "/always-500":
             return web.Response(status=500, text="broken")
         elif path.startswith("/slow-") and item.headers.get("ce-subject", "").endswith(path[len("/slow-"):]):
-            await asyncio.sleep(2)
+            await asyncio.sleep(4)
         return web.Response(status=204)
 
     def url(self, path: str) -> str:
