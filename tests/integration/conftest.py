@@ -15,7 +15,7 @@ from kubernetes.client.rest import ApiException
 
 from poolkeeper.devcluster import Cluster
 from poolkeeper.devcluster.kubelet import FakeKubelet
-from support.operator_process import OperatorProcess
+from poolkeeper.devcluster.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 

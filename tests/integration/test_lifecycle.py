@@ -17,9 +17,9 @@ from kubernetes import client
 
 from poolkeeper.devcluster.haproxy import HAProxyProcess
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
-from support.operator_process import OperatorProcess
 from support.pools import Fleet, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 

@@ -9,6 +9,7 @@ from kubernetes import client
 
 from poolkeeper.devcluster import Cluster
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
 from support.kube import (
     condition,
     create,
@@ -20,7 +21,6 @@ from support.kube import (
     slice_backend,
     wait_for,
 )
-from support.operator_process import OperatorProcess
 
 SLICE_LABELS = "endpointslice.kubernetes.io/managed-by=poolkeeper.dev,kubernetes.io/service-name="
 

@@ -12,9 +12,9 @@ from kubernetes import client
 
 from poolkeeper.devcluster.haproxy import HAProxyProcess
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
-from support.operator_process import OperatorProcess
 from support.pools import Fleet, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
 
 

@@ -13,8 +13,8 @@ from test_operator_endpointslice import endpoints
 from poolkeeper.agent import report_heartbeat
 from poolkeeper.devcluster import Cluster
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
 from support.kube import condition, create, get, pod_pool, selectorless_service, slice_backend, wait_for
-from support.operator_process import OperatorProcess
 
 
 def test_instances_follow_state_and_heartbeats(

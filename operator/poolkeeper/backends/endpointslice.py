@@ -7,6 +7,7 @@ existing connections finish.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ MANAGER = "poolkeeper.dev"
 SERVICE_LABEL = "kubernetes.io/service-name"
 POOL_LABEL = "poolkeeper.dev/pool"
 API = "discovery.k8s.io/v1"
+REFRESH = 30.0  # seconds between re-lists of our own slices (drift repair)
+SERVICE_TTL = 5.0  # seconds a Service check stays good
 
 
 class ServiceProblem(Exception):
@@ -56,6 +59,8 @@ class EndpointSliceBackend:
         self.members: Mapping[str, DesiredMember] = {}
         self._slices: dict[str, dict[str, Any]] = {}
         self._port_name = ""
+        self._listed_at = -1e9  # the slices we wrote are our cache; re-listed every REFRESH seconds
+        self._service_checked_at = -1e9
 
     def bind(self, members: Mapping[str, DesiredMember]) -> None:
         """The desired members, whose instance details the endpoints carry (targetRef, nodeName)."""
@@ -65,6 +70,8 @@ class EndpointSliceBackend:
         return member_name(self.namespace, self.pool, (ep.get("targetRef") or {}).get("uid", ""))
 
     async def check_service(self) -> None:
+        if time.monotonic() - self._service_checked_at < SERVICE_TTL:
+            return
         svc = await self.api.get_or_none(resource_path("v1", "services", self.namespace, self.service))
         if svc is None:
             raise ServiceProblem("ServiceNotFound", f"Service {self.namespace}/{self.service} does not exist")
@@ -75,15 +82,27 @@ class EndpointSliceBackend:
         ports = spec.get("ports") or []
         match = next((p for p in ports if p.get("targetPort") in (self.port, str(self.port))), None)
         self._port_name = (match or (ports[0] if ports else {})).get("name") or ""
+        self._service_checked_at = time.monotonic()
 
     async def _list(self) -> None:
         listing = await self.api.get(resource_path(API, "endpointslices", self.namespace), params={
             "labelSelector": f"{SERVICE_LABEL}={self.service},{MANAGED_BY}={MANAGER},{POOL_LABEL}={self.pool}"})
         self._slices = {s["metadata"]["name"]: s for s in listing.get("items") or []}
+        self._listed_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """Forget the cache: the next read lists the slices and checks the Service again."""
+        self._listed_at = self._service_checked_at = -1e9
 
     async def read_members(self) -> dict[str, ActualMember]:
+        """The members in our slices: from what we last wrote, re-listed every REFRESH seconds.
+
+        A list right after a write waits for the API server's watch cache to catch up (~100 ms
+        here), and this backend is the only writer of its slices, so its own writes are the truth.
+        """
         await self.check_service()
-        await self._list()
+        if time.monotonic() - self._listed_at >= REFRESH:
+            await self._list()
         members: dict[str, ActualMember] = {}
         for slc in self._slices.values():
             port = next((p.get("port") for p in slc.get("ports") or []), self.port)
@@ -125,6 +144,7 @@ class EndpointSliceBackend:
         try:
             await self._write(wanted)
         except ApiError as exc:
+            self.invalidate()
             return [ActionResult(a, False, str(exc)) for a in actions]
         return [ActionResult(a, True, "") for a in actions]
 
@@ -135,12 +155,15 @@ class EndpointSliceBackend:
             plan = layout(current, subset, self._key)
             for name in plan.delete:
                 await self.api.delete(resource_path(API, "endpointslices", self.namespace, name))
+                self._slices.pop(name, None)
             for name in sorted(plan.changed):
                 body = dict(self._slices[name], endpoints=plan.existing[name], ports=self._ports())
-                await self.api.replace(resource_path(API, "endpointslices", self.namespace, name), body)
+                written = await self.api.replace(resource_path(API, "endpointslices", self.namespace, name), body)
+                self._slices[name] = written
             for endpoints in plan.new:
-                await self.api.create(resource_path(API, "endpointslices", self.namespace),
-                                      self._new_slice(family, endpoints))
+                written = await self.api.create(resource_path(API, "endpointslices", self.namespace),
+                                                self._new_slice(family, endpoints))
+                self._slices[written["metadata"]["name"]] = written
 
     def _ports(self) -> list[dict[str, Any]]:
         return [{"name": self._port_name, "port": self.port, "protocol": "TCP"}]

@@ -30,7 +30,7 @@ from poolkeeper.core.model import (
     Plan,
     RemoveMember,
 )
-from poolkeeper.core.planner import Refusal, desired_members, plan_pool
+from poolkeeper.core.planner import Refusal, desired_members, plan_pool, simulate
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, claim_winner, namespace_allowed, parse_pool
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
+FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions
 
 
 def _waiting_for_connections(result: ActionResult) -> bool:
@@ -69,6 +70,7 @@ class PoolMemory:
     refused_reported: set[str] = field(default_factory=set)
     reports: dict[str, MemberReport] = field(default_factory=dict)
     instance_of: dict[str, str] = field(default_factory=dict)  # server name -> Kind/ns/name, for Events
+    slices: EndpointSliceBackend | None = None  # kept between reconciles: it caches what it wrote
 
 
 class ReconcileHooks(Protocol):
@@ -145,8 +147,10 @@ class PoolController:
         if FINALIZER not in (body["metadata"].get("finalizers") or []):
             await self._add_finalizer(body)
         try:
+            t0 = time.monotonic()
             backend, allowed = await self._backend(spec)
             actual = await backend.read_members()
+            t_read = time.monotonic()
         except Blocked as blocked:
             memory.reports = {}
             self._publish(body, spec, [], Condition("Synced", False, blocked.reason, str(blocked)))
@@ -154,6 +158,7 @@ class PoolController:
         except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         desired, refused, (pending, held, keep) = self._desired(spec, allowed)
+        t_desired = time.monotonic()
         if await self.hooks.prepare(spec, desired):
             desired, refused, (pending, held, keep) = self._desired(spec, allowed)  # a blocking hook now holds
         self._report_refused(body, memory, refused)
@@ -163,21 +168,31 @@ class PoolController:
         plan = plan_pool(desired=desired, actual=actual, draining_since=memory.draining_since, now=now,
                          deregistration_delay=spec.deregistration_delay,
                          health_checks=spec.health_check is not None, keep=keep)
+        t_prepared = time.monotonic()
         try:
             results = await backend.apply(plan.actions) if plan.actions else []
         except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         self.applied[key] = len(results)
+        t_applied = time.monotonic()
         memory.draining_since = dict(plan.draining_since)
         failed = [r for r in results if not r.ok]
         memory.instance_of.update({name: m.instance.ref for name, m in desired.items()})
         self._record(body, spec, results, memory)
-        reports = self._reports(plan, pending, held) + [
+        after = simulate(actual, [r.action for r in results if r.ok])
+        final = plan_pool(desired=desired, actual=after, draining_since=memory.draining_since, now=now,
+                          deregistration_delay=spec.deregistration_delay,
+                          health_checks=spec.health_check is not None, keep=keep)
+        reports = self._reports(final, pending, held) + [
             MemberReport("", r.instance.ref, r.instance.address or "", spec.port, MemberState.HELD, "",
                          f"refused: {r.reason}") for r in refused]
         memory.reports = {r.instance: r for r in reports if r.instance}
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
         await self.hooks.observe(spec, desired, results, frozenset(r.name for r in reports))
+        log.debug("reconciled %s/%s: read %.1f ms, desired %.1f ms, prepare %.1f ms, apply %.1f ms (%d actions), "
+                  "report %.1f ms", spec.namespace, spec.name, (t_read - t0) * 1e3, (t_desired - t_read) * 1e3,
+                  (t_prepared - t_desired) * 1e3, (t_applied - t_prepared) * 1e3, len(results),
+                  (time.monotonic() - t_applied) * 1e3)
         synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}")
         hard = [r for r in failed if not _waiting_for_connections(r)]
         if hard:
@@ -188,8 +203,8 @@ class PoolController:
         self._publish(body, spec, reports, synced, desired=sum(1 for m in desired.values() if m.serving))
         if hard:
             return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
-        if results and len(failed) < len(results):
-            return 0.0  # read back what we just did, so status shows it at once
+        if final.actions:
+            return FOLLOW_UP_SECONDS  # e.g. a member just drained may go once its sessions are counted
         if failed or any(r.state is not MemberState.ACTIVE for r in reports):
             return WATCH_SECONDS
         return RESYNC_SECONDS
@@ -219,13 +234,18 @@ class PoolController:
             raise Blocked("Conflict", f"{spec.backend_text} is already used by TargetPool "
                           f"{winner.namespace}/{winner.name}, which is older")
         if spec.backend_type == "EndpointSlice":
-            backend = EndpointSliceBackend(self.api, namespace=spec.namespace, service=spec.service,
-                                           pool=spec.name, pool_uid=spec.uid, port=spec.port)
+            memory = self.memory.setdefault(spec.key, PoolMemory())
+            cached = memory.slices
+            if cached is None or (cached.service, cached.port, cached.pool_uid) != (spec.service, spec.port, spec.uid):
+                cached = memory.slices = EndpointSliceBackend(
+                    self.api, namespace=spec.namespace, service=spec.service, pool=spec.name, pool_uid=spec.uid,
+                    port=spec.port)
             try:
-                await backend.check_service()
+                await cached.check_service()
             except ServiceProblem as exc:
+                cached.invalidate()
                 raise Blocked(exc.reason, str(exc)) from exc
-            return backend, None
+            return cached, None
         found = self.lbs.get(spec.load_balancer)
         if found is None:
             why = self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
@@ -303,8 +323,9 @@ class PoolController:
         else:
             ready = Condition("Ready", False, "MembersNotActive", f"{active} of {desired} members active")
         now = now_rfc3339()
+        previous = {m.get("instance"): m for m in (body.get("status") or {}).get("members") or []}
         status = {
-            "members": [self._member_row(r, now, body) for r in reports],
+            "members": [self._member_row(r, now, previous) for r in reports],
             "desired": desired, "active": active, "draining": draining,
             "conditions": merge_conditions((body.get("status") or {}).get("conditions"), [ready, synced],
                                            meta.get("generation"), now),
@@ -317,8 +338,7 @@ class PoolController:
             self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(active)
 
     @staticmethod
-    def _member_row(report: MemberReport, now: str, body: dict[str, Any]) -> dict[str, Any]:
-        previous = {m.get("instance"): m for m in (body.get("status") or {}).get("members") or []}
+    def _member_row(report: MemberReport, now: str, previous: dict[str, Any]) -> dict[str, Any]:
         prior = previous.get(report.instance)
         since = prior.get("since") if prior and prior.get("state") == report.state.value else now
         return {"instance": report.instance or report.name, "address": report.address, "port": report.port,

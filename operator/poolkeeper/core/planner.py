@@ -167,3 +167,17 @@ def _report(want: DesiredMember, have: ActualMember | None, target: Admin, healt
     else:
         state, reason = MemberState.REGISTERING, "entering rotation"
     return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason)
+
+
+def simulate(actual: Mapping[str, ActualMember], actions: Iterable[Action]) -> dict[str, ActualMember]:
+    """What the backend holds after `actions` succeeded: reports need no read-back round trip."""
+    out = dict(actual)
+    for action in actions:
+        if isinstance(action, AddMember):
+            out[action.name] = ActualMember(action.name, action.address, action.port, Admin.MAINT, "", 0)
+        elif isinstance(action, SetAdmin) and action.name in out:
+            old = out[action.name]
+            out[action.name] = ActualMember(old.name, old.address, old.port, action.admin, old.health, old.sessions)
+        elif isinstance(action, RemoveMember):
+            out.pop(action.name, None)
+    return out

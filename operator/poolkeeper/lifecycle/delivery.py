@@ -177,7 +177,7 @@ class HandlerRuntime:
         self.outbox.pending.pop(record["event"]["id"], None)
         self.outbox.touch()
         self.settled(record, result == "Succeeded")
-        await self.outbox.persist()
+        self.outbox.flush_soon()
 
     # ----- status
     def publish(self) -> None:

@@ -4,6 +4,7 @@ and blocking hooks that gate a member's registration or removal."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from poolkeeper.core.transitions import (
 )
 from poolkeeper.functions.http import make_http_session
 from poolkeeper.functions.pool import FunctionPool
-from poolkeeper.kube.api import KubeApi
+from poolkeeper.kube.api import ApiError, KubeApi
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.delivery import HandlerRuntime
@@ -151,9 +152,12 @@ class LifecycleHandlers:
                 if event_id:
                     new.append((runtime, event_id))
                     gated |= self._gate(runtime.outbox.pending[event_id], runtime)
-        await self._persist(runtimes)
+        # Delivery may start before the outbox is durable: were we to crash first, the restart
+        # re-derives the same transition with the same id (at-least-once). The load-balancer
+        # action, though, waits for the write.
         for runtime, event_id in new:
             runtime.enqueue(event_id)
+        await self._persist(runtimes)
         return gated
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
@@ -194,9 +198,11 @@ class LifecycleHandlers:
                 if entry["state"] == "down" and entry.get("member") not in present and not self._still_exists(entry):
                     del announced_raw[uid]
                     runtime.outbox.touch()
-        await self._persist(runtimes)
         for runtime, event_id in new:
             runtime.enqueue(event_id)
+        for runtime in runtimes:  # the action already happened: nothing waits on this write
+            if runtime.outbox.dirty:
+                runtime.outbox.flush_soon()
 
     # ----- helpers
     def _record(self, runtime: HandlerRuntime, spec: PoolSpec, t: Transition,
@@ -263,12 +269,19 @@ class LifecycleHandlers:
         return live is not None and live.uid == record.get("uid")
 
     async def _persist(self, runtimes: list[HandlerRuntime]) -> None:
-        await asyncio.gather(*(r.outbox.persist() for r in runtimes))
+        results = await asyncio.gather(*(r.outbox.persist() for r in runtimes), return_exceptions=True)
+        for runtime, result in zip(runtimes, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("outbox of %s not written: %s", runtime.spec.name, result)
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
 
     async def close(self) -> None:
         if self._recheck is not None:
             self._recheck.cancel()
         for runtime in list(self.runtimes.values()):
             await runtime.close()
+            with contextlib.suppress(ApiError, OSError, TimeoutError):
+                await runtime.outbox.persist()  # a clean stop leaves nothing to re-deliver
         await self.http.close()
         await self.functions.close()

@@ -18,6 +18,7 @@ from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 
 log = logging.getLogger(__name__)
 DATA_KEY = "outbox.json"
+FLUSH_DELAY = 0.1
 
 
 def outbox_name(handler: str) -> str:
@@ -43,6 +44,7 @@ class Outbox:
         self._version = 0
         self._saved = 0
         self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
         self.writes = 0
 
     @property
@@ -66,6 +68,28 @@ class Outbox:
 
     def touch(self) -> None:
         self._version += 1
+
+    @property
+    def dirty(self) -> bool:
+        return self._saved < self._version
+
+    def flush_soon(self, delay: float = FLUSH_DELAY) -> None:
+        """Write within `delay` seconds, batching every change made meanwhile.
+
+        For changes nothing waits on (a delivery settled, a registered event recorded): losing
+        them in a crash only means a re-delivery with the same id, which at-least-once allows.
+        """
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_after(delay))
+
+    async def _flush_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.persist()
+        except (TimeoutError, ApiError, OSError) as exc:
+            log.warning("outbox %s not written, retrying: %s", self.path, exc)
+            self._flusher = None
+            self.flush_soon(1.0)
 
     async def persist(self) -> None:
         """Make every change made before this call durable (one write may cover many callers)."""

@@ -1,4 +1,4 @@
-"""Run the real operator (`poolkeeper run`) as a subprocess for integration tests."""
+"""Run the real operator (`poolkeeper run`) as a subprocess: for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def free_port() -> int:

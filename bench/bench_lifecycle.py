@@ -1,0 +1,175 @@
+"""End to end: a pod's status write -> the operator -> a Python LifecycleHandler function called.
+
+    .venv/bin/python bench/bench_lifecycle.py [--transitions 1000] [--rate 200] [--out docs/benchmarks-lifecycle.md]
+
+A real control plane, the real operator (as its own process) and an EndpointSlice pool of 50
+pods. Pods are flipped ready / not ready at a fixed rate; each flip is one `up` or `down`
+transition. t0 is when the API server answered the status write; t1 is when the handler
+function started (it appends time.time() to a file). Both clocks are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from poolkeeper.devcluster import Cluster
+from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
+from poolkeeper.kube.credentials import load_credentials
+
+REPO = Path(__file__).resolve().parent.parent
+NAMESPACE = "bench-lifecycle"
+PODS = 50
+TARGET_P99_MS = 10.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def handler_source(out: Path) -> str:
+    return (f"import json, time\nOUT = {str(out)!r}\n"
+            "def handle(event, context):\n    t = time.time()\n"
+            "    with open(OUT, 'a') as f:\n"
+            "        f.write(json.dumps([event['subject'], event['data']['to'], t]) + '\\n')\n")
+
+
+async def flip(api: KubeApi, transitions: int, rate: float) -> list[tuple[str, str, float]]:
+    """Write pod readiness at `rate`/s; returns (pod, to-state, API ack time) per write."""
+    acks: list[tuple[str, str, float]] = []
+    ready = dict.fromkeys(range(PODS), True)
+    started = time.monotonic()
+    tasks = []
+
+    async def one(index: int, to_ready: bool) -> None:
+        flag = "True" if to_ready else "False"
+        body = {"status": {"conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady",
+                                                                               "status": flag}]}}
+        await api.patch(resource_path("v1", "pods", NAMESPACE, f"p-{index}", "status"), body, STRATEGIC)
+        acks.append((f"Pod/{NAMESPACE}/p-{index}", "up" if to_ready else "down", time.time()))
+
+    for n in range(transitions):
+        due = started + n / rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        index = n % PODS
+        ready[index] = not ready[index]
+        tasks.append(asyncio.create_task(one(index, ready[index])))
+    await asyncio.gather(*tasks)
+    return acks
+
+
+def match(acks: list[tuple[str, str, float]], calls: list[list[Any]]) -> list[float]:
+    """Pair each write with the first later call for the same pod and state, in order."""
+    pending: dict[tuple[str, str], list[float]] = {}
+    for pod, to, at in sorted(acks, key=lambda a: a[2]):
+        pending.setdefault((pod, to), []).append(at)
+    latencies = []
+    for subject, to, at in sorted(calls, key=lambda c: c[2]):
+        queue = pending.get((subject, to))
+        if queue:
+            latencies.append((at - queue.pop(0)) * 1000)
+    return latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--transitions", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-lifecycle.md"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pk-bench-lifecycle-"))
+    cluster = Cluster(work / "cluster").up()
+    operator = None
+    try:
+        cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
+        cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper")
+        cluster.kubectl_run("create", "namespace", NAMESPACE)
+        handlers = work / "handlers"
+        handlers.mkdir()
+        out = work / "calls.jsonl"
+        (handlers / "stamp.py").write_text(handler_source(out))
+        kubelet = FakeKubelet(str(cluster.kubeconfig))
+        kubelet.ensure_node()
+        for i in range(PODS):
+            kubelet.create_pod(NAMESPACE, f"p-{i}", {"app": "web"})
+            kubelet.set_ready(NAMESPACE, f"p-{i}", f"192.0.2.{i + 1}")
+        operator = OperatorProcess(cluster.kubeconfig, work, handlers_dir=handlers,
+                                   extra_args=("--verbose",) if os.environ.get("BENCH_VERBOSE") else ()).start()
+        print(f"operator log: {operator.log_path}", flush=True)
+        manifests = [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+            {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "TargetPool", "metadata": {"name": "web"},
+             "spec": {"source": {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}, "port": 8080,
+                      "backend": {"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}},
+                      "deregistrationDelaySeconds": 0}},
+            {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LifecycleHandler", "metadata": {"name": "stamp"},
+             "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"],
+                      "function": {"type": "Python", "python": {"handler": "stamp.handle"}}, "maxConcurrency": 64}},
+        ]
+        cluster.kubectl_run("apply", "-n", NAMESPACE, "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < PODS):
+            time.sleep(0.2)
+        time.sleep(1)
+        out.write_text("")
+        cpu_before = _cpu_seconds(operator)
+
+        async def drive() -> list[tuple[str, str, float]]:
+            api = KubeApi(load_credentials(str(cluster.kubeconfig)))
+            try:
+                return await flip(api, args.transitions, args.rate)
+            finally:
+                await api.close()
+
+        acks = asyncio.run(drive())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(out.read_text().splitlines()) < len(acks):
+            time.sleep(0.2)
+        cpu = _cpu_seconds(operator) - cpu_before
+        calls = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        latencies = match(acks, calls)
+        if not latencies:
+            raise SystemExit(f"no function calls were seen; operator log:\n{operator.log_tail()}")
+    finally:
+        if operator is not None:
+            operator.stop()
+        cluster.down()
+    rows = [
+        ("transitions written", f"{len(acks)} at {args.rate:.0f}/s"),
+        ("function calls seen", str(len(calls))),
+        ("transition -> function, p50", f"{statistics.median(latencies):.1f} ms"),
+        ("transition -> function, p90", f"{percentile(latencies, 90):.1f} ms"),
+        ("transition -> function, p99", f"{percentile(latencies, 99):.1f} ms (target < {TARGET_P99_MS:.0f} ms)"),
+        ("transition -> function, max", f"{max(latencies):.1f} ms"),
+        ("operator CPU per 1,000 transitions", f"{cpu / len(acks) * 1000:.1f} s"),
+    ]
+    table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the Python "
+            f"function's first line, through the real operator ({PODS} pods, EndpointSlice pool, outbox written "
+            f"before each action). {platform.python_version()}, {os.cpu_count()} CPUs.\n\n{table}\n")
+    print(text)
+    Path(args.out).write_text(text)
+    return 0
+
+
+def _cpu_seconds(operator: OperatorProcess) -> float:
+    assert operator.proc is not None
+    fields = Path(f"/proc/{operator.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
