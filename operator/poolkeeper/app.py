@@ -1,8 +1,11 @@
-"""The kopf wiring, and only that: which watch feeds which part of the controller.
+"""The wiring, and only that: which watch feeds which part of the controller.
 
-Pods, Nodes and Instances go through `@kopf.on.event` (no per-object progress storage, so
-no extra PATCH per pod); each event updates the compact store and queues the pools it may
-affect. Workers drain the queue (informer -> queue -> reconcile, as in sample-controller).
+Pods, Nodes and Instances (the high-volume sources) come through our own informers
+(kube/informer.py): listed completely before the first reconcile, then watched, kept only as
+compact records. The poolkeeper objects and Namespaces come through kopf's `@kopf.on.event`
+(no per-object progress storage, no extra PATCH per object). Every event updates the store
+and queues the pools it may affect; workers drain the queue (informer -> queue -> reconcile,
+as in sample-controller).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from poolkeeper import GROUP, VERSION
+from poolkeeper import API_VERSION, GROUP, VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.pools import PoolController
 from poolkeeper.controller.queue import WorkQueue
@@ -28,9 +31,10 @@ from poolkeeper.controller.store import Key, Store
 from poolkeeper.core import heartbeats
 from poolkeeper.core.model import InstanceState
 from poolkeeper.core.poolspec import PoolSpec
-from poolkeeper.kube.api import KubeApi
+from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
 from poolkeeper.kube.events import EventRecorder
+from poolkeeper.kube.informer import Informer
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.metrics import Metrics, start_probe_server
 from poolkeeper.sources.convert import heartbeat_timeout, instance_state, node_state, parse_time, pod_state
@@ -94,8 +98,6 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    if rt.options.pod_label_selector:
-        settings.watching.label_selectors["pods"] = rt.options.pod_label_selector
     rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
@@ -105,6 +107,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
+    await _initial_sync(rt)
     for index in range(max(1, rt.options.workers)):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
@@ -112,7 +115,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if rt.options.metrics_port:
         rt.probe = await start_probe_server(rt.metrics, lambda: rt.ready, rt.options.metrics_address,
                                             rt.options.metrics_port)
-    asyncio.get_running_loop().call_later(1.0, _mark_ready, rt)
+    rt.ready = True  # listed everything and reconciling
 
 
 def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> Any:
@@ -125,10 +128,6 @@ def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -
     return LifecycleHandlers(rt.store, rt.api, status, events, rt.queue, handlers_dir=handlers_dir,
                              allowed_cidrs=rt.options.http_allowed_cidrs, workers=rt.options.function_workers,
                              metrics=rt.metrics)
-
-
-def _mark_ready(rt: Runtime) -> None:
-    rt.ready = True
 
 
 @kopf.on.cleanup()
@@ -211,27 +210,21 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
     _affected(rt, state, previous)
 
 
-@kopf.on.event("", "v1", "pods")
-async def pod_event(*, event: kopf.RawEvent, **_: Any) -> None:
+def pod_event(kind: str, obj: dict[str, Any]) -> None:
+    deleted = kind == "DELETED"
+    _apply_instance(runtime(), pod_state(obj, deleted=deleted), deleted)
+
+
+def node_event(kind: str, obj: dict[str, Any]) -> None:
+    deleted = kind == "DELETED"
+    _apply_instance(runtime(), node_state(obj, deleted=deleted), deleted)
+
+
+def instance_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
-    deleted = event.get("type") == "DELETED"
-    _apply_instance(rt, pod_state(event["object"], deleted=deleted), deleted)
-
-
-@kopf.on.event("", "v1", "nodes")
-async def node_event(*, event: kopf.RawEvent, **_: Any) -> None:
-    rt = runtime()
-    deleted = event.get("type") == "DELETED"
-    _apply_instance(rt, node_state(event["object"], deleted=deleted), deleted)
-
-
-@kopf.on.event(GROUP, VERSION, "instances")
-async def instance_event(*, event: kopf.RawEvent, **_: Any) -> None:
-    rt = runtime()
-    obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata") or {}
     key = (meta.get("namespace") or "", meta.get("name") or "")
-    deleted = event.get("type") == "DELETED"
+    deleted = kind == "DELETED"
     if deleted:
         rt.instance_bodies.pop(key, None)
         rt.heartbeat_seen.pop(key, None)
@@ -249,6 +242,51 @@ async def instance_event(*, event: kopf.RawEvent, **_: Any) -> None:
         else:
             rt.heartbeat_seen[key] = seen
     _evaluate_instance(rt, key, deleted=deleted, obj=obj)
+
+
+def _informers(rt: Runtime) -> list[Informer]:
+    """Pods, Nodes and Instances: our own list+watch (per namespace when --namespace is given)."""
+    assert rt.api is not None
+    namespaces: tuple[str | None, ...] = rt.options.namespaces or (None,)
+    informers = [Informer(rt.api, resource_path("v1", "nodes"), node_event)]
+    for namespace in namespaces:
+        informers.append(Informer(rt.api, resource_path("v1", "pods", namespace), pod_event,
+                                  label_selector=rt.options.pod_label_selector))
+        informers.append(Informer(rt.api, resource_path(API_VERSION, "instances", namespace), instance_event))
+    return informers
+
+
+async def _initial_sync(rt: Runtime) -> None:
+    """Everything is listed before the first reconcile, so nothing "not seen yet" looks gone."""
+    assert rt.api is not None and rt.lbs is not None
+    namespaces = await rt.api.get(resource_path("v1", "namespaces"))
+    for ns in namespaces.get("items") or []:
+        rt.store.namespace_labels[ns["metadata"]["name"]] = dict(ns["metadata"].get("labels") or {})
+    for lb in (await rt.api.get(resource_path(API_VERSION, "loadbalancers"))).get("items") or []:
+        lb.setdefault("apiVersion", API_VERSION)
+        lb.setdefault("kind", "LoadBalancer")
+        await rt.lbs.upsert(lb)
+    for scope in rt.options.namespaces or (None,):
+        for pool in (await rt.api.get(resource_path(API_VERSION, "targetpools", scope))).get("items") or []:
+            pool.setdefault("apiVersion", API_VERSION)
+            pool.setdefault("kind", "TargetPool")
+            rt.store.pools[(pool["metadata"]["namespace"], pool["metadata"]["name"])] = pool
+        if rt.lifecycle is not None:
+            for lh in (await rt.api.get(resource_path(API_VERSION, "lifecyclehandlers", scope))).get("items") or []:
+                lh.setdefault("apiVersion", API_VERSION)
+                lh.setdefault("kind", "LifecycleHandler")
+                key = (lh["metadata"]["namespace"], lh["metadata"]["name"])
+                rt.store.handlers[key] = lh
+                await rt.lifecycle.handler_changed(key, lh, deleted=False)
+    started = time.monotonic()
+    informers = _informers(rt)
+    await asyncio.gather(*(informer.sync() for informer in informers))
+    log.info("initial sync: %d instances, %d pools in %.2fs", rt.store.instance_count(), len(rt.store.pools),
+             time.monotonic() - started)
+    for informer in informers:
+        rt.tasks.append(asyncio.create_task(informer.run(), name=f"informer{informer.path}"))
+    for key in rt.store.pools:
+        rt.queue.add(key)
 
 
 def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = False,
