@@ -107,7 +107,7 @@ def main() -> int:
             kubelet.set_ready(NAMESPACE, f"p-{i}", f"192.0.2.{i + 1}")
         operator = OperatorProcess(cluster.kubeconfig, work, handlers_dir=handlers,
                                    extra_args=("--verbose",) if os.environ.get("BENCH_VERBOSE") else ()).start()
-        print(f"operator log: {operator.log_path}", flush=True)
+        print(f"operator log: {operator.log_path}", file=sys.stderr, flush=True)
         manifests = [
             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
              "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},

@@ -919,8 +919,8 @@ def render(env: dict[str, str], lat: dict[str, Any], mem: dict[str, Any], cold: 
         f"{mem['ready_in']:.0f} s, {mem['in_haproxy']:,} servers in rotation; operator CPU meanwhile "
         f"{mem['cpu_busy']:.1f} s, then {mem['idle_cpu']:.2f} s over {args.idle:g} s idle. "
         f"VmRSS {mem['memory']['VmRSS'] / 1024:.1f} MiB, VmHWM {mem['memory']['VmHWM'] / 1024:.1f} MiB.",
-        "- Cold start runs: seconds from spawn until `/readyz` answers 200 (the operator delays it 1 s after "
-        "its startup) / HAProxy has had every server in rotation ever since / every pool Ready; then the fewest "
+        "- Cold start runs: seconds from spawn until `/readyz` answers 200 (once the operator's initial "
+        "list is complete) / HAProxy has had every server in rotation ever since / every pool Ready; then the fewest "
         "servers in rotation seen meanwhile (polled with the pools) and the Deregistered / Registered Events "
         "the run posted. " + "; ".join(
             f"{'HAProxy restarted' if r is hot else f'run {i + 1}'}: {r.get('readyz', float('nan')):.2f} / "

@@ -25,6 +25,7 @@ FUNCTIONS_DOC = REPO / "docs" / "benchmarks-functions.md"
 HAPROXY_HEADING = "## HAProxy runtime API adapter"
 FUNCTIONS_HEADING = "## Handler functions"
 OPERATOR_HEADING = "## Operator end to end"
+LIFECYCLE_HEADING = "## Lifecycle handlers end to end"
 
 
 def haproxy_section(table: str) -> str:
@@ -60,16 +61,18 @@ def section_of(document: str, heading: str) -> str | None:
     return None
 
 
-def compose_document(operator: str, haproxy: str, functions: str) -> str:
+def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "") -> str:
     """docs/benchmarks.md: how to run, then the operator, HAProxy and handler-function sections."""
     return "\n".join([
         "# Benchmarks", "",
         "Numbers measured on a development machine by `make bench` "
         "(`.venv/bin/python bench/run_all.py`), which runs `bench/bench_haproxy.py`, "
-        "`bench/bench_functions.py` and `bench/bench_operator.py` in sequence and rewrites this file. "
+        "`bench/bench_functions.py`, `bench/bench_operator.py` and `bench/bench_lifecycle.py` in sequence "
+        "and rewrites this file. "
         "Each script can also be run on its own; `bench_operator.py` starts and stops its own "
         "control plane (etcd, kube-apiserver, kube-controller-manager), HAProxy and operator.", "",
         operator.strip(), "",
+        lifecycle.strip(), "",
         haproxy.strip(), "",
         functions.strip(), "",
     ])
@@ -117,9 +120,15 @@ def main() -> int:
             OPERATOR_HEADING, "bench_operator.py", code or 1, err)
         if code or not out.strip():
             failures.append("bench_operator.py")
+        code, out, err = run_script("bench_lifecycle.py", ["--out", str(Path(scratch) / "lifecycle.md")])
+        lifecycle = out if code == 0 and out.strip() else failed_section(
+            LIFECYCLE_HEADING, "bench_lifecycle.py", code or 1, err)
+        if code or not out.strip():
+            failures.append("bench_lifecycle.py")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(compose_document(operator, haproxy, functions))
-    print(compose_document(operator, haproxy, functions))
+    document = compose_document(operator, haproxy, functions, lifecycle)
+    DOC.write_text(document)
+    print(document)
     print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)
     if failures:
         print(f"FAILED: {', '.join(failures)}", file=sys.stderr)

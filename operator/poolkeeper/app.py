@@ -196,6 +196,8 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
         if spec.selector.matches(state.labels) or (previous is not None and spec.selector.matches(previous.labels)):
             rt.event_times.setdefault(key, now)
             rt.queue.add(key)
+            if rt.lifecycle is not None:
+                rt.lifecycle.instance_changed(spec, state, rt.pools.allowed_cidrs(spec))
 
 
 def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:

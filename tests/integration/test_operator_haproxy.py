@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,7 +141,7 @@ def test_operator_killed_during_churn_converges_without_duplicates(
             assert int(after[name]["stot"]) >= int(before[name]["stot"]) > 0, (before[name], after[name])
             assert after[name]["status"] in ("UP", "no check"), after[name]["status"]
         registered = [m for r, m in events_for(core, namespace, "web") if r == "Registered"]
-        names = [m.split(" as ")[-1] for m in registered]
+        names = [name for m in registered for name in re.findall(r" as (pk-[0-9a-f]+-[0-9a-f]+)", m)]
         # each server registered once (an Event in flight when the process was killed may be lost)
         assert len(names) == len(set(names)) >= 7, registered
         metrics = running_operator.metrics()

@@ -36,6 +36,7 @@ from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
+from poolkeeper.lifecycle.errors import OutboxError
 
 log = logging.getLogger(__name__)
 FINALIZER = "poolkeeper.dev/cleanup"
@@ -124,6 +125,11 @@ class PoolController:
     def valid_specs(self) -> list[PoolSpec]:
         return [s for k in list(self.store.pools) if isinstance(s := self.spec(k), PoolSpec)]
 
+    def allowed_cidrs(self, spec: PoolSpec) -> Any:
+        """The target CIDRs the pool's LoadBalancer allows (None: any but link-local)."""
+        found = self.lbs.get(spec.load_balancer) if spec.backend_type == "HAProxy" else None
+        return found[0].allowed_cidrs if found else None
+
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
 
@@ -159,7 +165,14 @@ class PoolController:
             return self._backend_failed(body, spec, memory, exc)
         desired, refused, (pending, held, keep) = self._desired(spec, allowed)
         t_desired = time.monotonic()
-        if await self.hooks.prepare(spec, desired):
+        try:
+            gated = await self.hooks.prepare(spec, desired)
+        except OutboxError as exc:
+            memory.failures += 1
+            self._publish(body, spec, list(memory.reports.values()), Condition("Synced", False, "OutboxWriteFailed",
+                                                                                str(exc)))
+            return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
+        if gated:
             desired, refused, (pending, held, keep) = self._desired(spec, allowed)  # a blocking hook now holds
         self._report_refused(body, memory, refused)
         if isinstance(backend, EndpointSliceBackend):
@@ -288,24 +301,30 @@ class PoolController:
         return out
 
     def _record(self, body: dict[str, Any], spec: PoolSpec, results: list[ActionResult], memory: PoolMemory) -> None:
+        """One Event per kind of change per reconcile, naming the instances, so a burst stays readable."""
+        added: list[str] = []
+        removed: list[str] = []
         for result in results:
             action = result.action
             who = memory.instance_of.get(action.name, action.name)
             if not result.ok:
-                if _waiting_for_connections(result):
-                    continue  # del waits for in-flight connections: retried next round
-                self.events.post(body, "BackendError", f"{type(action).__name__} {who}: {result.message}",
-                                 warning=True)
+                if not _waiting_for_connections(result):  # del waits for in-flight connections: retried later
+                    self.events.post(body, "BackendError", f"{type(action).__name__} {who}: {result.message}",
+                                     warning=True)
             elif isinstance(action, AddMember):
-                self.events.post(body, "Registered", f"{who} ({action.address}:{action.port}) added to "
-                                 f"{spec.backend_text} as {action.name}")
+                added.append(f"{who} ({action.address}:{action.port}) as {action.name}")
             elif isinstance(action, RemoveMember):
-                self.events.post(body, "Deregistered", f"{who} ({action.name}) removed from {spec.backend_text}: "
-                                 f"{action.reason}")
+                removed.append(f"{who} ({action.name}): {action.reason}")
                 if action.reason != "address changed":
                     memory.instance_of.pop(action.name, None)
             if self.metrics is not None:
                 self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
+        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed)):
+            if len(items) == 1:
+                self.events.post(body, reason, f"{verb} {spec.backend_text}: {items[0]}")
+            elif items:
+                shown = "; ".join(items[:10]) + (f"; and {len(items) - 10} more" if len(items) > 10 else "")
+                self.events.post(body, reason, f"{len(items)} members {verb} {spec.backend_text}: {shown}")
 
     def _publish(self, body: dict[str, Any], spec: PoolSpec | None, reports: list[MemberReport], synced: Condition,
                  desired: int | None = None) -> None:

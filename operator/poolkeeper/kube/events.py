@@ -14,6 +14,8 @@ from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 
 log = logging.getLogger(__name__)
 REPEAT_WINDOW = 600.0
+BURST = 30.0  # Events per object before rate limiting starts
+REFILL = 2.0  # Events per second per object after that
 
 
 def now_rfc3339() -> str:
@@ -29,9 +31,26 @@ class EventRecorder:
         self._recent: dict[tuple[str, str, str], tuple[str, str, int, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem = asyncio.Semaphore(8)
+        self._buckets: dict[str, tuple[float, float]] = {}  # object uid -> (tokens, last refill)
+        self._suppressed: dict[str, int] = {}
 
     def post(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
-        """Fire and forget: a reconcile never waits on an Event."""
+        """Fire and forget: a reconcile never waits on an Event. Each object gets a burst of
+        BURST Events, then REFILL per second; what is held back is counted in the next one."""
+        uid = str((obj.get("metadata") or {}).get("uid"))
+        now = time.monotonic()
+        tokens, last = self._buckets.get(uid, (BURST, now))
+        tokens = min(BURST, tokens + (now - last) * REFILL)
+        if tokens < 1:
+            self._buckets[uid] = (tokens, now)
+            self._suppressed[uid] = self._suppressed.get(uid, 0) + 1
+            return
+        self._buckets[uid] = (tokens - 1, now)
+        held_back = self._suppressed.pop(uid, 0)
+        if held_back:
+            message = f"{message} ({held_back} similar Events held back by rate limiting)"
+        if len(self._buckets) > 10000:
+            self._buckets.clear()
         task = asyncio.ensure_future(self._post(obj, reason, message, "Warning" if warning else "Normal"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

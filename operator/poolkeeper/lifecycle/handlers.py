@@ -17,6 +17,7 @@ from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import parse_cidrs
 from poolkeeper.core.cloudevents import build_event
 from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
+from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.transitions import (
     Announced,
@@ -31,6 +32,7 @@ from poolkeeper.kube.api import ApiError, KubeApi
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.delivery import HandlerRuntime
+from poolkeeper.lifecycle.errors import OutboxError
 from poolkeeper.lifecycle.outbox import Outbox, instance_from_record, instance_record
 from poolkeeper.lifecycle.spec import parse_handler
 
@@ -130,35 +132,65 @@ class LifecycleHandlers:
     def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
         return self.gates.for_pool(spec.key)
 
+    def instance_changed(self, spec: PoolSpec, instance: InstanceState, allowed_cidrs: Any) -> None:
+        """The event path: tell handlers at once, without waiting for the pool's next reconcile.
+
+        Membership is decided by the same pure rule the reconcile uses, on this one instance;
+        the reconcile's `prepare` then makes the outbox durable before the backend acts.
+        """
+        runtimes = self._handlers_for(spec)
+        if not runtimes:
+            return
+        one, _ = desired_members(namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector,
+                                 port=spec.port, instances=[instance], allowed_cidrs=allowed_cidrs)
+        current = member_states(one)
+        for runtime in runtimes:
+            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
+            entry = announced_raw.get(instance.uid)
+            announced = {instance.uid: Announced(entry["state"], int(entry["seq"]))} if entry else {}
+            known = {instance.uid: (instance, entry.get("member", ""))} if entry else {}
+            for event_id in self._advance(runtime, spec, instance_transitions(announced, current, known),
+                                          announced_raw)[0]:
+                runtime.enqueue(event_id)
+
     async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool:
         """Record this reconcile's instance transitions in the outboxes before the backend acts.
 
-        Returns True when a blocking hook now holds a member, so the caller re-plans with it.
+        Most were recorded on the event path already; this catches the rest (a restart, a pool or
+        handler that just appeared). Returns True when a blocking hook now holds a member, so the
+        caller re-plans with it.
         """
         runtimes = self._handlers_for(spec)
         if not runtimes:
             return False
         current = member_states(desired)
         gated = False
-        new: list[tuple[HandlerRuntime, str]] = []
         for runtime in runtimes:
             announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
-            announced = runtime.outbox.announced_for(spec.uid)
             known = {uid: (self._current_record(e), e.get("member", "")) for uid, e in announced_raw.items()}
-            transitions = instance_transitions(announced, current, known)
-            for t in transitions:
-                self.gates.abandoned.discard((spec.key, t.member))  # Held lasts until the next transition
-                event_id = self._record(runtime, spec, t, announced_raw)
-                if event_id:
-                    new.append((runtime, event_id))
-                    gated |= self._gate(runtime.outbox.pending[event_id], runtime)
-        # Delivery may start before the outbox is durable: were we to crash first, the restart
-        # re-derives the same transition with the same id (at-least-once). The load-balancer
-        # action, though, waits for the write.
-        for runtime, event_id in new:
-            runtime.enqueue(event_id)
-        await self._persist(runtimes)
+            transitions = instance_transitions(runtime.outbox.announced_for(spec.uid), current, known)
+            new, holds = self._advance(runtime, spec, transitions, announced_raw)
+            gated |= holds
+            # Delivery may start before the outbox is durable: were we to crash first, the restart
+            # re-derives the same transition with the same id (at-least-once). The load-balancer
+            # action, though, waits for the write below.
+            for event_id in new:
+                runtime.enqueue(event_id)
+        await self._persist(runtimes, strict=True)
         return gated
+
+    def _advance(self, runtime: HandlerRuntime, spec: PoolSpec, transitions: list[Transition],
+                 announced_raw: dict[str, dict[str, Any]]) -> tuple[list[str], bool]:
+        """Record transitions as told; returns the new event ids and whether a blocking `up` hook now holds."""
+        new: list[str] = []
+        gated = False
+        for t in transitions:
+            self.gates.abandoned.discard((spec.key, t.member))  # Held lasts until the next transition
+            event_id = self._record(runtime, spec, t, announced_raw)
+            if event_id:
+                new.append(event_id)
+                gated |= self._gate(runtime.outbox.pending[event_id], runtime)
+        return new, gated
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
                       present: frozenset[str]) -> None:
@@ -268,13 +300,17 @@ class LifecycleHandlers:
         live = self.store.get_instance(record.get("kind", ""), record.get("namespace") or "", record.get("name", ""))
         return live is not None and live.uid == record.get("uid")
 
-    async def _persist(self, runtimes: list[HandlerRuntime]) -> None:
+    async def _persist(self, runtimes: list[HandlerRuntime], strict: bool = False) -> None:
+        """Write the outboxes; `strict` raises OutboxError so the backend does not act unrecorded."""
         results = await asyncio.gather(*(r.outbox.persist() for r in runtimes), return_exceptions=True)
         for runtime, result in zip(runtimes, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("outbox of %s not written: %s", runtime.spec.name, result)
                 if isinstance(result, asyncio.CancelledError):
                     raise result
+                log.warning("outbox of %s not written: %s", runtime.spec.name, result)
+                if strict:
+                    raise OutboxError(f"the outbox of LifecycleHandler {runtime.spec.name} could not be "
+                                      f"written: {result}") from result
 
     async def close(self) -> None:
         if self._recheck is not None:
