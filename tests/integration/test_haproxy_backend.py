@@ -97,6 +97,18 @@ async def apply_ok(pool: HAProxyPool, actions: Sequence[Action]) -> list[ActionR
     return results
 
 
+async def remove_eventually(pool: HAProxyPool, server: str, timeout: float = 10.0) -> None:
+    """Remove like the operator does: `del` waits for attached (idle keep-alive) connections."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        (result,) = await pool.apply([RemoveMember(server, "gone")])
+        if result.ok:
+            return
+        assert "connections" in result.message, result
+        assert asyncio.get_running_loop().time() < deadline, f"{server} still attached after {timeout}s"
+        await asyncio.sleep(0.1)
+
+
 async def load(url: str, count: int, connections: int = 4) -> LoadReport:
     generator = LoadGenerator(url, connections=connections).start(count=count)
     return await asyncio.to_thread(generator.wait, 30)
@@ -277,7 +289,8 @@ async def test_servers_outside_the_pool_are_never_touched_nor_reported(
         assert [r.ok for r in refused] == [False, False, False]
         assert all("does not belong to this pool" in r.message for r in refused), refused
         report = await load(proc.frontend_url("web"), 100)
-        await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN), RemoveMember(name(1), "gone")])
+        await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN)])
+        await remove_eventually(pool, name(1))
 
         after = await stat_rows(client, "web")
         assert set(after) == {DECLARED_SERVER, other_name, "BACKEND"}
