@@ -97,15 +97,15 @@ async def apply_ok(pool: HAProxyPool, actions: Sequence[Action]) -> list[ActionR
     return results
 
 
-async def remove_eventually(pool: HAProxyPool, server: str, timeout: float = 10.0) -> None:
+async def remove_eventually(pool: HAProxyPool, server: str, within: float = 10.0) -> None:
     """Remove like the operator does: `del` waits for attached (idle keep-alive) connections."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         (result,) = await pool.apply([RemoveMember(server, "gone")])
         if result.ok:
             return
         assert "connections" in result.message, result
-        assert asyncio.get_running_loop().time() < deadline, f"{server} still attached after {timeout}s"
+        assert asyncio.get_running_loop().time() < deadline, f"{server} still attached after {within}s"
         await asyncio.sleep(0.1)
 
 
