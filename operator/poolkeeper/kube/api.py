@@ -79,6 +79,7 @@ class KubeApi:
         self._ssl = ssl_context(info)
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -89,9 +90,18 @@ class KubeApi:
             )
         return self._session
 
+    @property
+    def watch_session(self) -> aiohttp.ClientSession:
+        """Long-lived watch streams get their own connections, so they never starve requests."""
+        if self._watch_session is None or self._watch_session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=0)
+            self._watch_session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+        return self._watch_session
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
 
     async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
                       params: Mapping[str, str] | None = None) -> Any:

@@ -102,7 +102,7 @@ class Informer:
                               timeoutSeconds=str(WATCH_SECONDS))
         url = self.api.server + self.path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
-        async with self.api.session.get(url, params=params, timeout=timeout) as resp:
+        async with self.api.watch_session.get(url, params=params, timeout=timeout) as resp:
             if resp.status >= 300:
                 raise ApiError(resp.status, resp.reason or "", await resp.text())
             buffer = b""
