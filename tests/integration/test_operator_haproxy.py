@@ -296,3 +296,33 @@ def test_pool_deleted_while_operator_is_down_is_cleaned_up(
             20, "pool gone once cleaned up")
     finally:
         fleet.stop_all()
+
+
+def test_health_check_change_replaces_servers_without_dropping_requests(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        for i in range(3):
+            fleet.add(f"w-{i}")
+        create(custom, namespace, "targetpools", pod_pool(
+            "web", app="web", port=fleet.port,
+            backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 2})))
+        wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
+                 20, "3 active")
+        before = set(haproxy_servers(haproxy, "web"))
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=150).start(duration=60)
+        try:
+            custom.patch_namespaced_custom_object(
+                group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools", name="web",
+                body={"spec": {"backend": {"haproxy": {"healthCheck": {"rise": 2}}}}})
+            wait_for(lambda: (now := set(haproxy_servers(haproxy, "web"))) and len(now) == 3 and not now & before,
+                     30, "every server replaced")
+            wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
+                     20, "3 active again")
+        finally:
+            report = load.stop()
+        assert report.failed == 0, report.failures
+        assert report.ok > 100
+    finally:
+        fleet.stop_all()

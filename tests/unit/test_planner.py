@@ -214,3 +214,23 @@ def test_properties(scenario) -> None:  # type: ignore[no-untyped-def]
     serving = {n for n, m in desired.items() if m.serving}
     assert serving <= set(state) and all(state[n].admin is Admin.READY for n in serving)
     assert set(state) <= set(desired)
+
+
+def test_changed_server_settings_replace_members_without_a_gap() -> None:
+    """A new health check means new servers; each old one serves until its successor is in rotation."""
+    inst_a = inst("a")
+    old = desired_of(inst_a)
+    old_name = next(iter(old))
+    new, _ = desired_members(namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse(
+        {"matchLabels": {"app": "web"}}), port=80, instances=[inst_a], variant="check:1:2:3")
+    new_name = next(iter(new))
+    assert new_name != old_name and new_name.startswith(old_name)
+    serving = {old_name: ActualMember(old_name, "127.0.0.2", 80, Admin.READY, "UP", 2)}
+    first = plan(new, serving, checks=True)
+    assert first.actions == (AddMember(new_name, "127.0.0.2", 80), SetAdmin(new_name, Admin.DRAIN))
+    checking = apply(serving, first.actions)
+    assert plan(new, checking, checks=True).actions == ()  # the old one keeps serving meanwhile
+    healthy = {**checking, new_name: ActualMember(new_name, "127.0.0.2", 80, Admin.DRAIN, "UP", 0)}
+    assert plan(new, healthy, checks=True).actions == (SetAdmin(new_name, Admin.READY),)
+    both = {**healthy, new_name: ActualMember(new_name, "127.0.0.2", 80, Admin.READY, "UP", 0)}
+    assert plan(new, both, checks=True).actions == (SetAdmin(old_name, Admin.DRAIN),)

@@ -228,6 +228,7 @@ class PoolController:
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
             instances=self._candidates(spec), allowed_cidrs=allowed, held=gates[0] | gates[1],
+            variant=spec.variant if spec.backend_type == "HAProxy" else "",
         )
         return desired, refused, gates
 

@@ -16,6 +16,19 @@ def pool_prefix(namespace: str, name: str) -> str:
     return f"{PREFIX}{_digest(f'{namespace}/{name}', 8)}-"
 
 
-def member_name(namespace: str, pool: str, instance_uid: str) -> str:
-    """Derived from the pool and the instance uid, so a new pod reusing an old IP gets a new name."""
-    return pool_prefix(namespace, pool) + _digest(instance_uid, 12)
+def member_name(namespace: str, pool: str, instance_uid: str, variant: str = "") -> str:
+    """Derived from the pool and the instance uid, so a new pod reusing an old IP gets a new name.
+
+    `variant` names settings HAProxy fixes when a server is added (its health check): when they
+    change, the new server gets a new name and replaces the old one like a rolling update.
+    """
+    name = pool_prefix(namespace, pool) + _digest(instance_uid, 12)
+    return f"{name}-{_digest(variant, 4)}" if variant else name
+
+
+def instance_part(name: str) -> str:
+    """The part of a member name that identifies the instance (without the settings variant)."""
+    return name[:INSTANCE_PART]
+
+
+INSTANCE_PART = len(PREFIX) + 8 + 1 + 12

@@ -24,7 +24,7 @@ from poolkeeper.core.model import (
     RemoveMember,
     SetAdmin,
 )
-from poolkeeper.core.naming import member_name
+from poolkeeper.core.naming import instance_part, member_name
 from poolkeeper.core.selectors import LabelSelector
 
 HEALTHY = "UP"
@@ -48,6 +48,7 @@ def desired_members(
     instances: Iterable[InstanceState],
     allowed_cidrs: Sequence[Network] | None = None,
     held: frozenset[str] = frozenset(),
+    variant: str = "",
 ) -> tuple[dict[str, DesiredMember], list[Refusal]]:
     """Instances that are up or draining and match: up ones serve, draining ones drain."""
     desired: dict[str, DesiredMember] = {}
@@ -63,7 +64,7 @@ def desired_members(
         if why is not None:
             refused.append(Refusal(inst, why))
             continue
-        name = member_name(namespace, pool, inst.uid)
+        name = member_name(namespace, pool, inst.uid, variant)
         desired[name] = DesiredMember(
             name=name, instance=inst, address=str(inst.address), port=port,
             serving=inst.phase is Phase.UP, held=name in held,
@@ -122,8 +123,15 @@ def plan_pool(
                 continue
         reports.append(_report(want, have, target, health_checks))
 
+    successors = {instance_part(name): name for name in desired}
     for name in sorted(set(actual) - set(desired)):
         have = actual[name]
+        successor = successors.get(instance_part(name))
+        if successor is not None and have.admin is Admin.READY and not _in_rotation(actual.get(successor)):
+            # Same instance, new server settings: keep serving until the new server takes traffic.
+            reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING, have.health,
+                                        "replaced by a server with new settings; serving until it is in rotation"))
+            continue
         started = draining_since.get(name, now)
         if have.admin is Admin.READY:
             actions.append(SetAdmin(name, Admin.DRAIN))
@@ -134,6 +142,10 @@ def plan_pool(
         reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
                                     have.health, "instance left the pool; draining"))
     return Plan(tuple(actions), tuple(reports), since)
+
+
+def _in_rotation(member: ActualMember | None) -> bool:
+    return member is not None and member.admin is Admin.READY
 
 
 def _drained(have: ActualMember | None, started: float, now: float, delay: float, *, instance_serving: bool) -> bool:

@@ -53,6 +53,12 @@ class PoolSpec:
         return pool_prefix(self.namespace, self.name)
 
     @property
+    def variant(self) -> str:
+        """Server settings fixed at `add server` time; a change replaces the servers."""
+        check = self.health_check
+        return f"check:{check.interval_seconds}:{check.rise}:{check.fall}" if check else ""
+
+    @property
     def claim(self) -> tuple[str, str, str]:
         """What this pool owns exclusively: one backend of one LB, or one Service."""
         if self.backend_type == "HAProxy":

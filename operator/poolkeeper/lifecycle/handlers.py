@@ -142,7 +142,8 @@ class LifecycleHandlers:
         if not runtimes:
             return
         one, _ = desired_members(namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector,
-                                 port=spec.port, instances=[instance], allowed_cidrs=allowed_cidrs)
+                                 port=spec.port, instances=[instance], allowed_cidrs=allowed_cidrs,
+                                 variant=spec.variant if spec.backend_type == "HAProxy" else "")
         current = member_states(one)
         for runtime in runtimes:
             announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
