@@ -98,7 +98,7 @@ def gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-async def eventually(predicate: object, limit: float = 3.0) -> bool:
+async def eventually(predicate: object, limit: float = 10.0) -> bool:
     give_up = time.monotonic() + limit
     while time.monotonic() < give_up:
         if callable(predicate) and predicate():
