@@ -91,7 +91,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
     return load_credentials(runtime().options.kubeconfig)
 
 
-@kopf.on.startup()
+@kopf.on.startup(backoff=2)
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = runtime()
     settings.posting.enabled = False  # we post our own, meaningful Events
@@ -333,20 +333,19 @@ async def pool_event(*, event: kopf.RawEvent, **_: Any) -> None:
                 previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
             return  # our own status write coming back
     rt.queue.add(key)
-    _requeue_claimants(rt, key)
     after = rt.pools.spec(key)
-    for spec in (before, after):  # keep each LoadBalancer's `pools` count current
-        if isinstance(spec, PoolSpec) and spec.backend_type == "HAProxy":
+    specs = [s for s in (before, after) if isinstance(s, PoolSpec)]
+    _requeue_claimants(rt, key, {s.claim for s in specs})
+    for spec in specs:  # keep each LoadBalancer's `pools` count current
+        if spec.backend_type == "HAProxy":
             rt.lbs.publish(spec.load_balancer)
-    if rt.lifecycle is not None:
-        rt.lifecycle.pool_changed(key)
 
 
-def _requeue_claimants(rt: Runtime, key: Key) -> None:
+def _requeue_claimants(rt: Runtime, key: Key, claims: set[tuple[str, str, str]]) -> None:
     """A pool appearing or leaving can settle a conflict for the others on the same backend."""
     assert rt.pools is not None
     for spec in rt.pools.valid_specs():
-        if spec.key != key:
+        if spec.key != key and spec.claim in claims:
             rt.queue.add(spec.key)
 
 

@@ -6,6 +6,7 @@ EndpointSlices, pod conditions, Events, ConfigMaps) without blocking the event l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -20,16 +21,19 @@ import kopf
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+READ_ATTEMPTS = 6
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class ApiError(Exception):
     """A non-2xx answer; `status` and `reason` come from the API server's Status object."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
 
 def _material(path: Any, data: Any) -> str | None:
@@ -105,17 +109,38 @@ class KubeApi:
 
     async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
                       params: Mapping[str, str] | None = None) -> Any:
+        """One request; reads (GET) are retried briefly on 429/5xx and dropped connections, as
+        an API server answers those while it starts or its storage for a new CRD initialises."""
+        attempts = READ_ATTEMPTS if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._request_once(method, path, body=body, content_type=content_type, params=params)
+            except ApiError as exc:
+                if attempt == attempts or exc.status not in RETRIED_STATUSES:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else 0.1 * 2 ** attempt
+            except aiohttp.ClientConnectionError:
+                if attempt == attempts:
+                    raise
+                delay = 0.1 * 2 ** attempt
+            await asyncio.sleep(min(delay, 5.0))
+        raise AssertionError("unreachable")
+
+    async def _request_once(self, method: str, path: str, *, body: Any, content_type: str,
+                            params: Mapping[str, str] | None) -> Any:
         url = self.server + path + (f"?{urlencode(params)}" if params else "")
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
         async with self.session.request(method, url, data=data, headers=headers) as resp:
             text = await resp.text()
             if resp.status >= 300:
+                retry_after = resp.headers.get("Retry-After")
+                wait = float(retry_after) if retry_after and retry_after.isdigit() else None
                 try:
                     status = json.loads(text)
-                    raise ApiError(resp.status, status.get("reason", ""), status.get("message", text))
                 except ValueError:
-                    raise ApiError(resp.status, resp.reason or "", text) from None
+                    raise ApiError(resp.status, resp.reason or "", text, wait) from None
+                raise ApiError(resp.status, status.get("reason", ""), status.get("message", text), wait)
             return json.loads(text) if text else None
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:

@@ -107,9 +107,6 @@ class LifecycleHandlers:
         if old is not None and old.spec.pool != spec.pool:
             self._requeue_pool(spec.namespace, old.spec.pool)
 
-    def pool_changed(self, key: Key) -> None:
-        return None
-
     def _requeue_pool(self, namespace: str, pool: str) -> None:
         if (namespace, pool) in self.store.pools:
             self.queue.add((namespace, pool))
