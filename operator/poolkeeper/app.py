@@ -15,6 +15,8 @@ import contextlib
 import gc
 import logging
 import os
+import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +38,7 @@ from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.informer import Informer
+from poolkeeper.kube.lease import LeaderElector
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.metrics import Metrics, start_probe_server
 from poolkeeper.sources.convert import heartbeat_timeout, instance_state, node_state, parse_time, pod_state
@@ -54,6 +57,9 @@ class OperatorOptions:
     pod_label_selector: str | None = None
     workers: int = 4
     function_workers: int | None = None
+    leader_elect: bool = False
+    leader_namespace: str = "poolkeeper-system"
+    leader_name: str = "poolkeeper"
 
 
 @dataclass
@@ -100,6 +106,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
+    if rt.options.metrics_port and rt.probe is None:  # alive (and not ready) while standing by
+        rt.probe = await start_probe_server(rt.metrics, lambda: rt.ready, rt.options.metrics_address,
+                                            rt.options.metrics_port)
+    if rt.options.leader_elect:
+        elector = LeaderElector(rt.api, namespace=rt.options.leader_namespace, name=rt.options.leader_name,
+                                identity=f"{socket.gethostname()}-{os.getpid()}")
+        await elector.acquire()
+        rt.tasks.append(asyncio.create_task(_lead(elector), name="leader-lease"))
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
     rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
@@ -113,15 +127,18 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
-    if rt.options.metrics_port:
-        rt.probe = await start_probe_server(rt.metrics, lambda: rt.ready, rt.options.metrics_address,
-                                            rt.options.metrics_port)
     # The store and specs are long-lived: move them out of the young generations, so the
     # collector's pauses (the latency tail) do not keep rescanning them.
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     rt.ready = True  # listed everything and reconciling
+
+
+async def _lead(elector: LeaderElector) -> None:
+    """Keep the Lease; if it is lost, stop the process (its Deployment starts a fresh standby)."""
+    await elector.hold()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> Any:

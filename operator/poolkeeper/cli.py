@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, metrics_address=args.metrics_address,
         http_allowed_cidrs=tuple(args.http_allowed_cidrs.split(",")) if args.http_allowed_cidrs else None,
         pod_label_selector=args.pod_label_selector, workers=args.workers, function_workers=args.function_workers,
+        leader_elect=args.leader_elect, leader_namespace=args.leader_elect_namespace,
     ))
 
 
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")
     run.add_argument("--function-workers", type=int, default=None,
                      help="worker processes for Python handlers (default: max(2, CPUs))")
+    run.add_argument("--leader-elect", action="store_true",
+                     help="run as one of several replicas: only the holder of a Lease acts")
+    run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE") or "poolkeeper-system",
+                     help="namespace of the Lease (default: $POD_NAMESPACE, else poolkeeper-system)")
     run.add_argument("--log-format", choices=("json", "plain"), default="json", help="log lines as JSON (default)")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)

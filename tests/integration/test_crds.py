@@ -572,7 +572,7 @@ def test_deployment_is_hardened() -> None:
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/poolkeeper/poolkeeper:0.1.0"
-    assert container["command"] == ["poolkeeper", "run", "--metrics-port", "8080"]
+    assert container["command"] == ["poolkeeper", "run", "--metrics-port", "8080", "--leader-elect"]
     sc = container["securityContext"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False

@@ -1,0 +1,53 @@
+"""Two replicas with --leader-elect: one leads (holds the Lease, reconciles), the other stands by
+and takes over when the leader dies."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from kubernetes import client
+
+from poolkeeper.devcluster import Cluster
+from poolkeeper.devcluster.operator_process import OperatorProcess
+from support.kube import wait_for
+
+
+def ready(proc: OperatorProcess) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/readyz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def alive(proc: OperatorProcess) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def test_one_leader_and_a_standby_that_takes_over(
+        cluster: Cluster, namespace: str, tmp_path: Path, api_client: client.ApiClient) -> None:
+    # The replicas only watch this (empty) namespace, so they leave the other tests' pools alone.
+    args = ("--leader-elect", "--leader-elect-namespace", namespace, "--namespace", namespace)
+    first = OperatorProcess(cluster.kubeconfig, tmp_path / "a", extra_args=args).start()
+    second = OperatorProcess(cluster.kubeconfig, tmp_path / "b", extra_args=args).start(wait_ready=False)
+    coordination = client.CoordinationV1Api(api_client)
+    try:
+        lease = wait_for(lambda: coordination.read_namespaced_lease(name="poolkeeper", namespace=namespace), 10,
+                         "the Lease")
+        holder = lease.spec.holder_identity
+        assert holder.endswith(f"-{first.proc.pid}")  # type: ignore[union-attr]
+        wait_for(lambda: alive(second), 20, "the standby answers /healthz")
+        assert not ready(second)  # standing by: alive, not ready, not acting
+        first.kill()
+        wait_for(lambda: ready(second), 40, "the standby takes over once the Lease expires")
+        lease = coordination.read_namespaced_lease(name="poolkeeper", namespace=namespace)
+        assert lease.spec.holder_identity.endswith(f"-{second.proc.pid}")  # type: ignore[union-attr]
+        assert lease.spec.lease_transitions >= 1
+    finally:
+        first.stop()
+        second.stop()
