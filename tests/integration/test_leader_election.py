@@ -13,17 +13,10 @@ from poolkeeper.devcluster.operator_process import OperatorProcess
 from support.kube import wait_for
 
 
-def ready(proc: OperatorProcess) -> bool:
+def answers(proc: OperatorProcess, probe: str) -> bool:
+    """Whether the operator's /healthz or /readyz answers 200."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/readyz", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def alive(proc: OperatorProcess) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/healthz", timeout=1) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/{probe}", timeout=1) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -41,10 +34,10 @@ def test_one_leader_and_a_standby_that_takes_over(
                          "the Lease")
         holder = lease.spec.holder_identity
         assert holder.endswith(f"-{first.proc.pid}")  # type: ignore[union-attr]
-        wait_for(lambda: alive(second), 20, "the standby answers /healthz")
-        assert not ready(second)  # standing by: alive, not ready, not acting
+        wait_for(lambda: answers(second, "healthz"), 20, "the standby answers /healthz")
+        assert not answers(second, "readyz")  # standing by: alive, not ready, not acting
         first.kill()
-        wait_for(lambda: ready(second), 40, "the standby takes over once the Lease expires")
+        wait_for(lambda: answers(second, "readyz"), 40, "the standby takes over once the Lease expires")
         lease = coordination.read_namespaced_lease(name="poolkeeper", namespace=namespace)
         assert lease.spec.holder_identity.endswith(f"-{second.proc.pid}")  # type: ignore[union-attr]
         assert lease.spec.lease_transitions >= 1
