@@ -326,3 +326,33 @@ def test_health_check_change_replaces_servers_without_dropping_requests(
         assert report.ok > 100
     finally:
         fleet.stop_all()
+
+
+def test_member_of_a_pod_gone_unready_drains_its_requests_and_names_the_pod(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+    import threading
+    import urllib.request
+
+    fleet = Fleet(kubelet, namespace, "web")
+    try:
+        fleet.add("slow")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "web"), delay=60))
+        ref = f"Pod/{namespace}/slow"
+        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+        answers: list[int] = []
+        request = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(
+            haproxy.frontend_url("web") + "/?delay=4", timeout=20).status))
+        request.start()
+        time.sleep(0.5)  # the request is in flight on the member
+        fleet.unready("slow")
+        row = wait_for(lambda: (m := members(custom, namespace, "web").get(ref)) and m["state"] == "Draining" and m,
+                       10, "draining, still named after its pod")
+        assert row["instance"] == ref
+        request.join(20)
+        assert answers == [200]  # the in-flight request finished
+        wait_for(lambda: ref not in members(custom, namespace, "web") and not haproxy_servers(haproxy, "web"),
+                 20, "removed once its session ended")
+    finally:
+        fleet.stop_all()

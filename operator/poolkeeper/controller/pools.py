@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
@@ -196,7 +196,7 @@ class PoolController:
         final = plan_pool(desired=desired, actual=after, draining_since=memory.draining_since, now=now,
                           deregistration_delay=spec.deregistration_delay,
                           health_checks=spec.health_check is not None, keep=keep)
-        reports = self._reports(final, pending, held) + [
+        reports = self._reports(final, pending, held, memory.instance_of) + [
             MemberReport("", r.instance.ref, r.instance.address or "", spec.port, MemberState.HELD, "",
                          f"refused: {r.reason}") for r in refused]
         memory.reports = {r.instance: r for r in reports if r.instance}
@@ -291,10 +291,16 @@ class PoolController:
                 self.events.post(body, "MemberRefused", f"{item.instance.ref}: {item.reason}", warning=True)
         memory.refused_reported = now_refused
 
-    def _reports(self, plan: Plan, pending: frozenset[str], held: frozenset[str]) -> list[MemberReport]:
-        """Members waiting on a blocking `up` hook show Registering; abandoned ones show Held."""
+    def _reports(self, plan: Plan, pending: frozenset[str], held: frozenset[str],
+                 instance_of: Mapping[str, str]) -> list[MemberReport]:
+        """Members waiting on a blocking `up` hook show Registering; abandoned ones show Held.
+
+        A member whose instance left the pool still shows which instance it was, while it drains.
+        """
         out = []
         for report in plan.members:
+            if not report.instance and report.name in instance_of:
+                report = replace(report, instance=instance_of[report.name])
             if report.name in pending and report.state is MemberState.HELD:
                 report = MemberReport(report.name, report.instance, report.address, report.port,
                                       MemberState.REGISTERING, report.health, "waiting for a blocking up hook")
