@@ -62,8 +62,7 @@ class Demo:
         self.cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
         self.cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
                                  "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        if self.haproxy.pid is not None or self.haproxy.admin_socket.exists():
-            self.haproxy.stop()
+        self._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)  # an earlier run's
         self.haproxy.start()
         _say(f"HAProxy {self.haproxy.frontend_url('web')} (admin socket {self.haproxy.admin_socket})")
         self._start_operator()
@@ -81,21 +80,31 @@ class Demo:
                                                "haproxy_pid": self.haproxy.pid}))
         _say(f"operator pid {proc.pid}, metrics http://127.0.0.1:{port}/metrics, log {self.root / 'operator.log'}")
 
-    def stop_operator(self) -> None:
+    def _stop_recorded(self, key: str, marker: bytes, group: bool) -> None:
+        """Stop a process `up` recorded, if that pid still runs what we started (never a reused pid)."""
         try:
-            pid = int(json.loads(self.state_file.read_text())["operator_pid"])
+            pid = int(json.loads(self.state_file.read_text())[key])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return
-        if b"poolkeeper" in cmdline:
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/cmdline").read_bytes() == b"":
+        if marker not in cmdline:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            (os.killpg if group else os.kill)(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                if not Path(f"/proc/{pid}/cmdline").read_bytes():
                     break
-                time.sleep(0.1)
+            except OSError:
+                break
+            time.sleep(0.1)
+
+    def stop_operator(self) -> None:
+        self._stop_recorded("operator_pid", b"poolkeeper", group=True)
 
     def down(self) -> None:
         self.stop_operator()
+        self._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)
         self.haproxy.stop()
         stopped = self.cluster.down()
         _say("stopped the operator, HAProxy and " + (", ".join(stopped) or "no control plane (none running)"))

@@ -1,0 +1,38 @@
+"""`make demo DEMO_SECONDS=N` and `make demo-down`, as a user runs them (the demo's own control plane)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    up = subprocess.run([sys.executable, "-m", "poolkeeper.demo", "up", "--dir", str(folder), "--seconds", "8"],
+                        capture_output=True, text=True, timeout=240, check=False)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        summary = next(line for line in up.stdout.splitlines() if line.startswith("demo: summary:"))
+        assert " 0 failed" in summary and "roll steps" in summary, summary
+        assert "MEMBER" in up.stdout and "Active" in up.stdout  # the live view was shown
+        assert (folder / "audit.log").read_text().count("dev.poolkeeper.instance.up") >= 4
+        state = json.loads((folder / "demo.json").read_text())
+        pids = [state["operator_pid"], state["haproxy_pid"]]
+        assert all(running(pid) for pid in pids)
+    finally:
+        down = subprocess.run([sys.executable, "-m", "poolkeeper.demo", "down", "--dir", str(folder)],
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert down.returncode == 0, down.stderr
+    assert not any(running(pid) for pid in pids)
+    cluster = json.loads((folder / "cluster" / "state.json").read_text())
+    assert cluster["pids"] == {}
