@@ -93,7 +93,7 @@ def gone(pid: int) -> bool:
     """No such process, or only a zombie (orphans may never be reaped where PID 1 doesn't)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except OSError:  # FileNotFoundError, or ProcessLookupError when it vanishes while being read
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
