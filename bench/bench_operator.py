@@ -33,14 +33,12 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,8 +55,9 @@ from run_all import FUNCTIONS_DOC, HAPROXY_HEADING, compose_document, functions_
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.haproxy import HAPROXY, HAProxyProcess, free_port
+from poolkeeper.devcluster.haproxy import HAPROXY, HAProxyProcess
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -357,77 +356,6 @@ class Observer:
             self.process.join(5)
 
 
-# ----------------------------------------------------------------------------- the operator
-class Operator:
-    """`python -m poolkeeper run` in its own session; `start()` returns the moment it was spawned."""
-
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
-        self.kubeconfig, self.log_dir = kubeconfig, log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.starts = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None and self.proc.poll() is None, "the operator is not running"
-        return self.proc.pid
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
-
-    def start(self) -> float:
-        self.starts += 1
-        self.port = free_port()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "poolkeeper", "run", "--kubeconfig", str(self.kubeconfig),
-                "--metrics-port", str(self.port), "--metrics-address", "127.0.0.1",
-                "--handlers-dir", str(REPO / "handlers")]
-        with self.log_path.open("wb") as out:
-            spawned = time.monotonic()
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, cwd=REPO)
-        return spawned
-
-    def ready_once(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.ready_once():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"the operator was not ready within {timeout:g} s:\n{self.log_tail()}")
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def histogram(text: str, name: str) -> dict[str, float]:
     """Cumulative buckets (`le` -> count), plus `_count` and `_sum`, of one Prometheus histogram."""
     out: dict[str, float] = {}
@@ -557,7 +485,7 @@ async def watch_pods(kube: Kube, namespace: str, version: str, sink: list[tuple[
             sink.append((arrived, (obj.get("metadata") or {}).get("name", ""), ready))
 
 
-async def latency_phase(kube: Kube, haproxy: HAProxyProcess, operator: Operator, args: argparse.Namespace,
+async def latency_phase(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess, args: argparse.Namespace,
                         cluster: Cluster) -> dict[str, Any]:
     log(f"phase 1: {args.lat_pods} pods in pool {LAT_NS}/{LAT_POOL} on HAProxy backend {LAT_BACKEND}")
     await create_namespace(kube, LAT_NS)
@@ -688,7 +616,7 @@ async def mem_pools_ready(kube: Kube, count: int, size: int) -> bool:
         ready_condition(p) and (p.get("status") or {}).get("active") == size for p in items)
 
 
-async def memory_phase(kube: Kube, haproxy: HAProxyProcess, operator: Operator,
+async def memory_phase(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess,
                        args: argparse.Namespace) -> dict[str, Any]:
     namespaces, pools = mem_layout(args)
     for namespace in namespaces:
@@ -768,7 +696,7 @@ async def event_counts(kube: Kube, namespaces: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-async def cold_start(kube: Kube, haproxy: HAProxyProcess, operator: Operator, args: argparse.Namespace,
+async def cold_start(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess, args: argparse.Namespace,
                      *, restart_haproxy: bool) -> dict[str, Any]:
     """Start the operator on existing pools; also watch HAProxy meanwhile: a restart should not disturb it."""
     await asyncio.to_thread(operator.stop)
@@ -784,7 +712,8 @@ async def cold_start(kube: Kube, haproxy: HAProxyProcess, operator: Operator, ar
         events_before = await event_counts(kube, namespaces)
         await wipe_pool_status(kube)
         await asyncio.sleep(0.5)
-        spawned = await asyncio.to_thread(operator.start)
+        await asyncio.to_thread(operator.start, False)
+        spawned = operator.spawned_at
         marks: dict[str, float] = {}
         lowest, full_since = before, (0.0 if before == expected else None)
         deadline = spawned + args.cold_timeout
@@ -982,7 +911,7 @@ def render(env: dict[str, str], lat: dict[str, Any], mem: dict[str, Any], cold: 
 
 
 # ----------------------------------------------------------------------------- main
-async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: Operator, args: argparse.Namespace,
+async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorProcess, args: argparse.Namespace,
                  load_start: tuple[float, ...], started: float) -> str:
     kube = Kube(cluster.kubeconfig)
     try:
@@ -990,8 +919,8 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: Operator, 
         await kube.create(f"{GROUP_PATH}/loadbalancers", {
             "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": LB_NAME},
             "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint}}})
-        await asyncio.to_thread(operator.start)
-        await asyncio.to_thread(operator.wait_ready)
+        await asyncio.to_thread(operator.start, False)
+        await asyncio.to_thread(operator.wait_ready, 60.0)
         lat = await latency_phase(kube, haproxy, operator, args, cluster)
         await remove_latency_pool(kube, args.lat_pods)
         mem = await memory_phase(kube, haproxy, operator, args)
@@ -1053,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(args.dir)
     _, pools = mem_layout(args)
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=[LAT_BACKEND, *(b for _, _, b in pools)])
-    operator = Operator(cluster.kubeconfig, args.dir / "logs")
+    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs")
     try:
         log(f"starting a control plane in {args.dir}")
         cluster.up()

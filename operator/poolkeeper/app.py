@@ -40,6 +40,7 @@ from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.informer import Informer
 from poolkeeper.kube.lease import LeaderElector
 from poolkeeper.kube.status import StatusWriter
+from poolkeeper.lifecycle import LifecycleHandlers
 from poolkeeper.metrics import Metrics, start_probe_server
 from poolkeeper.sources.convert import heartbeat_timeout, instance_state, node_state, parse_time, pod_state
 
@@ -73,7 +74,7 @@ class Runtime:
     api: KubeApi | None = None
     pools: PoolController | None = None
     lbs: LoadBalancers | None = None
-    lifecycle: Any = None
+    lifecycle: LifecycleHandlers | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     event_times: dict[Key, float] = field(default_factory=dict)
     heartbeat_seen: dict[tuple[str, str], heartbeats.HeartbeatSeen] = field(default_factory=dict)
@@ -141,11 +142,7 @@ async def _lead(elector: LeaderElector) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> Any:
-    try:
-        from poolkeeper.lifecycle import LifecycleHandlers
-    except ImportError:
-        return None
+def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> LifecycleHandlers:
     assert rt.api is not None
     handlers_dir = Path(rt.options.handlers_dir or os.environ.get("POOLKEEPER_HANDLERS_DIR") or "handlers")
     return LifecycleHandlers(rt.store, rt.api, status, events, rt.queue, handlers_dir=handlers_dir,
@@ -284,22 +281,15 @@ def _informers(rt: Runtime) -> list[Informer]:
 async def _initial_sync(rt: Runtime) -> None:
     """Everything is listed before the first reconcile, so nothing "not seen yet" looks gone."""
     assert rt.api is not None and rt.lbs is not None
-    namespaces = await rt.api.get(resource_path("v1", "namespaces"))
-    for ns in namespaces.get("items") or []:
+    for ns in await rt.api.list_items(resource_path("v1", "namespaces")):
         rt.store.namespace_labels[ns["metadata"]["name"]] = dict(ns["metadata"].get("labels") or {})
-    for lb in (await rt.api.get(resource_path(API_VERSION, "loadbalancers"))).get("items") or []:
-        lb.setdefault("apiVersion", API_VERSION)
-        lb.setdefault("kind", "LoadBalancer")
+    for lb in await rt.api.list_items(resource_path(API_VERSION, "loadbalancers")):
         await rt.lbs.upsert(lb)
     for scope in rt.options.namespaces or (None,):
-        for pool in (await rt.api.get(resource_path(API_VERSION, "targetpools", scope))).get("items") or []:
-            pool.setdefault("apiVersion", API_VERSION)
-            pool.setdefault("kind", "TargetPool")
+        for pool in await rt.api.list_items(resource_path(API_VERSION, "targetpools", scope)):
             rt.store.pools[(pool["metadata"]["namespace"], pool["metadata"]["name"])] = pool
         if rt.lifecycle is not None:
-            for lh in (await rt.api.get(resource_path(API_VERSION, "lifecyclehandlers", scope))).get("items") or []:
-                lh.setdefault("apiVersion", API_VERSION)
-                lh.setdefault("kind", "LifecycleHandler")
+            for lh in await rt.api.list_items(resource_path(API_VERSION, "lifecyclehandlers", scope)):
                 key = (lh["metadata"]["namespace"], lh["metadata"]["name"])
                 rt.store.handlers[key] = lh
                 await rt.lifecycle.handler_changed(key, lh, deleted=False)

@@ -26,8 +26,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.haproxy import HAProxyProcess, free_port
+from poolkeeper.devcluster.haproxy import HAProxyProcess
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.ports import free_port
 from poolkeeper.devcluster.traffic import LoadGenerator
 from poolkeeper.devcluster.workload import Workload
 

@@ -16,6 +16,8 @@ from kubernetes.client.rest import ApiException
 from poolkeeper.devcluster import Cluster
 from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper.devcluster.workload import Workload
+from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,6 +94,20 @@ def running_operator(operator: OperatorProcess) -> OperatorProcess:
     if operator.proc is None or operator.proc.poll() is not None:
         operator.start()
     return operator
+
+
+@pytest.fixture()
+def workloads(kubelet: FakeKubelet, namespace: str) -> Iterator[Workloads]:
+    """Make pods backed by real HTTP servers in the test's namespace; their servers stop afterwards."""
+    made: list[Workload] = []
+
+    def make(app: str, gates: tuple[str, ...] = ()) -> Workload:
+        made.append(Workload(kubelet, namespace, app, gates))
+        return made[-1]
+
+    yield make
+    for workload in made:
+        workload.stop_all()
 
 
 @pytest.fixture()

@@ -32,7 +32,8 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
-from poolkeeper.devcluster.haproxy import DECLARED_SERVER, HAProxyProcess, free_port, issue_cert, make_ca
+from poolkeeper.devcluster.haproxy import DECLARED_SERVER, HAProxyProcess, issue_cert, make_ca
+from poolkeeper.devcluster.ports import free_port
 from poolkeeper.devcluster.traffic import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
@@ -95,18 +96,6 @@ async def apply_ok(pool: HAProxyPool, actions: Sequence[Action]) -> list[ActionR
     assert [r.action for r in results] == list(actions)
     assert all(r.ok for r in results), results
     return results
-
-
-async def remove_eventually(pool: HAProxyPool, server: str, within: float = 10.0) -> None:
-    """Remove like the operator does: `del` waits for attached (idle keep-alive) connections."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        (result,) = await pool.apply([RemoveMember(server, "gone")])
-        if result.ok:
-            return
-        assert "connections" in result.message, result
-        assert asyncio.get_running_loop().time() < deadline, f"{server} still attached after {within}s"
-        await asyncio.sleep(0.1)
 
 
 async def load(url: str, count: int, connections: int = 4) -> LoadReport:
@@ -290,7 +279,8 @@ async def test_servers_outside_the_pool_are_never_touched_nor_reported(
         assert all("does not belong to this pool" in r.message for r in refused), refused
         report = await load(proc.frontend_url("web"), 100)
         await apply_ok(pool, [SetAdmin(name(1), Admin.DRAIN)])
-        await remove_eventually(pool, name(1))
+        # like the operator: `del` waits for attached (idle keep-alive) connections
+        await until(lambda: pool.apply([RemoveMember(name(1), "gone")]), lambda r: r[0].ok, "removed", within=10.0)
 
         after = await stat_rows(client, "web")
         assert set(after) == {DECLARED_SERVER, other_name, "BACKEND"}

@@ -20,7 +20,7 @@ from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.operator_process import OperatorProcess
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
-from support.pools import Fleet, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import Workloads, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 
 ALL_EVENTS = ["up", "draining", "down", "registered", "deregistered"]
@@ -221,7 +221,7 @@ def test_broken_handler_file_reports_and_recovers(
 
 def test_blocking_up_hook_gates_registration(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, handlers_dir: Path, tmp_path: Path) -> None:
+        workloads: Workloads, handlers_dir: Path, tmp_path: Path) -> None:
     haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
     haproxy.start()
     lb = f"gate-{uuid.uuid4().hex[:6]}"
@@ -237,8 +237,8 @@ def handle(event, context):
 def refuse(event, context):
     raise RuntimeError("not today")
 ''')
-    fleet = Fleet(kubelet, namespace, "web")
-    other = Fleet(kubelet, namespace, "api")
+    fleet = workloads("web")
+    other = workloads("api")
     try:
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
                                                            backend=ha_backend(lb, "web")))
@@ -274,8 +274,6 @@ def refuse(event, context):
         assert report.ok == 0  # never takes traffic
         wait_for(lambda: any(r == "LifecycleHook" for r, _ in events_for(core, namespace, "api")), 10, "pool Event")
     finally:
-        fleet.stop_all()
-        other.stop_all()
         custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
         haproxy.stop()
 
@@ -350,7 +348,7 @@ def test_link_local_url_is_refused_before_anything_is_sent(
 
 def test_blocking_draining_hook_holds_removal_and_annotate_handler_writes(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, handlers_dir: Path, tmp_path: Path) -> None:
+        workloads: Workloads, handlers_dir: Path, tmp_path: Path) -> None:
     haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web",))
     haproxy.start()
     lb = f"drain-{uuid.uuid4().hex[:6]}"
@@ -364,7 +362,7 @@ def handle(event, context):
         time.sleep(0.05)
     return "flushed"
 ''')
-    fleet = Fleet(kubelet, namespace, "web")
+    fleet = workloads("web")
     try:
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
                                                            backend=ha_backend(lb, "web"), delay=120))
@@ -389,6 +387,5 @@ def handle(event, context):
         flag.write_text("done")
         wait_for(lambda: not haproxy_servers(haproxy, "web"), 20, "removed once the hook succeeded")
     finally:
-        fleet.stop_all()
         custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
         haproxy.stop()

@@ -16,7 +16,7 @@ from poolkeeper.devcluster.kubelet import FakeKubelet
 from poolkeeper.devcluster.operator_process import OperatorProcess
 from poolkeeper.devcluster.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
-from support.pools import Fleet, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
+from support.pools import Workloads, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
 
 
 @pytest.fixture()
@@ -37,123 +37,114 @@ def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterato
 
 def test_rolling_replacement_under_load_loses_nothing(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+        kubelet: FakeKubelet, workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
     gate = "poolkeeper.dev/web"
-    fleet = Fleet(kubelet, namespace, "web", gates=(gate,))
+    fleet = workloads("web", gates=(gate,))
+    for i in range(10):
+        fleet.add(f"web-{i}")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb_name, "web"), delay=30))
+    wait_for(lambda: len([m for m in members(custom, namespace, "web").values() if m["state"] == "Active"]) == 10,
+             30, "10 active members")
+    assert len(haproxy_servers(haproxy, "web")) == 10
+
+    def gate_true(pod: str) -> bool:
+        obj = core.read_namespaced_pod(name=pod, namespace=namespace)
+        return any(c.type == gate and c.status == "True" for c in obj.status.conditions or [])
+
+    load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start(duration=120)
     try:
+        time.sleep(0.5)
         for i in range(10):
-            fleet.add(f"web-{i}")
-        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                           backend=ha_backend(lb_name, "web"), delay=30))
-        wait_for(lambda: len([m for m in members(custom, namespace, "web").values() if m["state"] == "Active"]) == 10,
-                 30, "10 active members")
-        assert len(haproxy_servers(haproxy, "web")) == 10
-
-        def gate_true(pod: str) -> bool:
-            obj = core.read_namespaced_pod(name=pod, namespace=namespace)
-            return any(c.type == gate and c.status == "True" for c in obj.status.conditions or [])
-
-        load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start(duration=120)
-        try:
-            time.sleep(0.5)
-            for i in range(10):
-                old, new = f"web-{i}", f"web-new-{i}"
-                fleet.add(new)
-                wait_for(lambda n=new: gate_true(n), 20, f"{new} registered")  # type: ignore[misc]
-                kubelet.delete_pod(namespace, old)  # Terminating: still serving while it drains
-                wait_for(lambda o=old: f"Pod/{namespace}/{o}" not in members(custom, namespace, "web"),  # type: ignore[misc]
-                         30, f"{old} drained and removed")
-                fleet.backends.pop(old).stop()  # only now does the process exit
-                kubelet.finish_termination(namespace, old)
-        finally:
-            report = load.stop()
-        assert report.total > 500, report
-        assert report.failed == 0, report.failures
-        served = {body.split(":")[0] for body in report.served_by}
-        assert len(served) >= 15 and all(ip.startswith(f"127.{100 + fleet.subnet}.") for ip in served)
-        assert len(haproxy_servers(haproxy, "web")) == 10
-        assert "declared" not in " ".join(haproxy_servers(haproxy, "web"))  # config servers never reported
-        pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
-                        condition(p, "Ready").get("status") == "True" and p, 10, "pool Ready")
-        assert pool["status"]["active"] == 10 and pool["status"]["desired"] == 10
-        reasons = [r for r, _ in events_for(core, namespace, "web")]
-        assert "Registered" in reasons and "Deregistered" in reasons
+            old, new = f"web-{i}", f"web-new-{i}"
+            fleet.add(new)
+            wait_for(lambda n=new: gate_true(n), 20, f"{new} registered")  # type: ignore[misc]
+            kubelet.delete_pod(namespace, old)  # Terminating: still serving while it drains
+            wait_for(lambda o=old: f"Pod/{namespace}/{o}" not in members(custom, namespace, "web"),  # type: ignore[misc]
+                     30, f"{old} drained and removed")
+            fleet.backends.pop(old).stop()  # only now does the process exit
+            kubelet.finish_termination(namespace, old)
     finally:
-        fleet.stop_all()
+        report = load.stop()
+    assert report.total > 500, report
+    assert report.failed == 0, report.failures
+    served = {body.split(":")[0] for body in report.served_by}
+    assert len(served) >= 15 and all(ip.startswith(f"127.{100 + fleet.subnet}.") for ip in served)
+    assert len(haproxy_servers(haproxy, "web")) == 10
+    assert "declared" not in " ".join(haproxy_servers(haproxy, "web"))  # config servers never reported
+    pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
+                    condition(p, "Ready").get("status") == "True" and p, 10, "pool Ready")
+    assert pool["status"]["active"] == 10 and pool["status"]["desired"] == 10
+    reasons = [r for r, _ in events_for(core, namespace, "web")]
+    assert "Registered" in reasons and "Deregistered" in reasons
 
 
 def test_haproxy_restart_is_noticed_and_reapplied(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = Fleet(kubelet, namespace, "api")
-    try:
-        for i in range(3):
-            fleet.add(f"api-{i}")
-        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
-                                                           backend=ha_backend(lb_name, "api")))
-        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
-        haproxy.kill()
-        synced = wait_for(lambda: (c := condition(get(custom, namespace, "targetpools", "api"), "Synced")) and
-                          c.get("reason") == "BackendUnreachable" and c, 20, "BackendUnreachable")
-        assert synced["status"] == "False"
-        wait_for(lambda: condition(custom.get_cluster_custom_object(
-            group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb_name), "Reachable")
-            .get("status") == "False", 10, "LoadBalancer not Reachable")
-        haproxy.start()  # a fresh HAProxy: every runtime server is gone
-        restarted = time.monotonic()
-        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 10, "servers re-applied")
-        assert time.monotonic() - restarted < 5.0
-        report = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=200).wait(30)
-        assert report.failed == 0 and report.ok == 200, report.failures
-        wait_for(lambda: condition(get(custom, namespace, "targetpools", "api"), "Ready").get("status") == "True",
-                 10, "pool Ready again")
-    finally:
-        fleet.stop_all()
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("api")
+    for i in range(3):
+        fleet.add(f"api-{i}")
+    create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
+                                                       backend=ha_backend(lb_name, "api")))
+    wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
+    haproxy.kill()
+    synced = wait_for(lambda: (c := condition(get(custom, namespace, "targetpools", "api"), "Synced")) and
+                      c.get("reason") == "BackendUnreachable" and c, 20, "BackendUnreachable")
+    assert synced["status"] == "False"
+    wait_for(lambda: condition(custom.get_cluster_custom_object(
+        group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb_name), "Reachable")
+        .get("status") == "False", 10, "LoadBalancer not Reachable")
+    haproxy.start()  # a fresh HAProxy: every runtime server is gone
+    restarted = time.monotonic()
+    wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 10, "servers re-applied")
+    assert time.monotonic() - restarted < 5.0
+    report = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=200).wait(30)
+    assert report.failed == 0 and report.ok == 200, report.failures
+    wait_for(lambda: condition(get(custom, namespace, "targetpools", "api"), "Ready").get("status") == "True",
+             10, "pool Ready again")
 
 
 def test_operator_killed_during_churn_converges_without_duplicates(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = Fleet(kubelet, namespace, "web")
-    try:
-        for i in range(6):
-            fleet.add(f"w-{i}")
-        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                           backend=ha_backend(lb_name, "web"), delay=5))
-        wait_for(lambda: len(haproxy_servers(haproxy, "web")) == 6, 20, "6 servers")
-        report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=60).wait(30)
-        assert report.ok == 60
-        before = haproxy_stats(haproxy, "web")  # session counters reset if a server were re-added
-        # churn, and kill the operator in the middle of it
-        fleet.add("w-6")
-        fleet.unready("w-0")
-        running_operator.kill()
-        fleet.add("w-7")
-        kubelet.finish_termination(namespace, "w-1")
-        running_operator.start()
-        expected = {f"Pod/{namespace}/w-{i}" for i in (2, 3, 4, 5, 6, 7)}
-        wait_for(lambda: {k for k, m in members(custom, namespace, "web").items() if m["state"] == "Active"}
-                 == expected and len(haproxy_servers(haproxy, "web")) == 6, 30, "converged")
-        after = haproxy_stats(haproxy, "web")
-        kept = set(before) & set(after)
-        assert len(kept) == 4  # w-2..w-5 stayed ...
-        for name in kept:  # ... never removed and re-added (counters intact), never drained
-            assert int(after[name]["stot"]) >= int(before[name]["stot"]) > 0, (before[name], after[name])
-            assert after[name]["status"] in ("UP", "no check"), after[name]["status"]
-        registered = [m for r, m in events_for(core, namespace, "web") if r == "Registered"]
-        names = [name for m in registered for name in re.findall(r" as (pk-[0-9a-f]+-[0-9a-f]+)", m)]
-        # each server registered once (an Event in flight when the process was killed may be lost)
-        assert len(names) == len(set(names)) >= 7, registered
-        metrics = running_operator.metrics()
-        assert "poolkeeper_reconciles_total" in metrics
-    finally:
-        fleet.stop_all()
+        kubelet: FakeKubelet, workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("web")
+    for i in range(6):
+        fleet.add(f"w-{i}")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb_name, "web"), delay=5))
+    wait_for(lambda: len(haproxy_servers(haproxy, "web")) == 6, 20, "6 servers")
+    report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=60).wait(30)
+    assert report.ok == 60
+    before = haproxy_stats(haproxy, "web")  # session counters reset if a server were re-added
+    # churn, and kill the operator in the middle of it
+    fleet.add("w-6")
+    fleet.unready("w-0")
+    running_operator.kill()
+    fleet.add("w-7")
+    kubelet.finish_termination(namespace, "w-1")
+    running_operator.start()
+    expected = {f"Pod/{namespace}/w-{i}" for i in (2, 3, 4, 5, 6, 7)}
+    wait_for(lambda: {k for k, m in members(custom, namespace, "web").items() if m["state"] == "Active"}
+             == expected and len(haproxy_servers(haproxy, "web")) == 6, 30, "converged")
+    after = haproxy_stats(haproxy, "web")
+    kept = set(before) & set(after)
+    assert len(kept) == 4  # w-2..w-5 stayed ...
+    for name in kept:  # ... never removed and re-added (counters intact), never drained
+        assert int(after[name]["stot"]) >= int(before[name]["stot"]) > 0, (before[name], after[name])
+        assert after[name]["status"] in ("UP", "no check"), after[name]["status"]
+    registered = [m for r, m in events_for(core, namespace, "web") if r == "Registered"]
+    names = [name for m in registered for name in re.findall(r" as (pk-[0-9a-f]+-[0-9a-f]+)", m)]
+    # each server registered once (an Event in flight when the process was killed may be lost)
+    assert len(names) == len(set(names)) >= 7, registered
+    metrics = running_operator.metrics()
+    assert "poolkeeper_reconciles_total" in metrics
 
 
 def test_faults_are_contained_to_their_own_pool(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str, tmp_path: Path) -> None:
-    fleet = Fleet(kubelet, namespace, "web")
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str, tmp_path: Path) -> None:
+    fleet = workloads("web")
     dead = f"dead-{uuid.uuid4().hex[:6]}"
     picky = f"picky-{uuid.uuid4().hex[:6]}"
     fenced = f"fenced-{uuid.uuid4().hex[:6]}"
@@ -201,7 +192,6 @@ def test_faults_are_contained_to_their_own_pool(
         report = LoadGenerator(haproxy.frontend_url("web"), connections=2).start(count=20).wait(30)
         assert report.ok > 0
     finally:
-        fleet.stop_all()
         for name in (dead, picky, fenced):
             custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
                                                 name=name)
@@ -209,31 +199,28 @@ def test_faults_are_contained_to_their_own_pool(
 
 def test_health_checks_keep_traffic_off_dead_targets(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = Fleet(kubelet, namespace, "web")
-    try:
-        fleet.add("alive")
-        fleet.add("dead", serve=False)  # ready in Kubernetes, but nothing listens
-        create(custom, namespace, "targetpools", pod_pool(
-            "web", app="web", port=fleet.port,
-            backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1})))
-        wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/alive", {}).get("state")
-                 == "Active", 20, "alive Active")
-        # the dead target is in HAProxy, checked every second, and never gets a request
-        report = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=100).start(duration=3).wait(30)
-        dead = members(custom, namespace, "web")[f"Pod/{namespace}/dead"]
-        assert dead["state"] == "Registering" and dead["health"] in ("DOWN", "CHECKING"), dead
-        assert report.failed == 0, report.failures  # 503s before the first pass would show here
-        assert all(body.startswith(fleet.backends["alive"].address) for body in report.served_by)
-        pool = get(custom, namespace, "targetpools", "web")
-        assert condition(pool, "Ready")["status"] == "False" and pool["status"]["active"] == 1
-    finally:
-        fleet.stop_all()
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("web")
+    fleet.add("alive")
+    fleet.add("dead", serve=False)  # ready in Kubernetes, but nothing listens
+    create(custom, namespace, "targetpools", pod_pool(
+        "web", app="web", port=fleet.port,
+        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1})))
+    wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/alive", {}).get("state")
+             == "Active", 20, "alive Active")
+    # the dead target is in HAProxy, checked every second, and never gets a request
+    report = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=100).start(duration=3).wait(30)
+    dead = members(custom, namespace, "web")[f"Pod/{namespace}/dead"]
+    assert dead["state"] == "Registering" and dead["health"] in ("DOWN", "CHECKING"), dead
+    assert report.failed == 0, report.failures  # 503s before the first pass would show here
+    assert all(body.startswith(fleet.backends["alive"].address) for body in report.served_by)
+    pool = get(custom, namespace, "targetpools", "web")
+    assert condition(pool, "Ready")["status"] == "False" and pool["status"]["active"] == 1
 
 
 def test_tls_runtime_api_with_client_certificate_from_secret(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
-        kubelet: FakeKubelet, tmp_path: Path) -> None:
+        workloads: Workloads, tmp_path: Path) -> None:
     import base64
 
     haproxy = HAProxyProcess(tmp_path / "haproxy-tls", backends=("web",), tls=True)
@@ -250,7 +237,7 @@ def test_tls_runtime_api_with_client_certificate_from_secret(
     load_balancer(custom, bad, haproxy.tcp_endpoint,
                   haproxy={"endpoint": haproxy.tcp_endpoint,
                            "tls": {"secretRef": {"namespace": namespace, "name": "missing"}}})
-    fleet = Fleet(kubelet, namespace, "web")
+    fleet = workloads("web")
     try:
         fleet.add("w-0")
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
@@ -267,7 +254,6 @@ def test_tls_runtime_api_with_client_certificate_from_secret(
             and c.get("reason") == "TLSSecretInvalid" and c, 20, "missing TLS secret reported")
         assert "missing" in cond["message"]
     finally:
-        fleet.stop_all()
         for name in (lb, bad):
             custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
                                                 name=name)
@@ -276,83 +262,74 @@ def test_tls_runtime_api_with_client_certificate_from_secret(
 
 def test_pool_deleted_while_operator_is_down_is_cleaned_up(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = Fleet(kubelet, namespace, "api")
-    try:
-        for i in range(3):
-            fleet.add(f"api-{i}")
-        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
-                                                           backend=ha_backend(lb_name, "api"), delay=5))
-        wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
-        running_operator.kill()
-        custom.delete_namespaced_custom_object(group="poolkeeper.dev", version="v1alpha1", namespace=namespace,
-                                               plural="targetpools", name="api")
-        time.sleep(1)
-        assert len(haproxy_servers(haproxy, "api")) == 3  # the finalizer holds the pool for the operator
-        running_operator.start()
-        wait_for(lambda: not haproxy_servers(haproxy, "api"), 20, "servers removed after the restart")
-        wait_for(lambda: not custom.list_namespaced_custom_object(
-            group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools")["items"],
-            20, "pool gone once cleaned up")
-    finally:
-        fleet.stop_all()
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("api")
+    for i in range(3):
+        fleet.add(f"api-{i}")
+    create(custom, namespace, "targetpools", pod_pool("api", app="api", port=fleet.port,
+                                                       backend=ha_backend(lb_name, "api"), delay=5))
+    wait_for(lambda: len(haproxy_servers(haproxy, "api")) == 3, 20, "3 servers")
+    running_operator.kill()
+    custom.delete_namespaced_custom_object(group="poolkeeper.dev", version="v1alpha1", namespace=namespace,
+                                           plural="targetpools", name="api")
+    time.sleep(1)
+    assert len(haproxy_servers(haproxy, "api")) == 3  # the finalizer holds the pool for the operator
+    running_operator.start()
+    wait_for(lambda: not haproxy_servers(haproxy, "api"), 20, "servers removed after the restart")
+    wait_for(lambda: not custom.list_namespaced_custom_object(
+        group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools")["items"],
+        20, "pool gone once cleaned up")
 
 
 def test_health_check_change_replaces_servers_without_dropping_requests(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = Fleet(kubelet, namespace, "web")
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("web")
+    for i in range(3):
+        fleet.add(f"w-{i}")
+    create(custom, namespace, "targetpools", pod_pool(
+        "web", app="web", port=fleet.port,
+        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 2})))
+    wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
+             20, "3 active")
+    before = set(haproxy_servers(haproxy, "web"))
+    load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=150).start(duration=60)
     try:
-        for i in range(3):
-            fleet.add(f"w-{i}")
-        create(custom, namespace, "targetpools", pod_pool(
-            "web", app="web", port=fleet.port,
-            backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 2})))
+        custom.patch_namespaced_custom_object(
+            group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools", name="web",
+            body={"spec": {"backend": {"haproxy": {"healthCheck": {"rise": 2}}}}})
+        wait_for(lambda: (now := set(haproxy_servers(haproxy, "web"))) and len(now) == 3 and not now & before,
+                 30, "every server replaced")
         wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
-                 20, "3 active")
-        before = set(haproxy_servers(haproxy, "web"))
-        load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=150).start(duration=60)
-        try:
-            custom.patch_namespaced_custom_object(
-                group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools", name="web",
-                body={"spec": {"backend": {"haproxy": {"healthCheck": {"rise": 2}}}}})
-            wait_for(lambda: (now := set(haproxy_servers(haproxy, "web"))) and len(now) == 3 and not now & before,
-                     30, "every server replaced")
-            wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
-                     20, "3 active again")
-        finally:
-            report = load.stop()
-        assert report.failed == 0, report.failures
-        assert report.ok > 100
+                 20, "3 active again")
     finally:
-        fleet.stop_all()
+        report = load.stop()
+    assert report.failed == 0, report.failures
+    assert report.ok > 100
 
 
 def test_member_of_a_pod_gone_unready_drains_its_requests_and_names_the_pod(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        kubelet: FakeKubelet, haproxy: HAProxyProcess, lb_name: str) -> None:
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
     import threading
     import urllib.request
 
-    fleet = Fleet(kubelet, namespace, "web")
-    try:
-        fleet.add("slow")
-        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                           backend=ha_backend(lb_name, "web"), delay=60))
-        ref = f"Pod/{namespace}/slow"
-        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
-        answers: list[int] = []
-        request = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(
-            haproxy.frontend_url("web") + "/?delay=4", timeout=20).status))
-        request.start()
-        time.sleep(0.5)  # the request is in flight on the member
-        fleet.unready("slow")
-        row = wait_for(lambda: (m := members(custom, namespace, "web").get(ref)) and m["state"] == "Draining" and m,
-                       10, "draining, still named after its pod")
-        assert row["instance"] == ref
-        request.join(20)
-        assert answers == [200]  # the in-flight request finished
-        wait_for(lambda: ref not in members(custom, namespace, "web") and not haproxy_servers(haproxy, "web"),
-                 20, "removed once its session ended")
-    finally:
-        fleet.stop_all()
+    fleet = workloads("web")
+    fleet.add("slow")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb_name, "web"), delay=60))
+    ref = f"Pod/{namespace}/slow"
+    wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+    answers: list[int] = []
+    request = threading.Thread(target=lambda: answers.append(urllib.request.urlopen(
+        haproxy.frontend_url("web") + "/?delay=4", timeout=20).status))
+    request.start()
+    time.sleep(0.5)  # the request is in flight on the member
+    fleet.unready("slow")
+    row = wait_for(lambda: (m := members(custom, namespace, "web").get(ref)) and m["state"] == "Draining" and m,
+                   10, "draining, still named after its pod")
+    assert row["instance"] == ref
+    request.join(20)
+    assert answers == [200]  # the in-flight request finished
+    wait_for(lambda: ref not in members(custom, namespace, "web") and not haproxy_servers(haproxy, "web"),
+             20, "removed once its session ended")

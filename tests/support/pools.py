@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
@@ -13,6 +14,8 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.devcluster.haproxy import HAProxyProcess
 from poolkeeper.devcluster.workload import Workload
 from support.kube import get
+
+Workloads = Callable[..., Workload]  # the `workloads` fixture: make(app, gates=()) -> Workload
 
 
 def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
@@ -59,4 +62,3 @@ def members(custom: client.CustomObjectsApi, namespace: str, pool: str) -> dict[
     return {m["instance"]: m for m in status.get("members") or []}
 
 
-Fleet = Workload  # pods backed by real HTTP servers (poolkeeper.devcluster.workload)

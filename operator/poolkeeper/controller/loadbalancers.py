@@ -18,7 +18,7 @@ from typing import Any
 from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, parse_load_balancer
-from poolkeeper.kube.api import ApiError, KubeApi, resource_path
+from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
 
@@ -187,5 +187,3 @@ class LoadBalancers:
         entry = self._entries.get(name)
         return entry.reachable if entry else None
 
-
-__all__ = ["ApiError", "LoadBalancers"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
-from poolkeeper.backends import ActionResult
+from poolkeeper.backends import ActionResult, Backend
 from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProblem
 from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
@@ -22,7 +22,6 @@ from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import (
-    ActualMember,
     AddMember,
     DesiredMember,
     MemberReport,
@@ -47,11 +46,6 @@ FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAPro
 
 def _waiting_for_connections(result: ActionResult) -> bool:
     return isinstance(result.action, RemoveMember) and "connections" in result.message
-
-
-class Backend(Protocol):
-    async def read_members(self) -> dict[str, ActualMember]: ...
-    async def apply(self, actions: Any) -> list[ActionResult]: ...
 
 
 class Blocked(Exception):

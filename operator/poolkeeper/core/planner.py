@@ -56,9 +56,7 @@ def desired_members(
     for inst in instances:
         if inst.kind != kind or inst.phase is Phase.DOWN or not selector.matches(inst.labels):
             continue
-        if kind == "Pod" and inst.namespace != namespace:
-            continue
-        if kind == "Instance" and inst.namespace != namespace:
+        if kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
             continue
         why = refusal(inst.address, allowed_cidrs)
         if why is not None:

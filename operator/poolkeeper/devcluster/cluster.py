@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from poolkeeper.devcluster.build import KUBERNETES_VERSION, ensure_binaries
 from poolkeeper.devcluster.pki import Pki, ensure_pki
+from poolkeeper.devcluster.ports import free_port
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 # No kubelets here: the node-lifecycle controller would taint every Node NotReady after ~40 s.
@@ -31,12 +31,6 @@ DISABLED_CONTROLLERS = ("node-lifecycle-controller",)
 
 class ClusterError(RuntimeError):
     """The control plane could not be started; the message says which part and why."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

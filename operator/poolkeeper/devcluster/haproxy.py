@@ -27,17 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poolkeeper.backends.haproxy_client import TLSFiles
+from poolkeeper.devcluster.ports import free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 DECLARED_SERVER = "static"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the kernel's pick for port 0)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ----- certificates, with the openssl command

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from poolkeeper.devcluster.ports import free_port
+
 REPO = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OperatorProcess:
@@ -31,6 +26,12 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.starts = 0
+        self.spawned_at = 0.0  # monotonic time of the last start, for cold-start measurements
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None and self.proc.poll() is None, "the operator is not running"
+        return self.proc.pid
 
     @property
     def log_path(self) -> Path:
@@ -44,8 +45,9 @@ class OperatorProcess:
         args = [sys.executable, "-m", "poolkeeper", "run", "--kubeconfig", str(self.kubeconfig),
                 "--metrics-port", str(self.port), "--metrics-address", "127.0.0.1",
                 "--handlers-dir", str(self.handlers_dir), *self.extra_args]
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                     start_new_session=True)
+        self.spawned_at = time.monotonic()
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ), start_new_session=True)
         log.close()
         if wait_ready:
             self.wait_ready()
@@ -56,14 +58,18 @@ class OperatorProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
+            if self.ready_once():
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"operator not ready within {timeout}s:\n{self.log_tail()}")
+
+    def ready_once(self) -> bool:
+        """One look at /readyz."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 
-from poolkeeper.devcluster.haproxy import free_port
 from poolkeeper.devcluster.kubelet import FakeKubelet
+from poolkeeper.devcluster.ports import free_port
 from poolkeeper.devcluster.traffic import HTTPBackend, start_backend
 
 _subnets = itertools.count(1)

@@ -146,6 +146,16 @@ class KubeApi:
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)
 
+    async def list_items(self, path: str) -> list[dict[str, Any]]:
+        """The items of a list, each with the apiVersion and kind that a list leaves out."""
+        listing = await self.get(path)
+        kind = (listing.get("kind") or "List").removesuffix("List")
+        items: list[dict[str, Any]] = listing.get("items") or []
+        for item in items:
+            item.setdefault("apiVersion", listing.get("apiVersion"))
+            item.setdefault("kind", kind)
+        return items
+
     async def get_or_none(self, path: str) -> Any:
         try:
             return await self.get(path)

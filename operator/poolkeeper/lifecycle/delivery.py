@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 
-from poolkeeper.core.cloudevents import rfc3339
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.functions.http import check_url_allowed, deliver_http
@@ -202,5 +201,3 @@ class HandlerRuntime:
             task.cancel()
         await asyncio.gather(*self.workers.values(), return_exceptions=True)
 
-
-__all__ = ["HandlerRuntime", "rfc3339"]

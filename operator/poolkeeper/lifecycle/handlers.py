@@ -101,7 +101,7 @@ class LifecycleHandlers:
         self.runtimes[key] = runtime
         await runtime.validate()
         for event_id, record in sorted(outbox.pending.items(), key=lambda kv: kv[1].get("order", 0)):
-            self._gate(record, runtime)
+            self._gate(record)
             runtime.enqueue(event_id)
         self._requeue_pool(spec.namespace, spec.pool)
         if old is not None and old.spec.pool != spec.pool:
@@ -187,7 +187,7 @@ class LifecycleHandlers:
             event_id = self._record(runtime, spec, t, announced_raw)
             if event_id:
                 new.append(event_id)
-                gated |= self._gate(runtime.outbox.pending[event_id], runtime)
+                gated |= self._gate(runtime.outbox.pending[event_id])
         return new, gated
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
@@ -254,12 +254,17 @@ class LifecycleHandlers:
         }
         return str(event["id"])
 
-    def _gate(self, record: dict[str, Any], runtime: HandlerRuntime) -> bool:
+    def _gate_slot(self, record: Mapping[str, Any]) -> tuple[dict[tuple[Key, str], set[str]], tuple[Key, str]]:
+        """The table of running blocking hooks for the record's type, and its (pool, member) key."""
+        pool, member = record["pool"], record["member"]
+        table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
+        return table, ((pool[0], pool[1]), member)
+
+    def _gate(self, record: dict[str, Any]) -> bool:
         if not record.get("blocking"):
             return False
-        key = (tuple(record["pool"]), record["member"])
-        table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
-        table.setdefault(key, set()).add(record["event"]["id"])  # type: ignore[arg-type]
+        table, key = self._gate_slot(record)
+        table.setdefault(key, set()).add(record["event"]["id"])
         return bool(record["event_type"] == "up")
 
     def _settled_for(self, handler_key: Key) -> Callable[[dict[str, Any], bool], None]:
@@ -267,17 +272,16 @@ class LifecycleHandlers:
             if not record.get("blocking"):
                 return
             runtime = self.runtimes.get(handler_key)
-            pool_key = tuple(record["pool"])
-            member_key = (pool_key, record["member"])
-            table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
-            ids = table.get(member_key)  # type: ignore[call-overload]
+            table, member_key = self._gate_slot(record)
+            pool_key = member_key[0]
+            ids = table.get(member_key)
             if ids is not None:
                 ids.discard(record["event"]["id"])
                 if not ids:
-                    table.pop(member_key, None)  # type: ignore[call-overload]
+                    table.pop(member_key, None)
             if record["event_type"] == "up" and not ok and runtime and runtime.spec.on_failure == "Abandon":
-                self.gates.abandoned.add(member_key)  # type: ignore[arg-type]
-            pool_body = self.store.pools.get(pool_key)  # type: ignore[arg-type]
+                self.gates.abandoned.add(member_key)
+            pool_body = self.store.pools.get(pool_key)
             if pool_body is not None:
                 verdict = "succeeded" if ok else f"failed ({runtime.spec.on_failure if runtime else 'Continue'})"
                 self.events.post(pool_body, "LifecycleHook",
