@@ -33,6 +33,31 @@ def receiver() -> Iterator[Receiver]:
     rec.stop()
 
 
+@pytest.fixture()
+def own_lb(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
+    """A HAProxy of the test's own (backends web and api) and a LoadBalancer for it."""
+    haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
+    haproxy.start()
+    lb = f"lb-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, lb, haproxy.admin_endpoint)
+    yield haproxy, lb
+    custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
+    haproxy.stop()
+
+
+def flag_handler(handlers_dir: Path, flag: Path, result: str, extra: str = "") -> str:
+    """A handler module whose `handle` waits until `flag` exists (the test decides when it succeeds)."""
+    module = f"flag_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, f'''
+import os, time
+def handle(event, context):
+    while not os.path.exists({str(flag)!r}):
+        time.sleep(0.05)
+    return {result!r}
+{extra}''')
+    return module
+
+
 def handler(name: str, pool: str, function: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return {"kind": "LifecycleHandler", "metadata": {"name": name},
             "spec": {"poolRef": {"name": pool}, "events": spec.pop("events", ALL_EVENTS), "function": function,
@@ -221,61 +246,48 @@ def test_broken_handler_file_reports_and_recovers(
 
 def test_blocking_up_hook_gates_registration(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-        workloads: Workloads, handlers_dir: Path, tmp_path: Path) -> None:
-    haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
-    haproxy.start()
-    lb = f"gate-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, lb, haproxy.admin_endpoint)
+        workloads: Workloads, handlers_dir: Path, tmp_path: Path, own_lb: tuple[HAProxyProcess, str]) -> None:
+    haproxy, lb = own_lb
     flag = tmp_path / "go"
-    module = f"gate_{uuid.uuid4().hex[:6]}"
-    write_handler(handlers_dir, module, f'''
-import os, time
-def handle(event, context):
-    while not os.path.exists({str(flag)!r}):
-        time.sleep(0.05)
-    return "warm"
+    module = flag_handler(handlers_dir, flag, "warm", extra='''
 def refuse(event, context):
     raise RuntimeError("not today")
 ''')
     fleet = workloads("web")
     other = workloads("api")
-    try:
-        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                           backend=ha_backend(lb, "web")))
-        create(custom, namespace, "lifecyclehandlers", handler("warmup", "web", python(f"{module}.handle"),
-                                                               events=["up"], blocking=True, timeoutSeconds=30))
-        create(custom, namespace, "targetpools", pod_pool("api", app="api", port=other.port,
-                                                           backend=ha_backend(lb, "api")))
-        create(custom, namespace, "lifecyclehandlers", handler(
-            "veto", "api", python(f"{module}.refuse"), events=["up"], blocking=True, onFailure="Abandon",
-            retry={"maxAttempts": 1}))
-        for name in ("warmup", "veto"):
-            wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
-                                              "Ready").get("status") == "True", 20, f"{name} Ready")
-        fleet.add("web-0")
-        other.add("api-0")
-        ref = f"Pod/{namespace}/web-0"
-        member = wait_for(lambda: members(custom, namespace, "web").get(ref), 20, "member listed")
-        assert member["state"] == "Registering" and "hook" in member["reason"]
-        time.sleep(1)
-        servers = haproxy_servers(haproxy, "web")
-        assert len(servers) == 1  # added, but in maintenance: no traffic yet
-        report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=5).wait(30)
-        assert report.ok == 0  # nothing is in rotation while the hook runs
-        flag.write_text("go")
-        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
-        report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=20).wait(30)
-        assert report.ok == 20 and report.failed == 0
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb, "web")))
+    create(custom, namespace, "lifecyclehandlers", handler("warmup", "web", python(f"{module}.handle"),
+                                                           events=["up"], blocking=True, timeoutSeconds=30))
+    create(custom, namespace, "targetpools", pod_pool("api", app="api", port=other.port,
+                                                       backend=ha_backend(lb, "api")))
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "veto", "api", python(f"{module}.refuse"), events=["up"], blocking=True, onFailure="Abandon",
+        retry={"maxAttempts": 1}))
+    for name in ("warmup", "veto"):
+        wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
+                                          "Ready").get("status") == "True", 20, f"{name} Ready")
+    fleet.add("web-0")
+    other.add("api-0")
+    ref = f"Pod/{namespace}/web-0"
+    member = wait_for(lambda: members(custom, namespace, "web").get(ref), 20, "member listed")
+    assert member["state"] == "Registering" and "hook" in member["reason"]
+    time.sleep(1)
+    servers = haproxy_servers(haproxy, "web")
+    assert len(servers) == 1  # added, but in maintenance: no traffic yet
+    report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=5).wait(30)
+    assert report.ok == 0  # nothing is in rotation while the hook runs
+    flag.write_text("go")
+    wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+    report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=20).wait(30)
+    assert report.ok == 20 and report.failed == 0
 
-        held = wait_for(lambda: (m := members(custom, namespace, "api").get(f"Pod/{namespace}/api-0")) and
-                        m["state"] == "Held" and m, 20, "Held after an abandoned hook")
-        assert "hook" in held["reason"]
-        report = LoadGenerator(haproxy.frontend_url("api"), connections=1).start(count=5).wait(30)
-        assert report.ok == 0  # never takes traffic
-        wait_for(lambda: any(r == "LifecycleHook" for r, _ in events_for(core, namespace, "api")), 10, "pool Event")
-    finally:
-        custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
-        haproxy.stop()
+    held = wait_for(lambda: (m := members(custom, namespace, "api").get(f"Pod/{namespace}/api-0")) and
+                    m["state"] == "Held" and m, 20, "Held after an abandoned hook")
+    assert "hook" in held["reason"]
+    report = LoadGenerator(haproxy.frontend_url("api"), connections=1).start(count=5).wait(30)
+    assert report.ok == 0  # never takes traffic
+    wait_for(lambda: any(r == "LifecycleHook" for r, _ in events_for(core, namespace, "api")), 10, "pool Event")
 
 
 def test_delivery_survives_operator_sigkill_with_same_id(
@@ -348,44 +360,30 @@ def test_link_local_url_is_refused_before_anything_is_sent(
 
 def test_blocking_draining_hook_holds_removal_and_annotate_handler_writes(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-        workloads: Workloads, handlers_dir: Path, tmp_path: Path) -> None:
-    haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web",))
-    haproxy.start()
-    lb = f"drain-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, lb, haproxy.admin_endpoint)
+        workloads: Workloads, handlers_dir: Path, tmp_path: Path, own_lb: tuple[HAProxyProcess, str]) -> None:
+    haproxy, lb = own_lb
     flag = tmp_path / "drained"
-    module = f"drainhook_{uuid.uuid4().hex[:6]}"
-    write_handler(handlers_dir, module, f'''
-import os, time
-def handle(event, context):
-    while not os.path.exists({str(flag)!r}):
-        time.sleep(0.05)
-    return "flushed"
-''')
+    module = flag_handler(handlers_dir, flag, "flushed")
     fleet = workloads("web")
-    try:
-        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                           backend=ha_backend(lb, "web"), delay=120))
-        create(custom, namespace, "lifecyclehandlers", handler("flush", "web", python(f"{module}.handle"),
-                                                               events=["draining"], blocking=True, timeoutSeconds=60))
-        create(custom, namespace, "lifecyclehandlers", handler("stamp", "web", python("annotate.handle"),
-                                                               events=["up"]))
-        for name in ("flush", "stamp"):
-            wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
-                                              "Ready").get("status") == "True", 20, f"{name} Ready")
-        fleet.add("web-0")
-        ref = f"Pod/{namespace}/web-0"
-        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
-        # the shipped annotate handler wrote the last transition onto the pod (as the operator's ServiceAccount)
-        note = wait_for(lambda: (core.read_namespaced_pod(name="web-0", namespace=namespace).metadata.annotations
-                                 or {}).get("poolkeeper.dev/last-transition"), 20, "annotation")
-        assert json.loads(note)["type"].endswith(".up")
-        fleet.begin_termination("web-0")
-        wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Draining", 20, "Draining")
-        time.sleep(1.5)
-        assert len(haproxy_servers(haproxy, "web")) == 1  # idle, but the hook still runs: not removed
-        flag.write_text("done")
-        wait_for(lambda: not haproxy_servers(haproxy, "web"), 20, "removed once the hook succeeded")
-    finally:
-        custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
-        haproxy.stop()
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb, "web"), delay=120))
+    create(custom, namespace, "lifecyclehandlers", handler("flush", "web", python(f"{module}.handle"),
+                                                           events=["draining"], blocking=True, timeoutSeconds=60))
+    create(custom, namespace, "lifecyclehandlers", handler("stamp", "web", python("annotate.handle"),
+                                                           events=["up"]))
+    for name in ("flush", "stamp"):
+        wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
+                                          "Ready").get("status") == "True", 20, f"{name} Ready")
+    fleet.add("web-0")
+    ref = f"Pod/{namespace}/web-0"
+    wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+    # the shipped annotate handler wrote the last transition onto the pod (as the operator's ServiceAccount)
+    note = wait_for(lambda: (core.read_namespaced_pod(name="web-0", namespace=namespace).metadata.annotations
+                             or {}).get("poolkeeper.dev/last-transition"), 20, "annotation")
+    assert json.loads(note)["type"].endswith(".up")
+    fleet.begin_termination("web-0")
+    wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Draining", 20, "Draining")
+    time.sleep(1.5)
+    assert len(haproxy_servers(haproxy, "web")) == 1  # idle, but the hook still runs: not removed
+    flag.write_text("done")
+    wait_for(lambda: not haproxy_servers(haproxy, "web"), 20, "removed once the hook succeeded")
