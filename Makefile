@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 
 all: test
 
-$(BIN)/poolkeeper: pyproject.toml
+$(BIN)/poolkeeper: pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e devtools
 	@touch $@
 
 venv: $(BIN)/poolkeeper
@@ -32,14 +32,14 @@ test-integration: venv binaries
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests/integration
 
 lint: venv
-	$(BIN)/ruff check operator tests handlers bench
+	$(BIN)/ruff check operator devtools tests handlers bench
 	$(BIN)/mypy
 
 demo: venv binaries
-	$(BIN)/python -m poolkeeper.demo up --dir $(DEMO_DIR) --seconds $(DEMO_SECONDS)
+	$(BIN)/python -m poolkeeper_dev.demo up --dir $(DEMO_DIR) --seconds $(DEMO_SECONDS)
 
 demo-down: venv
-	$(BIN)/python -m poolkeeper.demo down --dir $(DEMO_DIR)
+	$(BIN)/python -m poolkeeper_dev.demo down --dir $(DEMO_DIR)
 
 bench: venv binaries
 	$(BIN)/python bench/run_all.py

@@ -20,7 +20,7 @@ from poolkeeper.backends.haproxy import HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.model import AddMember, Admin, RemoveMember, SetAdmin
 from poolkeeper.core.naming import member_name, pool_prefix
-from poolkeeper.devcluster.haproxy import HAProxyProcess
+from poolkeeper_dev.haproxy import HAProxyProcess
 
 
 async def timed(call: Callable[[], Awaitable[object]]) -> float:

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
 from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "bench-lifecycle"

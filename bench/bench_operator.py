@@ -54,10 +54,10 @@ from run_all import FUNCTIONS_DOC, HAPROXY_HEADING, compose_document, functions_
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.naming import member_name, pool_prefix
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.haproxy import HAPROXY, HAProxyProcess
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.haproxy import HAPROXY, HAProxyProcess
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"

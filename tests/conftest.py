@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from poolkeeper.devcluster import Cluster
+from poolkeeper_dev import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 

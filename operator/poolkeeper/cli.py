@@ -11,35 +11,6 @@ import time
 from pathlib import Path
 
 
-def _devcluster(args: argparse.Namespace) -> int:
-    from poolkeeper.devcluster import Cluster, ClusterError
-    from poolkeeper.devcluster.build import BuildError
-
-    cluster = Cluster(Path(args.dir))
-    try:
-        if args.action == "build":
-            started = time.monotonic()
-            from poolkeeper.devcluster import ensure_binaries
-
-            print(f"devcluster binaries in {ensure_binaries()} ({time.monotonic() - started:.1f}s)")
-        elif args.action == "up":
-            started = time.monotonic()
-            cluster.up()
-            print(f"devcluster ready in {time.monotonic() - started:.1f}s at {cluster.server}")
-            print(f"  kubeconfig: {cluster.kubeconfig}\n  source {cluster.env_file}  # KUBECONFIG and kubectl on PATH")
-        elif args.action == "down":
-            stopped = cluster.down()
-            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-        else:
-            status = cluster.status()
-            print(json.dumps(status, indent=2))
-            return 0 if status["ready"] else 1
-    except (ClusterError, BuildError, OSError) as exc:
-        print(f"devcluster {args.action} failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     from poolkeeper.app import OperatorOptions, run_operator
 
@@ -64,6 +35,19 @@ def _heartbeat(args: argparse.Namespace) -> int:
     print(f"instance {args.namespace}/{args.name}: state={result['state']} "
           f"lastHeartbeatTime={result['lastHeartbeatTime']}")
     return 0
+
+
+def _devcluster(argv: list[str]) -> int:
+    """Hand over to the development package, which the runtime image does not carry."""
+    try:
+        from poolkeeper_dev.cli import devcluster_main
+    except ModuleNotFoundError as exc:
+        if exc.name != "poolkeeper_dev":
+            raise
+        print("poolkeeper devcluster needs the development package: pip install -e devtools/ "
+              "(from a checkout of poolkeeper)", file=sys.stderr)
+        return 2
+    return devcluster_main(argv)
 
 
 def _invoke(argv: list[str]) -> int:
@@ -97,10 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 
-    dev = sub.add_parser("devcluster", help="a real local control plane for development and tests")
-    dev.add_argument("action", choices=("build", "up", "down", "status"))
-    dev.add_argument("--dir", default=".devcluster", help="state folder (default: ./.devcluster)")
-    dev.set_defaults(func=_devcluster)
+    sub.add_parser("devcluster", help="a local cluster for development (needs the poolkeeper-dev package)",
+                   add_help=False)
 
     inst = sub.add_parser("instance", help="report an Instance's state, as a machine's agent")
     inst_sub = inst.add_subparsers(dest="instance_command", required=True)
@@ -121,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["invoke"]:
         return _invoke(argv[1:])
+    if argv[:1] == ["devcluster"]:
+        return _devcluster(argv[1:])
     args = build_parser().parse_args(argv)
     from poolkeeper.logs import configure
 

@@ -13,10 +13,10 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
-from poolkeeper.devcluster.workload import Workload
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.workload import Workload
 from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from poolkeeper.devcluster import Cluster
+from poolkeeper_dev import Cluster
 
 pytestmark = pytest.mark.cluster
 

@@ -18,7 +18,7 @@ def running(pid: int) -> bool:
 
 def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
-    up = subprocess.run([sys.executable, "-m", "poolkeeper.demo", "up", "--dir", str(folder), "--seconds", "8"],
+    up = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "up", "--dir", str(folder), "--seconds", "8"],
                         capture_output=True, text=True, timeout=240, check=False)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> 
         pids = [state["operator_pid"], state["haproxy_pid"]]
         assert all(running(pid) for pid in pids)
     finally:
-        down = subprocess.run([sys.executable, "-m", "poolkeeper.demo", "down", "--dir", str(folder)],
+        down = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "down", "--dir", str(folder)],
                               capture_output=True, text=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr
     assert not any(running(pid) for pid in pids)

@@ -32,9 +32,9 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
-from poolkeeper.devcluster.haproxy import DECLARED_SERVER, HAProxyProcess, issue_cert, make_ca
-from poolkeeper.devcluster.ports import free_port
-from poolkeeper.devcluster.traffic import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
+from poolkeeper_dev.haproxy import DECLARED_SERVER, HAProxyProcess, issue_cert, make_ca
+from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.traffic import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from kubernetes import client
 
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
 from support.kube import wait_for
 
 

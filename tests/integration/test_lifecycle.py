@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from poolkeeper.devcluster.haproxy import HAProxyProcess
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
-from poolkeeper.devcluster.traffic import LoadGenerator
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
 from support.pools import Workloads, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver

@@ -7,9 +7,9 @@ from typing import Any
 
 from kubernetes import client
 
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
 from support.kube import (
     condition,
     create,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from poolkeeper.devcluster.haproxy import HAProxyProcess
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
-from poolkeeper.devcluster.traffic import LoadGenerator
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
 from support.pools import Workloads, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
 

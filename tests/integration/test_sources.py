@@ -11,9 +11,9 @@ from kubernetes import client
 from test_operator_endpointslice import endpoints
 
 from poolkeeper.agent import report_heartbeat
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.operator_process import OperatorProcess
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.standin_kubelet import FakeKubelet
 from support.kube import condition, create, get, pod_pool, selectorless_service, slice_backend, wait_for
 
 

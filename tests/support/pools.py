@@ -11,8 +11,8 @@ from typing import Any
 from kubernetes import client
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
-from poolkeeper.devcluster.haproxy import HAProxyProcess
-from poolkeeper.devcluster.workload import Workload
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.workload import Workload
 from support.kube import get
 
 Workloads = Callable[..., Workload]  # the `workloads` fixture: make(app, gates=()) -> Workload

@@ -13,7 +13,9 @@ import subprocess
 from pathlib import Path
 
 KUBERNETES_VERSION = "v1.34.2"
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+BINARIES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "kube-scheduler", "kubelet", "kube-proxy",
+)
 _MAJOR, _MINOR = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
 LDFLAGS = " ".join(
     ["-s", "-w"]

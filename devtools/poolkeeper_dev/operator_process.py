@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from poolkeeper.devcluster.ports import free_port
+from poolkeeper_dev.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -10,23 +10,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from poolkeeper.devcluster.build import KUBERNETES_VERSION, ensure_binaries
-from poolkeeper.devcluster.pki import Pki, ensure_pki
-from poolkeeper.devcluster.ports import free_port
+from poolkeeper_dev import node as nodes
+from poolkeeper_dev.build import KUBERNETES_VERSION, ensure_binaries
+from poolkeeper_dev.pki import Pki, ensure_pki
+from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.requirements import ensure as ensure_requirements
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
-# No kubelets here: the node-lifecycle controller would taint every Node NotReady after ~40 s.
+# Without a kubelet the node-lifecycle controller would taint every Node NotReady after ~40 s.
 DISABLED_CONTROLLERS = ("node-lifecycle-controller",)
+SERVICE_CIDR = nodes.SERVICE_CIDR  # never 10.x: Services live in the RFC 2544 range, with or without a node
 
 
 class ClusterError(RuntimeError):
@@ -63,7 +68,19 @@ class Cluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.state['apiserver_port']}"
+        return f"https://{self.state.get('apiserver_host', '127.0.0.1')}:{self.state['apiserver_port']}"
+
+    @property
+    def has_node(self) -> bool:
+        """True when this cluster runs a real node (containerd, kubelet, kube-proxy, kube-scheduler)."""
+        return bool(self.state.get("node"))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS + (nodes.NODE_COMPONENTS if self.has_node else ())
+
+    def node_layout(self) -> nodes.NodeLayout:
+        return nodes.NodeLayout(self.root, ensure_pki(self.root / "pki"), self.state.get("node_ports", {}))
 
     def _state_file(self) -> Path:
         return self.root / "state.json"
@@ -94,10 +111,10 @@ class Cluster:
         """Which components run (by recorded pid) and whether the API server is ready."""
         processes = {
             name: {"pid": self.state.get("pids", {}).get(name), "running": self._pid_alive(name)}
-            for name in COMPONENTS
+            for name in self.components
         }
-        ready = bool(self.state) and processes["kube-apiserver"]["running"] and self._ready_once()
-        return {"dir": str(self.root), "kubernetes": KUBERNETES_VERSION, "ready": ready,
+        ready = bool(self.state) and all(p["running"] for p in processes.values()) and self._ready_once()
+        return {"dir": str(self.root), "kubernetes": KUBERNETES_VERSION, "ready": ready, "node": self.has_node,
                 "server": self.server if self.state.get("apiserver_port") else None,
                 "processes": processes}
 
@@ -115,11 +132,17 @@ class Cluster:
             return False
 
     # ----- lifecycle
-    def up(self, timeout: float = 120.0) -> Cluster:
-        """Build what is missing, start what is not running, wait until the API server is ready."""
-        if self.state and all(self._pid_alive(c) for c in COMPONENTS) and self._ready_once():
+    def up(self, timeout: float = 120.0, node: bool = False) -> Cluster:
+        """Build what is missing, start what is not running, wait until the API server (and node) is ready.
+
+        A running cluster is left alone when it already has what was asked for (a node-ful one also
+        serves a node-less request); otherwise it is stopped and started again in the wanted shape.
+        """
+        running = self.state and all(self._pid_alive(c) for c in self.components) and self._ready_once()
+        if running and (self.has_node or not node):
             return self
         self.down()
+        ensure_requirements(["control-plane", "node", "image"] if node else ["control-plane"])
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         bin_dir = ensure_binaries()
@@ -129,9 +152,17 @@ class Cluster:
             "etcd_port": free_port(),
             "etcd_peer_port": free_port(),
             "apiserver_port": free_port(),
+            "apiserver_host": nodes.NODE_IP if node else "127.0.0.1",
             "kcm_port": free_port(),
+            "node": node,
             "pids": {},
         }
+        if node:
+            self.state["node_ports"] = {name: free_port() for name in (
+                "kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics", "scheduler")}
+            self.state["host"] = {}
+            self._save_state()
+            nodes.prepare_host(self.state["host"])  # the API server binds the node's bridge address
         self._save_state()
         started = time.monotonic()
         self._spawn("etcd", self._etcd_args())
@@ -140,14 +171,47 @@ class Cluster:
         self._wait_ready(pki, deadline=started + timeout)
         self._spawn("kube-controller-manager", self._kcm_args(pki))
         self._write_env()
+        if node:
+            self._start_node(deadline=started + timeout)
         self.state["started_seconds"] = round(time.monotonic() - started, 2)
         self._save_state()
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _start_node(self, deadline: float) -> None:
+        from poolkeeper_dev.image import build_images, load_images
+
+        layout = self.node_layout()
+        layout.write_configs(self.server)
+        self._spawn("kube-scheduler", layout.scheduler_args())
+        self._spawn("containerd", ["--config", str(layout.root / "containerd" / "config.toml")],
+                    binary=shutil.which("containerd") or "/usr/bin/containerd")
+        self._wait_for(lambda: layout.containerd_address.exists(), "containerd", deadline)
+        load_images(build_images(self.root / "images"), str(layout.containerd_address))
+        self._spawn("kubelet", layout.kubelet_args())
+        self._spawn("kube-proxy", layout.proxy_args())
+        self._wait_for(self._node_ready, "the node to become Ready", deadline + 60)
+
+    def _node_ready(self) -> bool:
+        proc = self.kubectl_run("get", "node", nodes.NODE_NAME, "-o",
+                                "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False)
+        return proc.stdout.strip() == "True"
+
+    def _wait_for(self, condition: Callable[[], bool], what: str, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            for name in self.components:
+                if name in self.state["pids"] and not self._pid_alive(name):
+                    raise ClusterError(f"{name} exited while waiting for {what}; last log lines:\n"
+                                       f"{self._log_tail(name)}")
+            if condition():
+                return
+            time.sleep(0.2)
+        tails = "\n".join(f"--- {n}\n{self._log_tail(n, 8)}" for n in self.state["pids"])
+        raise ClusterError(f"timed out waiting for {what}; log tails:\n{tails}")
+
+    def _spawn(self, name: str, args: list[str], binary: str | None = None) -> None:
         log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+            [binary or str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
         )
         log.close()
@@ -167,23 +231,40 @@ class Cluster:
 
     def _apiserver_args(self, pki: Pki) -> list[str]:
         port = self.state["apiserver_port"]
+        host = self.state.get("apiserver_host", "127.0.0.1")
+        if self.has_node:
+            # As on a real cluster: pods get service-account tokens, the kubelet is held to its own
+            # Node, and the `kubernetes` Service has endpoints (reached through kube-proxy).
+            node_args = [
+                "--enable-admission-plugins=NodeRestriction", "--authorization-mode=Node,RBAC",
+                "--endpoint-reconciler-type=lease",
+                f"--kubelet-client-certificate={pki.client('apiserver-kubelet-client')[0]}",
+                f"--kubelet-client-key={pki.client('apiserver-kubelet-client')[1]}",
+                f"--kubelet-certificate-authority={pki.ca_cert}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            # No kubelet: pods are accepted without service accounts, and no endpoints are published
+            # for the API server's loopback address.
+            node_args = ["--disable-admission-plugins=ServiceAccount", "--authorization-mode=RBAC",
+                         "--endpoint-reconciler-type=none"]
         return [
             f"--etcd-servers=http://127.0.0.1:{self.state['etcd_port']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={port}",
             f"--cert-dir={self.root / 'pki'}",
             f"--tls-cert-file={pki.serving_cert}", f"--tls-private-key-file={pki.serving_key}",
-            f"--client-ca-file={pki.ca_cert}", "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--client-ca-file={pki.ca_cert}", *node_args,
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--service-account-issuer=https://127.0.0.1:{port}/",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
-            "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
-            "--endpoint-reconciler-type=none", "--max-requests-inflight=2000",
+            "--allow-privileged=true", "--max-requests-inflight=2000",
             "--max-mutating-requests-inflight=1000", "--watch-cache=true",
         ]
 
     def _kcm_args(self, pki: Pki) -> list[str]:
-        controllers = ",".join(["*", *(f"-{c}" for c in DISABLED_CONTROLLERS)])
+        disabled = () if self.has_node else DISABLED_CONTROLLERS
+        controllers = ",".join(["*", *(f"-{c}" for c in disabled)])
         return [
             f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
             f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_cert}",
@@ -226,26 +307,58 @@ class Cluster:
         )
 
     def down(self) -> list[str]:
-        """Stop the recorded processes (API server first so clients see it go); return what was stopped."""
+        """Stop what `up` started and undo what it changed on the host; return what was stopped.
+
+        The node goes first (kubelet, so nothing restarts pods; then the pods themselves, containerd,
+        mounts, network namespaces, kube-proxy's iptables rules, the bridge), then the control plane,
+        API server before etcd so clients see it go.
+        """
         stopped = []
+        if self.has_node:
+            stopped += self._stop_node()
         for name in reversed(COMPONENTS):
-            if self._pid_alive(name):
-                pid = self.state["pids"][name]
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                for _ in range(100):
-                    if not self._pid_alive(name):
-                        break
-                    time.sleep(0.05)
-                else:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
+            if self._stop(name):
                 stopped.append(name)
         if self.state.get("pids"):
             self.state["pids"] = {}
             self._save_state()
+        return stopped
+
+    def _stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> bool:
+        if not self._pid_alive(name):
+            return False
+        pid = self.state["pids"][name]
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return False
+        for _ in range(100):
+            if not self._pid_alive(name):
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        return True
+
+    def _stop_node(self) -> list[str]:
+        layout = self.node_layout()
+        stopped = [name for name in ("kubelet", "kube-proxy", "kube-scheduler") if self._stop(name)]
+        ctr = ["ctr", "--address", str(layout.containerd_address), "-n", "k8s.io"]
+        netns: list[str] = []
+        if self._pid_alive("containerd"):
+            netns = nodes.sandbox_netns(ctr)
+            nodes.kill_containers(ctr)
+        if self._stop("containerd"):
+            stopped.append("containerd")
+        nodes.unmount_under([layout.root])
+        nodes.remove_netns(netns)
+        proxy = self.bin_dir / "kube-proxy"
+        if proxy.exists():  # removes every KUBE-* chain and rule it programmed
+            subprocess.run([str(proxy), "--cleanup"], capture_output=True, check=False)
+        nodes.restore_host(self.state.get("host", {}))
+        self.state["host"] = {}
+        self._save_state()
         return stopped
 
     def kubectl_run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -25,12 +25,12 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from poolkeeper.devcluster import Cluster
-from poolkeeper.devcluster.haproxy import HAProxyProcess
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.ports import free_port
-from poolkeeper.devcluster.traffic import LoadGenerator
-from poolkeeper.devcluster.workload import Workload
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.traffic import LoadGenerator
+from poolkeeper_dev.workload import Workload
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 NAMESPACE = "demo"

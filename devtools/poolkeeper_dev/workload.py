@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import itertools
 
-from poolkeeper.devcluster.kubelet import FakeKubelet
-from poolkeeper.devcluster.ports import free_port
-from poolkeeper.devcluster.traffic import HTTPBackend, start_backend
+from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.traffic import HTTPBackend, start_backend
 
 _subnets = itertools.count(1)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poolkeeper.backends.haproxy_client import TLSFiles
-from poolkeeper.devcluster.ports import free_port
+from poolkeeper_dev.ports import free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 DECLARED_SERVER = "static"
@@ -77,7 +77,11 @@ class HAProxyProcess:
     """One `haproxy -db` subprocess; ports and certificates stay the same across restarts."""
 
     def __init__(self, workdir: Path, backends: Sequence[str] = ("web",), *,
-                 declared: Mapping[str, str] | None = None, tls: bool = False, binary: str = HAPROXY) -> None:
+                 declared: Mapping[str, str] | None = None, tls: bool = False, binary: str = HAPROXY,
+                 honest: bool = False, listen_host: str = "127.0.0.1") -> None:
+        """`honest`: `retries 0` and no `option redispatch`, so a request sent to a dead server fails
+        visibly instead of being re-sent elsewhere. `listen_host`: where the frontends and the plain
+        TCP admin socket listen (a devcluster node's bridge address lets pods reach the runtime API)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.backends = list(backends)
@@ -87,6 +91,9 @@ class HAProxyProcess:
         self.log = self.workdir / "haproxy.log"
         self.frontend_ports = {backend: free_port() for backend in self.backends}
         self.tls_port = free_port() if tls else None
+        self.honest = honest
+        self.listen_host = listen_host
+        self.admin_port = free_port() if listen_host != "127.0.0.1" else None
         self._tls_files: TLSFiles | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -98,6 +105,13 @@ class HAProxyProcess:
     @property
     def admin_endpoint(self) -> str:
         return f"unix://{self.admin_socket}"
+
+    @property
+    def plain_tcp_endpoint(self) -> str:
+        """The runtime API over plain TCP on `listen_host` (only when that is not loopback)."""
+        if self.admin_port is None:
+            raise RuntimeError("this HAProxy listens on loopback only: use admin_endpoint")
+        return f"tcp://{self.listen_host}:{self.admin_port}"
 
     @property
     def tcp_endpoint(self) -> str:
@@ -117,7 +131,7 @@ class HAProxyProcess:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def frontend_url(self, backend: str) -> str:
-        return f"http://127.0.0.1:{self.frontend_ports[backend]}"
+        return f"http://{self.listen_host}:{self.frontend_ports[backend]}"
 
     # ----- lifecycle
     def start(self, timeout: float = 10.0) -> None:
@@ -173,7 +187,10 @@ class HAProxyProcess:
     def _ready(self) -> bool:
         targets: list[tuple[int, str | tuple[str, int]]] = [(socket.AF_UNIX, str(self.admin_socket))]
         ports = [*self.frontend_ports.values(), *([self.tls_port] if self.tls_port else [])]
-        targets += [(socket.AF_INET, ("127.0.0.1", port)) for port in ports]
+        targets += [(socket.AF_INET, ("127.0.0.1", port)) for port in ports if port == self.tls_port]
+        targets += [(socket.AF_INET, (self.listen_host, port)) for port in ports if port != self.tls_port]
+        if self.admin_port is not None:
+            targets.append((socket.AF_INET, (self.listen_host, self.admin_port)))
         for family, address in targets:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 try:
@@ -197,17 +214,18 @@ class HAProxyProcess:
     def _render(self) -> str:
         lines = ["global",
                  f"    stats socket {self.admin_socket} mode 600 level admin expose-fd listeners",
-                 "    stats timeout 2m",
-                  "defaults",
+                 "    stats timeout 2m"]
+        if self.admin_port is not None:
+            lines.append(f"    stats socket ipv4@{self.listen_host}:{self.admin_port} level admin")
+        lines += ["defaults",
                   "    mode http",
                   "    timeout connect 1s",
                   "    timeout client 10s",
-                  "    timeout server 10s",
-                  "    option redispatch",
-                  "    retries 3"]
+                  "    timeout server 10s"]
+        lines += ["    retries 0"] if self.honest else ["    option redispatch", "    retries 3"]
         for backend in self.backends:
             lines += [f"frontend fe_{backend}",
-                      f"    bind 127.0.0.1:{self.frontend_ports[backend]}",
+                      f"    bind {self.listen_host}:{self.frontend_ports[backend]}",
                       f"    default_backend {backend}",
                       f"backend {backend}",
                       "    balance roundrobin"]
