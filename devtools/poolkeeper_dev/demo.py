@@ -292,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("--dir", default=".demo", help="state folder (default .demo)")
     parser.add_argument("--seconds", type=float, default=0, help="run this long, then summarise (0: until Ctrl-C)")
+    parser.add_argument("--node", action="store_true",
+                        help="real Deployment rollouts on a real node, the operator deployed from its image")
     args = parser.parse_args(argv)
     demo = Demo(Path(args.dir))
     try:
         if args.action == "down":
             demo.down()
             return 0
+        if args.node:
+            from poolkeeper_dev.demo_node import NodeDemo
+
+            return NodeDemo(demo).run(args.seconds)
         return demo.run(args.seconds)
     except (DemoError, RuntimeError, OSError, ApiException) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)

@@ -199,6 +199,9 @@ def prepare_host(record: dict[str, Any]) -> None:
     if f" {NODE_IP}/" not in addresses:
         _run("ip", "addr", "add", f"{NODE_IP}/16", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
+    # Service addresses route to the bridge too: if kube-proxy has not programmed one yet, a packet
+    # for it dies here instead of following the default route off the machine.
+    _run("ip", "route", "replace", SERVICE_CIDR, "dev", BRIDGE)
     record.setdefault("sysctl", {})
     for sysctl in (FORWARD_SYSCTL, BRIDGE_NF_SYSCTL):
         if not sysctl.exists():
@@ -290,6 +293,7 @@ def remove_cgroups(paths: Iterable[str]) -> None:
 def restore_host(record: dict[str, Any]) -> None:
     """Undo prepare_host: the bridge if we made it, the sysctls we changed, our cgroup root."""
     remove_cgroups(record.get("cgroups", []))
+    _run("ip", "route", "del", SERVICE_CIDR, "dev", BRIDGE, check=False)
     if record.get("bridge_created"):
         _run("ip", "link", "del", BRIDGE, check=False)
     for path, old in record.get("sysctl", {}).items():

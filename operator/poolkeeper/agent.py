@@ -10,8 +10,12 @@ It only needs `patch` on `instances/status` (the `poolkeeper-instance-agent` Clu
 
 from __future__ import annotations
 
+import asyncio
+import os
 from datetime import UTC, datetime
 from typing import Any
+
+from poolkeeper import GROUP, VERSION
 
 STATES = ("pending", "running", "stopping", "stopped", "terminated")
 
@@ -23,31 +27,38 @@ class HeartbeatError(RuntimeError):
 def report_heartbeat(name: str, *, namespace: str = "default", state: str = "running",
                      kubeconfig: str | None = None, message: str | None = None) -> dict[str, Any]:
     """Write status.state and status.lastHeartbeatTime (now, UTC) on the Instance."""
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
-    from kubernetes.config.config_exception import ConfigException
-
     if state not in STATES:
         raise HeartbeatError(f"state must be one of {', '.join(STATES)}")
-    try:
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError) as exc:
-        raise HeartbeatError(f"no Kubernetes credentials: {exc}") from exc
     status: dict[str, Any] = {
         "state": state, "lastHeartbeatTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     if message is not None:
         status["message"] = message
-    api = client.CustomObjectsApi()
-    try:
-        api.patch_namespaced_custom_object_status(
-            group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="instances", name=name,
-            body={"status": status})
-    except ApiException as exc:
-        raise HeartbeatError(f"{exc.status} {exc.reason}: {exc.body}") from exc
+    asyncio.run(_patch_status(name, namespace, status, kubeconfig))
     return status
+
+
+async def _patch_status(name: str, namespace: str, status: dict[str, Any], kubeconfig: str | None) -> None:
+    """The operator's own client and credentials (in-cluster first, then the kubeconfig)."""
+    import kopf
+
+    from poolkeeper.kube.api import MERGE, ApiError, KubeApi, resource_path
+    from poolkeeper.kube.credentials import load_credentials
+
+    before = os.environ.get("KUBECONFIG")
+    try:
+        info = load_credentials(kubeconfig)
+    except (kopf.LoginError, OSError) as exc:
+        raise HeartbeatError(f"no Kubernetes credentials: {exc}") from exc
+    finally:  # load_credentials points KUBECONFIG at the file: a library call must not leave that behind
+        if before is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = before
+    api = KubeApi(info)
+    try:
+        path = resource_path(f"{GROUP}/{VERSION}", "instances", namespace, name, "status")
+        await api.patch(path, {"status": status}, content_type=MERGE)
+    except ApiError as exc:
+        raise HeartbeatError(str(exc)) from exc
+    finally:
+        await api.close()

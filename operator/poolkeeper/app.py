@@ -81,6 +81,7 @@ class Runtime:
     heartbeat_timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
     instance_bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     ready: bool = False
+    standing_by: bool = False
     probe: Any = None
 
 
@@ -107,14 +108,20 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
-    if rt.options.metrics_port and rt.probe is None:  # alive (and not ready) while standing by
-        rt.probe = await start_probe_server(rt.metrics, lambda: rt.ready, rt.options.metrics_address,
+    if rt.options.metrics_port and rt.probe is None:
+        rt.probe = await start_probe_server(rt.metrics, lambda: _readiness(rt), rt.options.metrics_address,
                                             rt.options.metrics_port)
     if rt.options.leader_elect:
         elector = LeaderElector(rt.api, namespace=rt.options.leader_namespace, name=rt.options.leader_name,
                                 identity=f"{socket.gethostname()}-{os.getpid()}")
+        # A standby is Ready: it is doing its job (waiting to take over), so the Deployment counts
+        # it as available and `kubectl rollout status` finishes. Who acts shows in the Lease and in
+        # the poolkeeper_leader metric.
+        rt.standing_by = True
         await elector.acquire()
+        rt.standing_by = False
         rt.tasks.append(asyncio.create_task(_lead(elector), name="leader-lease"))
+    rt.metrics.leader.set(1)
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
     rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
@@ -134,6 +141,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     rt.ready = True  # listed everything and reconciling
+
+
+def _readiness(rt: Runtime) -> str | None:
+    """What /readyz reports: "leading" once listed and reconciling, "standing by" while a standby, else None."""
+    if rt.ready:
+        return "leading"
+    return "standing by" if rt.standing_by else None
 
 
 async def _lead(elector: LeaderElector) -> None:

@@ -26,6 +26,8 @@ class Metrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.members = Gauge("poolkeeper_pool_active_members", "Active members per pool",
                              ["namespace", "pool"], registry=r)
+        self.leader = Gauge("poolkeeper_leader", "1 while this replica acts (holds the Lease, or runs alone)",
+                            registry=r)
         self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
                                    ["result"], registry=r)
 
@@ -33,13 +35,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def start_probe_server(metrics: Metrics, ready: Callable[[], bool], address: str, port: int) -> web.AppRunner:
-    """/healthz: the loop answers; /readyz: watches listed and workers running; /metrics."""
+async def start_probe_server(metrics: Metrics, ready: Callable[[], str | None], address: str,
+                             port: int) -> web.AppRunner:
+    """/healthz: the loop answers; /readyz: 200 with what this replica does (None: not ready); /metrics."""
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.Response(text="ready") if ready() else web.Response(status=503, text="starting")
+        doing = ready()
+        return web.Response(text=doing) if doing else web.Response(status=503, text="starting")
 
     async def render(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

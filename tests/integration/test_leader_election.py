@@ -13,13 +13,13 @@ from poolkeeper_dev.operator_process import OperatorProcess
 from support.kube import wait_for
 
 
-def answers(proc: OperatorProcess, probe: str) -> bool:
-    """Whether the operator's /healthz or /readyz answers 200."""
+def answers(proc: OperatorProcess, probe: str) -> str | None:
+    """The body of the operator's /healthz or /readyz when it answers 200, else None."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/{probe}", timeout=1) as resp:
-            return bool(resp.status == 200)
+            return resp.read().decode() if resp.status == 200 else None
     except OSError:
-        return False
+        return None
 
 
 def test_one_leader_and_a_standby_that_takes_over(
@@ -35,9 +35,14 @@ def test_one_leader_and_a_standby_that_takes_over(
         holder = lease.spec.holder_identity
         assert holder.endswith(f"-{first.proc.pid}")  # type: ignore[union-attr]
         wait_for(lambda: answers(second, "healthz"), 20, "the standby answers /healthz")
-        assert not answers(second, "readyz")  # standing by: alive, not ready, not acting
+        # Standing by is a replica's job: Ready (so the Deployment is Available), not acting.
+        wait_for(lambda: answers(second, "readyz") == "standing by", 20, "the standby is ready")
+        assert answers(first, "readyz") == "leading"
+        assert "poolkeeper_leader 0.0" in second.metrics()
+        assert "poolkeeper_leader 1.0" in first.metrics()
         first.kill()
-        wait_for(lambda: answers(second, "readyz"), 40, "the standby takes over once the Lease expires")
+        wait_for(lambda: answers(second, "readyz") == "leading", 40, "the standby takes over once the Lease expires")
+        assert "poolkeeper_leader 1.0" in second.metrics()
         lease = coordination.read_namespaced_lease(name="poolkeeper", namespace=namespace)
         assert lease.spec.holder_identity.endswith(f"-{second.proc.pid}")  # type: ignore[union-attr]
         assert lease.spec.lease_transitions >= 1

@@ -1,0 +1,99 @@
+"""Fixtures for tests on a real node: containerd, runc, kubelet, kube-proxy and kube-scheduler beside
+the control plane, real pods from images built here, the operator deployed by its own manifests.
+
+One node per machine (it owns the bridge and kube-proxy's iptables chains), shared by every test in
+this folder. If any part cannot start, the fixture FAILS with the reason; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from poolkeeper_dev.image import OPERATOR_IMAGE, build_images, load_images
+
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.node import NODE_IP
+from support.kube import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A control plane with a real node for the session (reuses POOLKEEPER_TEST_NODE_CLUSTER if set)."""
+    reuse = os.environ.get("POOLKEEPER_TEST_NODE_CLUSTER")
+    root = Path(reuse) if reuse else tmp_path_factory.mktemp("nodecluster")
+    try:
+        started = Cluster(root).up(node=True)
+    except Exception as exc:
+        pytest.fail(f"the local cluster with a node could not start: {exc}", pytrace=False)
+    yield started
+    if not reuse:
+        started.down()
+
+
+def kubectl(cluster: Cluster, *args: str, input: str | None = None) -> str:
+    return cluster.kubectl_run(*args, input=input).stdout
+
+
+@pytest.fixture(scope="session")
+def node_api(node_cluster: Cluster) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(node_cluster.kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def deployed_operator(node_cluster: Cluster, node_api: client.ApiClient) -> dict[str, Any]:
+    """`make image` then `kubectl apply -k manifests/`: the operator as users run it, from its image."""
+    started = time.monotonic()
+    archives = build_images(REPO / ".images")
+    load_images({OPERATOR_IMAGE: archives[OPERATOR_IMAGE]}, str(node_cluster.node_layout().containerd_address))
+    image_seconds = time.monotonic() - started
+    kubectl(node_cluster, "apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
+    kubectl(node_cluster, "apply", "-k", str(REPO / "manifests"))
+    applied = time.monotonic()
+    try:
+        kubectl(node_cluster, "-n", "poolkeeper-system", "rollout", "status", "deployment/poolkeeper",
+                "--timeout=180s")
+    except Exception as exc:
+        pods = node_cluster.kubectl_run("-n", "poolkeeper-system", "describe", "pods", check=False).stdout
+        logs = node_cluster.kubectl_run("-n", "poolkeeper-system", "logs", "-l",
+                                        "app.kubernetes.io/name=poolkeeper", "--tail=30", check=False).stdout
+        pytest.fail(f"the operator Deployment did not become available: {exc}\n{pods[-4000:]}\n{logs}",
+                    pytrace=False)
+    return {"image_seconds": image_seconds, "rollout_seconds": time.monotonic() - applied}
+
+
+@pytest.fixture()
+def node_namespace(node_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    core = client.CoreV1Api(node_api)
+    name = f"n-{request.node.name[:28].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    core.create_namespace(body={"metadata": {"name": name}})
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "the default ServiceAccount")
+    yield name
+    with contextlib.suppress(ApiException):
+        core.delete_namespace(name=name)
+
+
+@pytest.fixture()
+def honest_haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
+    """HAProxy with `retries 0` and no redispatch, its runtime API and frontend on the node's bridge."""
+    proc = HAProxyProcess(tmp_path / "haproxy", backends=["web", "nodes"], honest=True, listen_host=NODE_IP)
+    try:
+        proc.start()
+    except RuntimeError as exc:
+        pytest.fail(f"HAProxy could not start: {exc}", pytrace=False)
+    yield proc
+    proc.stop()
