@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NODE ?=
 
-.PHONY: all venv binaries test test-unit test-integration lint duplicates demo demo-down bench clean
+.PHONY: all venv binaries image test test-unit test-integration lint duplicates demo demo-down bench clean
 
 # Check the machine first (and install from Debian's packages as root), so a fresh machine stops
 # at once with what is missing instead of ten minutes into a build. Standard library only.
@@ -28,6 +28,12 @@ venv: $(BIN)/poolkeeper
 # kube-apiserver, kube-controller-manager, kubectl and etcd, built from devcluster/ (cached).
 binaries: need-control-plane venv
 	$(BIN)/poolkeeper devcluster build
+
+# poolkeeper, pause and testweb images as OCI archives in .images/, built without a registry or an
+# engine (mmdebstrap, gcc); IMAGE_LOAD=<containerd socket> also imports them into its k8s.io namespace.
+image: venv
+	$(BIN)/python -m poolkeeper_dev.requirements image
+	$(BIN)/python -m poolkeeper_dev.image build $(if $(IMAGE_LOAD),--load $(IMAGE_LOAD),)
 
 test: need-test venv binaries
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests
