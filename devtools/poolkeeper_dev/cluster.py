@@ -44,6 +44,8 @@ class Cluster:
 
     root: Path
     state: dict[str, Any] = field(default_factory=dict)
+    # The processes this object started: their own exit status beats reading /proc while they start.
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -100,6 +102,9 @@ class Cluster:
         pid = self.state.get("pids", {}).get(component)
         if not pid:
             return False
+        started = self._procs.get(component)
+        if started is not None and started.pid == pid:
+            return started.poll() is None
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -215,6 +220,7 @@ class Cluster:
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
         )
         log.close()
+        self._procs[name] = proc
         self.state["pids"][name] = proc.pid
         self._save_state()
 

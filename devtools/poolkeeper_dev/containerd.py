@@ -43,6 +43,9 @@ class ContainerdConfig:
     sandbox_image: str = "registry.k8s.io/pause:3.10"
     snapshotter: str = "overlayfs"
     systemd_cgroup: bool = False
+    # Clamp every container's oom_score_adj to containerd's own: without CAP_SYS_RESOURCE (as in
+    # this VM) the -998 CRI gives pod sandboxes fails runc's init ("can't get final child's PID").
+    restrict_oom_score_adj: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         if len(str(self.address)) > SOCKET_PATH_MAX:
@@ -64,6 +67,7 @@ class ContainerdConfig:
                if value is not None}
         return {
             "sandbox_image": self.sandbox_image,
+            "restrict_oom_score_adj": self.restrict_oom_score_adj,
             "containerd": {
                 "snapshotter": self.snapshotter, "default_runtime_name": "runc",
                 "runtimes": {"runc": {"runtime_type": "io.containerd.runc.v2",

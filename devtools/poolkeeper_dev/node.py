@@ -97,6 +97,7 @@ class NodeLayout:
             root=self.root / "containerd" / "root", state=self.root / "containerd" / "state",
             address=self.containerd_address, cri=True, cni_bin_dir=Path("/usr/lib/cni"),
             cni_conf_dir=self.cni_conf_dir, sandbox_image=SANDBOX_IMAGE,
+            restrict_oom_score_adj=not can_lower_oom_score(),
         )
 
     def cni_config(self) -> dict[str, Any]:
@@ -175,6 +176,14 @@ class NodeLayout:
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={self.ports['scheduler']}",
             f"--cert-dir={self.root / 'scheduler-pki'}",
         ]
+
+
+def can_lower_oom_score() -> bool:
+    """Whether we hold CAP_SYS_RESOURCE (bit 24), which a negative oom_score_adj needs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << 24))
+    return False
 
 
 def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, Any]:

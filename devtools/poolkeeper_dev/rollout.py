@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
+from poolkeeper_dev.image import TESTWEB_IMAGE
 
-TESTWEB_IMAGE = "poolkeeper.dev/testweb:dev"
 ERROR_COUNTERS = ("econ", "eresp", "wretr", "wredis")
 GATE_PREFIX = "poolkeeper.dev/"
+
+__all__ = ["ERROR_COUNTERS", "TESTWEB_IMAGE", "ErrorWatch", "show_stat", "wait_rollout", "web_deployment", "web_pool"]
 
 
 def web_deployment(name: str, *, pool: str, replicas: int = 3, port: int = 8080, pre_stop_sleep: int | None = 5,

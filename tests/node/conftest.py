@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-from poolkeeper_dev.image import OPERATOR_IMAGE, build_images, load_images
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.image import OPERATOR_IMAGE, build_images, load_images
 from poolkeeper_dev.node import NODE_IP
 from support.kube import wait_for
 
