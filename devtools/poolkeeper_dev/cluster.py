@@ -25,7 +25,7 @@ from typing import Any
 from poolkeeper_dev import node as nodes
 from poolkeeper_dev.build import KUBERNETES_VERSION, ensure_binaries
 from poolkeeper_dev.pki import Pki, ensure_pki
-from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.ports import free_port, port_again
 from poolkeeper_dev.requirements import ensure as ensure_requirements
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
@@ -147,16 +147,19 @@ class Cluster:
         if running and (self.has_node or not node):
             return self
         self.down()
+        if node:
+            self._claim_node()
         ensure_requirements(["control-plane", "node", "image"] if node else ["control-plane"])
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         bin_dir = ensure_binaries()
         pki = ensure_pki(self.root / "pki")
+        before = self.state
         self.state = {
             "bin_dir": str(bin_dir),
             "etcd_port": free_port(),
             "etcd_peer_port": free_port(),
-            "apiserver_port": free_port(),
+            "apiserver_port": port_again(before.get("apiserver_port")),
             "apiserver_host": nodes.NODE_IP if node else "127.0.0.1",
             "kcm_port": free_port(),
             "node": node,
@@ -182,9 +185,20 @@ class Cluster:
         self._save_state()
         return self
 
+    def _claim_node(self) -> None:
+        """One node per machine (it owns the bridge and kube-proxy's iptables chains): refuse a second."""
+        owner = nodes.node_owner()
+        if owner is not None and owner != self.root:
+            other = Cluster(owner)
+            if other.has_node and any(other._pid_alive(c) for c in other.components):
+                raise ClusterError(f"a devcluster node already runs from {owner} (one per machine): "
+                                   f"`poolkeeper devcluster down --dir {owner}` first")
+        nodes.claim_node(self.root)
+
     def _start_node(self, deadline: float) -> None:
         from poolkeeper_dev.image import build_images, load_images
 
+        self._heal_kubernetes_endpoints()
         layout = self.node_layout()
         layout.write_configs(self.server)
         self._spawn("kube-scheduler", layout.scheduler_args())
@@ -195,6 +209,14 @@ class Cluster:
         self._spawn("kubelet", layout.kubelet_args())
         self._spawn("kube-proxy", layout.proxy_args())
         self._wait_for(self._node_ready, "the node to become Ready", deadline + 60)
+
+    def _heal_kubernetes_endpoints(self) -> None:
+        """A folder restarted on another port keeps the old `kubernetes` endpoints in etcd, and the API
+        server only fixes their address, not the port: delete them and it writes fresh ones."""
+        port = self.kubectl_run("get", "endpointslice", "kubernetes", "-n", "default", "-o",
+                                "jsonpath={.ports[0].port}", check=False).stdout.strip()
+        if port and port != str(self.state["apiserver_port"]):
+            self.kubectl_run("delete", "endpoints,endpointslice", "kubernetes", "-n", "default", check=False)
 
     def _node_ready(self) -> bool:
         proc = self.kubectl_run("get", "node", nodes.NODE_NAME, "-o",
@@ -363,6 +385,7 @@ class Cluster:
         if proxy.exists():  # removes every KUBE-* chain and rule it programmed
             subprocess.run([str(proxy), "--cleanup"], capture_output=True, check=False)
         nodes.restore_host(self.state.get("host", {}))
+        nodes.release_node(self.root)
         self.state["host"] = {}
         self._save_state()
         return stopped

@@ -31,6 +31,7 @@ POD_CIDR = "198.18.0.0/16"
 SERVICE_CIDR = "198.19.0.0/16"
 CGROUP_ROOT = "poolkeeper-node"
 CGROUP_V1 = Path("/sys/fs/cgroup")
+OWNER_FILE = Path("/run/poolkeeper-devcluster-node")
 FORWARD_SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
 BRIDGE_NF_SYSCTL = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
@@ -176,6 +177,23 @@ class NodeLayout:
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={self.ports['scheduler']}",
             f"--cert-dir={self.root / 'scheduler-pki'}",
         ]
+
+
+def node_owner() -> Path | None:
+    """The cluster folder that last claimed this machine's node, if any."""
+    try:
+        return Path(OWNER_FILE.read_text().strip())
+    except OSError:
+        return None
+
+
+def claim_node(root: Path) -> None:
+    OWNER_FILE.write_text(str(root))
+
+
+def release_node(root: Path) -> None:
+    if node_owner() == root:
+        OWNER_FILE.unlink(missing_ok=True)
 
 
 def can_lower_oom_score() -> bool:

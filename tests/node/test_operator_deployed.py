@@ -61,8 +61,8 @@ def test_both_replicas_are_ready_and_one_leads(deployed_operator: dict[str, floa
     assert all(c.ready for p in pods for c in p.status.container_statuses)
     assert all(p.spec.service_account_name == "poolkeeper" for p in pods)
     assert all(p.spec.containers[0].image == "ghcr.io/poolkeeper/poolkeeper:0.1.0" for p in pods)
-    answers = sorted(readyz(p) for p in pods)
-    assert answers == ["leading", "standing by"]
+    wait_for(lambda: sorted(readyz(p) for p in pods) == ["leading", "standing by"], 60,
+             "one replica to lead and the other to stand by")
     leader = next(p for p in pods if readyz(p) == "leading")
     assert leader_identity(node_api).startswith(leader.metadata.name)
     deployment = client.AppsV1Api(node_api).read_namespaced_deployment("poolkeeper", SYSTEM)

@@ -232,3 +232,13 @@ def test_conditions_keep_transition_time() -> None:
     flipped = merge_conditions(first, [Condition("Ready", False, "Bad", "x")], 4, "t3")
     assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "False"
     assert merge_conditions(None, [Condition("X", None, "Unknown")], None, "t")[0]["status"] == "Unknown"
+
+
+def test_in_cluster_server_comes_from_the_kubelet_environment() -> None:
+    from poolkeeper.kube.credentials import in_cluster_server
+
+    assert in_cluster_server({"KUBERNETES_SERVICE_HOST": "198.19.0.1", "KUBERNETES_SERVICE_PORT": "443"}) == \
+        "https://198.19.0.1:443"
+    assert in_cluster_server({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}) == \
+        "https://[fd00::1]:443"
+    assert in_cluster_server({}) is None
