@@ -31,9 +31,11 @@ binaries: need-control-plane venv
 
 # poolkeeper, pause and testweb images as OCI archives in .images/, built without a registry or an
 # engine (mmdebstrap, gcc); IMAGE_LOAD=<containerd socket> also imports them into its k8s.io namespace.
-image: venv
-	$(BIN)/python -m poolkeeper_dev.requirements image
-	$(BIN)/python -m poolkeeper_dev.image build $(if $(IMAGE_LOAD),--load $(IMAGE_LOAD),)
+DEVCLUSTER_DIR ?= .devcluster
+
+# Builds the images; loads them into $(DEVCLUSTER_DIR)'s node when one runs (and into IMAGE_LOAD if set).
+image: need-image venv
+	$(BIN)/python -m poolkeeper_dev.image build --devcluster $(DEVCLUSTER_DIR) $(if $(IMAGE_LOAD),--load $(IMAGE_LOAD),)
 
 test: need-test venv binaries
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests

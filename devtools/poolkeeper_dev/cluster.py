@@ -384,6 +384,7 @@ class Cluster:
         proxy = self.bin_dir / "kube-proxy"
         if proxy.exists():  # removes every KUBE-* chain and rule it programmed
             subprocess.run([str(proxy), "--cleanup"], capture_output=True, check=False)
+        nodes.remove_kube_chains()
         nodes.restore_host(self.state.get("host", {}))
         nodes.release_node(self.root)
         self.state["host"] = {}

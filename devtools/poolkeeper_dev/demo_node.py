@@ -47,7 +47,6 @@ class NodeDemo:
         _say("building the operator image and loading it into the node's containerd")
         archives = build_images(REPO / ".images")
         load_images({OPERATOR_IMAGE: archives[OPERATOR_IMAGE]}, str(self.cluster.node_layout().containerd_address))
-        self.cluster.kubectl_run("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
         self.cluster.kubectl_run("apply", "-k", str(REPO / "manifests"))
         _say("kubectl apply -k manifests/: waiting for the operator Deployment")
         self.cluster.kubectl_run("-n", "poolkeeper-system", "rollout", "status", "deployment/poolkeeper",

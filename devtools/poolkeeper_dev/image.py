@@ -321,6 +321,16 @@ def format_table(built: list[BuiltImage], relative_to: Path | None = None) -> st
                      for row in rows)
 
 
+def _running_node_socket(folder: Path) -> str | None:
+    """The containerd socket of a devcluster folder's node, if that cluster runs one now."""
+    from poolkeeper_dev.cluster import Cluster
+
+    cluster = Cluster(folder)
+    if not cluster.has_node or not cluster.status()["ready"]:
+        return None
+    return str(cluster.node_layout().containerd_address)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m poolkeeper_dev.image", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     build_cmd = sub.add_parser("build", help="build the images as OCI archives (and optionally load them)")
     build_cmd.add_argument("--out", type=Path, default=None, help="folder for the archives (default: .images/)")
     build_cmd.add_argument("--load", metavar="ADDRESS", help="containerd socket to import the images into (k8s.io)")
+    build_cmd.add_argument("--devcluster", metavar="DIR", type=Path, default=None,
+                           help="also import them into this devcluster's node, when it runs one")
     sub.add_parser("lock", help=f"regenerate {wheels.LOCK_PATH} from a clean virtual environment")
     args = parser.parse_args(argv)
     try:
@@ -338,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         built = build(args.out)
         print(format_table(built, Path.cwd()))
         print(f"total {time.monotonic() - started:.1f} s")
-        if args.load:
-            load_images({item.name: item.archive for item in built}, args.load)
-            print(f"loaded into {args.load} (namespace k8s.io)")
+        targets = [args.load] if args.load else []
+        node_socket = _running_node_socket(args.devcluster) if args.devcluster else None
+        if node_socket:
+            targets.append(node_socket)
+        for address in targets:
+            load_images({item.name: item.archive for item in built}, address)
+            print(f"loaded into {address} (namespace k8s.io)")
     except (ImageError, wheels.WheelError) as exc:
         print(f"poolkeeper image: {exc}", file=sys.stderr)
         return 1

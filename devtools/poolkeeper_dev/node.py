@@ -297,6 +297,24 @@ def unmount_under(paths: Iterable[Path]) -> int:
     return len(set(mounts))
 
 
+def remove_kube_chains() -> None:
+    """What `kube-proxy --cleanup` leaves: the kubelet's KUBE-FIREWALL and its jumps, v4 and v6.
+
+    Every KUBE-* chain on this machine is the node's (one node per machine)."""
+    for tool in ("iptables", "ip6tables"):
+        for table in ("filter", "nat", "mangle"):
+            rules = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True, check=False).stdout
+            for rule in rules.splitlines():
+                words = rule.split()
+                if words[:1] == ["-A"] and "-j" in words and words[words.index("-j") + 1].startswith("KUBE-"):
+                    subprocess.run([tool, "-t", table, "-D", *words[1:]], capture_output=True, check=False)
+            for rule in rules.splitlines():
+                if rule.startswith("-N KUBE-"):
+                    chain = rule.split()[1]
+                    subprocess.run([tool, "-t", table, "-F", chain], capture_output=True, check=False)
+                    subprocess.run([tool, "-t", table, "-X", chain], capture_output=True, check=False)
+
+
 def remove_netns(paths: Iterable[str]) -> None:
     for path in paths:
         subprocess.run(["umount", path], capture_output=True, check=False)

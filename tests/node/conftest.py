@@ -60,7 +60,6 @@ def deployed_operator(node_cluster: Cluster, node_api: client.ApiClient) -> dict
     archives = build_images(REPO / ".images")
     load_images({OPERATOR_IMAGE: archives[OPERATOR_IMAGE]}, str(node_cluster.node_layout().containerd_address))
     image_seconds = time.monotonic() - started
-    kubectl(node_cluster, "apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
     kubectl(node_cluster, "apply", "-k", str(REPO / "manifests"))
     applied = time.monotonic()
     try:

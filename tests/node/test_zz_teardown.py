@@ -9,14 +9,15 @@ from pathlib import Path
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.node import BRIDGE, CGROUP_ROOT, NODE_NAME
+from support.kube import wait_for
 
 
 def host_traces(root: Path) -> dict[str, object]:
     """What a node leaves on the host while it runs: each must be gone after down."""
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
               if line.split()[1].startswith(str(root))]
-    chains = [line for table in ("nat", "filter")
-              for line in subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True,
+    chains = [line for tool in ("iptables", "ip6tables") for table in ("nat", "filter", "mangle")
+              for line in subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True,
                                          check=True).stdout.splitlines() if "KUBE-" in line]
     bridge = subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode == 0
     processes = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True, check=False).stdout.split()
@@ -26,8 +27,8 @@ def host_traces(root: Path) -> dict[str, object]:
 
 
 def test_down_leaves_nothing_behind_and_up_comes_back(node_cluster: Cluster) -> None:
-    running = host_traces(node_cluster.root)
-    assert running["bridge"] and running["iptables"] and running["mounts"] and running["cgroup"]
+    running = wait_for(lambda: (t := host_traces(node_cluster.root))["iptables"] and t, 30, "kube-proxy's rules")
+    assert running["bridge"] and running["mounts"] and running["cgroup"] and running["processes"]
 
     changed_sysctls = dict(node_cluster.state["host"].get("sysctl", {}))
     stopped = node_cluster.down()
