@@ -56,7 +56,7 @@ demo: need-demo $(if $(NODE),need-node need-image,) venv binaries
 demo-down: venv
 	$(BIN)/python -m poolkeeper_dev.demo down --dir $(DEMO_DIR)
 
-bench: need-demo venv binaries
+bench: need-test venv binaries
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -26,6 +26,7 @@ HAPROXY_HEADING = "## HAProxy runtime API adapter"
 FUNCTIONS_HEADING = "## Handler functions"
 OPERATOR_HEADING = "## Operator end to end"
 LIFECYCLE_HEADING = "## Lifecycle handlers end to end"
+ROLLOUT_HEADING = "## Rollouts on a real node"
 
 
 def haproxy_section(table: str) -> str:
@@ -61,18 +62,20 @@ def section_of(document: str, heading: str) -> str | None:
     return None
 
 
-def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "") -> str:
+def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "", rollout: str = "") -> str:
     """docs/benchmarks.md: how to run, then the operator, HAProxy and handler-function sections."""
     return "\n".join([
         "# Benchmarks", "",
         "Numbers measured on a development machine by `make bench` "
         "(`.venv/bin/python bench/run_all.py`), which runs `bench/bench_haproxy.py`, "
-        "`bench/bench_functions.py`, `bench/bench_operator.py` and `bench/bench_lifecycle.py` in sequence "
+        "`bench/bench_functions.py`, `bench/bench_operator.py`, `bench/bench_lifecycle.py` and "
+        "`bench/bench_rollout.py` in sequence "
         "and rewrites this file. "
         "Each script can also be run on its own; `bench_operator.py` starts and stops its own "
         "control plane (etcd, kube-apiserver, kube-controller-manager), HAProxy and operator.", "",
         operator.strip(), "",
         lifecycle.strip(), "",
+        rollout.strip(), "",
         haproxy.strip(), "",
         functions.strip(), "",
     ])
@@ -125,8 +128,13 @@ def main() -> int:
             LIFECYCLE_HEADING, "bench_lifecycle.py", code or 1, err)
         if code or not out.strip():
             failures.append("bench_lifecycle.py")
+        code, out, err = run_script("bench_rollout.py", [])
+        rollout = out if code == 0 and out.strip() else failed_section(
+            ROLLOUT_HEADING, "bench_rollout.py", code or 1, err)
+        if code or not out.strip():
+            failures.append("bench_rollout.py")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    document = compose_document(operator, haproxy, functions, lifecycle)
+    document = compose_document(operator, haproxy, functions, lifecycle, rollout)
     DOC.write_text(document)
     print(document)
     print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)

@@ -143,6 +143,7 @@ class Cluster:
         A running cluster is left alone when it already has what was asked for (a node-ful one also
         serves a node-less request); otherwise it is stopped and started again in the wanted shape.
         """
+        self._load_state()
         running = self.state and all(self._pid_alive(c) for c in self.components) and self._ready_once()
         if running and (self.has_node or not node):
             return self
@@ -341,6 +342,7 @@ class Cluster:
         mounts, network namespaces, kube-proxy's iptables rules, the bridge), then the control plane,
         API server before etcd so clients see it go.
         """
+        self._load_state()  # the folder's record is the truth: another Cluster object may have restarted it
         stopped = []
         if self.has_node:
             stopped += self._stop_node()

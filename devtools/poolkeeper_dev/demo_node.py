@@ -18,8 +18,8 @@ from typing import Any, cast
 
 from kubernetes import client, config
 
+from poolkeeper_dev.deploy import deploy_operator
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.image import OPERATOR_IMAGE, build_images, load_images
 from poolkeeper_dev.node import NODE_IP
 from poolkeeper_dev.rollout import ErrorWatch, web_deployment, web_pool
 from poolkeeper_dev.traffic import LoadGenerator
@@ -44,13 +44,10 @@ class NodeDemo:
         self.demo.root.mkdir(parents=True, exist_ok=True)
         _say("starting the local cluster with a real node (the first run builds it from Go: several minutes)")
         self.cluster.up(node=True)
-        _say("building the operator image and loading it into the node's containerd")
-        archives = build_images(REPO / ".images")
-        load_images({OPERATOR_IMAGE: archives[OPERATOR_IMAGE]}, str(self.cluster.node_layout().containerd_address))
-        self.cluster.kubectl_run("apply", "-k", str(REPO / "manifests"))
-        _say("kubectl apply -k manifests/: waiting for the operator Deployment")
-        self.cluster.kubectl_run("-n", "poolkeeper-system", "rollout", "status", "deployment/poolkeeper",
-                                 "--timeout=180s")
+        _say("building the operator image, loading it into the node, then kubectl apply -k manifests/")
+        deployed = deploy_operator(self.cluster, REPO)
+        _say(f"operator image ready in {deployed.image_seconds:.1f}s; both replicas Ready "
+             f"{deployed.ready_seconds:.1f}s and one leading {deployed.leading_seconds:.1f}s after the apply")
         self.demo._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)
         self.haproxy.start()
         self.demo.state_file.write_text(json.dumps({"haproxy_pid": self.haproxy.pid}))

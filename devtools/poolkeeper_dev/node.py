@@ -219,9 +219,11 @@ def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, Any]:
 
 def prepare_host(record: dict[str, Any]) -> None:
     """The bridge with the node address, forwarding and bridge netfilter on, the kubelet's cgroup root."""
-    if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
-        _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        record["bridge_created"] = True
+    # Called once this cluster holds the machine's node claim: a bridge still here is a dead node's
+    # leftover (a killed session), so it is made anew and becomes ours to delete.
+    _run("ip", "link", "del", BRIDGE, check=False)
+    _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    record["bridge_created"] = True
     addresses = _run("ip", "-o", "-4", "addr", "show", "dev", BRIDGE).stdout
     if f" {NODE_IP}/" not in addresses:
         _run("ip", "addr", "add", f"{NODE_IP}/16", "dev", BRIDGE)

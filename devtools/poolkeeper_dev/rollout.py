@@ -130,6 +130,27 @@ class ErrorWatch:
         return {name: max(summed[name], self.backend_totals.get(name, 0)) for name in ERROR_COUNTERS}
 
 
+def server_status(endpoint: str, backend: str, address: str) -> str:
+    """HAProxy's status (UP, DRAIN, MAINT, DOWN...) of poolkeeper's server for `address`, or GONE."""
+    for row in show_stat(endpoint):
+        if row["pxname"] == backend and row["svname"].startswith("pk-") and row.get("addr", "").startswith(
+                f"{address}:"):
+            return row["status"]
+    return "GONE"
+
+
+def time_to_drain(endpoint: str, backend: str, address: str, delete: Any, timeout: float = 10.0) -> tuple[float, str]:
+    """Call `delete()` (the pod's deletion) and time it until HAProxy no longer has the server UP."""
+    started = time.monotonic()
+    delete()
+    while time.monotonic() - started < timeout:
+        status = server_status(endpoint, backend, address)
+        if status != "UP":
+            return time.monotonic() - started, status
+        time.sleep(0.002)
+    raise TimeoutError(f"{address} still UP in HAProxy {timeout:.0f} s after its pod was deleted")
+
+
 def wait_rollout(kubectl: Any, namespace: str, deployment: str, timeout: float = 180) -> float:
     """`kubectl rollout status` until done; returns how long it took."""
     started = time.monotonic()

@@ -32,7 +32,7 @@ from poolkeeper.controller.queue import WorkQueue
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core import heartbeats
-from poolkeeper.core.model import InstanceState
+from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
@@ -77,6 +77,7 @@ class Runtime:
     lifecycle: LifecycleHandlers | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     event_times: dict[Key, float] = field(default_factory=dict)
+    drain_times: dict[Key, float] = field(default_factory=dict)  # first event of a member starting to drain
     heartbeat_seen: dict[tuple[str, str], heartbeats.HeartbeatSeen] = field(default_factory=dict)
     heartbeat_timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
     instance_bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -200,9 +201,12 @@ async def _worker(rt: Runtime) -> None:
             delay = 5.0
         finally:
             rt.queue.done(key)
-        event_at = rt.event_times.pop(key, None)
-        if event_at is not None and rt.pools.applied.get(key):
-            rt.metrics.event_to_backend.observe(time.monotonic() - event_at)
+        event_at, drain_at = rt.event_times.pop(key, None), rt.drain_times.pop(key, None)
+        if rt.pools.applied.get(key):
+            if event_at is not None:
+                rt.metrics.event_to_backend.observe(time.monotonic() - event_at)
+            if drain_at is not None:
+                rt.metrics.termination_to_drain.observe(time.monotonic() - drain_at)
         if delay is not None:
             rt.queue.add_after(key, delay)
         log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
@@ -229,6 +233,8 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             continue
         if spec.selector.matches(state.labels) or (previous is not None and spec.selector.matches(previous.labels)):
             rt.event_times.setdefault(key, now)
+            if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
+                rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
             if rt.lifecycle is not None:
                 rt.lifecycle.instance_changed(spec, state, rt.pools.allowed_cidrs(spec))

@@ -24,6 +24,11 @@ class Metrics:
         self.event_to_backend = Histogram("poolkeeper_event_to_backend_seconds",
                                           "From a watch event to the backend change it caused",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        # The termination race: the kubelet starts a pod's preStop hook on the same event.
+        self.termination_to_drain = Histogram(
+            "poolkeeper_termination_to_drain_seconds",
+            "From the watch event of a member starting to terminate (or drain) to its drain applied in the backend",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.members = Gauge("poolkeeper_pool_active_members", "Active members per pool",
                              ["namespace", "pool"], registry=r)
         self.leader = Gauge("poolkeeper_leader", "1 while this replica acts (holds the Lease, or runs alone)",

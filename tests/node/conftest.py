@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from poolkeeper_dev import Cluster
+from poolkeeper_dev.deploy import Deployed, deploy_operator
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.image import OPERATOR_IMAGE, build_images, load_images
 from poolkeeper_dev.node import NODE_IP
 from support.kube import wait_for
 
@@ -54,24 +52,12 @@ def node_api(node_cluster: Cluster) -> Iterator[client.ApiClient]:
 
 
 @pytest.fixture(scope="session")
-def deployed_operator(node_cluster: Cluster, node_api: client.ApiClient) -> dict[str, Any]:
+def deployed_operator(node_cluster: Cluster) -> Deployed:
     """`make image` then `kubectl apply -k manifests/`: the operator as users run it, from its image."""
-    started = time.monotonic()
-    archives = build_images(REPO / ".images")
-    load_images({OPERATOR_IMAGE: archives[OPERATOR_IMAGE]}, str(node_cluster.node_layout().containerd_address))
-    image_seconds = time.monotonic() - started
-    kubectl(node_cluster, "apply", "-k", str(REPO / "manifests"))
-    applied = time.monotonic()
     try:
-        kubectl(node_cluster, "-n", "poolkeeper-system", "rollout", "status", "deployment/poolkeeper",
-                "--timeout=180s")
+        return deploy_operator(node_cluster, REPO)
     except Exception as exc:
-        pods = node_cluster.kubectl_run("-n", "poolkeeper-system", "describe", "pods", check=False).stdout
-        logs = node_cluster.kubectl_run("-n", "poolkeeper-system", "logs", "-l",
-                                        "app.kubernetes.io/name=poolkeeper", "--tail=30", check=False).stdout
-        pytest.fail(f"the operator Deployment did not become available: {exc}\n{pods[-4000:]}\n{logs}",
-                    pytrace=False)
-    return {"image_seconds": image_seconds, "rollout_seconds": time.monotonic() - applied}
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture()

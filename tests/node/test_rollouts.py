@@ -12,15 +12,26 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from typing import Any
 
 from kubernetes import client
 from test_operator_deployed import active
 
 from poolkeeper_dev import Cluster
+from poolkeeper_dev.deploy import Deployed, operator_pod_ips
+from poolkeeper_dev.deploy import readyz as pod_readyz
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.node import NODE_NAME
-from poolkeeper_dev.rollout import ErrorWatch, show_stat, wait_rollout, web_deployment, web_pool
+from poolkeeper_dev.rollout import (
+    ErrorWatch,
+    server_status,
+    show_stat,
+    time_to_drain,
+    wait_rollout,
+    web_deployment,
+    web_pool,
+)
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import wait_for
 from support.pools import load_balancer
@@ -39,14 +50,7 @@ def setup_pool(cluster: Cluster, node_api: client.ApiClient, haproxy: HAProxyPro
     wait_for(lambda: active(node_api, namespace) == replicas, 150, f"{replicas} Active members")
 
 
-def server_status(haproxy: HAProxyProcess, address: str) -> str:
-    for row in show_stat(haproxy.plain_tcp_endpoint):
-        if row["pxname"] == "web" and row["svname"].startswith("pk-") and row.get("addr", "").startswith(address):
-            return row["status"]
-    return "GONE"
-
-
-def test_three_rollouts_drop_no_request(deployed_operator: dict[str, float], node_cluster: Cluster,
+def test_three_rollouts_drop_no_request(deployed_operator: Deployed, node_cluster: Cluster,
                                         node_api: client.ApiClient, node_namespace: str,
                                         honest_haproxy: HAProxyProcess) -> None:
     setup_pool(node_cluster, node_api, honest_haproxy, node_namespace)
@@ -70,26 +74,31 @@ def test_three_rollouts_drop_no_request(deployed_operator: dict[str, float], nod
 
 
 def test_a_deleted_pod_is_drained_before_its_prestop_sleep_ends(
-        deployed_operator: dict[str, float], node_cluster: Cluster, node_api: client.ApiClient,
+        deployed_operator: Deployed, node_cluster: Cluster, node_api: client.ApiClient,
         node_namespace: str, honest_haproxy: HAProxyProcess) -> None:
     setup_pool(node_cluster, node_api, honest_haproxy, node_namespace, replicas=2)
     core = client.CoreV1Api(node_api)
     pod = core.list_namespaced_pod(node_namespace, label_selector="app=web").items[0]
     address = pod.status.pod_ip
-    assert server_status(honest_haproxy, address) == "UP"
-    started = time.monotonic()
-    core.delete_namespaced_pod(pod.metadata.name, node_namespace)
-    status = wait_for(lambda: (s := server_status(honest_haproxy, address)) != "UP" and s, 10, "the drain",
-                      interval=0.005)
-    drained = time.monotonic() - started
+    endpoint = honest_haproxy.plain_tcp_endpoint
+    assert server_status(endpoint, "web", address) == "UP"
+    drained, status = time_to_drain(endpoint, "web", address,
+                                    lambda: core.delete_namespaced_pod(pod.metadata.name, node_namespace))
     print(f"\npod delete request -> server {status} in HAProxy: {drained * 1000:.0f} ms "
           f"(the container's preStop sleep is 5 s)")
     assert status in ("DRAIN", "MAINT", "GONE")
     assert drained < 2.0
+    # The operator measures its side of the race too (watch event -> drain applied).
+    leader = next(ip for ip in operator_pod_ips(node_cluster) if pod_readyz(ip) == "leading")
+    with urllib.request.urlopen(f"http://{leader}:8080/metrics", timeout=3) as resp:
+        metrics = resp.read().decode()
+    count = next(line for line in metrics.splitlines()
+                 if line.startswith("poolkeeper_termination_to_drain_seconds_count"))
+    assert float(count.split()[-1]) >= 1
 
 
 def test_the_readiness_gate_holds_a_rollout_while_the_lb_is_unreachable(
-        deployed_operator: dict[str, float], node_cluster: Cluster, node_api: client.ApiClient,
+        deployed_operator: Deployed, node_cluster: Cluster, node_api: client.ApiClient,
         node_namespace: str, honest_haproxy: HAProxyProcess) -> None:
     setup_pool(node_cluster, node_api, honest_haproxy, node_namespace, replicas=2)
     core = client.CoreV1Api(node_api)
@@ -119,7 +128,7 @@ def test_the_readiness_gate_holds_a_rollout_while_the_lb_is_unreachable(
 
 
 def test_kubectl_drain_drains_the_node_member_and_the_pods(
-        deployed_operator: dict[str, float], node_cluster: Cluster, node_api: client.ApiClient,
+        deployed_operator: Deployed, node_cluster: Cluster, node_api: client.ApiClient,
         node_namespace: str, honest_haproxy: HAProxyProcess) -> None:
     # A label no other test's pods carry: drain evicts by selector across every namespace.
     app = f"drain-{node_namespace[-5:]}"
