@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.deploy import Deployed, deploy_operator
@@ -85,20 +90,42 @@ class Variant:
         return {"served": report.ok, "failed": report.failed, "errors": errors, "seconds": took,
                 "failures": report.failures[:3]}
 
-    def drain_times(self, count: int) -> list[float]:
-        """Delete pods one at a time; each time, the delete request -> HAProxy server no longer UP."""
-        times = []
+    def termination_race(self, count: int) -> list[tuple[float, float]]:
+        """Delete pods one at a time. For each: (delete request -> HAProxy server no longer UP,
+        delete request -> the pod's server refuses connections, i.e. the kubelet's SIGTERM landed)."""
+        api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))  # type: ignore[no-untyped-call]
+        core = client.CoreV1Api(api)
+        races = []
         for _ in range(count):
-            pods = json.loads(self.kubectl("get", "pods", "-n", self.ns, "-l", "app=web", "-o", "json"))["items"]
-            pod = next(p for p in pods if not p["metadata"].get("deletionTimestamp")
-                       and p["status"].get("podIP") and all(c.get("ready") for c in p["status"].get(
-                           "containerStatuses") or [{}]))
-            seconds, _ = time_to_drain(self.haproxy.plain_tcp_endpoint, "web", pod["status"]["podIP"],
-                                       lambda name=pod["metadata"]["name"]: self.kubectl(
-                                           "delete", "pod", name, "-n", self.ns, "--wait=false"))
-            times.append(seconds)
+            pods: list[Any] = core.list_namespaced_pod(self.ns, label_selector="app=web").items
+            pod = next(p for p in pods if p.metadata.deletion_timestamp is None and p.status.pod_ip
+                       and all(c.ready for c in p.status.container_statuses or []))
+            races.append(self._race_once(core, pod.metadata.name, pod.status.pod_ip))
             wait(lambda: self.active() == 3, 120, "the replacement Active")
-        return times
+        api.close()
+        return races
+
+    def _race_once(self, core: client.CoreV1Api, name: str, address: str) -> tuple[float, float]:
+        refused: list[float] = []
+        started = time.monotonic()
+        prober = threading.Thread(target=lambda: refused.append(until_refused(address, 8080, started)))
+        prober.start()
+        drained, _ = time_to_drain(self.haproxy.plain_tcp_endpoint, "web", address,
+                                   lambda: core.delete_namespaced_pod(name, self.ns))
+        prober.join()
+        return drained, refused[0]  # both from (about) the same instant: the prober starts just before
+
+
+def until_refused(address: str, port: int, started: float, limit: float = 40.0) -> float:
+    """Seconds from `started` until a TCP connect to address:port fails (the app stopped listening)."""
+    while time.monotonic() - started < limit:
+        try:
+            with socket.create_connection((address, port), timeout=0.5):
+                pass
+        except OSError:
+            return time.monotonic() - started
+        time.sleep(0.002)
+    return float("inf")
 
 
 def main() -> int:
@@ -119,32 +146,36 @@ def main() -> int:
         haproxy = HAProxyProcess(Path(scratch) / "haproxy", backends=["web"], honest=True, listen_host=NODE_IP)
         haproxy.start()
         try:
-            results = {}
+            results: dict[str, dict[str, object]] = {}
+            races: dict[str, list[tuple[float, float]]] = {}
             for name, pre_stop in (("prestop", 5), ("nohook", None)):
                 variant = Variant(cluster, haproxy, name, pre_stop)
                 variant.create()
                 results[name] = variant.rollouts(args.rollouts, args.rate)
-                if name == "prestop":
-                    drains = variant.drain_times(args.drains)
+                races[name] = variant.termination_race(args.drains)
                 variant.kubectl("delete", "namespace", variant.ns, "--wait=false")
         finally:
             haproxy.stop()
             if args.cluster is None:
                 cluster.down()
-    print(render(results, drains, deployed, up_seconds, args))
+    print(render(results, races, deployed, up_seconds, args))
     return 0
 
 
-def render(results: dict[str, dict[str, object]], drains: list[float], deployed: Deployed, up_seconds: float,
-           args: argparse.Namespace) -> str:
-    rows = []
+def render(results: dict[str, dict[str, object]], races: dict[str, list[tuple[float, float]]], deployed: Deployed,
+           up_seconds: float, args: argparse.Namespace) -> str:
+    rows, race_rows = [], []
     for name, label in (("prestop", "`preStop: sleep 5s`"), ("nohook", "no preStop hook")):
         r = results[name]
         errors = r["errors"]
         assert isinstance(errors, dict)
         rows.append(f"| {label} | {r['served']} | {r['failed']} | "
                     + " | ".join(str(errors[k]) for k in ("econ", "eresp", "wretr", "wredis")) + " |")
-    drains_ms = sorted(d * 1000 for d in drains)
+        drained = [d * 1000 for d, _ in races[name]]
+        refused = [c * 1000 for _, c in races[name]]
+        margins = [c - d for d, c in zip(drained, refused, strict=True)]
+        race_rows.append(f"| {label} | {statistics.median(drained):.0f} / {max(drained):.0f} | "
+                         f"{statistics.median(refused):.0f} / {min(refused):.0f} | {min(margins):.0f} |")
     return "\n".join([
         "## Rollouts on a real node", "",
         "`bench/bench_rollout.py`: a devcluster with a real node (kubelet, containerd, kube-proxy), the "
@@ -155,8 +186,13 @@ def render(results: dict[str, dict[str, object]], drains: list[float], deployed:
         "| variant | served | failed | econ | eresp | wretr | wredis |",
         "|---|---|---|---|---|---|---|",
         *rows, "",
-        f"Pod delete request -> its server out of rotation (DRAIN) in HAProxy, {len(drains)} deletions: "
-        f"median {statistics.median(drains_ms):.0f} ms, max {max(drains_ms):.0f} ms.", "",
+        f"The termination race, {args.drains} single pod deletions per variant (times from the delete request, "
+        "ms): poolkeeper takes the server out of rotation in HAProxy; the kubelet runs the preStop hook, "
+        "then SIGTERM makes the app stop listening. The margin is the smallest gap between the two; "
+        "a negative one is a window in which a request can fail.", "",
+        "| variant | drained in HAProxy (median / max) | app stopped listening (median / min) | smallest margin |",
+        "|---|---|---|---|",
+        *race_rows, "",
         f"Cluster with a node up in {up_seconds:.1f} s; operator image built and loaded in "
         f"{deployed.image_seconds:.1f} s; after the apply both replicas Ready in "
         f"{deployed.ready_seconds:.1f} s, one leading in {deployed.leading_seconds:.1f} s.",

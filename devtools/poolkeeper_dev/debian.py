@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterable, Sequence
@@ -172,7 +173,8 @@ def ensure_rootfs(cache: Path, packages: Sequence[str], suite: str = SUITE, mirr
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
     staging = tarball.with_name(f".{tarball.stem}.{os.getpid()}.tar")
     if log:
-        print(f"image: mmdebstrap {suite} with {', '.join(packages)} from {mirror.archive}", flush=True)
+        print(f"image: mmdebstrap {suite} with {', '.join(packages)} from {mirror.archive}", file=sys.stderr,
+              flush=True)
     proc = subprocess.run(mmdebstrap_command(suite, packages, mirror, staging),
                           env=dict(os.environ, SOURCE_DATE_EPOCH=str(epoch)),
                           capture_output=True, text=True, check=False)

@@ -124,7 +124,7 @@ class Builder:
 
     def say(self, message: str) -> None:
         if self.log:
-            print(f"image: {message}", flush=True)
+            print(f"image: {message}", file=sys.stderr, flush=True)
 
     def cached_layer(self, what: str, inputs: object, build: Callable[[], oci.Layer]) -> oci.Layer:
         """The layer recorded for these inputs if its blob is still there, else `build()` (then recorded)."""
