@@ -5,18 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
+from support.kube import api_client_for, namespace_name
 from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,9 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def api_client(cluster: Cluster) -> Iterator[client.ApiClient]:
-    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    yield api
-    api.close()
+    with api_client_for(cluster.kubeconfig) as api:
+        yield api
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +111,7 @@ def workloads(kubelet: FakeKubelet, namespace: str) -> Iterator[Workloads]:
 
 @pytest.fixture()
 def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
-    name = "".join(c for c in name if c.isalnum() or c == "-")
+    name = namespace_name("t", request.node.name)
     core.create_namespace(body={"metadata": {"name": name, "labels": {"poolkeeper.dev/test": "true"}}})
     yield name
     with contextlib.suppress(ApiException):

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.deploy import Deployed, deploy_operator
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.node import NODE_IP
-from support.kube import wait_for
+from support.kube import api_client_for, namespace_name, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,15 +39,10 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         started.down()
 
 
-def kubectl(cluster: Cluster, *args: str, input: str | None = None) -> str:
-    return cluster.kubectl_run(*args, input=input).stdout
-
-
 @pytest.fixture(scope="session")
 def node_api(node_cluster: Cluster) -> Iterator[client.ApiClient]:
-    api = config.new_client_from_config(config_file=str(node_cluster.kubeconfig))
-    yield api
-    api.close()
+    with api_client_for(node_cluster.kubeconfig) as api:
+        yield api
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +57,7 @@ def deployed_operator(node_cluster: Cluster) -> Deployed:
 @pytest.fixture()
 def node_namespace(node_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     core = client.CoreV1Api(node_api)
-    name = f"n-{request.node.name[:28].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
-    name = "".join(c for c in name if c.isalnum() or c == "-")
+    name = namespace_name("n", request.node.name, 28)
     core.create_namespace(body={"metadata": {"name": name}})
     wait_for(lambda: core.read_namespaced_service_account("default", name), 30, "the default ServiceAccount")
     yield name

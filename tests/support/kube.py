@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 T = TypeVar("T")
+
+
+def namespace_name(prefix: str, test_name: str, length: int = 30) -> str:
+    """A namespace name that says which test made it, unique per run."""
+    name = f"{prefix}-{test_name[:length].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    return "".join(c for c in name if c.isalnum() or c == "-")
+
+
+@contextmanager
+def api_client_for(kubeconfig: Path) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    yield api
+    api.close()
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, message: str = "condition",
