@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
+from support.kube import token_kubeconfig
 from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,14 +64,7 @@ def service_account_kubeconfig(cluster: Cluster, folder: Path) -> Path:
     """
     for manifest in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
         cluster.kubectl_run("apply", "-f", str(REPO / "manifests" / manifest))
-    token = cluster.kubectl_run("create", "token", "poolkeeper", "-n", "poolkeeper-system",
-                                "--duration=24h").stdout.strip()
-    config_text = json.loads(cluster.kubeconfig.read_text())
-    config_text["users"] = [{"name": "poolkeeper", "user": {"token": token}}]
-    config_text["contexts"][0]["context"]["user"] = "poolkeeper"
-    path = folder / "operator.kubeconfig"
-    path.write_text(json.dumps(config_text))
-    return path
+    return token_kubeconfig(cluster, folder, "poolkeeper", "poolkeeper-system")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,9 @@ from poolkeeper.core.naming import member_name
 from poolkeeper.core.transitions import DOWN, DRAINING, NONE, UP, Transition
 
 MAX_BYTES = 1024 * 1024  # what a ConfigMap can hold; anything bigger was not written by the API server
+# Counted before parsing: a megabyte of `{}` costs tens of MB as Python objects. A real record is
+# at most 7 objects and lists, so this is far above anything MAX_PENDING + MAX_ANNOUNCED allow.
+MAX_CONTAINERS = 50_000
 MAX_PENDING = 2_000  # undelivered events; a healthy outbox has a handful
 MAX_ANNOUNCED = 5_000  # instances the handler was told about (about 250 bytes each)
 MAX_NAME = 253
@@ -179,6 +182,11 @@ def parse_outbox(text: str | None, scope: Scope) -> Parsed:
         return out
     if len(text) > MAX_BYTES:
         out.dropped.append(f"the outbox is {len(text)} bytes, over the {MAX_BYTES} byte cap: all dropped")
+        return out
+    containers = text.count("{") + text.count("[")
+    if containers > MAX_CONTAINERS:
+        out.dropped.append(f"the outbox holds about {containers} objects and lists, over the cap of "
+                           f"{MAX_CONTAINERS}: all dropped")
         return out
     try:
         data = json.loads(text)
