@@ -16,7 +16,7 @@ from poolkeeper_dev.ports import free_port
 if TYPE_CHECKING:
     from poolkeeper_dev.cluster import Cluster
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM_NAMESPACE = "poolkeeper-system"  # manifests/namespace.yaml: where outboxes live
 
 
