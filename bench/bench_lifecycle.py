@@ -25,7 +25,7 @@ from typing import Any
 from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
 from poolkeeper_dev import Cluster
-from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +96,7 @@ def main() -> int:
         cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
         cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper")
         cluster.kubectl_run("create", "namespace", NAMESPACE)
+        ensure_system_namespace(cluster)
         handlers = work / "handlers"
         handlers.mkdir()
         out = work / "calls.jsonl"

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.operator_process import ensure_system_namespace
 from poolkeeper_dev.ports import free_port
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
@@ -63,6 +64,7 @@ class Demo:
         self.cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
         self.cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
                                  "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
+        ensure_system_namespace(self.cluster)
         self._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)  # an earlier run's
         self.haproxy.start()
         _say(f"HAProxy {self.haproxy.frontend_url('web')} (admin socket {self.haproxy.admin_socket})")

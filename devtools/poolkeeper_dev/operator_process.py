@@ -9,18 +9,29 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from poolkeeper_dev.ports import free_port
 
-REPO = Path(__file__).resolve().parents[3]
+if TYPE_CHECKING:
+    from poolkeeper_dev.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_NAMESPACE = "poolkeeper-system"  # manifests/namespace.yaml: where outboxes live
+
+
+def ensure_system_namespace(cluster: Cluster) -> None:
+    """The operator keeps its outboxes in its own namespace; a bare cluster doesn't have it yet."""
+    cluster.kubectl_run("apply", "-f", str(REPO / "manifests" / "namespace.yaml"))
 
 
 class OperatorProcess:
     """`start()`, `kill()` (SIGKILL, as a crash), `stop()` (SIGTERM), and its log for failures."""
 
     def __init__(self, kubeconfig: Path, log_dir: Path, *, handlers_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), outbox_namespace: str = SYSTEM_NAMESPACE) -> None:
         self.kubeconfig, self.log_dir = kubeconfig, log_dir
+        self.outbox_namespace = outbox_namespace
         self.handlers_dir = handlers_dir or REPO / "handlers"
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,7 +55,8 @@ class OperatorProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
         args = [sys.executable, "-m", "poolkeeper", "run", "--kubeconfig", str(self.kubeconfig),
                 "--metrics-port", str(self.port), "--metrics-address", "127.0.0.1",
-                "--handlers-dir", str(self.handlers_dir), *self.extra_args]
+                "--handlers-dir", str(self.handlers_dir), "--outbox-namespace", self.outbox_namespace,
+                *self.extra_args]
         self.spawned_at = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ), start_new_session=True)

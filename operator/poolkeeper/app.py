@@ -60,6 +60,7 @@ class OperatorOptions:
     function_workers: int | None = None
     leader_elect: bool = False
     leader_namespace: str = "poolkeeper-system"
+    outbox_namespace: str = "poolkeeper-system"  # the operator's own: tenants can't write ConfigMaps there
     leader_name: str = "poolkeeper"
 
 
@@ -162,7 +163,7 @@ def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -
     handlers_dir = Path(rt.options.handlers_dir or os.environ.get("POOLKEEPER_HANDLERS_DIR") or "handlers")
     return LifecycleHandlers(rt.store, rt.api, status, events, rt.queue, handlers_dir=handlers_dir,
                              allowed_cidrs=rt.options.http_allowed_cidrs, workers=rt.options.function_workers,
-                             metrics=rt.metrics)
+                             outbox_namespace=rt.options.outbox_namespace, metrics=rt.metrics)
 
 
 @kopf.on.cleanup()
@@ -312,7 +313,13 @@ async def _initial_sync(rt: Runtime) -> None:
             for lh in await rt.api.list_items(resource_path(API_VERSION, "lifecyclehandlers", scope)):
                 key = (lh["metadata"]["namespace"], lh["metadata"]["name"])
                 rt.store.handlers[key] = lh
-                await rt.lifecycle.handler_changed(key, lh, deleted=False)
+                await _handler_changed(rt, key, lh, deleted=False)
+    if rt.lifecycle is not None:
+        live = {str(lh["metadata"].get("uid")) for lh in rt.store.handlers.values()}
+        try:
+            await rt.lifecycle.collect_orphans(live, rt.options.namespaces)
+        except Exception:
+            log.exception("collecting outboxes of deleted LifecycleHandlers failed")
     started = time.monotonic()
     informers = _informers(rt)
     await asyncio.gather(*(informer.sync() for informer in informers))
@@ -414,8 +421,19 @@ async def lifecycle_handler_event(*, event: kopf.RawEvent, **_: Any) -> None:
         rt.store.handlers.pop(key, None)
     else:
         rt.store.handlers[key] = obj
-    if rt.lifecycle is not None:
-        await rt.lifecycle.handler_changed(key, obj, deleted=event.get("type") == "DELETED")
+    await _handler_changed(rt, key, obj, deleted=event.get("type") == "DELETED")
+
+
+async def _handler_changed(rt: Runtime, key: Key, obj: dict[str, Any], *, deleted: bool) -> None:
+    """One handler's trouble is logged and stays its own: never stops startup, other handlers or pools."""
+    if rt.lifecycle is None:
+        return
+    try:
+        await rt.lifecycle.handler_changed(key, obj, deleted=deleted)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("LifecycleHandler %s/%s could not be set up", *key)
 
 
 # ---------------------------------------------------------------- entry point

@@ -17,6 +17,7 @@ def _run(args: argparse.Namespace) -> int:
         http_allowed_cidrs=tuple(args.http_allowed_cidrs.split(",")) if args.http_allowed_cidrs else None,
         pod_label_selector=args.pod_label_selector, workers=args.workers, function_workers=args.function_workers,
         leader_elect=args.leader_elect, leader_namespace=args.leader_elect_namespace,
+        outbox_namespace=args.outbox_namespace,
     ))
 
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run as one of several replicas: only the holder of a Lease acts")
     run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE") or "poolkeeper-system",
                      help="namespace of the Lease (default: $POD_NAMESPACE, else poolkeeper-system)")
+    run.add_argument("--outbox-namespace", default=os.environ.get("POD_NAMESPACE") or "poolkeeper-system",
+                     help="namespace of the handlers' outbox ConfigMaps; tenants must not write there "
+                          "(default: $POD_NAMESPACE, else poolkeeper-system)")
     run.add_argument("--log-format", choices=("json", "plain"), default="json", help="log lines as JSON (default)")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,11 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
+<<<<<<< HEAD
 from support.kube import api_client_for, namespace_name
+=======
+from support.kube import token_kubeconfig
+>>>>>>> tenancy-outbox
 from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,14 +66,7 @@ def service_account_kubeconfig(cluster: Cluster, folder: Path) -> Path:
     """
     for manifest in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
         cluster.kubectl_run("apply", "-f", str(REPO / "manifests" / manifest))
-    token = cluster.kubectl_run("create", "token", "poolkeeper", "-n", "poolkeeper-system",
-                                "--duration=24h").stdout.strip()
-    config_text = json.loads(cluster.kubeconfig.read_text())
-    config_text["users"] = [{"name": "poolkeeper", "user": {"token": token}}]
-    config_text["contexts"][0]["context"]["user"] = "poolkeeper"
-    path = folder / "operator.kubeconfig"
-    path.write_text(json.dumps(config_text))
-    return path
+    return token_kubeconfig(cluster, folder, "poolkeeper", "poolkeeper-system")
 
 
 @pytest.fixture(scope="session")

@@ -541,7 +541,9 @@ def test_install_manifests_dry_run(cluster: Cluster) -> None:
                  "targetpools.poolkeeper.dev", "serviceaccount/poolkeeper",
                  "clusterrole.rbac.authorization.k8s.io/poolkeeper",
                  "clusterrole.rbac.authorization.k8s.io/poolkeeper-instance-agent",
-                 "clusterrolebinding.rbac.authorization.k8s.io/poolkeeper", "deployment.apps/poolkeeper"):
+                 "clusterrolebinding.rbac.authorization.k8s.io/poolkeeper", "deployment.apps/poolkeeper",
+                 "role.rbac.authorization.k8s.io/poolkeeper-outbox",
+                 "rolebinding.rbac.authorization.k8s.io/poolkeeper-outbox"):
         assert name in out.stdout
 
 
@@ -565,6 +567,12 @@ def test_rbac_has_no_wildcards_and_agent_is_narrow() -> None:
     agent = {(group, res): set(rule["verbs"]) for rule in roles["poolkeeper-instance-agent"]["rules"]
              for group in rule["apiGroups"] for res in rule["resources"]}
     assert agent == {(GROUP, "instances"): {"get"}, (GROUP, "instances/status"): {"get", "patch", "update"}}
+    # ConfigMaps (the outboxes) only in the operator's own namespace: never in a tenant's
+    assert ("", "configmaps") not in operator
+    (outbox,) = [doc for doc in load_docs("rbac.yaml") if doc["kind"] == "Role"]
+    assert outbox["metadata"]["namespace"] == "poolkeeper-system"
+    assert outbox["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                "verbs": ["get", "list", "create", "update", "delete"]}]
 
 
 def test_deployment_is_hardened() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+from poolkeeper_dev import Cluster
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 T = TypeVar("T")
@@ -86,3 +89,14 @@ def selectorless_service(core: client.CoreV1Api, namespace: str, name: str, port
 def events_for(core: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str]]:
     items = core.list_namespaced_event(namespace=namespace).items
     return [(e.reason, e.message) for e in items if e.involved_object.name == name]
+
+
+def token_kubeconfig(cluster: Cluster, folder: Path, account: str, namespace: str) -> Path:
+    """A kubeconfig that acts as ServiceAccount `namespace/account` (a token from `kubectl create token`)."""
+    token = cluster.kubectl_run("create", "token", account, "-n", namespace, "--duration=24h").stdout.strip()
+    config_text = json.loads(cluster.kubeconfig.read_text())
+    config_text["users"] = [{"name": account, "user": {"token": token}}]
+    config_text["contexts"][0]["context"]["user"] = account
+    path = folder / f"{namespace}-{account}.kubeconfig"
+    path.write_text(json.dumps(config_text))
+    return path

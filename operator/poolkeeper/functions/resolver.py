@@ -10,6 +10,7 @@ so fixing it takes effect on the next call without restarting anything.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -108,9 +109,26 @@ def load_handler(handlers_dir: str | os.PathLike[str], name: str) -> Callable[..
     if not hasattr(module, function):
         raise HandlerLoadError(f"{file}.py has no function {function!r}")
     handler = getattr(module, function)
-    if not callable(handler):
-        raise HandlerLoadError(f"{file}.py: {function!r} is not callable (it is a {type(handler).__name__})")
+    refused = refuse_handler(module, function, handler)
+    if refused:
+        raise HandlerLoadError(f"{file}.py: {refused}")
     return handler  # type: ignore[no-any-return]
+
+
+def refuse_handler(module: types.ModuleType, function: str, handler: Any) -> str | None:
+    """Why `handler` may not be a LifecycleHandler's entry point, or None.
+
+    Only public functions defined in the file itself: a handler name chosen by a tenant must not
+    reach a class (`audit.__class__`), a private helper or client (`annotate._client`), or
+    something the module imported (`os.system` as `audit.system`).
+    """
+    if function.startswith("_"):
+        return f"{function!r} is private (names starting with '_' can't be handlers)"
+    if not (inspect.isfunction(handler) or inspect.iscoroutinefunction(handler)):
+        return f"{function!r} is not a function defined with def (it is a {type(handler).__name__})"
+    if handler.__module__ != module.__name__:
+        return f"{function!r} is imported from {handler.__module__}, not defined in this file"
+    return None
 
 
 def check_handler(handlers_dir: str | os.PathLike[str], name: str) -> None:

@@ -28,13 +28,21 @@ from poolkeeper.core.transitions import (
 )
 from poolkeeper.functions.http import make_http_session
 from poolkeeper.functions.pool import FunctionPool
-from poolkeeper.kube.api import ApiError, KubeApi
+from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.delivery import HandlerRuntime
 from poolkeeper.lifecycle.errors import OutboxError
-from poolkeeper.lifecycle.outbox import Outbox, instance_from_record, instance_record
-from poolkeeper.lifecycle.spec import parse_handler
+from poolkeeper.lifecycle.outbox import (
+    COMPONENT,
+    COMPONENT_LABEL,
+    HANDLER_NAMESPACE_LABEL,
+    HANDLER_UID_LABEL,
+    Outbox,
+    instance_from_record,
+)
+from poolkeeper.lifecycle.outbox_records import Scope, announced_entry, instance_record, pending_record, summary
+from poolkeeper.lifecycle.spec import HandlerSpec, parse_handler
 
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 5.0
@@ -58,8 +66,10 @@ class Gates:
 class LifecycleHandlers:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder, queue: Any, *,
                  handlers_dir: Path, allowed_cidrs: tuple[str, ...] | None, workers: int | None,
-                 metrics: Any = None) -> None:
+                 outbox_namespace: str, metrics: Any = None) -> None:
         self.store, self.api, self.status, self.events, self.queue = store, api, status, events, queue
+        self.outbox_namespace = outbox_namespace
+        self.unloaded: dict[Key, dict[str, Any]] = {}  # handlers whose outbox could not be read: retried
         self.handlers_dir, self.metrics = handlers_dir, metrics
         self.allowed_cidrs = parse_cidrs(list(allowed_cidrs)) if allowed_cidrs else None
         self.functions = FunctionPool(workers)
@@ -80,21 +90,30 @@ class LifecycleHandlers:
         await self._ensure_started()
         old = self.runtimes.get(key)
         if deleted:
+            self.unloaded.pop(key, None)
             if old is not None:
                 await old.close()
                 self.runtimes.pop(key, None)
                 self._requeue_pool(key[0], old.spec.pool)
+            gone = parse_handler(body)
+            if gone.uid:
+                await self._delete_outbox(old.outbox if old is not None else self._outbox(gone))
             return
         spec = parse_handler(body)
         if old is not None and old.spec == spec:
             old.body = body
             return
-        outbox = old.outbox if old is not None and old.spec.uid == spec.uid else Outbox(
-            self.api, spec.namespace, spec.name, spec.uid)
-        if old is None or old.outbox is not outbox:
-            await outbox.load()
+        same_handler = old is not None and old.spec.uid == spec.uid
+        outbox = old.outbox if old is not None and same_handler else self._outbox(spec)
+        if not same_handler and not await self._load(key, spec, body, outbox):
+            if old is not None:
+                await old.close()
+                self.runtimes.pop(key, None)
+            return
         if old is not None:
             await old.close()
+            if not same_handler:  # deleted and re-created while we were not looking
+                await self._delete_outbox(old.outbox)
         runtime = HandlerRuntime(spec, body, api=self.api, outbox=outbox, functions=self.functions, http=self.http,
                                  handlers_dir=self.handlers_dir, allowed_cidrs=self.allowed_cidrs, status=self.status,
                                  events=self.events, settled=self._settled_for(key), metrics=self.metrics)
@@ -107,14 +126,69 @@ class LifecycleHandlers:
         if old is not None and old.spec.pool != spec.pool:
             self._requeue_pool(spec.namespace, old.spec.pool)
 
+    def _outbox(self, spec: HandlerSpec) -> Outbox:
+        return Outbox(self.api, self.outbox_namespace, spec.namespace, spec.name, spec.uid)
+
+    def _scope(self, spec: HandlerSpec) -> Scope:
+        """What the handler's outbox records may name: its own pool (by uid once known) and namespace."""
+        pool = self.store.pools.get((spec.namespace, spec.pool)) or {}
+        source = (pool.get("spec") or {}).get("source") or {}
+        return Scope(handler_uid=spec.uid, namespace=spec.namespace, pool=spec.pool,
+                     pool_uid=(pool.get("metadata") or {}).get("uid"), kind=source.get("kind"))
+
+    async def _load(self, key: Key, spec: HandlerSpec, body: dict[str, Any], outbox: Outbox) -> bool:
+        """Load and check the outbox; False (and retried later) when the API server can't be read."""
+        try:
+            dropped = await outbox.load(self._scope(spec))
+        except (ApiError, OSError, TimeoutError) as exc:
+            log.warning("outbox of LifecycleHandler %s/%s not readable, retrying: %s", *key, exc)
+            if key not in self.unloaded:
+                self.events.post(body, "OutboxUnavailable", f"the outbox could not be read, retrying: {exc}",
+                                 warning=True)
+            self.unloaded[key] = body
+            return False
+        self.unloaded.pop(key, None)
+        if dropped:
+            for reason in dropped:
+                log.warning("outbox of LifecycleHandler %s/%s: %s", key[0], key[1], reason)
+            self.events.post(body, "OutboxRecordsDropped", summary(dropped), warning=True)
+        return True
+
+    async def _delete_outbox(self, outbox: Outbox) -> None:
+        try:
+            await outbox.delete()
+        except (ApiError, OSError, TimeoutError) as exc:  # collected at the next start
+            log.warning("outbox %s not deleted: %s", outbox.path, exc)
+
+    async def collect_orphans(self, live_uids: set[str], namespaces: tuple[str, ...]) -> None:
+        """Delete outboxes whose handler went away while no operator was watching.
+
+        With `namespaces` (a namespaced operator) only outboxes of those namespaces are touched.
+        """
+        for cm in await self.api.list_items(resource_path("v1", "configmaps", self.outbox_namespace)):
+            meta = cm.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            uid = labels.get(HANDLER_UID_LABEL)
+            if labels.get(COMPONENT_LABEL) != COMPONENT or not uid or uid in live_uids:
+                continue
+            if namespaces and labels.get(HANDLER_NAMESPACE_LABEL) not in namespaces:
+                continue
+            log.info("deleting outbox %s: its LifecycleHandler is gone", meta.get("name"))
+            await self.api.delete(resource_path("v1", "configmaps", self.outbox_namespace, meta.get("name")))
+
     def _requeue_pool(self, namespace: str, pool: str) -> None:
         if (namespace, pool) in self.store.pools:
             self.queue.add((namespace, pool))
 
     async def _recheck_loop(self) -> None:
-        """A broken handler file recovers without a restart: re-check the ones not Ready."""
+        """A broken handler file or an unreadable outbox recovers without a restart: retry those."""
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
+            for key, body in list(self.unloaded.items()):
+                try:
+                    await self.handler_changed(key, body, deleted=False)
+                except Exception:
+                    log.exception("loading handler %s/%s failed", *key)
             for runtime in list(self.runtimes.values()):
                 if runtime.problem is not None:
                     try:
@@ -238,8 +312,7 @@ class LifecycleHandlers:
     def _record(self, runtime: HandlerRuntime, spec: PoolSpec, t: Transition,
                 announced_raw: dict[str, dict[str, Any]]) -> str | None:
         """Advance what the handler was told; queue an event if it subscribed to this type."""
-        announced_raw[t.instance.uid] = {"state": t.to_state, "seq": t.seq, "member": t.member,
-                                         "instance": instance_record(t.instance)}
+        announced_raw[t.instance.uid] = announced_entry(t)
         runtime.outbox.touch()
         if t.event_type not in runtime.spec.events:
             return None
@@ -247,11 +320,8 @@ class LifecycleHandlers:
             handler_uid=runtime.spec.uid, pool_uid=spec.uid, pool_namespace=spec.namespace, pool_name=spec.name,
             instance={**instance_record(t.instance), "port": spec.port}, event_type=t.event_type, sequence=t.seq,
             from_state=t.from_state, to_state=t.to_state, reason=t.reason, time=datetime.now(UTC))
-        runtime.outbox.pending[event["id"]] = {
-            "event": event, "event_type": t.event_type, "instance_uid": t.instance.uid, "member": t.member,
-            "pool": list(spec.key), "attempts": 0, "order": time.time_ns(),
-            "blocking": runtime.spec.blocking and t.event_type in ("up", "draining"),
-        }
+        runtime.outbox.pending[event["id"]] = pending_record(event, t, spec.key, blocking=runtime.spec.blocking,
+                                                            order=time.time_ns())
         return str(event["id"])
 
     def _gate_slot(self, record: Mapping[str, Any]) -> tuple[dict[tuple[Key, str], set[str]], tuple[Key, str]]:

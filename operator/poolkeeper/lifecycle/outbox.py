@@ -1,8 +1,12 @@
 """The outbox: what each LifecycleHandler was told, and what it still has to be told.
 
-Kept in one ConfigMap per handler (`poolkeeper-outbox-<handler>`), written before the
-load-balancer action it describes. Writes are coalesced: callers that arrive while a write
-is in flight share the next one, so the outbox never caps throughput.
+Kept in one ConfigMap per handler, `poolkeeper-outbox-<handler uid>`, in the operator's own
+namespace (`--outbox-namespace`): tenants can write ConfigMaps in their namespaces, and an
+outbox steers deliveries and holds members out of rotation, so it must not live there. It is
+written before the load-balancer action it describes, checked record by record when loaded
+(outbox_records.py), and deleted with its handler (ownerReferences cannot cross namespaces).
+Writes are coalesced: callers that arrive while a write is in flight share the next one, so
+the outbox never caps throughput.
 """
 
 from __future__ import annotations
@@ -10,24 +14,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any
 
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.transitions import Announced
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
+from poolkeeper.lifecycle.outbox_records import Scope, parse_outbox
 
 log = logging.getLogger(__name__)
 DATA_KEY = "outbox.json"
 FLUSH_DELAY = 0.1
+COMPONENT_LABEL = "app.kubernetes.io/component"
+COMPONENT = "lifecycle-outbox"
+HANDLER_UID_LABEL = "poolkeeper.dev/handler-uid"
+HANDLER_NAMESPACE_LABEL = "poolkeeper.dev/handler-namespace"
+HANDLER_NAME_LABEL = "poolkeeper.dev/handler-name"
+HANDLER_ANNOTATION = "poolkeeper.dev/handler"
 
 
-def outbox_name(handler: str) -> str:
-    return f"poolkeeper-outbox-{handler}"[:253]
+def outbox_name(handler_uid: str) -> str:
+    return f"poolkeeper-outbox-{handler_uid}"
 
 
-def instance_record(inst: InstanceState) -> dict[str, Any]:
-    return {"kind": inst.kind, "namespace": inst.namespace, "name": inst.name, "uid": inst.uid,
-            "address": inst.address, "labels": dict(inst.labels)}
+def _label_value(value: str) -> str:
+    """Label values are at most 63 characters and end alphanumeric; the annotation has the full name."""
+    return re.sub(r"[^A-Za-z0-9]+$", "", value[:63])
 
 
 def instance_from_record(record: dict[str, Any], reason: str) -> InstanceState:
@@ -36,8 +48,11 @@ def instance_from_record(record: dict[str, Any], reason: str) -> InstanceState:
 
 
 class Outbox:
-    def __init__(self, api: KubeApi, namespace: str, handler: str, handler_uid: str) -> None:
+    def __init__(self, api: KubeApi, namespace: str, handler_namespace: str, handler: str,
+                 handler_uid: str) -> None:
         self.api, self.namespace, self.handler, self.handler_uid = api, namespace, handler, handler_uid
+        self.handler_namespace = handler_namespace
+        self.deleted = False
         # pool uid -> instance uid -> {"state", "seq", "instance": record, "member": name}
         self.announced: dict[str, dict[str, dict[str, Any]]] = {}
         self.pending: dict[str, dict[str, Any]] = {}  # event id -> delivery record
@@ -49,19 +64,31 @@ class Outbox:
 
     @property
     def path(self) -> str:
-        return resource_path("v1", "configmaps", self.namespace, outbox_name(self.handler))
+        return resource_path("v1", "configmaps", self.namespace, outbox_name(self.handler_uid))
 
-    async def load(self) -> None:
+    async def load(self, scope: Scope) -> list[str]:
+        """Read the outbox, keeping only records valid for `scope`; returns why the others were dropped.
+
+        API errors propagate (the caller retries later); bad content never does.
+        """
         body = await self.api.get_or_none(self.path)
-        if body is None:
-            return
-        try:
-            data = json.loads((body.get("data") or {}).get(DATA_KEY) or "{}")
-        except ValueError:
-            log.warning("outbox %s is not valid JSON; starting empty", self.path)
-            return
-        self.announced = data.get("announced") or {}
-        self.pending = {p["event"]["id"]: p for p in data.get("pending") or []}
+        if not isinstance(body, dict):
+            return []
+        data = body.get("data")
+        text = data.get(DATA_KEY) if isinstance(data, dict) else None
+        parsed = parse_outbox(text if isinstance(text, str) else None, scope)
+        self.announced, self.pending = parsed.announced, parsed.pending
+        if parsed.dropped:
+            self.touch()  # write back without what was dropped
+        return parsed.dropped
+
+    async def delete(self) -> None:
+        """Forget the outbox for good: its handler is gone. No later flush recreates it."""
+        self.deleted = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+        async with self._lock:
+            await self.api.delete(self.path)
 
     def announced_for(self, pool_uid: str) -> dict[str, Announced]:
         return {uid: Announced(e["state"], int(e["seq"])) for uid, e in self.announced.get(pool_uid, {}).items()}
@@ -95,16 +122,17 @@ class Outbox:
         """Make every change made before this call durable (one write may cover many callers)."""
         target = self._version
         async with self._lock:
-            if self._saved >= target:
+            if self._saved >= target or self.deleted:
                 return
             version = self._version
             body = {
                 "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": outbox_name(self.handler), "namespace": self.namespace,
-                             "labels": {"app.kubernetes.io/managed-by": "poolkeeper"},
-                             "ownerReferences": [{"apiVersion": "poolkeeper.dev/v1alpha1",
-                                                  "kind": "LifecycleHandler", "name": self.handler,
-                                                  "uid": self.handler_uid}]},
+                "metadata": {"name": outbox_name(self.handler_uid), "namespace": self.namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "poolkeeper", COMPONENT_LABEL: COMPONENT,
+                                        HANDLER_UID_LABEL: self.handler_uid,
+                                        HANDLER_NAMESPACE_LABEL: self.handler_namespace,
+                                        HANDLER_NAME_LABEL: _label_value(self.handler)},
+                             "annotations": {HANDLER_ANNOTATION: f"{self.handler_namespace}/{self.handler}"}},
                 "data": {DATA_KEY: json.dumps({"announced": self.announced,
                                                "pending": list(self.pending.values())}, separators=(",", ":"))},
             }

@@ -1,0 +1,250 @@
+"""What an outbox may hold, checked before anything is acted on: pure, no I/O.
+
+An outbox steers deliveries (whom to call about which instance) and blocking gates (which
+member is held out of rotation). It lives where tenants cannot write, but it is still checked
+record by record against the handler it belongs to: a record that is malformed, or that names
+another pool, namespace or handler, is dropped with a reason instead of acted on or raised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from poolkeeper.core.cloudevents import EVENT_TYPES, SPECVERSION, event_id, subject_of
+from poolkeeper.core.model import InstanceState
+from poolkeeper.core.naming import member_name
+from poolkeeper.core.transitions import DOWN, DRAINING, NONE, UP, Transition
+
+MAX_BYTES = 1024 * 1024  # what a ConfigMap can hold; anything bigger was not written by the API server
+# Counted before parsing: a megabyte of `{}` costs tens of MB as Python objects. A real record is
+# at most 7 objects and lists, so this is far above anything MAX_PENDING + MAX_ANNOUNCED allow.
+MAX_CONTAINERS = 50_000
+MAX_PENDING = 2_000  # undelivered events; a healthy outbox has a handful
+MAX_ANNOUNCED = 5_000  # instances the handler was told about (about 250 bytes each)
+MAX_NAME = 253
+KINDS = frozenset({"Pod", "Node", "Instance"})
+STATES = frozenset({NONE, UP, DRAINING, DOWN})
+PENDING_KEYS = frozenset({"event", "event_type", "instance_uid", "member", "pool", "attempts", "order", "blocking",
+                          "seq"})
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose outbox this is: records must belong to this handler, its namespace and its pool."""
+
+    handler_uid: str
+    namespace: str
+    pool: str
+    pool_uid: str | None = None  # None while the pool is not known (yet)
+    kind: str | None = None  # the pool's source kind, when known
+
+
+@dataclass(slots=True)
+class Parsed:
+    """The records that passed, and one line per record (or whole outbox) dropped."""
+
+    announced: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+
+def instance_record(inst: InstanceState) -> dict[str, Any]:
+    return {"kind": inst.kind, "namespace": inst.namespace, "name": inst.name, "uid": inst.uid,
+            "address": inst.address, "labels": dict(inst.labels)}
+
+
+def announced_entry(t: Transition) -> dict[str, Any]:
+    """What the handler was told about the instance of `t`, as the outbox keeps it."""
+    return {"state": t.to_state, "seq": t.seq, "member": t.member, "instance": instance_record(t.instance)}
+
+
+def pending_record(event: dict[str, Any], t: Transition, pool: tuple[str, str], *, blocking: bool,
+                   order: int) -> dict[str, Any]:
+    """A delivery still owed, as the outbox keeps it (exactly the fields check_pending accepts)."""
+    return {"event": event, "event_type": t.event_type, "instance_uid": t.instance.uid, "member": t.member,
+            "pool": list(pool), "attempts": 0, "order": order, "seq": t.seq,
+            "blocking": blocking and t.event_type in (UP, DRAINING)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short_str(value: Any, limit: int = MAX_NAME) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit
+
+
+def check_instance(record: Any, scope: Scope) -> str | None:
+    """Why an instance record is unacceptable for `scope`, or None."""
+    if not isinstance(record, dict):
+        return "instance is not an object"
+    kind, namespace = record.get("kind"), record.get("namespace")
+    if kind not in KINDS or (scope.kind is not None and kind != scope.kind):
+        return f"instance kind {kind!r} is not the pool's"
+    if not _short_str(record.get("name")) or not _short_str(record.get("uid"), 128):
+        return "instance name or uid is missing or not a string"
+    expected_namespace = "" if kind == "Node" else scope.namespace
+    if (namespace or "") != expected_namespace:
+        return f"instance namespace {namespace!r} is not the handler's namespace"
+    address = record.get("address")
+    if address is not None and not _short_str(address, 256):
+        return "instance address is not a string"
+    labels = record.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+        return "instance labels are not a map of strings"
+    port = record.get("port")
+    if port is not None and not _is_int(port):
+        return "instance port is not an integer"
+    return None
+
+
+def _check_member(member: Any, scope: Scope, instance_uid: str) -> str | None:
+    """A member name is derived from pool and instance: one naming another pool's server is refused."""
+    if not isinstance(member, str):
+        return "member is not a string"
+    if member and not member.startswith(member_name(scope.namespace, scope.pool, instance_uid)):
+        return f"member {member!r} is not this pool's server for the instance"
+    return None
+
+
+def check_announced(instance_uid: str, entry: Any, scope: Scope) -> str | None:
+    """Why one announced entry (what the handler was last told about an instance) is unacceptable."""
+    if not isinstance(entry, dict):
+        return "entry is not an object"
+    if entry.get("state") not in STATES or not _is_int(entry.get("seq")) or entry["seq"] < 0:
+        return "state or seq has the wrong type"
+    problem = check_instance(entry.get("instance"), scope)
+    if problem:
+        return problem
+    if entry["instance"]["uid"] != instance_uid:
+        return "instance uid does not match its key"
+    return _check_member(entry.get("member"), scope, instance_uid)
+
+
+def check_pending(record: Any, scope: Scope) -> str | None:
+    """Why one pending delivery is unacceptable: every field typed, and bound to this handler and pool."""
+    if not isinstance(record, dict):
+        return "record is not an object"
+    if set(record) != PENDING_KEYS:
+        return "record has missing or unknown fields"
+    event_type, instance_uid, seq = record["event_type"], record["instance_uid"], record["seq"]
+    if event_type not in EVENT_TYPES or not _short_str(instance_uid, 128) or not _is_int(seq) or seq < 1:
+        return "event_type, instance_uid or seq has the wrong type"
+    if not (_is_int(record["attempts"]) and record["attempts"] >= 0 and _is_int(record["order"])
+            and isinstance(record["blocking"], bool)):
+        return "attempts, order or blocking has the wrong type"
+    if record["blocking"] and event_type not in (UP, DRAINING):
+        return "only up and draining hooks can block"
+    if record["pool"] != [scope.namespace, scope.pool]:
+        return f"pool {record['pool']!r} is not the handler's pool"
+    problem = _check_event(record["event"], event_type, instance_uid, seq, scope)
+    return problem or _check_member(record["member"], scope, instance_uid)
+
+
+def _check_event(event: Any, event_type: str, instance_uid: str, seq: int, scope: Scope) -> str | None:
+    """The CloudEvent must be the one the operator would build for this record."""
+    if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
+        return "event is not an object with data"
+    data = event["data"]
+    pool = data.get("pool")
+    if not isinstance(pool, dict) or pool.get("namespace") != scope.namespace or pool.get("name") != scope.pool:
+        return "event names another pool"
+    pool_uid = pool.get("uid")
+    if not _short_str(pool_uid, 128) or (scope.pool_uid is not None and pool_uid != scope.pool_uid):
+        return f"event pool uid {pool_uid!r} is not the pool's"
+    instance = data.get("instance")
+    problem = check_instance(instance, scope)
+    if problem:
+        return f"event {problem}"
+    if instance["uid"] != instance_uid:
+        return "event instance uid does not match the record"
+    if event.get("id") != event_id(handler_uid=scope.handler_uid, pool_uid=str(pool_uid), instance_uid=instance_uid,
+                                   event_type=event_type, sequence=seq):
+        return "event id was not made for this handler, pool and instance"
+    expected = {"specversion": SPECVERSION, "type": EVENT_TYPES[event_type],
+                "source": f"/namespaces/{scope.namespace}/targetpools/{scope.pool}",
+                "subject": subject_of(instance["kind"], instance.get("namespace"), instance["name"])}
+    if any(event.get(k) != v for k, v in expected.items()):
+        return "event type, source or subject does not match the record"
+    if not all(isinstance(event.get(k), str) for k in ("time", "datacontenttype")) or \
+            not all(isinstance(data.get(k), str) for k in ("from", "to", "reason")):
+        return "event time or data fields have the wrong type"
+    return None
+
+
+def parse_outbox(text: str | None, scope: Scope) -> Parsed:
+    """The acceptable records of an outbox's JSON text; never raises on bad input."""
+    out = Parsed()
+    if not text:
+        return out
+    if len(text) > MAX_BYTES:
+        out.dropped.append(f"the outbox is {len(text)} bytes, over the {MAX_BYTES} byte cap: all dropped")
+        return out
+    containers = text.count("{") + text.count("[")
+    if containers > MAX_CONTAINERS:
+        out.dropped.append(f"the outbox holds about {containers} objects and lists, over the cap of "
+                           f"{MAX_CONTAINERS}: all dropped")
+        return out
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        out.dropped.append(f"the outbox is not valid JSON ({type(exc).__name__}): all dropped")
+        return out
+    if not isinstance(data, dict):
+        out.dropped.append("the outbox is not a JSON object: all dropped")
+        return out
+    _take_announced(data.get("announced"), scope, out)
+    _take_pending(data.get("pending"), scope, out)
+    return out
+
+
+def _take_announced(raw: Any, scope: Scope, out: Parsed) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        out.dropped.append("announced is not an object: dropped")
+        return
+    count = 0
+    for pool_uid, entries in raw.items():
+        if scope.pool_uid is not None and pool_uid != scope.pool_uid:
+            out.dropped.append(f"announced entries for pool uid {pool_uid!r}, not the handler's pool: dropped")
+            continue
+        if not isinstance(entries, dict):
+            out.dropped.append(f"announced[{pool_uid!r}] is not an object: dropped")
+            continue
+        kept: dict[str, dict[str, Any]] = {}
+        for instance_uid, entry in entries.items():
+            count += 1
+            problem = "over the record cap" if count > MAX_ANNOUNCED else check_announced(instance_uid, entry, scope)
+            if problem:
+                out.dropped.append(f"announced {instance_uid!r}: {problem}")
+            else:
+                kept[instance_uid] = entry
+        out.announced[pool_uid] = kept
+
+
+def _take_pending(raw: Any, scope: Scope, out: Parsed) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        out.dropped.append("pending is not a list: dropped")
+        return
+    if len(raw) > MAX_PENDING:
+        out.dropped.append(f"{len(raw) - MAX_PENDING} pending records over the cap of {MAX_PENDING}: dropped")
+    for index, record in enumerate(raw[:MAX_PENDING]):
+        problem = check_pending(record, scope)
+        if problem:
+            out.dropped.append(f"pending record {index}: {problem}")
+        else:
+            out.pending[record["event"]["id"]] = record
+
+
+def summary(dropped: list[str], limit: int = 3) -> str:
+    """One Event-sized line for what was dropped."""
+    shown = "; ".join(dropped[:limit])
+    more = f" (and {len(dropped) - limit} more)" if len(dropped) > limit else ""
+    return f"dropped {len(dropped)} outbox record(s) that failed validation: {shown}{more}"[:1000]
+
