@@ -15,11 +15,7 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
-<<<<<<< HEAD
-from support.kube import api_client_for, namespace_name
-=======
-from support.kube import token_kubeconfig
->>>>>>> tenancy-outbox
+from support.kube import api_client_for, namespace_name, token_kubeconfig
 from support.pools import Workloads
 
 REPO = Path(__file__).resolve().parents[2]
