@@ -18,6 +18,7 @@ from poolkeeper.core.addresses import (
     parse_cidr_flag,
     parse_cidrs,
     refusal,
+    source_refusal,
     special_ranges,
 )
 from poolkeeper.functions.http import address_refusal
@@ -180,3 +181,36 @@ def test_a_policy_never_allows_more_than_its_list(ip: ipaddress.IPv4Address | ip
         assert refusal(ip, parse_cidrs(["0.0.0.0/0", "::/0"])) is not None
     else:
         assert refusal(ip, None) is None
+
+
+@pytest.mark.parametrize(("kind", "backend", "allow", "refused"), [
+    ("Pod", "EndpointSlice", False, False),
+    ("Instance", "EndpointSlice", False, True),
+    ("Node", "EndpointSlice", False, True),
+    ("Instance", "EndpointSlice", True, False),
+    ("Node", "EndpointSlice", True, False),
+    ("Instance", "HAProxy", False, False),
+    ("Node", "HAProxy", False, False),
+    ("Pod", "HAProxy", False, False),
+])
+def test_external_sources_need_the_operator_allowance_for_endpointslices(kind: str, backend: str, allow: bool,
+                                                                         refused: bool) -> None:
+    why = source_refusal(kind, backend, "Service ns/web", allow_external=allow)
+    assert (why is not None) == refused
+    if why:
+        assert why.startswith(f"{kind} sources may not feed the EndpointSlices of Service ns/web")
+        assert "--endpointslice-allow-external-sources" in why
+
+
+def test_operator_flags() -> None:
+    from poolkeeper.cli import build_parser
+
+    args = build_parser().parse_args(["run"])
+    assert (args.endpointslice_allowed_cidrs, args.endpointslice_allow_external_sources) == (None, False)
+    assert args.http_allowed_cidrs is None
+    args = build_parser().parse_args(["run", "--endpointslice-allowed-cidrs", "10.0.0.0/8,fd00::/8",
+                                      "--endpointslice-allow-external-sources"])
+    assert args.endpointslice_allowed_cidrs == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert args.endpointslice_allow_external_sources is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--endpointslice-allowed-cidrs", "10.0.0.1/8"])

@@ -20,7 +20,7 @@ from poolkeeper.backends.haproxy_client import HAProxyUnreachable
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
-from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy
+from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import (
     AddMember,
@@ -133,17 +133,9 @@ class PoolController:
         return AddressPolicy(found[0].allowed_cidrs if found else None, LB_ALLOWANCE)
 
     def source_refusal(self, spec: PoolSpec) -> str | None:
-        """Why the pool's source may not feed its backend at all, or None.
-
-        An EndpointSlice makes its addresses endpoints of a Service, which the cluster trusts
-        (CVE-2021-25740): Instance objects (any address a tenant writes) and Nodes may only feed
-        one when the operator runs with --endpointslice-allow-external-sources.
-        """
-        external = spec.kind in ("Instance", "Node")
-        if spec.backend_type == "EndpointSlice" and external and not self.allow_external_sources:
-            return (f"{spec.kind} sources may not feed the EndpointSlices of {spec.backend_text}: the operator "
-                    "allows only Pod sources there unless it runs with --endpointslice-allow-external-sources")
-        return None
+        """Why the pool's source may not feed its backend at all (core.addresses.source_refusal)."""
+        return source_refusal(spec.kind, spec.backend_type, spec.backend_text,
+                              allow_external=self.allow_external_sources)
 
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]

@@ -6,7 +6,8 @@ every place an address leaves the operator asks this module first:
 - load-balancer targets (HAProxy servers): allowances from the LoadBalancer's `allowedTargetCIDRs`;
 - EndpointSlice endpoints: allowances from the operator's `--endpointslice-allowed-cidrs`;
 - HTTP handler targets, judged on the address actually connected to: `--http-allowed-cidrs`;
-- Python handlers only hear of members a pool accepted, so they get no refused address either.
+- Python handlers only hear of members a pool accepted, so they get no refused address either;
+- and which sources may feed EndpointSlices at all (`source_refusal`).
 
 Special addresses (unspecified, loopback, link-local, multicast, broadcast, IPv4-mapped IPv6,
 zoned IPv6 and known cloud metadata endpoints) are refused unless the allowance lists a CIDR
@@ -135,4 +136,21 @@ def refusal(address: str | IPAddress | None, allowed: Sequence[Network] | None,
         return f"address {text} has an IPv6 zone: refused unless {granted_by} lists a CIDR that covers it"
     if allowed is not None and not listed:
         return f"address {text} is outside {granted_by}"
+    return None
+
+
+EXTERNAL_SOURCES = frozenset({"Instance", "Node"})
+
+
+def source_refusal(kind: str, backend_type: str, backend_text: str, *, allow_external: bool) -> str | None:
+    """Why a pool's source may not feed its backend at all, or None.
+
+    An EndpointSlice makes its addresses endpoints of a Service, which the cluster trusts
+    (CVE-2021-25740): Instance objects (any address a tenant writes) and Nodes may feed one only
+    when the operator runs with --endpointslice-allow-external-sources. A LoadBalancer's own
+    allowedTargetCIDRs guard its targets, so HAProxy pools take every source.
+    """
+    if backend_type == "EndpointSlice" and kind in EXTERNAL_SOURCES and not allow_external:
+        return (f"{kind} sources may not feed the EndpointSlices of {backend_text}: the operator allows only "
+                "Pod sources there unless it runs with --endpointslice-allow-external-sources")
     return None
