@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from test_lifecycle import handler, handler_status, http
+from test_lifecycle import handler, handler_status, http, lines, python, recorder_module, write_handler
 from test_operator_endpointslice import endpoints, slices
 
 from poolkeeper.agent import report_heartbeat
@@ -58,9 +58,18 @@ def running_instance(custom: client.CustomObjectsApi, cluster: Cluster, namespac
 
 def test_instances_pointing_at_the_load_balancer_itself_are_refused_until_the_lb_allows_them(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
-        cluster: Cluster, haproxy: HAProxyProcess, lb_name: str) -> None:
+        cluster: Cluster, haproxy: HAProxyProcess, lb_name: str, handlers_dir: Path, tmp_path: Path) -> None:
     load_balancer(custom, lb_name, haproxy.admin_endpoint)  # no allowedTargetCIDRs: the default policy
     create(custom, namespace, "targetpools", instance_pool("vms", ha_backend(lb_name, "vms"), "vms"))
+    seen = tmp_path / "events.jsonl"  # what a Python handler of the pool is told (e.g. warmup GETs the address)
+    module = f"rec_{uuid.uuid4().hex[:6]}"
+    write_handler(handlers_dir, module, recorder_module(seen))
+    create(custom, namespace, "lifecyclehandlers", handler("rec", "vms", python(f"{module}.handle"), events=["up"]))
+    wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "rec"), "Ready").get("status") == "True",
+             20, "handler Ready")
+
+    def told() -> set[str]:
+        return {line["event"]["data"]["instance"]["address"] for line in lines(seen)}
     for name, address in HOSTILE.items():
         running_instance(custom, cluster, namespace, name, address, "vms")
     running_instance(custom, cluster, namespace, "fine", "192.0.2.50", "vms")
@@ -78,6 +87,8 @@ def test_instances_pointing_at_the_load_balancer_itself_are_refused_until_the_lb
     refused = wait_for(lambda: {m.split(":")[0] for r, m in events_for(core, namespace, "vms") if r == "MemberRefused"}
                        >= refs or None, 10, "MemberRefused Events")
     assert refused
+    wait_for(lambda: told() == {"192.0.2.50"}, 10, "the handler told of the fine instance")
+    assert told() == {"192.0.2.50"}  # and of no refused one
 
     # The admin allows them explicitly: CIDRs inside each special range. Now they are added.
     custom.patch_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
@@ -86,6 +97,7 @@ def test_instances_pointing_at_the_load_balancer_itself_are_refused_until_the_lb
              and len(members(custom, namespace, "vms")) == 5, 20, "all Active once allowed")
     addresses = {a.rsplit(":", 1)[0] for a in haproxy_servers(haproxy, "vms").values()}
     assert addresses == {"127.0.0.1", "0.0.0.0", "::1", "169.254.169.254", "192.0.2.50"}
+    wait_for(lambda: told() == {*HOSTILE.values(), "192.0.2.50"}, 10, "the handler told of the allowed ones")
 
 
 def test_http_handler_status_shows_the_code_never_the_body(

@@ -239,3 +239,15 @@ def test_changed_server_settings_replace_members_without_a_gap() -> None:
     assert plan(new, healthy, checks=True).actions == (SetAdmin(new_name, Admin.READY),)
     both = {**healthy, new_name: ActualMember(new_name, "127.0.0.2", 80, Admin.READY, "UP", 0)}
     assert plan(new, both, checks=True).actions == (SetAdmin(old_name, Admin.DRAIN),)
+
+
+def test_default_policy_refuses_what_a_tenant_could_point_at_the_load_balancer() -> None:
+    hostile = {"lo": "127.0.0.1", "any": "0.0.0.0", "lo6": "::1", "meta": "169.254.169.254",
+               "mapped": "::ffff:10.0.0.1", "ali": "100.100.100.200", "aws6": "fd00:ec2::254", "mc": "224.0.0.1",
+               "bc": "255.255.255.255"}
+    desired, refused = desired_members(
+        namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse({"matchLabels": {"app": "web"}}),
+        port=80, instances=[inst("ok", address="192.0.2.9"), *(inst(n, address=a) for n, a in hostile.items())])
+    assert [m.address for m in desired.values()] == ["192.0.2.9"]
+    assert {r.instance.name for r in refused} == set(hostile)
+    assert all(r.reason.startswith(f"address {hostile[r.instance.name]} is ") for r in refused)
