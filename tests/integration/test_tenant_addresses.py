@@ -125,7 +125,7 @@ def test_http_handler_status_shows_the_code_never_the_body(
         receiver.stop()
 
 
-def test_endpointslice_pools_refuse_external_sources_and_loopback_pods_by_default(
+def test_defaults_refuse_external_sources_loopback_pods_and_loopback_handlers(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
         api_client: client.ApiClient, cluster: Cluster, kubelet: FakeKubelet, tmp_path: Path,
         handlers_dir: Path) -> None:
@@ -167,5 +167,25 @@ def test_endpointslice_pools_refuse_external_sources_and_loopback_pods_by_defaul
         wait_for(lambda: sum(r == "MemberRefused" for r, _ in events_for(core, namespace, "web")) >= 2, 10,
                  "MemberRefused Events")
         assert set(endpoints(api_client, namespace, "web")) == {"198.51.100.7"}
+
+        # HTTP handlers, as shipped (no --http-allowed-cidrs): not the operator's loopback, not metadata.
+        receiver = Receiver().start()
+        try:
+            create(custom, namespace, "lifecyclehandlers", handler(
+                "meta", "web", http("http://169.254.169.254/latest/meta-data/"), events=["up"]))
+            create(custom, namespace, "lifecyclehandlers", handler(
+                "local", "web", http(f"http://localhost:{receiver.port}/secret-500/{namespace}"), events=["up"],
+                retry={"maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}))
+            ready = wait_for(lambda: (c := condition(get(custom, namespace, "lifecyclehandlers", "meta"), "Ready"))
+                             .get("status") == "False" and c, 20, "meta handler refused")
+            assert ready["reason"] == "URLNotAllowed" and "cloud metadata" in ready["message"]
+            status = wait_for(lambda: (s := handler_status(custom, namespace, "local")).get("deadLettered") and s,
+                              20, "local handler dead-lettered")
+            error = status["lastInvocation"]["error"]
+            assert "loopback" in error and "--http-allowed-cidrs" in error, error  # localhost: 127.0.0.1 or ::1
+            assert status["lastInvocation"]["attempts"] == 1  # refused, not retried
+            assert receiver.on(f"/secret-500/{namespace}") == []
+        finally:
+            receiver.stop()
     finally:
         operator.stop()
