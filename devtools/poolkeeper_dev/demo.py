@@ -119,7 +119,9 @@ class Demo:
         with contextlib.suppress(ApiException):
             core.create_namespace(body=cast(Any, {"metadata": {"name": NAMESPACE}}))
         lb = {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": "demo-edge"},
-              "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.admin_endpoint}}}
+              "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.admin_endpoint},
+                       # the demo's pods are HTTP servers on loopback addresses: allowed explicitly
+                       "allowedTargetCIDRs": ["127.0.0.0/8"]}}
         with contextlib.suppress(ApiException):
             custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name="demo-edge")
         custom.create_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", body=lb)

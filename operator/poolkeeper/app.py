@@ -32,6 +32,7 @@ from poolkeeper.controller.queue import WorkQueue
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core import heartbeats
+from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, AddressPolicy, Network
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import KubeApi, resource_path
@@ -55,6 +56,8 @@ class OperatorOptions:
     metrics_port: int = 8080
     metrics_address: str = "0.0.0.0"
     http_allowed_cidrs: tuple[str, ...] | None = None
+    endpointslice_allowed_cidrs: tuple[Network, ...] | None = None
+    endpointslice_allow_external_sources: bool = False
     pod_label_selector: str | None = None
     workers: int = 4
     function_workers: int | None = None
@@ -128,7 +131,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     events = EventRecorder(rt.api)
     rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
                            pools_using=lambda lb: rt.pools.pools_using_lb(lb) if rt.pools else [])
-    rt.pools = PoolController(rt.store, rt.api, status, events, rt.lbs, ReadinessGates(rt.api), rt.metrics)
+    rt.pools = PoolController(rt.store, rt.api, status, events, rt.lbs, ReadinessGates(rt.api), rt.metrics,
+                              endpointslice_policy=AddressPolicy(rt.options.endpointslice_allowed_cidrs,
+                                                                 ENDPOINTSLICE_ALLOWANCE),
+                              allow_external_sources=rt.options.endpointslice_allow_external_sources)
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
@@ -237,8 +243,8 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if rt.lifecycle is not None:
-                rt.lifecycle.instance_changed(spec, state, rt.pools.allowed_cidrs(spec))
+            if rt.lifecycle is not None and rt.pools.source_refusal(spec) is None:
+                rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 
 
 def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:

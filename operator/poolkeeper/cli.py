@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -15,6 +16,8 @@ def _run(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace or ()), handlers_dir=args.handlers_dir,
         metrics_port=args.metrics_port, metrics_address=args.metrics_address,
         http_allowed_cidrs=tuple(args.http_allowed_cidrs.split(",")) if args.http_allowed_cidrs else None,
+        endpointslice_allowed_cidrs=args.endpointslice_allowed_cidrs,
+        endpointslice_allow_external_sources=args.endpointslice_allow_external_sources,
         pod_label_selector=args.pod_label_selector, workers=args.workers, function_workers=args.function_workers,
         leader_elect=args.leader_elect, leader_namespace=args.leader_elect_namespace,
         outbox_namespace=args.outbox_namespace,
@@ -54,6 +57,15 @@ def _invoke(argv: list[str]) -> int:
     return invoke_main(argv)
 
 
+def _cidr_list(value: str) -> tuple[Any, ...]:
+    from poolkeeper.core.addresses import parse_cidr_flag
+
+    try:
+        return parse_cidr_flag([value])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolkeeper", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=8080, help="port for /healthz, /readyz, /metrics (0: off)")
     run.add_argument("--metrics-address", default="0.0.0.0", help="address for the metrics server")
     run.add_argument("--http-allowed-cidrs", default=None,
-                     help="comma-separated CIDRs HTTP handlers may reach (default: any but link-local)")
+                     help="comma-separated CIDRs HTTP handlers may reach (default: any address but loopback, "
+                          "unspecified, link-local, multicast, broadcast, IPv4-mapped, zoned and cloud metadata "
+                          "ones, which need a listed CIDR inside their range, e.g. 127.0.0.0/8)")
+    run.add_argument("--endpointslice-allowed-cidrs", type=_cidr_list, default=None,
+                     help="comma-separated CIDRs EndpointSlice endpoints may have (default: any address but the "
+                          "special ones --http-allowed-cidrs names, which need a listed CIDR inside their range)")
+    run.add_argument("--endpointslice-allow-external-sources", action="store_true",
+                     help="let TargetPools with Instance or Node sources write EndpointSlices (default: Pod "
+                          "sources only; such a pool shows Synced=False SourceNotAllowed)")
     run.add_argument("--pod-label-selector", default=None,
                      help="server-side label selector for the Pod watch (e.g. 'poolkeeper.dev/member')")
     run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")

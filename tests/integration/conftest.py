@@ -70,7 +70,9 @@ def operator(cluster: Cluster, handlers_dir: Path, tmp_path_factory: pytest.Temp
              kubelet: FakeKubelet) -> Iterator[OperatorProcess]:
     logs = tmp_path_factory.mktemp("operator-logs")
     proc = OperatorProcess(service_account_kubeconfig(cluster, logs), logs, handlers_dir=handlers_dir,
-                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
+                           # loopback receivers, and EndpointSlice pools of Instances and Nodes (test_sources),
+                           # are allowed explicitly; test_tenant_addresses runs an operator without these.
+                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8", "--endpointslice-allow-external-sources"))
     try:
         proc.start()
     except RuntimeError as exc:

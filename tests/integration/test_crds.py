@@ -580,6 +580,7 @@ def test_deployment_is_hardened() -> None:
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/poolkeeper/poolkeeper:0.1.0"
+    # no address allowances: the default policy (core/addresses.py) applies as shipped
     assert container["command"] == ["poolkeeper", "run", "--metrics-port", "8080", "--leader-elect"]
     sc = container["securityContext"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532

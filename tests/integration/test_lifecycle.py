@@ -20,7 +20,7 @@ from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
-from support.pools import Workloads, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 
 ALL_EVENTS = ["up", "draining", "down", "registered", "deregistered"]
@@ -39,7 +39,7 @@ def own_lb(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HA
     haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
     haproxy.start()
     lb = f"lb-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, lb, haproxy.admin_endpoint)
+    load_balancer(custom, lb, haproxy.admin_endpoint, allowedTargetCIDRs=LOOPBACK_TARGETS)
     yield haproxy, lb
     custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
     haproxy.stop()

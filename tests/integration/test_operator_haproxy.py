@@ -16,7 +16,15 @@ from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
-from support.pools import Workloads, ha_backend, haproxy_servers, haproxy_stats, load_balancer, members
+from support.pools import (
+    LOOPBACK_TARGETS,
+    Workloads,
+    ha_backend,
+    haproxy_servers,
+    haproxy_stats,
+    load_balancer,
+    members,
+)
 
 
 @pytest.fixture()
@@ -30,7 +38,7 @@ def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
 @pytest.fixture()
 def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterator[str]:
     name = f"edge-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, name, haproxy.admin_endpoint)
+    load_balancer(custom, name, haproxy.admin_endpoint, allowedTargetCIDRs=LOOPBACK_TARGETS)
     yield name
     custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=name)
 
@@ -231,7 +239,7 @@ def test_tls_runtime_api_with_client_certificate_from_secret(
     core.create_namespaced_secret(namespace=namespace, body={"metadata": {"name": "haproxy-admin"}, "data": data})
     lb = f"tls-{uuid.uuid4().hex[:6]}"
     bad = f"tls-nosecret-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, lb, haproxy.tcp_endpoint,
+    load_balancer(custom, lb, haproxy.tcp_endpoint, allowedTargetCIDRs=LOOPBACK_TARGETS,
                   haproxy={"endpoint": haproxy.tcp_endpoint,
                            "tls": {"secretRef": {"namespace": namespace, "name": "haproxy-admin"}}})
     load_balancer(custom, bad, haproxy.tcp_endpoint,

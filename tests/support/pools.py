@@ -47,6 +47,10 @@ def haproxy_stats(haproxy: HAProxyProcess, backend: str) -> dict[str, dict[str, 
     return {r["svname"]: r for r in rows if r["pxname"] == backend and r["svname"].startswith("pk-")}
 
 
+# Test backends are HTTP servers on loopback addresses, which a LoadBalancer must allow explicitly.
+LOOPBACK_TARGETS = ["127.0.0.0/8"]
+
+
 def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, **spec: Any) -> None:
     custom.create_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", body={
         "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": name},

@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+SECRET_BODY = "internal-token=pk-secret-7f3a9c"
+
 
 @dataclass
 class Received:
@@ -32,7 +34,8 @@ class Received:
 @dataclass
 class Receiver:
     """`/ok` answers 204; `/fail-N` fails the first N deliveries of each event id with 503;
-    `/always-500`; `/slow-<subject suffix>` sleeps 4 s for subjects ending in that suffix."""
+    `/always-500`; `/secret-500...` answers 500 with SECRET_BODY; `/slow-<subject suffix>` sleeps 4 s
+    for subjects ending in that suffix."""
 
     port: int = 0
     received: list[Received] = field(default_factory=list)
@@ -69,6 +72,8 @@ class Receiver:
                 return web.Response(status=503, text="not yet")
         elif path == "/always-500":
             return web.Response(status=500, text="broken")
+        elif path.startswith("/secret-500"):  # an internal service answering with what a tenant must not read
+            return web.Response(status=500, text=f"{SECRET_BODY} (path {path})")
         elif path.startswith("/slow-") and item.headers.get("ce-subject", "").endswith(path[len("/slow-"):]):
             await asyncio.sleep(4)
         return web.Response(status=204)

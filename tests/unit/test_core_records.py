@@ -51,7 +51,8 @@ def test_selector_errors() -> None:
 # ---------------------------------------------------------------- addresses
 def test_address_refusals() -> None:
     assert refusal("10.1.2.3", None) is None
-    assert "link-local" in str(refusal("169.254.169.254", None))
+    assert "cloud metadata" in str(refusal("169.254.169.254", None))
+    assert "loopback" in str(refusal("127.0.0.1", None))
     assert "link-local" in str(refusal("fe80::1", parse_cidrs(["::/0"])))
     assert "outside" in str(refusal("10.1.2.3", parse_cidrs(["192.0.2.0/24"])))
     assert refusal("192.0.2.7", parse_cidrs(["192.0.2.0/24"])) is None

@@ -20,6 +20,7 @@ from poolkeeper.backends.haproxy_client import HAProxyUnreachable
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
+from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import (
     AddMember,
@@ -51,9 +52,9 @@ def _waiting_for_connections(result: ActionResult) -> bool:
 class Blocked(Exception):
     """The pool cannot be synced for a reason a person must fix; goes into `Synced`."""
 
-    def __init__(self, reason: str, message: str, retry: float | None = RESYNC_SECONDS) -> None:
+    def __init__(self, reason: str, message: str, retry: float | None = RESYNC_SECONDS, event: bool = False) -> None:
         super().__init__(message)
-        self.reason, self.retry = reason, retry
+        self.reason, self.retry, self.event = reason, retry, event
 
 
 @dataclass
@@ -66,6 +67,7 @@ class PoolMemory:
     reports: dict[str, MemberReport] = field(default_factory=dict)
     instance_of: dict[str, str] = field(default_factory=dict)  # server name -> Kind/ns/name, for Events
     slices: EndpointSliceBackend | None = None  # kept between reconciles: it caches what it wrote
+    blocked: str = ""  # the Blocked reason last reported with an Event
 
 
 class ReconcileHooks(Protocol):
@@ -92,9 +94,12 @@ class NoHooks:
 class PoolController:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder,
                  lbs: LoadBalancers, gates: ReadinessGates, metrics: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 endpointslice_policy: AddressPolicy | None = None, allow_external_sources: bool = False) -> None:
         self.store, self.api, self.status, self.events = store, api, status, events
         self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
+        self.endpointslice_policy = endpointslice_policy or AddressPolicy(None, ENDPOINTSLICE_ALLOWANCE)
+        self.allow_external_sources = allow_external_sources
         self.hooks: ReconcileHooks = NoHooks()
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
@@ -119,10 +124,18 @@ class PoolController:
     def valid_specs(self) -> list[PoolSpec]:
         return [s for k in list(self.store.pools) if isinstance(s := self.spec(k), PoolSpec)]
 
-    def allowed_cidrs(self, spec: PoolSpec) -> Any:
-        """The target CIDRs the pool's LoadBalancer allows (None: any but link-local)."""
-        found = self.lbs.get(spec.load_balancer) if spec.backend_type == "HAProxy" else None
-        return found[0].allowed_cidrs if found else None
+    def address_policy(self, spec: PoolSpec) -> AddressPolicy:
+        """The address policy of the pool's members: its LoadBalancer's allowedTargetCIDRs, or
+        for EndpointSlices the operator's --endpointslice-allowed-cidrs."""
+        if spec.backend_type != "HAProxy":
+            return self.endpointslice_policy
+        found = self.lbs.get(spec.load_balancer)
+        return AddressPolicy(found[0].allowed_cidrs if found else None, LB_ALLOWANCE)
+
+    def source_refusal(self, spec: PoolSpec) -> str | None:
+        """Why the pool's source may not feed its backend at all (core.addresses.source_refusal)."""
+        return source_refusal(spec.kind, spec.backend_type, spec.backend_text,
+                              allow_external=self.allow_external_sources)
 
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
@@ -153,10 +166,14 @@ class PoolController:
             t_read = time.monotonic()
         except Blocked as blocked:
             memory.reports = {}
+            if blocked.event and memory.blocked != blocked.reason:
+                self.events.post(body, blocked.reason, str(blocked), warning=True)
+            memory.blocked = blocked.reason
             self._publish(body, spec, [], Condition("Synced", False, blocked.reason, str(blocked)))
             return blocked.retry
         except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
+        memory.blocked = ""
         desired, refused, (pending, held, keep) = self._desired(spec, allowed)
         t_desired = time.monotonic()
         try:
@@ -216,12 +233,12 @@ class PoolController:
             return WATCH_SECONDS
         return RESYNC_SECONDS
 
-    def _desired(self, spec: PoolSpec, allowed: Any) -> tuple[dict[str, DesiredMember], list[Refusal],
+    def _desired(self, spec: PoolSpec, policy: AddressPolicy) -> tuple[dict[str, DesiredMember], list[Refusal],
                                                                tuple[frozenset[str], frozenset[str], frozenset[str]]]:
         gates = self.hooks.held(spec)
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
-            instances=self._candidates(spec), allowed_cidrs=allowed, held=gates[0] | gates[1],
+            instances=self._candidates(spec), policy=policy, held=gates[0] | gates[1],
             variant=spec.variant if spec.backend_type == "HAProxy" else "",
         )
         return desired, refused, gates
@@ -236,7 +253,10 @@ class PoolController:
         gate = f"poolkeeper.dev/{spec.name}"
         return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
 
-    async def _backend(self, spec: PoolSpec) -> tuple[Backend, Any]:
+    async def _backend(self, spec: PoolSpec) -> tuple[Backend, AddressPolicy]:
+        why_not = self.source_refusal(spec)
+        if why_not is not None:
+            raise Blocked("SourceNotAllowed", why_not, retry=None, event=True)
         winner = claim_winner(s for s in self.valid_specs() if s.claim == spec.claim and not s.deleting)
         if winner is not None and winner.key != spec.key:
             raise Blocked("Conflict", f"{spec.backend_text} is already used by TargetPool "
@@ -253,7 +273,7 @@ class PoolController:
             except ServiceProblem as exc:
                 cached.invalidate()
                 raise Blocked(exc.reason, str(exc)) from exc
-            return cached, None
+            return cached, self.endpointslice_policy
         found = self.lbs.get(spec.load_balancer)
         if found is None:
             why = self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
@@ -263,7 +283,7 @@ class PoolController:
             raise Blocked("NotAllowed", f"LoadBalancer {lb.name} does not allow pools from namespace {spec.namespace}")
         try:
             pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check)
-            return pool, lb.allowed_cidrs
+            return pool, AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc
 

@@ -6,10 +6,10 @@ twice changes nothing: the second reconcile sees the load balancer already as de
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from poolkeeper.core.addresses import Network, refusal
+from poolkeeper.core.addresses import DEFAULT_POLICY, AddressPolicy
 from poolkeeper.core.model import (
     Action,
     ActualMember,
@@ -46,11 +46,15 @@ def desired_members(
     selector: LabelSelector,
     port: int,
     instances: Iterable[InstanceState],
-    allowed_cidrs: Sequence[Network] | None = None,
+    policy: AddressPolicy = DEFAULT_POLICY,
     held: frozenset[str] = frozenset(),
     variant: str = "",
 ) -> tuple[dict[str, DesiredMember], list[Refusal]]:
-    """Instances that are up or draining and match: up ones serve, draining ones drain."""
+    """Instances that are up or draining and match: up ones serve, draining ones drain.
+
+    An instance whose address `policy` refuses is no member (and no handler hears of it): it is
+    returned among the refusals, with the reason.
+    """
     desired: dict[str, DesiredMember] = {}
     refused: list[Refusal] = []
     for inst in instances:
@@ -58,7 +62,7 @@ def desired_members(
             continue
         if kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
             continue
-        why = refusal(inst.address, allowed_cidrs)
+        why = policy.refusal(inst.address)
         if why is not None:
             refused.append(Refusal(inst, why))
             continue

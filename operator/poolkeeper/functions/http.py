@@ -22,15 +22,13 @@ from aiohttp.client_reqrep import ClientRequest
 from aiohttp.tracing import Trace
 
 from poolkeeper import __version__
+from poolkeeper.core.addresses import HTTP_ALLOWANCE, refusal
 from poolkeeper.core.cloudevents import SIGNATURE_HEADER, binary_mode_http, sign
 from poolkeeper.core.retry import retry_after_seconds
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")  # incl. 169.254.169.254, cloud metadata
-LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
-_ERROR_BODY_CHARS = 200
 _MAX_BODY = 64 * 1024
 
 
@@ -50,29 +48,9 @@ class DeliveryResult:
 
 
 def address_refusal(address: str | IPAddress, allowed_cidrs: Sequence[IPNetwork] | None) -> str | None:
-    """Why connecting to `address` is forbidden, or None when it is allowed.
-
-    Without an allowlist everything but link-local is allowed. With one, the address must be in a
-    listed network, and link-local addresses additionally need a listed network that lies inside
-    link-local space (169.254.169.254/32 allows the metadata service; 0.0.0.0/0 does not).
-    IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
-    """
-    ip = ipaddress.ip_address(str(address).split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    link_local = ip.is_link_local
-    if allowed_cidrs is None:
-        allowed = not link_local
-    else:
-        containing = [net for net in allowed_cidrs if net.version == ip.version and ip in net]
-        allowed = bool(containing) and (not link_local or any(_within_link_local(net) for net in containing))
-    return None if allowed else f"address {ip} is not allowed by the operator's --http-allowed-cidrs"
-
-
-def _within_link_local(net: IPNetwork) -> bool:
-    if isinstance(net, ipaddress.IPv4Network):
-        return net.subnet_of(LINK_LOCAL_V4)
-    return net.subnet_of(LINK_LOCAL_V6)
+    """Why connecting to `address` is forbidden, or None when it is allowed: the operator's one
+    address policy (core/addresses.py) with `--http-allowed-cidrs` as the allowance."""
+    return refusal(address, allowed_cidrs, HTTP_ALLOWANCE)
 
 
 def check_url_allowed(url: str, allowed_cidrs: Sequence[IPNetwork] | None) -> str | None:
@@ -149,10 +127,10 @@ class GuardedConnector(aiohttp.TCPConnector):
         family, type_, proto, _, sockaddr = addr_info
         guard = self._guard()
         guard.attempted += 1
-        refusal = address_refusal(sockaddr[0], guard.allowed_cidrs)
-        if refusal is not None:
-            guard.refused.append(refusal)
-            raise OSError(refusal)
+        refused = address_refusal(sockaddr[0], guard.allowed_cidrs)
+        if refused is not None:
+            guard.refused.append(refused)
+            raise OSError(refused)
         return socket.socket(family=family, type=type_, proto=proto)
 
     async def connect(
@@ -166,11 +144,11 @@ class GuardedConnector(aiohttp.TCPConnector):
         peer = connection.transport.get_extra_info("peername") if connection.transport else None
         if peer:
             guard = self._guard()
-            refusal = address_refusal(peer[0], guard.allowed_cidrs)
-            if refusal is not None:
-                guard.refused.append(refusal)
+            refused = address_refusal(peer[0], guard.allowed_cidrs)
+            if refused is not None:
+                guard.refused.append(refused)
                 connection.close()
-                raise AddressNotAllowedError(refusal)
+                raise AddressNotAllowedError(refused)
         return connection
 
 
@@ -209,9 +187,9 @@ async def deliver_http(
     ) -> DeliveryResult:
         return DeliveryResult(ok, status, retryable, retry_after, error, (time.monotonic() - started) * 1000)
 
-    refusal = check_url_allowed(url, allowed_cidrs)
-    if refusal is not None:
-        return result(False, None, False, refusal)
+    refused = check_url_allowed(url, allowed_cidrs)
+    if refused is not None:
+        return result(False, None, False, refused)
     headers, body = binary_mode_http(event)
     if secret is not None:
         headers[SIGNATURE_HEADER] = sign(body, secret)
@@ -221,8 +199,9 @@ async def deliver_http(
         limit = aiohttp.ClientTimeout(total=timeout)
         request = session.post(url, data=body, headers=headers, timeout=limit, allow_redirects=False)
         async with request as response:
-            # Read (a bounded part of) the body so the connection can be reused and errors explained.
-            text = (await response.content.read(_MAX_BODY)).decode("utf-8", errors="replace")
+            # Read (a bounded part of) the body so the connection can be reused. It is never reported:
+            # a tenant's URL may reach a service whose answer the tenant must not read in status.
+            await response.content.read(_MAX_BODY)
             status = response.status
             retry_after_header = response.headers.get("Retry-After")
     except TimeoutError:
@@ -239,6 +218,6 @@ async def deliver_http(
     ok, retryable = classify_status(status)
     if ok:
         return result(True, status, False, None)
-    error = f"HTTP {status}" + (f": {text.strip()[:_ERROR_BODY_CHARS]}" if text.strip() else "")
+    error = f"HTTP {status}"
     retry_after = retry_after_seconds(retry_after_header, datetime.now(UTC)) if retryable else None
     return result(False, status, retryable, error, retry_after)

@@ -14,7 +14,7 @@ from typing import Any
 
 from poolkeeper.backends import ActionResult
 from poolkeeper.controller.store import Key, Store
-from poolkeeper.core.addresses import parse_cidrs
+from poolkeeper.core.addresses import AddressPolicy, parse_cidrs
 from poolkeeper.core.cloudevents import build_event
 from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
 from poolkeeper.core.planner import desired_members
@@ -203,7 +203,7 @@ class LifecycleHandlers:
     def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
         return self.gates.for_pool(spec.key)
 
-    def instance_changed(self, spec: PoolSpec, instance: InstanceState, allowed_cidrs: Any) -> None:
+    def instance_changed(self, spec: PoolSpec, instance: InstanceState, policy: AddressPolicy) -> None:
         """The event path: tell handlers at once, without waiting for the pool's next reconcile.
 
         Membership is decided by the same pure rule the reconcile uses, on this one instance;
@@ -213,7 +213,7 @@ class LifecycleHandlers:
         if not runtimes:
             return
         one, _ = desired_members(namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector,
-                                 port=spec.port, instances=[instance], allowed_cidrs=allowed_cidrs,
+                                 port=spec.port, instances=[instance], policy=policy,
                                  variant=spec.variant if spec.backend_type == "HAProxy" else "")
         current = member_states(one)
         for runtime in runtimes:
