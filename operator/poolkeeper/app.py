@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +36,9 @@ from poolkeeper.core import heartbeats
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, AddressPolicy, Network
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
+from poolkeeper.core.tenancy import NodeSourcePolicy
 from poolkeeper.kube.api import KubeApi, resource_path
-from poolkeeper.kube.credentials import load_credentials
+from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.informer import Informer
 from poolkeeper.kube.lease import LeaderElector
@@ -65,6 +67,10 @@ class OperatorOptions:
     leader_namespace: str = "poolkeeper-system"
     outbox_namespace: str = "poolkeeper-system"  # the operator's own: tenants can't write ConfigMaps there
     leader_name: str = "poolkeeper"
+    node_source_namespaces: NodeSourcePolicy | None = None  # None: every namespace may select Nodes
+    handler_credentials: str = "none"  # none | operator: what Python handler functions may authenticate as
+    http_connections: int = 100  # HTTP handler deliveries in flight, all namespaces together
+    http_namespace_concurrency: int | None = None  # ... of one namespace (default: a quarter of the above)
 
 
 @dataclass
@@ -134,7 +140,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.pools = PoolController(rt.store, rt.api, status, events, rt.lbs, ReadinessGates(rt.api), rt.metrics,
                               endpointslice_policy=AddressPolicy(rt.options.endpointslice_allowed_cidrs,
                                                                  ENDPOINTSLICE_ALLOWANCE),
-                              allow_external_sources=rt.options.endpointslice_allow_external_sources)
+                              allow_external_sources=rt.options.endpointslice_allow_external_sources,
+                              node_sources=rt.options.node_source_namespaces)
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
@@ -166,10 +173,14 @@ async def _lead(elector: LeaderElector) -> None:
 
 def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -> LifecycleHandlers:
     assert rt.api is not None
+    credentials = handler_kubeconfig(rt.options.handler_credentials, rt.options.kubeconfig, Path(tempfile.gettempdir()))
     handlers_dir = Path(rt.options.handlers_dir or os.environ.get("POOLKEEPER_HANDLERS_DIR") or "handlers")
     return LifecycleHandlers(rt.store, rt.api, status, events, rt.queue, handlers_dir=handlers_dir,
                              allowed_cidrs=rt.options.http_allowed_cidrs, workers=rt.options.function_workers,
-                             outbox_namespace=rt.options.outbox_namespace, metrics=rt.metrics)
+                             outbox_namespace=rt.options.outbox_namespace, metrics=rt.metrics,
+                             handler_kubeconfig=credentials,
+                             http_connections=rt.options.http_connections,
+                             http_namespace_concurrency=rt.options.http_namespace_concurrency)
 
 
 @kopf.on.cleanup()
@@ -243,7 +254,8 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if rt.lifecycle is not None and rt.pools.source_refusal(spec) is None:
+            if (rt.lifecycle is not None and rt.pools.source_refusal(spec) is None
+                    and rt.pools.node_source_refusal(spec) is None):
                 rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 
 

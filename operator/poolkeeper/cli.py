@@ -20,7 +20,9 @@ def _run(args: argparse.Namespace) -> int:
         endpointslice_allow_external_sources=args.endpointslice_allow_external_sources,
         pod_label_selector=args.pod_label_selector, workers=args.workers, function_workers=args.function_workers,
         leader_elect=args.leader_elect, leader_namespace=args.leader_elect_namespace,
-        outbox_namespace=args.outbox_namespace,
+        outbox_namespace=args.outbox_namespace, node_source_namespaces=args.node_source_namespaces,
+        handler_credentials=args.handler_credentials, http_connections=args.http_connections,
+        http_namespace_concurrency=args.http_namespace_concurrency,
     ))
 
 
@@ -66,6 +68,22 @@ def _cidr_list(value: str) -> tuple[Any, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _node_source_namespaces(value: str) -> Any:
+    from poolkeeper.core.tenancy import parse_node_source_namespaces
+
+    try:
+        return parse_node_source_namespaces(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolkeeper", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpointslice-allow-external-sources", action="store_true",
                      help="let TargetPools with Instance or Node sources write EndpointSlices (default: Pod "
                           "sources only; such a pool shows Synced=False SourceNotAllowed)")
+    run.add_argument("--node-source-namespaces", type=_node_source_namespaces, default=None,
+                     help="namespaces whose TargetPools may select Nodes: a comma list of names or a namespace "
+                          "label selector (e.g. 'poolkeeper.dev/node-sources=allowed'); default: every namespace. "
+                          "Other pools with Node sources show Synced=False NodeSourceNotAllowed")
+    run.add_argument("--handler-credentials", choices=("none", "operator"), default="none",
+                     help="what Python handler functions may authenticate as: none (default: no token, no "
+                          "kubeconfig, KUBECONFIG=/dev/null) or operator (the operator's own identity, e.g. for "
+                          "annotate.handle; bind manifests/optional/annotate-handler-rbac.yaml)")
+    run.add_argument("--http-connections", type=_positive, default=100,
+                     help="HTTP handler deliveries in flight, all namespaces together (default: 100)")
+    run.add_argument("--http-namespace-concurrency", type=_positive, default=None,
+                     help="HTTP handler deliveries in flight for one namespace, all its handlers together "
+                          "(default: a quarter of --http-connections; always fewer than it)")
     run.add_argument("--pod-label-selector", default=None,
                      help="server-side label selector for the Pod watch (e.g. 'poolkeeper.dev/member')")
     run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")

@@ -33,6 +33,7 @@ from poolkeeper.core.model import (
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, simulate
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, claim_winner, namespace_allowed, parse_pool
 from poolkeeper.core.retry import backoff_delay
+from poolkeeper.core.tenancy import NodeSourcePolicy, node_source_refusal
 from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
@@ -95,11 +96,13 @@ class PoolController:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder,
                  lbs: LoadBalancers, gates: ReadinessGates, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic, *,
-                 endpointslice_policy: AddressPolicy | None = None, allow_external_sources: bool = False) -> None:
+                 endpointslice_policy: AddressPolicy | None = None, allow_external_sources: bool = False,
+                 node_sources: NodeSourcePolicy | None = None) -> None:
         self.store, self.api, self.status, self.events = store, api, status, events
         self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
         self.endpointslice_policy = endpointslice_policy or AddressPolicy(None, ENDPOINTSLICE_ALLOWANCE)
         self.allow_external_sources = allow_external_sources
+        self.node_sources = node_sources  # --node-source-namespaces; None: every namespace
         self.hooks: ReconcileHooks = NoHooks()
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
@@ -136,6 +139,11 @@ class PoolController:
         """Why the pool's source may not feed its backend at all (core.addresses.source_refusal)."""
         return source_refusal(spec.kind, spec.backend_type, spec.backend_text,
                               allow_external=self.allow_external_sources)
+
+    def node_source_refusal(self, spec: PoolSpec) -> str | None:
+        """Why the pool's namespace may not select Nodes (core.tenancy.node_source_refusal)."""
+        return node_source_refusal(spec.kind, spec.namespace, self.store.namespace_labels.get(spec.namespace),
+                                   self.node_sources)
 
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
@@ -254,6 +262,8 @@ class PoolController:
         return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
 
     async def _backend(self, spec: PoolSpec) -> tuple[Backend, AddressPolicy]:
+        if (why_not := self.node_source_refusal(spec)) is not None:
+            raise Blocked("NodeSourceNotAllowed", why_not, event=True)
         why_not = self.source_refusal(spec)
         if why_not is not None:
             raise Blocked("SourceNotAllowed", why_not, retry=None, event=True)

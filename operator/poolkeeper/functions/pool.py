@@ -74,11 +74,19 @@ class FunctionPool:
         *,
         preload: Sequence[str] = (),
         start_method: Literal["forkserver", "spawn"] = "forkserver",
+        kubeconfig: str | None = None,
+        per_namespace: int | None = None,
     ) -> None:
         self.size = default_size() if size is None else size
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
         self._preload = tuple(preload)  # modules every worker imports once at start
+        # Workers run without the operator's credentials; with `kubeconfig` (--handler-credentials)
+        # they get that one as KUBECONFIG (worker.handler_environment).
+        self._kubeconfig = kubeconfig
+        # At most this many workers busy for one namespace: the others stay free for the rest.
+        self.per_namespace = per_namespace if per_namespace is not None else max(1, self.size - 1)
+        self._namespace_slots: dict[str, asyncio.Semaphore] = {}
         # Never fork: the operator has threads and an event loop a forked child would inherit.
         self._mp: ForkServerContext | SpawnContext
         if start_method == "forkserver":
@@ -123,7 +131,7 @@ class FunctionPool:
         parent_end, child_end = self._mp.Pipe(duplex=True)
         process = self._mp.Process(
             target=worker_module.worker_main,
-            args=(child_end, self._lifeline_r, self._preload),
+            args=(child_end, self._lifeline_r, self._preload, self._kubeconfig),
             name="poolkeeper-function-worker",
             daemon=True,
         )
@@ -146,12 +154,24 @@ class FunctionPool:
         timeout: float,  # noqa: ASYNC109 - enforced by killing the worker, not by cancelling us
         attempt: int = 1,
         function_name: str | None = None,
+        namespace: str | None = None,
     ) -> InvocationResult:
         """Call FILE.FUNCTION `name` with `event`; never raises for anything the handler does.
 
-        The timeout runs from this call: waiting for a free worker counts against it. On timeout
-        the worker is SIGKILLed and replaced and the result says `timed out after <timeout>s`.
+        With `namespace`, first wait for one of that namespace's `per_namespace` slots (so one
+        namespace's slow functions never hold every worker); the timeout runs from then. Waiting for
+        a free worker counts against it. On timeout the worker is SIGKILLed and replaced and the
+        result says `timed out after <timeout>s`.
         """
+        if namespace is None:
+            return await self._invoke(handlers_dir, name, event, timeout, attempt, function_name)
+        slots = self._namespace_slots.setdefault(namespace, asyncio.Semaphore(self.per_namespace))
+        async with slots:
+            return await self._invoke(handlers_dir, name, event, timeout, attempt, function_name)
+
+    async def _invoke(self, handlers_dir: str | os.PathLike[str], name: str, event: dict[str, Any],
+                      timeout: float,  # noqa: ASYNC109 - as for invoke
+                      attempt: int, function_name: str | None) -> InvocationResult:
         deadline = time.monotonic() + timeout
         request = ("invoke", os.fspath(handlers_dir), name, event, attempt, function_name or name, deadline)
         return await self._call(request, deadline, timeout)

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -121,8 +121,29 @@ def _exit_with_the_operator(lifeline: Connection) -> None:
         os._exit(0)
 
 
-def worker_main(conn: Connection, lifeline: Connection, preload: Sequence[str] = ()) -> None:
+# What a handler function must not inherit from the operator: where the operator's credentials
+# are, and the in-cluster variables client libraries use to find the API server.
+_DROPPED_PREFIXES = ("KUBERNETES_", "POOLKEEPER_")
+_DROPPED_WORDS = ("TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def handler_environment(env: Mapping[str, str], kubeconfig: str | None) -> dict[str, str]:
+    """The environment a worker runs handler functions in: the operator's, minus anything that
+    leads to its credentials, with KUBECONFIG set to `kubeconfig` (`--handler-credentials`) or
+    to /dev/null, so Kubernetes clients find no identity (not even ~/.kube/config)."""
+    kept = {k: v for k, v in env.items()
+            if k != "KUBECONFIG" and not k.startswith(_DROPPED_PREFIXES)
+            and not any(word in k.upper() for word in _DROPPED_WORDS)}
+    kept["KUBECONFIG"] = kubeconfig or os.devnull
+    return kept
+
+
+def worker_main(conn: Connection, lifeline: Connection, preload: Sequence[str] = (),
+                kubeconfig: str | None = None) -> None:
     """Entry point of a worker process: serve requests until the pipe closes."""
+    scrubbed = handler_environment(os.environ, kubeconfig)
+    os.environ.clear()
+    os.environ.update(scrubbed)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the operator's to handle
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -35,12 +35,15 @@ class HandlerRuntime:
 
     def __init__(self, spec: HandlerSpec, body: dict[str, Any], *, api: KubeApi, outbox: Outbox,
                  functions: FunctionPool, http: aiohttp.ClientSession, handlers_dir: Path,
+                 http_slots: asyncio.Semaphore | None = None,
                  allowed_cidrs: Any, status: StatusWriter, events: EventRecorder, settled: Settled,
                  metrics: Any = None) -> None:
         self.spec, self.body, self.api, self.outbox = spec, body, api, outbox
         self.functions, self.http, self.handlers_dir = functions, http, handlers_dir
         self.allowed_cidrs, self.status, self.events, self.settled = allowed_cidrs, status, events, settled
         self.metrics = metrics
+        # The namespace's share of HTTP connections, shared by all its handlers (None: unlimited).
+        self.http_slots = http_slots or asyncio.Semaphore(1 << 30)
         self.queues: dict[str, deque[str]] = {}  # instance uid -> event ids, in order
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.semaphore = asyncio.Semaphore(spec.max_concurrency)
@@ -141,12 +144,14 @@ class HandlerRuntime:
         spec = self.spec
         if spec.function_type == "Python":
             result = await self.functions.invoke(self.handlers_dir, spec.python_handler, event, timeout=spec.timeout,
-                                                 attempt=attempt, function_name=spec.python_handler)
+                                                 attempt=attempt, function_name=spec.python_handler,
+                                                 namespace=spec.namespace)
             return result.ok, result.error or "", True, None
         if self.problem and self.problem[0] == "URLNotAllowed":
             return False, self.problem[1], False, None
-        delivered = await deliver_http(self.http, spec.url, event, timeout=spec.timeout, secret=self.secret,
-                                       allowed_cidrs=self.allowed_cidrs)
+        async with self.http_slots:
+            delivered = await deliver_http(self.http, spec.url, event, timeout=spec.timeout, secret=self.secret,
+                                           allowed_cidrs=self.allowed_cidrs)
         return delivered.ok, delivered.error or "", delivered.retryable, delivered.retry_after
 
     async def _dead_letter(self, event: dict[str, Any], error: str) -> None:
@@ -154,8 +159,9 @@ class HandlerRuntime:
         message = f"event {event['id']} ({event['type']} {event.get('subject')}) dead-lettered: {error}"
         self.events.post(self.body, "DeadLettered", message, warning=True)
         if spec.dead_letter_url:
-            result = await deliver_http(self.http, spec.dead_letter_url, event, timeout=spec.timeout,
-                                        secret=self.secret, allowed_cidrs=self.allowed_cidrs)
+            async with self.http_slots:
+                result = await deliver_http(self.http, spec.dead_letter_url, event, timeout=spec.timeout,
+                                            secret=self.secret, allowed_cidrs=self.allowed_cidrs)
             if not result.ok:
                 self.events.post(self.body, "DeadLetterFailed",
                                  f"dead-letter POST of {event['id']} failed: {result.error}", warning=True)

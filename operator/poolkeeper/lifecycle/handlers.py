@@ -19,6 +19,7 @@ from poolkeeper.core.cloudevents import build_event
 from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
 from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec
+from poolkeeper.core.tenancy import function_slots_per_namespace, http_slots_per_namespace
 from poolkeeper.core.transitions import (
     Announced,
     Transition,
@@ -27,7 +28,7 @@ from poolkeeper.core.transitions import (
     member_transition,
 )
 from poolkeeper.functions.http import make_http_session
-from poolkeeper.functions.pool import FunctionPool
+from poolkeeper.functions.pool import FunctionPool, default_size
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
@@ -66,14 +67,21 @@ class Gates:
 class LifecycleHandlers:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder, queue: Any, *,
                  handlers_dir: Path, allowed_cidrs: tuple[str, ...] | None, workers: int | None,
-                 outbox_namespace: str, metrics: Any = None) -> None:
+                 outbox_namespace: str, metrics: Any = None, handler_kubeconfig: str | None = None,
+                 http_connections: int = 100, http_namespace_concurrency: int | None = None) -> None:
         self.store, self.api, self.status, self.events, self.queue = store, api, status, events, queue
         self.outbox_namespace = outbox_namespace
         self.unloaded: dict[Key, dict[str, Any]] = {}  # handlers whose outbox could not be read: retried
         self.handlers_dir, self.metrics = handlers_dir, metrics
         self.allowed_cidrs = parse_cidrs(list(allowed_cidrs)) if allowed_cidrs else None
-        self.functions = FunctionPool(workers)
-        self.http = make_http_session(self.allowed_cidrs)
+        size = workers if workers is not None else default_size()
+        # Fairness between namespaces: one namespace's slow functions or receivers hold at most
+        # all workers but one, and a share of the HTTP connections (core/tenancy.py).
+        self.functions = FunctionPool(size, kubeconfig=handler_kubeconfig,
+                                      per_namespace=function_slots_per_namespace(size))
+        self.http = make_http_session(self.allowed_cidrs, limit=http_connections)
+        self.http_per_namespace = http_slots_per_namespace(http_connections, http_namespace_concurrency)
+        self._http_slots: dict[str, asyncio.Semaphore] = {}
         self.runtimes: dict[Key, HandlerRuntime] = {}
         self.gates = Gates()
         self._started = False
@@ -114,7 +122,9 @@ class LifecycleHandlers:
             await old.close()
             if not same_handler:  # deleted and re-created while we were not looking
                 await self._delete_outbox(old.outbox)
+        slots = self._http_slots.setdefault(spec.namespace, asyncio.Semaphore(self.http_per_namespace))
         runtime = HandlerRuntime(spec, body, api=self.api, outbox=outbox, functions=self.functions, http=self.http,
+                                 http_slots=slots,
                                  handlers_dir=self.handlers_dir, allowed_cidrs=self.allowed_cidrs, status=self.status,
                                  events=self.events, settled=self._settled_for(key), metrics=self.metrics)
         self.runtimes[key] = runtime
