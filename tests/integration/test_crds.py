@@ -543,8 +543,13 @@ def test_install_manifests_dry_run(cluster: Cluster) -> None:
                  "clusterrole.rbac.authorization.k8s.io/poolkeeper-instance-agent",
                  "clusterrolebinding.rbac.authorization.k8s.io/poolkeeper", "deployment.apps/poolkeeper",
                  "role.rbac.authorization.k8s.io/poolkeeper-outbox",
-                 "rolebinding.rbac.authorization.k8s.io/poolkeeper-outbox"):
+                 "rolebinding.rbac.authorization.k8s.io/poolkeeper-outbox",
+                 "role.rbac.authorization.k8s.io/poolkeeper-leader-election",
+                 "rolebinding.rbac.authorization.k8s.io/poolkeeper-leader-election"):
         assert name in out.stdout
+    assert "annotate-handler" not in out.stdout  # optional, not installed by default
+    optional = kubectl(cluster, "apply", "-f", str(MANIFESTS / "optional"), "--dry-run=server")
+    assert "clusterrole.rbac.authorization.k8s.io/poolkeeper-annotate-handler" in optional.stdout
 
 
 def load_docs(name: str) -> list[Obj]:
@@ -561,7 +566,12 @@ def test_rbac_has_no_wildcards_and_agent_is_narrow() -> None:
     operator = {(group, res): set(rule["verbs"]) for rule in roles["poolkeeper"]["rules"]
                 for group in rule["apiGroups"] for res in rule["resources"]}
     assert operator[("", "secrets")] == {"get"}
-    assert operator[("", "pods/status")] == {"patch", "update"}
+    assert operator[("", "pods/status")] == {"patch"}
+    # Pods, Nodes and Instances themselves are not writable (annotate.handle's rights are optional),
+    # nor Leases cluster-wide (a Role in the operator's namespace).
+    for resource in (("", "pods"), ("", "nodes"), (GROUP, "instances")):
+        assert not operator[resource] - {"get", "list", "watch"}, resource
+    assert not any(group == "coordination.k8s.io" for group, _ in operator)
     assert operator[(GROUP, "targetpools/finalizers")] == {"update"}
     assert not any("delete" in verbs for (group, _), verbs in operator.items() if group != "discovery.k8s.io")
     agent = {(group, res): set(rule["verbs"]) for rule in roles["poolkeeper-instance-agent"]["rules"]
@@ -569,8 +579,12 @@ def test_rbac_has_no_wildcards_and_agent_is_narrow() -> None:
     assert agent == {(GROUP, "instances"): {"get"}, (GROUP, "instances/status"): {"get", "patch", "update"}}
     # ConfigMaps (the outboxes) only in the operator's own namespace: never in a tenant's
     assert ("", "configmaps") not in operator
-    (outbox,) = [doc for doc in load_docs("rbac.yaml") if doc["kind"] == "Role"]
-    assert outbox["metadata"]["namespace"] == "poolkeeper-system"
+    roles_here = {doc["metadata"]["name"]: doc for doc in load_docs("rbac.yaml") if doc["kind"] == "Role"}
+    assert set(roles_here) == {"poolkeeper-outbox", "poolkeeper-leader-election"}
+    outbox, lease = roles_here["poolkeeper-outbox"], roles_here["poolkeeper-leader-election"]
+    assert outbox["metadata"]["namespace"] == lease["metadata"]["namespace"] == "poolkeeper-system"
+    assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "verbs": ["get", "create", "update"]}]
     assert outbox["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
                                 "verbs": ["get", "list", "create", "update", "delete"]}]
 
@@ -591,3 +605,11 @@ def test_deployment_is_hardened() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    # The token is not at the default path (handler functions would find it there): projected elsewhere.
+    assert pod["automountServiceAccountToken"] is False
+    (creds,) = [v for v in pod["volumes"] if v["name"] == "operator-credentials"]
+    assert any("serviceAccountToken" in source for source in creds["projected"]["sources"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["POOLKEEPER_SERVICEACCOUNT_DIR"] == mounts["operator-credentials"] != \
+        "/var/run/secrets/kubernetes.io/serviceaccount"

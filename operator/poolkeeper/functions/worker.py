@@ -123,8 +123,7 @@ def _exit_with_the_operator(lifeline: Connection) -> None:
 
 # What a handler function must not inherit from the operator: where the operator's credentials
 # are, and the in-cluster variables client libraries use to find the API server.
-_DROPPED_PREFIXES = ("KUBERNETES_", "POOLKEEPER_")
-_DROPPED_WORDS = ("TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+_DROPPED_WORDS = ("KUBE", "POOLKEEPER", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
 def handler_environment(env: Mapping[str, str], kubeconfig: str | None) -> dict[str, str]:
@@ -132,8 +131,7 @@ def handler_environment(env: Mapping[str, str], kubeconfig: str | None) -> dict[
     leads to its credentials, with KUBECONFIG set to `kubeconfig` (`--handler-credentials`) or
     to /dev/null, so Kubernetes clients find no identity (not even ~/.kube/config)."""
     kept = {k: v for k, v in env.items()
-            if k != "KUBECONFIG" and not k.startswith(_DROPPED_PREFIXES)
-            and not any(word in k.upper() for word in _DROPPED_WORDS)}
+            if not any(word in k.upper() for word in _DROPPED_WORDS)}
     kept["KUBECONFIG"] = kubeconfig or os.devnull
     return kept
 
