@@ -107,7 +107,7 @@ PROBE = '''
 import json, os, time
 def handle(event, context):
     found = {{"env": {{k: v for k, v in os.environ.items()
-                     if any(w in k.upper() for w in ("KUBE", "POOLKEEPER", "TOKEN", "SECRET"))}},
+                     if any(w in k.upper() for w in ("KUBE", "SERVICEACCOUNT", "TOKEN", "SECRET"))}},
              "default_token": os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"),
              "env_text": "\\n".join(f"{{k}}={{v}}" for k, v in os.environ.items())}}
     from kubernetes import client, config

@@ -72,9 +72,9 @@ def test_worker_environment_has_no_credentials() -> None:
     env = {"PATH": "/usr/bin", "HOME": "/home/op", "KUBECONFIG": "/etc/op.kubeconfig",
            "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "KUBERNETES_PORT": "tcp://x",
            "POOLKEEPER_SERVICEACCOUNT_DIR": "/var/run/secrets/poolkeeper/operator", "GITHUB_TOKEN": "t",
-           "DB_PASSWORD": "p", "POD_NAMESPACE": "poolkeeper-system"}
+           "DB_PASSWORD": "p", "POD_NAMESPACE": "poolkeeper-system", "POOLKEEPER_AUDIT_LOG": "/tmp/a"}
     assert handler_environment(env, None) == {"PATH": "/usr/bin", "HOME": "/home/op", "KUBECONFIG": os.devnull,
-                                              "POD_NAMESPACE": "poolkeeper-system"}
+                                              "POD_NAMESPACE": "poolkeeper-system", "POOLKEEPER_AUDIT_LOG": "/tmp/a"}
     assert handler_environment(env, "/tmp/granted")["KUBECONFIG"] == "/tmp/granted"
 
 

@@ -123,7 +123,8 @@ def _exit_with_the_operator(lifeline: Connection) -> None:
 
 # What a handler function must not inherit from the operator: where the operator's credentials
 # are, and the in-cluster variables client libraries use to find the API server.
-_DROPPED_WORDS = ("KUBE", "POOLKEEPER", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+# (Handler settings such as POOLKEEPER_AUDIT_LOG or WARMUP_PATH stay.)
+_DROPPED_WORDS = ("KUBE", "SERVICEACCOUNT", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
 def handler_environment(env: Mapping[str, str], kubeconfig: str | None) -> dict[str, str]:
