@@ -264,6 +264,7 @@ def test_a_namespace_with_slow_receivers_and_functions_does_not_delay_another(
         got = wait_for(lambda: receiver.on(f"/ok/{fast}"), 10, "the other namespace's HTTP delivery")
         ran = wait_for(lambda: lines(fast_calls), 10, "the other namespace's function")
         http_delay, function_delay = got[0].at - started, ran[0]["at"] - started
+        print(f"fairness: other namespace HTTP {http_delay * 1000:.0f} ms, function {function_delay * 1000:.0f} ms")
         assert http_delay < 2.0, http_delay  # the slow receiver answers after 4 s, the slow function after 6 s
         assert function_delay < 2.0, function_delay
         assert len(receiver.on("/slow-")) == 2  # still waiting for the first two
