@@ -95,3 +95,20 @@ def test_handler_kubeconfig(tmp_path: Path) -> None:
     assert config["users"][0]["user"] == {"tokenFile": str(sa / "token")}  # re-read: projected tokens rotate
     with pytest.raises(ValueError, match="handler-credentials"):
         handler_kubeconfig("everything", None, tmp_path, {})
+
+
+def test_operator_reads_its_token_from_the_projected_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolkeeper.kube.credentials import load_credentials
+
+    sa = tmp_path / "operator"
+    sa.mkdir()
+    (sa / "token").write_text("projected-token\n")
+    (sa / "ca.crt").write_text("ca")
+    (sa / "namespace").write_text("poolkeeper-system")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("POOLKEEPER_SERVICEACCOUNT_DIR", str(sa))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    info = load_credentials()
+    assert (info.server, info.token, info.ca_path, info.default_namespace) == (
+        "https://10.96.0.1:443", "projected-token", str(sa / "ca.crt"), "poolkeeper-system")
