@@ -34,7 +34,7 @@ _SUCCESS = frozenset({"", "New server registered.", "Server deleted."})
 _NO_SUCH_SERVER = "No such server."
 _BUSY = "Server still has connections attached to it, cannot remove it."
 _EXISTS = "Already exists"
-_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; our names are 24 long
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; ours are 36-41 long
 _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 
 PREFIX = "pk-"
+# 80 bits: finding another namespace/name whose prefix equals a victim pool's is a second
+# preimage of truncated SHA-256 (~2^80 hashes), out of reach; 32 bits took ~2 core-hours.
+# HAProxy has no limit on server names short of its line length; members stay at 41 characters.
+PREFIX_HEX = 20
 
 
 def _digest(text: str, size: int) -> str:
@@ -13,7 +17,7 @@ def _digest(text: str, size: int) -> str:
 
 def pool_prefix(namespace: str, name: str) -> str:
     """Every server of one pool starts with this; servers without it are never touched."""
-    return f"{PREFIX}{_digest(f'{namespace}/{name}', 8)}-"
+    return f"{PREFIX}{_digest(f'{namespace}/{name}', PREFIX_HEX)}-"
 
 
 def member_name(namespace: str, pool: str, instance_uid: str, variant: str = "") -> str:
@@ -31,4 +35,4 @@ def instance_part(name: str) -> str:
     return name[:INSTANCE_PART]
 
 
-INSTANCE_PART = len(PREFIX) + 8 + 1 + 12
+INSTANCE_PART = len(PREFIX) + PREFIX_HEX + 1 + 12
