@@ -347,7 +347,7 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
         "endpoint": "tcp://10.0.0.5:9999", "tls": {"secretRef": {"name": "edge-tls"}}}),
      "spec.haproxy.tls.secretRef.namespace: Required value"),
     ("lb-backend-listed-twice", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "be"}, {"name": "be"}]),
-     'spec.haproxy.backends[1]: Duplicate value: map[string]interface {}{"name":"be"}'),
+     'spec.haproxy.backends[1]: Duplicate value: {"name":"be"}'),
     ("lb-backend-bad-name", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "be web"}]),
      "spec.haproxy.backends[].name must be an HAProxy backend name: letters, digits and _ . : - only"),
     ("lb-backend-name-too-long", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "b" * 64}]),
