@@ -62,17 +62,21 @@ class LoadBalancers:
         entry = self._entries.get(name)
         if entry is not None and entry.spec == spec:
             return
-        await self._drop_client(name)
-        retired = self._retired.pop(name, None)
-        if retired is not None:
-            await retired.close()
+        # The old entry stays until the new one is in place: a pool reconciled meanwhile must never
+        # find no client (its finalizer would think nothing of its own can be in HAProxy).
         try:
             tls = await self._tls_files(spec) if spec.tls_secret else None
         except InvalidSpec as exc:
+            await self._retire(name)
             self._write_status(name, Condition("Reachable", False, "TLSSecretInvalid", str(exc)))
             self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
             return
+        old = self._entries.get(name)
         self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls))
+        retired = self._retired.pop(name, None)
+        for stale in (old.client if old else None, retired):
+            if stale is not None:
+                await stale.close()
         await self.check(name)
 
     async def remove(self, name: str) -> None:
@@ -92,10 +96,10 @@ class LoadBalancers:
         entry = self._entries.pop(name, None)
         if entry is None:
             return
-        previous = self._retired.pop(name, None)
+        previous = self._retired.get(name)
+        self._retired[name] = entry.client  # before any await: a pool must always find one
         if previous is not None:
             await previous.close()
-        self._retired[name] = entry.client
 
     async def _tls_files(self, spec: LoadBalancerSpec) -> TLSFiles | None:
         assert spec.tls_secret is not None
