@@ -320,7 +320,9 @@ class PoolController:
         assert found is not None  # refusal() said it exists
         lb, client = found
         try:
-            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check)
+            # the winner of the claim: no other pool may have servers here, so it also takes out
+            # servers its namespace/name had under the old 32-bit prefix (upgrades leave none behind)
+            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check, legacy_prefix=spec.legacy_prefix)
             return pool, AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc

@@ -20,6 +20,16 @@ def pool_prefix(namespace: str, name: str) -> str:
     return f"{PREFIX}{_digest(f'{namespace}/{name}', PREFIX_HEX)}-"
 
 
+def legacy_pool_prefix(namespace: str, name: str) -> str:
+    """The 32-bit prefix of releases before 80-bit ones. Collidable offline, so a pool only ever
+    drains and removes servers named `legacy_pool_prefix + LEGACY_INSTANCE`, and only in a backend
+    it has won the claim to (no other pool can have servers there): upgrades leave nothing behind."""
+    return f"{PREFIX}{_digest(f'{namespace}/{name}', 8)}-"
+
+
+LEGACY_INSTANCE = r"[0-9a-f]{12}(-[0-9a-f]{4})?"  # what followed the legacy prefix (regex)
+
+
 def member_name(namespace: str, pool: str, instance_uid: str, variant: str = "") -> str:
     """Derived from the pool and the instance uid, so a new pod reusing an old IP gets a new name.
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
-from poolkeeper.core.naming import pool_prefix
+from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 
 
@@ -51,6 +51,10 @@ class PoolSpec:
     @property
     def prefix(self) -> str:
         return pool_prefix(self.namespace, self.name)
+
+    @property
+    def legacy_prefix(self) -> str:
+        return legacy_pool_prefix(self.namespace, self.name)
 
     @property
     def variant(self) -> str:
