@@ -59,3 +59,18 @@ def test_server_name_prefixes_are_80_bits_and_fit_haproxy() -> None:
     name = member_name("ns", "web", "uid-1", "check:2:2:3")
     assert name.startswith(prefix) and len(name) <= 64
     assert instance_part(name) == member_name("ns", "web", "uid-1") and len(instance_part(name)) == INSTANCE_PART
+
+
+def test_legacy_names_never_look_like_new_ones() -> None:
+    """A pool removes servers of its old 32-bit prefix only in exactly the old format; names of the
+    80-bit scheme (any pool's) never match it."""
+    import re
+
+    from poolkeeper.core.naming import LEGACY_INSTANCE, legacy_pool_prefix
+
+    legacy = re.compile(re.escape(legacy_pool_prefix("ns", "web")) + LEGACY_INSTANCE)
+    assert legacy.fullmatch(legacy_pool_prefix("ns", "web") + "0123456789ab-abcd")
+    assert not legacy.fullmatch(legacy_pool_prefix("ns", "web") + "evil")
+    for pool in ("web", "api", "x"):
+        assert not legacy.fullmatch(member_name("ns", pool, "uid", "check:1:1:1"))
+        assert not legacy.fullmatch(member_name("ns", pool, "uid"))
