@@ -918,7 +918,8 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         env = environment(str((await kube.get("/version")).get("gitVersion", "?")))
         await kube.create(f"{GROUP_PATH}/loadbalancers", {
             "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": LB_NAME},
-            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint},
+            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
+                {"name": b} for b in haproxy.backends]},
                      "allowedTargetCIDRs": ["127.0.0.0/8"]}})  # the pools' pods are on loopback, allowed explicitly
         await asyncio.to_thread(operator.start, False)
         await asyncio.to_thread(operator.wait_ready, 60.0)

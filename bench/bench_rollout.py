@@ -64,7 +64,7 @@ class Variant:
         wait(lambda: self.cluster.kubectl_run("get", "sa", "default", "-n", self.ns, check=False).returncode == 0,
              30, "the default ServiceAccount")
         lb = {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": f"lb-{self.ns}"},
-              "spec": {"haproxy": {"endpoint": self.haproxy.plain_tcp_endpoint}}}
+              "spec": {"haproxy": {"endpoint": self.haproxy.plain_tcp_endpoint, "backends": [{"name": "web"}]}}}
         for body in (lb, web_deployment("web", pool="web", replicas=3, pre_stop_sleep=self.pre_stop),
                      web_pool("web", app="web", lb=f"lb-{self.ns}", backend="web")):
             self.kubectl("apply", "-n", self.ns, "-f", "-", input=json.dumps(body))

@@ -119,7 +119,8 @@ class Demo:
         with contextlib.suppress(ApiException):
             core.create_namespace(body=cast(Any, {"metadata": {"name": NAMESPACE}}))
         lb = {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": "demo-edge"},
-              "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.admin_endpoint},
+              "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.admin_endpoint,
+                                                      "backends": [{"name": "web"}]},  # all the demo drives
                        # the demo's pods are HTTP servers on loopback addresses: allowed explicitly
                        "allowedTargetCIDRs": ["127.0.0.0/8"]}}
         with contextlib.suppress(ApiException):

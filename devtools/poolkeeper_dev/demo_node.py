@@ -62,7 +62,8 @@ class NodeDemo:
             custom.delete_cluster_custom_object("poolkeeper.dev", "v1alpha1", "loadbalancers", LB)
         custom.create_cluster_custom_object("poolkeeper.dev", "v1alpha1", "loadbalancers", {
             "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": LB},
-            "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.plain_tcp_endpoint}}})
+            "spec": {"type": "HAProxy", "haproxy": {"endpoint": self.haproxy.plain_tcp_endpoint,
+                                                    "backends": [{"name": "web"}]}}})
         for body in (web_deployment("web", pool=POOL, replicas=4), web_pool(POOL, app="web", lb=LB, backend="web")):
             self.cluster.kubectl_run("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(body))
 

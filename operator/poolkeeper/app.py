@@ -146,6 +146,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
     await _initial_sync(rt)
+    rt.pools.invalidate_claims()
     for index in range(max(1, rt.options.workers)):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
@@ -375,6 +376,7 @@ async def pool_event(*, event: kopf.RawEvent, **_: Any) -> None:
     obj: dict[str, Any] = dict(event["object"])
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
     before = rt.pools.spec(key)
+    peers = set(rt.pools.claim_peers(key))
     if event.get("type") == "DELETED":
         rt.store.pools.pop(key, None)
     else:
@@ -385,20 +387,25 @@ async def pool_event(*, event: kopf.RawEvent, **_: Any) -> None:
                 previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
             return  # our own status write coming back
     rt.queue.add(key)
+    rt.pools.invalidate_claims()
     after = rt.pools.spec(key)
     specs = [s for s in (before, after) if isinstance(s, PoolSpec)]
-    _requeue_claimants(rt, key, {s.claim for s in specs})
+    for peer in peers | set(rt.pools.claim_peers(key)):  # a pool appearing or leaving settles conflicts
+        rt.queue.add(peer)
     for spec in specs:  # keep each LoadBalancer's `pools` count current
         if spec.backend_type == "HAProxy":
             rt.lbs.publish(spec.load_balancer)
 
 
-def _requeue_claimants(rt: Runtime, key: Key, claims: set[tuple[str, str, str]]) -> None:
-    """A pool appearing or leaving can settle a conflict for the others on the same backend."""
+def _requeue_with_peers(rt: Runtime, keys: list[Key]) -> None:
+    """Requeue pools whose permission may have changed, and every pool wanting the same backend
+    (before or after the change): one being allowed or refused can settle a conflict for the others."""
     assert rt.pools is not None
-    for spec in rt.pools.valid_specs():
-        if spec.key != key and spec.claim in claims:
-            rt.queue.add(spec.key)
+    before = {peer for key in keys for peer in rt.pools.claim_peers(key)}
+    rt.pools.invalidate_claims()
+    after = {peer for key in keys for peer in rt.pools.claim_peers(key)}
+    for key in [*keys, *sorted(before | after)]:
+        rt.queue.add(key)
 
 
 @kopf.on.event(GROUP, VERSION, "loadbalancers")
@@ -409,10 +416,9 @@ async def load_balancer_event(*, event: kopf.RawEvent, **_: Any) -> None:
     name = obj["metadata"]["name"]
     if event.get("type") == "DELETED":
         await rt.lbs.remove(name)
-        return
-    await rt.lbs.upsert(obj)
-    for key in rt.pools.pools_using_lb(name):
-        rt.queue.add(key)
+    else:
+        await rt.lbs.upsert(obj)
+    _requeue_with_peers(rt, rt.pools.pools_using_lb(name))
 
 
 @kopf.on.event("", "v1", "namespaces")
@@ -424,10 +430,9 @@ async def namespace_event(*, event: kopf.RawEvent, **_: Any) -> None:
         return
     labels = dict(meta.get("labels") or {})
     if rt.store.namespace_labels.get(meta["name"]) != labels:
-        rt.store.namespace_labels[meta["name"]] = labels
-        for key in list(rt.store.pools):
-            if key[0] == meta["name"]:
-                rt.queue.add(key)
+        rt.store.namespace_labels[meta["name"]] = labels  # the claim index still has the old labels
+        if rt.pools is not None:
+            _requeue_with_peers(rt, [k for k in list(rt.store.pools) if k[0] == meta["name"]])
 
 
 @kopf.on.event(GROUP, VERSION, "lifecyclehandlers")

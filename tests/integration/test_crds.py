@@ -62,7 +62,7 @@ def del_path(obj: Obj, path: str) -> None:
 def base(kind: str) -> Obj:
     """A minimal valid object of each kind (asserted valid by test_base_objects_are_valid)."""
     specs: dict[str, Obj] = {
-        "LoadBalancer": {"haproxy": {"endpoint": "tcp://10.0.0.5:9999"}},
+        "LoadBalancer": {"haproxy": {"endpoint": "tcp://10.0.0.5:9999", "backends": [{"name": "be_web"}]}},
         "TargetPool": {
             "source": {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}},
             "port": 8080,
@@ -170,6 +170,7 @@ def test_examples_are_accepted_and_defaulted(cluster: Cluster, examples: str) ->
     assert lb["type"] == "HAProxy"
     assert lb["allowedNamespaces"] == {"from": "All"}
     assert lb["haproxy"]["endpoint"] == "unix:///var/run/haproxy/admin.sock"
+    assert lb["haproxy"]["backends"] == [{"name": "be_web"}]
 
     web = get_json(cluster, "-n", ns, "tp", "web")["spec"]
     assert web["source"] == {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}
@@ -218,6 +219,11 @@ VALID_VARIANTS: list[tuple[str, str, Mutation]] = [
         "endpoint": "tcp://[2001:db8::1]:65535",
         "tls": {"secretRef": {"namespace": "poolkeeper-system", "name": "edge-tls"}}})),
     ("lb-hostname-endpoint", "LoadBalancer", setting(spec__haproxy__endpoint="tcp://haproxy.edge.svc:1")),
+    ("lb-backends-per-namespace", "LoadBalancer", setting(spec__haproxy__backends=[
+        {"name": "be_web"}, {"name": "be_api:v2", "allowedNamespaces": {"from": "All"}},
+        {"name": "be.team-a", "allowedNamespaces": {"from": "Selector", "selector": {
+            "matchExpressions": [{"key": "team", "operator": "In", "values": ["a"]}]}}}])),
+    ("lb-no-backends", "LoadBalancer", setting(spec__haproxy__backends=[])),
     ("lb-selector-cidrs", "LoadBalancer", setting(
         spec__allowedNamespaces={"from": "Selector", "selector": {
             "matchLabels": {"team": "web"},
@@ -340,6 +346,23 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
     ("lb-tls-secret-namespace-missing", "LoadBalancer", setting(spec__haproxy={
         "endpoint": "tcp://10.0.0.5:9999", "tls": {"secretRef": {"name": "edge-tls"}}}),
      "spec.haproxy.tls.secretRef.namespace: Required value"),
+    ("lb-backend-listed-twice", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "be"}, {"name": "be"}]),
+     'spec.haproxy.backends[1]: Duplicate value: {"name":"be"}'),
+    ("lb-backend-bad-name", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "be web"}]),
+     "spec.haproxy.backends[].name must be an HAProxy backend name: letters, digits and _ . : - only"),
+    ("lb-backend-name-too-long", "LoadBalancer", setting(spec__haproxy__backends=[{"name": "b" * 64}]),
+     "spec.haproxy.backends[0].name: Too long: may not be more than 63 bytes"),
+    ("lb-backend-without-name", "LoadBalancer", setting(spec__haproxy__backends=[{}]),
+     "spec.haproxy.backends[0].name: Required value"),
+    ("lb-too-many-backends", "LoadBalancer",
+     setting(spec__haproxy__backends=[{"name": f"be{i}"} for i in range(65)]),
+     "spec.haproxy.backends: Too many: 65: must have at most 64 items"),
+    ("lb-backend-same-namespace", "LoadBalancer",
+     setting(spec__haproxy__backends=[{"name": "be", "allowedNamespaces": {"from": "Same"}}]),
+     'spec.haproxy.backends[0].allowedNamespaces.from: Unsupported value: "Same"'),
+    ("lb-backend-selector-without-selector", "LoadBalancer",
+     setting(spec__haproxy__backends=[{"name": "be", "allowedNamespaces": {"from": "Selector"}}]),
+     "spec.haproxy.backends[].allowedNamespaces.selector must be set when from is Selector, and only then"),
     # --- LifecycleHandler
     ("lh-empty-events", "LifecycleHandler", setting(spec__events=[]),
      "spec.events in body should have at least 1 items"),
@@ -421,7 +444,7 @@ def test_blocking_rule_applies_to_updates(cluster: Cluster, ns: str) -> None:
 def test_printer_columns(cluster: Cluster, examples: str) -> None:
     out = kubectl(cluster, "get", "lb,tp,inst,lh", "-n", examples).stdout
     headers = [line.split() for line in out.splitlines() if line.startswith("NAME")]
-    assert ["NAME", "TYPE", "ENDPOINT", "REACHABLE", "POOLS", "AGE"] in headers
+    assert ["NAME", "TYPE", "ENDPOINT", "ACCEPTED", "REACHABLE", "POOLS", "AGE"] in headers
     assert ["NAME", "SOURCE", "BACKEND", "DESIRED", "ACTIVE", "DRAINING", "READY", "AGE"] in headers
     assert ["NAME", "ADDRESS", "STATE", "LAST-HEARTBEAT", "AGE"] in headers
     assert ["NAME", "POOL", "EVENTS", "INVOCATIONS", "FAILED", "DEAD", "READY", "AGE"] in headers

@@ -30,7 +30,7 @@ from poolkeeper.core.model import (
     RemoveMember,
     SetAdmin,
 )
-from poolkeeper.core.naming import member_name, pool_prefix
+from poolkeeper.core.naming import legacy_pool_prefix, member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
 from poolkeeper_dev.haproxy import DECLARED_SERVER, HAProxyProcess, issue_cert, make_ca
 from poolkeeper_dev.ports import free_port
@@ -291,6 +291,29 @@ async def test_servers_outside_the_pool_are_never_touched_nor_reported(
     finally:
         await client.close()
         proc.stop()
+
+
+async def test_legacy_servers_of_the_pool_are_removed_and_only_they(
+        pool: HAProxyPool, client: HAProxyClient, http: Callable[..., HTTPBackend]) -> None:
+    """After an upgrade to 80-bit prefixes, a pool that won its backend removes servers named by its
+    old 32-bit prefix (exactly that format), and no others: not a look-alike, not another pool's."""
+    a = http("127.0.0.2")
+    legacy = legacy_pool_prefix(NS, POOL)
+    old = legacy + "0123456789ab"
+    look_alike = legacy + "evil"  # the legacy prefix, but not a name poolkeeper ever made
+    other_old = legacy_pool_prefix(NS, "other") + "0123456789ab-abcd"
+    writer = HAProxyPool(client, "web", "pk-", None)  # stands in for the old release
+    await apply_ok(writer, [*add(old, a), *add(look_alike, a), *add(other_old, a)])
+    upgraded = HAProxyPool(client, "web", PREFIX, None, legacy_prefix=legacy)
+    assert set(await upgraded.read_members()) == {old}
+    assert set(await pool.read_members()) == set()  # without the legacy prefix: not its own
+    await apply_ok(upgraded, [SetAdmin(old, Admin.DRAIN)])
+    await until(lambda: upgraded.apply([RemoveMember(old, "renamed")]), lambda r: r[0].ok, "removed", within=10.0)
+    refused = await upgraded.apply([RemoveMember(look_alike, "x", force=True),
+                                    RemoveMember(other_old, "x", force=True)])
+    assert [r.ok for r in refused] == [False, False]
+    assert {look_alike, other_old} <= set(await stat_rows(client, "web"))
+    assert old not in set(await stat_rows(client, "web"))
 
 
 async def test_applying_the_same_plan_twice_changes_nothing(

@@ -39,7 +39,7 @@ def own_lb(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HA
     haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
     haproxy.start()
     lb = f"lb-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, lb, haproxy.admin_endpoint, allowedTargetCIDRs=LOOPBACK_TARGETS)
+    load_balancer(custom, lb, haproxy.admin_endpoint, ["web", "api"], allowedTargetCIDRs=LOOPBACK_TARGETS)
     yield haproxy, lb
     custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=lb)
     haproxy.stop()

@@ -38,7 +38,8 @@ def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
 @pytest.fixture()
 def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterator[str]:
     name = f"edge-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, name, haproxy.admin_endpoint, allowedTargetCIDRs=LOOPBACK_TARGETS)
+    load_balancer(custom, name, haproxy.admin_endpoint, ["web", "api", "no_such_backend"],
+                  allowedTargetCIDRs=LOOPBACK_TARGETS)
     yield name
     custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", name=name)
 
@@ -157,9 +158,9 @@ def test_faults_are_contained_to_their_own_pool(
     picky = f"picky-{uuid.uuid4().hex[:6]}"
     fenced = f"fenced-{uuid.uuid4().hex[:6]}"
     load_balancer(custom, dead, f"unix://{tmp_path}/nothing-here.sock")
-    load_balancer(custom, picky, haproxy.admin_endpoint,
+    load_balancer(custom, picky, haproxy.admin_endpoint, ["api"],
                   allowedNamespaces={"from": "Selector", "selector": {"matchLabels": {"team": "payments"}}})
-    load_balancer(custom, fenced, haproxy.admin_endpoint, allowedTargetCIDRs=["127.250.0.0/16"])
+    load_balancer(custom, fenced, haproxy.admin_endpoint, ["api"], allowedTargetCIDRs=["127.250.0.0/16"])
     try:
         fleet.add("w-0")
         fleet.add("w-1", serve=False)

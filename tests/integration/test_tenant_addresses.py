@@ -59,7 +59,7 @@ def running_instance(custom: client.CustomObjectsApi, cluster: Cluster, namespac
 def test_instances_pointing_at_the_load_balancer_itself_are_refused_until_the_lb_allows_them(
         running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
         cluster: Cluster, haproxy: HAProxyProcess, lb_name: str, handlers_dir: Path, tmp_path: Path) -> None:
-    load_balancer(custom, lb_name, haproxy.admin_endpoint)  # no allowedTargetCIDRs: the default policy
+    load_balancer(custom, lb_name, haproxy.admin_endpoint, ["vms"])  # no allowedTargetCIDRs: the default policy
     create(custom, namespace, "targetpools", instance_pool("vms", ha_backend(lb_name, "vms"), "vms"))
     seen = tmp_path / "events.jsonl"  # what a Python handler of the pool is told (e.g. warmup GETs the address)
     module = f"rec_{uuid.uuid4().hex[:6]}"

@@ -39,7 +39,7 @@ def leader_identity(node_api: client.ApiClient) -> str:
 def pool_with_servers(node_cluster: Cluster, node_api: client.ApiClient, haproxy: HAProxyProcess, namespace: str,
                       lb: str, replicas: int) -> None:
     """A testweb Deployment behind a TargetPool on `haproxy`, applied with kubectl, until every member is Active."""
-    load_balancer(client.CustomObjectsApi(node_api), lb, haproxy.plain_tcp_endpoint)
+    load_balancer(client.CustomObjectsApi(node_api), lb, haproxy.plain_tcp_endpoint, ["web", "nodes"])
     for body in (web_deployment("web", pool="web", replicas=replicas),
                  web_pool("web", app="web", lb=lb, backend="web")):
         node_cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=json.dumps(body))

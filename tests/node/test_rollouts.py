@@ -43,7 +43,7 @@ RATE = 200.0
 def setup_pool(cluster: Cluster, node_api: client.ApiClient, haproxy: HAProxyProcess, namespace: str,
                replicas: int = 3, app: str = "web", **deployment: Any) -> None:
     """Deployment `app` (pods labelled app=`app`) behind TargetPool `web` in HAProxy backend `web`."""
-    load_balancer(client.CustomObjectsApi(node_api), f"lb-{namespace}", haproxy.plain_tcp_endpoint)
+    load_balancer(client.CustomObjectsApi(node_api), f"lb-{namespace}", haproxy.plain_tcp_endpoint, ["web", "nodes"])
     for body in (web_deployment(app, pool="web", replicas=replicas, **deployment),
                  web_pool("web", app=app, lb=f"lb-{namespace}", backend="web")):
         cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=json.dumps(body))

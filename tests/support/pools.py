@@ -51,10 +51,15 @@ def haproxy_stats(haproxy: HAProxyProcess, backend: str) -> dict[str, dict[str, 
 LOOPBACK_TARGETS = ["127.0.0.0/8"]
 
 
-def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, **spec: Any) -> None:
+def load_balancer(custom: client.CustomObjectsApi, name: str, endpoint: str, backends: list[Any] | None = None,
+                  **spec: Any) -> None:
+    """A LoadBalancer letting pools drive `backends` (names, or {name, allowedNamespaces} items);
+    the default lists "web", the backend of the test HAProxy (poolkeeper_dev.haproxy)."""
+    listed = [b if isinstance(b, dict) else {"name": b} for b in (["web"] if backends is None else backends)]
     custom.create_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", body={
         "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": name},
-        "spec": {"type": "HAProxy", "haproxy": {"endpoint": endpoint}, **spec}})
+        "spec": {"type": "HAProxy", **spec,
+                 "haproxy": {"endpoint": endpoint, "backends": listed, **spec.get("haproxy", {})}}})
 
 
 def ha_backend(lb: str, backend: str, **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from poolkeeper.core import heartbeats
 from poolkeeper.core.addresses import parse_cidrs, refusal
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import DesiredMember, InstanceState, Phase
-from poolkeeper.core.poolspec import InvalidSpec, claim_winner, namespace_allowed, parse_load_balancer, parse_pool
+from poolkeeper.core.poolspec import InvalidSpec, backend_refusal, namespace_allowed, parse_load_balancer, parse_pool
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 from poolkeeper.core.slices import layout
 from poolkeeper.core.transitions import Announced, instance_transitions, member_states, member_transition
@@ -155,18 +155,15 @@ def pool_body(**spec: Any) -> dict[str, Any]:
 
 def test_parse_pool_and_claims() -> None:
     spec = parse_pool(pool_body())
-    assert spec.claim == ("HAProxy", "lb", "be") and spec.health_check is None and spec.deregistration_delay == 30
+    assert (spec.load_balancer, spec.backend) == ("lb", "be")
+    assert spec.health_check is None and spec.deregistration_delay == 30
     hc = parse_pool(pool_body(backend={"type": "HAProxy", "haproxy": {
         "loadBalancerRef": {"name": "lb"}, "backend": "be", "healthCheck": {"intervalSeconds": 1}}}))
     assert hc.health_check is not None and (hc.health_check.rise, hc.health_check.fall) == (2, 3)
     es = parse_pool(pool_body(backend={"type": "EndpointSlice", "endpointSlice": {"serviceName": "svc"}}))
-    assert es.claim == ("EndpointSlice", "ns", "svc")
+    assert (es.backend_type, es.service) == ("EndpointSlice", "svc")
     with pytest.raises(InvalidSpec):
         parse_pool(pool_body(source={"kind": "Pod", "selector": {"matchExpressions": [{"key": "a", "operator": "X"}]}}))
-    older = parse_pool(pool_body())
-    newer_body = pool_body()
-    newer_body["metadata"].update(name="q", uid="a", creationTimestamp="2026-02-01T00:00:00Z")
-    assert claim_winner([parse_pool(newer_body), older]) == older
 
 
 def test_load_balancer_namespace_policy() -> None:
@@ -176,6 +173,31 @@ def test_load_balancer_namespace_policy() -> None:
     assert not namespace_allowed(lb, None)
     everyone = parse_load_balancer({"metadata": {"name": "lb"}, "spec": {"haproxy": {"endpoint": "unix:///x"}}})
     assert namespace_allowed(everyone, None)
+
+
+def test_load_balancer_backends_are_listed_per_namespace() -> None:
+    """Only listed backends may be driven; a backend's own allowedNamespaces replaces the LB-wide default."""
+    team_a = {"from": "Selector", "selector": {"matchLabels": {"team": "a"}}}
+    lb = parse_load_balancer({"metadata": {"name": "lb"}, "spec": {
+        "haproxy": {"endpoint": "unix:///x",
+                    "backends": [{"name": "be_web"}, {"name": "be_a", "allowedNamespaces": team_a}]},
+        "allowedNamespaces": {"from": "All"}}})
+    assert backend_refusal(lb, "be_web", "anyone", None) is None
+    assert backend_refusal(lb, "be_a", "a", {"team": "a"}) is None
+    why = backend_refusal(lb, "be_a", "b", {"team": "b"})
+    assert why is not None and "namespace b" in why and "be_a" in why and "LoadBalancer lb" in why
+    why = backend_refusal(lb, "be_other_app", "a", {"team": "a"})
+    assert why is not None and "does not list backend be_other_app" in why
+    unlisted = parse_load_balancer({"metadata": {"name": "old"}, "spec": {"haproxy": {"endpoint": "unix:///x"}}})
+    why = backend_refusal(unlisted, "be_web", "a", {})
+    assert unlisted.backends == () and why is not None and "lists no backends" in why
+    narrow = parse_load_balancer({"metadata": {"name": "lb"}, "spec": {
+        "haproxy": {"endpoint": "unix:///x", "backends": [{"name": "be"}]}, "allowedNamespaces": team_a}})
+    assert backend_refusal(narrow, "be", "a", {"team": "a"}) is None
+    assert backend_refusal(narrow, "be", "b", {"team": "b"}) is not None
+    with pytest.raises(InvalidSpec):
+        parse_load_balancer({"metadata": {"name": "lb"}, "spec": {
+            "haproxy": {"endpoint": "unix:///x", "backends": [{"name": "be"}, {"name": "be"}]}}})
 
 
 # ---------------------------------------------------------------- slices

@@ -59,7 +59,7 @@ def test_names_are_deterministic_prefixed_and_short() -> None:
     name = member_name("ns", "web", "uid-1")
     assert name == member_name("ns", "web", "uid-1")
     assert name.startswith(pool_prefix("ns", "web")) and name.startswith("pk-")
-    assert len(name) <= 32
+    assert len(name) <= 41  # 80-bit pool prefix (core.naming): HAProxy 2.6 takes it, see test_haproxy_backend
     assert member_name("ns", "web", "uid-2") != name
     assert not member_name("ns", "api", "uid-1").startswith(pool_prefix("ns", "web"))
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from poolkeeper.backends import ActionResult
 from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable
 from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, RemoveMember, SetAdmin
+from poolkeeper.core.naming import LEGACY_INSTANCE
 from poolkeeper.core.poolspec import HealthCheck
 
 __all__ = ["BackendMissing", "HAProxyPool", "HealthCheck", "normalise_health"]
@@ -34,7 +35,7 @@ _SUCCESS = frozenset({"", "New server registered.", "Server deleted."})
 _NO_SUCH_SERVER = "No such server."
 _BUSY = "Server still has connections attached to it, cannot remove it."
 _EXISTS = "Already exists"
-_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; our names are 24 long
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; ours are 36-41 long
 _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
 
 
@@ -116,12 +117,17 @@ class HAProxyPool:
     """Backend protocol for the servers of one pool (by name prefix) in one backend section."""
 
     def __init__(self, client: HAProxyClient, backend: str, prefix: str,
-                 health_check: HealthCheck | None) -> None:
+                 health_check: HealthCheck | None, legacy_prefix: str = "") -> None:
         if not _NAME.fullmatch(backend):
             raise ValueError(f"{backend!r} is not a valid HAProxy backend name")
         if not prefix:
             raise ValueError("a pool needs a name prefix: without one it would own every server")
         self.client, self.backend, self.prefix, self.health_check = client, backend, prefix, health_check
+        # servers named before 80-bit prefixes (core.naming.legacy_pool_prefix): only ever removed
+        self.legacy = re.compile(re.escape(legacy_prefix) + LEGACY_INSTANCE) if legacy_prefix else None
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(self.prefix) or bool(self.legacy and self.legacy.fullmatch(name))
 
     async def read_members(self) -> dict[str, ActualMember]:
         """Address, admin state, health and sessions of the pool's servers, in one round trip.
@@ -162,14 +168,14 @@ class HAProxyPool:
         header = lines[1].lstrip("# ").split()
         rows = (dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip())
         return {row["srv_name"]: row for row in rows
-                if row.get("be_name") == self.backend and row.get("srv_name", "").startswith(self.prefix)}
+                if row.get("be_name") == self.backend and self.owns(row.get("srv_name", ""))}
 
     def _stat_rows(self, stat: str) -> dict[str, dict[str, str]]:
         """The pool's rows of `show stat` CSV (sessions count current plus queued: `del` waits for both)."""
         if not stat.startswith("# "):
             raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {stat[:200]!r} to 'show stat'")
         return {row["svname"]: row for row in csv.DictReader(io.StringIO(stat[2:]))
-                if row.get("pxname") == self.backend and (row.get("svname") or "").startswith(self.prefix)}
+                if row.get("pxname") == self.backend and self.owns(row.get("svname") or "")}
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         """All actions in one round trip, in order; each result is judged on its own answers."""
@@ -237,7 +243,7 @@ class HAProxyPool:
         raise ValueError(f"unknown action {action!r}")
 
     def _server(self, name: str) -> str:
-        if not name.startswith(self.prefix):
+        if not self.owns(name):
             raise ValueError(f"server {name!r} does not belong to this pool (prefix {self.prefix!r})")
         if not _NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid HAProxy server name")

@@ -43,6 +43,8 @@ class LoadBalancers:
         self.api, self.status, self.events = api, status, events
         self.pools_using, self.enqueue, self.interval = pools_using, enqueue, interval
         self._entries: dict[str, _Entry] = {}
+        # clients of LoadBalancers deleted or made invalid: pools still drain their own servers there
+        self._retired: dict[str, HAProxyClient] = {}
         self._bodies: dict[str, dict[str, Any]] = {}
         self._tls_dir = tempfile.mkdtemp(prefix="poolkeeper-tls-")
 
@@ -53,26 +55,33 @@ class LoadBalancers:
         try:
             spec = parse_load_balancer(body)
         except InvalidSpec as exc:
-            await self._drop_client(name)
+            await self._retire(name)
             self._write_status(name, Condition("Reachable", False, "InvalidSpec", str(exc)))
             self.events.post(body, "InvalidSpec", str(exc), warning=True)
             return
         entry = self._entries.get(name)
         if entry is not None and entry.spec == spec:
             return
-        await self._drop_client(name)
+        # The old entry stays until the new one is in place: a pool reconciled meanwhile must never
+        # find no client (its finalizer would think nothing of its own can be in HAProxy).
         try:
             tls = await self._tls_files(spec) if spec.tls_secret else None
         except InvalidSpec as exc:
+            await self._retire(name)
             self._write_status(name, Condition("Reachable", False, "TLSSecretInvalid", str(exc)))
             self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
             return
+        old = self._entries.get(name)
         self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls))
+        retired = self._retired.pop(name, None)
+        for stale in (old.client if old else None, retired):
+            if stale is not None:
+                await stale.close()
         await self.check(name)
 
     async def remove(self, name: str) -> None:
         self._bodies.pop(name, None)
-        await self._drop_client(name)
+        await self._retire(name)
         self.status.forget(self._status_path(name))
         for key in self.pools_using(name):
             self.enqueue(key)
@@ -81,6 +90,16 @@ class LoadBalancers:
         entry = self._entries.pop(name, None)
         if entry is not None:
             await entry.client.close()
+
+    async def _retire(self, name: str) -> None:
+        """Keep the client of a LoadBalancer that may no longer be used, for cleanup only."""
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        previous = self._retired.get(name)
+        self._retired[name] = entry.client  # before any await: a pool must always find one
+        if previous is not None:
+            await previous.close()
 
     async def _tls_files(self, spec: LoadBalancerSpec) -> TLSFiles | None:
         assert spec.tls_secret is not None
@@ -104,6 +123,12 @@ class LoadBalancers:
     def get(self, name: str) -> tuple[LoadBalancerSpec, HAProxyClient] | None:
         entry = self._entries.get(name)
         return (entry.spec, entry.client) if entry else None
+
+    def client_for_cleanup(self, name: str) -> HAProxyClient | None:
+        """A client to the LoadBalancer's HAProxy even if it was deleted: pools remove their own
+        servers through it, and nothing else."""
+        entry = self._entries.get(name)
+        return entry.client if entry else self._retired.get(name)
 
     def body(self, name: str) -> dict[str, Any] | None:
         return self._bodies.get(name)
@@ -153,14 +178,16 @@ class LoadBalancers:
             cond = Condition("Reachable", True, "RuntimeAPIAnswered", f"HAProxy {entry.version}")
         else:
             cond = Condition("Reachable", False, "RuntimeAPIUnreachable", entry.error or "not checked yet")
-        self._write_status(name, cond, version=entry.version)
+        self._write_status(name, cond, version=entry.version, accepted=_accepted(entry.spec))
 
-    def _write_status(self, name: str, cond: Condition, version: str = "") -> None:
+    def _write_status(self, name: str, cond: Condition, version: str = "", accepted: Condition | None = None) -> None:
         body = self._bodies.get(name) or {}
         meta = body.get("metadata") or {}
         previous = (body.get("status") or {}).get("conditions")
+        if accepted is None:
+            accepted = Condition("Accepted", False, cond.reason, cond.message)
         status: dict[str, Any] = {
-            "conditions": merge_conditions(previous, [cond], meta.get("generation"), now_rfc3339()),
+            "conditions": merge_conditions(previous, [accepted, cond], meta.get("generation"), now_rfc3339()),
             "pools": len(self.pools_using(name)), "observedGeneration": meta.get("generation"),
         }
         if version:
@@ -182,8 +209,21 @@ class LoadBalancers:
     async def close(self) -> None:
         for name in list(self._entries):
             await self._drop_client(name)
+        for client in self._retired.values():
+            await client.close()
+        self._retired.clear()
 
     def reachable(self, name: str) -> bool | None:
         entry = self._entries.get(name)
         return entry.reachable if entry else None
 
+
+
+def _accepted(spec: LoadBalancerSpec) -> Condition:
+    """Whether the spec lets poolkeeper drive anything: it drives only the backends listed."""
+    if not spec.backends:
+        return Condition("Accepted", False, "NoBackendsListed",
+                         "spec.haproxy.backends lists no backend, so no TargetPool may drive this load balancer; "
+                         "list the backends poolkeeper may manage (and for which namespaces)")
+    names = ", ".join(g.name for g in spec.backends)
+    return Condition("Accepted", True, "BackendsListed", f"TargetPools may drive backends: {names}")

@@ -21,6 +21,7 @@ from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
+from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, build_index, endpointslice_claim, haproxy_claim
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import (
     AddMember,
@@ -31,7 +32,7 @@ from poolkeeper.core.model import (
     RemoveMember,
 )
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, simulate
-from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, claim_winner, namespace_allowed, parse_pool
+from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, backend_refusal, parse_pool
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.tenancy import NodeSourcePolicy, node_source_refusal
 from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
@@ -107,6 +108,7 @@ class PoolController:
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
         self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
+        self._claims: ClaimIndex | None = None  # rebuilt after a pool, LoadBalancer or Namespace changed
 
     # ----- specs, cached per resourceVersion
     def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
@@ -145,6 +147,51 @@ class PoolController:
         return node_source_refusal(spec.kind, spec.namespace, self.store.namespace_labels.get(spec.namespace),
                                    self.node_sources)
 
+    # ----- claims: who may drive which backend
+    def refusal(self, spec: PoolSpec) -> tuple[str, str] | None:
+        """(reason, message) if the pool may not drive its backend at all, whoever else wants it."""
+        why = self.node_source_refusal(spec)
+        if why is not None:
+            return ("NodeSourceNotAllowed", why)
+        why = self.source_refusal(spec)
+        if why is not None:
+            return ("SourceNotAllowed", why)
+        if spec.backend_type != "HAProxy":
+            return None
+        found = self.lbs.get(spec.load_balancer)
+        if found is None:
+            return ("LoadBalancerNotFound",
+                    self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist")
+        why = backend_refusal(found[0], spec.backend, spec.namespace, self.store.namespace_labels.get(spec.namespace))
+        return ("NotAllowed", why) if why is not None else None
+
+    def claim_of(self, spec: PoolSpec) -> ClaimKey | None:
+        """What the pool would own exclusively: endpoint + backend, or namespace + Service."""
+        if spec.backend_type != "HAProxy":
+            return endpointslice_claim(spec.namespace, spec.service)
+        found = self.lbs.get(spec.load_balancer)
+        return haproxy_claim(found[0].endpoint, spec.backend) if found else None
+
+    def claims(self) -> ClaimIndex:
+        if self._claims is None:
+            claimants = []
+            for key in list(self.store.pools):
+                spec = self.spec(key)
+                if isinstance(spec, PoolSpec) and (claim := self.claim_of(spec)) is not None:
+                    eligible = not spec.deleting and self.refusal(spec) is None
+                    claimants.append(Claimant(spec.key, spec.created, claim, eligible))
+            self._claims = build_index(claimants)
+        return self._claims
+
+    def invalidate_claims(self) -> None:
+        """Call when a pool, a LoadBalancer or a Namespace's labels changed."""
+        self._claims = None
+
+    def claim_peers(self, key: Key) -> list[Key]:
+        """The other pools wanting the same backend as `key` (they may win or lose with it)."""
+        mine = self.claims().of.get(key)
+        return self.claims().others(mine.claim, key) if mine else []
+
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
 
@@ -173,12 +220,7 @@ class PoolController:
             actual = await backend.read_members()
             t_read = time.monotonic()
         except Blocked as blocked:
-            memory.reports = {}
-            if blocked.event and memory.blocked != blocked.reason:
-                self.events.post(body, blocked.reason, str(blocked), warning=True)
-            memory.blocked = blocked.reason
-            self._publish(body, spec, [], Condition("Synced", False, blocked.reason, str(blocked)))
-            return blocked.retry
+            return await self._blocked(body, spec, memory, blocked)
         except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         memory.blocked = ""
@@ -262,22 +304,23 @@ class PoolController:
         return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
 
     async def _backend(self, spec: PoolSpec) -> tuple[Backend, AddressPolicy]:
-        if (why_not := self.node_source_refusal(spec)) is not None:
-            raise Blocked("NodeSourceNotAllowed", why_not, event=True)
-        why_not = self.source_refusal(spec)
-        if why_not is not None:
-            raise Blocked("SourceNotAllowed", why_not, retry=None, event=True)
-        winner = claim_winner(s for s in self.valid_specs() if s.claim == spec.claim and not s.deleting)
-        if winner is not None and winner.key != spec.key:
-            raise Blocked("Conflict", f"{spec.backend_text} is already used by TargetPool "
-                          f"{winner.namespace}/{winner.name}, which is older")
+        refused = self.refusal(spec)
+        if refused is not None:
+            reason, message = refused
+            raise Blocked(reason, message, retry=None if reason == "SourceNotAllowed" else RESYNC_SECONDS,
+                          event=reason in ("SourceNotAllowed", "NotAllowed", "NodeSourceNotAllowed"))
+        claim = self.claim_of(spec)
+        assert claim is not None  # refusal() said the LoadBalancer exists
+        mine = Claimant(spec.key, spec.created, claim, not spec.deleting)
+        if self.claims().of.get(spec.key) != mine:
+            self.invalidate_claims()  # a change this index has not seen yet: never decide on stale data
+        winner = self.claims().winner(claim)
+        if winner is None or winner.key != spec.key:
+            other = f"TargetPool {winner.key[0]}/{winner.key[1]}, which is older" if winner else "another pool"
+            where = f" (HAProxy {claim[1]})" if claim[0] == "HAProxy" else ""
+            raise Blocked("Conflict", f"{spec.backend_text}{where} is already used by {other}", event=True)
         if spec.backend_type == "EndpointSlice":
-            memory = self.memory.setdefault(spec.key, PoolMemory())
-            cached = memory.slices
-            if cached is None or (cached.service, cached.port, cached.pool_uid) != (spec.service, spec.port, spec.uid):
-                cached = memory.slices = EndpointSliceBackend(
-                    self.api, namespace=spec.namespace, service=spec.service, pool=spec.name, pool_uid=spec.uid,
-                    port=spec.port)
+            cached = self._slices(spec)
             try:
                 await cached.check_service()
             except ServiceProblem as exc:
@@ -285,17 +328,84 @@ class PoolController:
                 raise Blocked(exc.reason, str(exc)) from exc
             return cached, self.endpointslice_policy
         found = self.lbs.get(spec.load_balancer)
-        if found is None:
-            why = self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
-            raise Blocked("LoadBalancerNotFound", why)
+        assert found is not None  # refusal() said it exists
         lb, client = found
-        if not namespace_allowed(lb, self.store.namespace_labels.get(spec.namespace)):
-            raise Blocked("NotAllowed", f"LoadBalancer {lb.name} does not allow pools from namespace {spec.namespace}")
         try:
-            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check)
+            # the winner of the claim: no other pool may have servers here, so it also takes out
+            # servers its namespace/name had under the old 32-bit prefix (upgrades leave none behind)
+            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check, legacy_prefix=spec.legacy_prefix)
             return pool, AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc
+
+    def _slices(self, spec: PoolSpec) -> EndpointSliceBackend:
+        memory = self.memory.setdefault(spec.key, PoolMemory())
+        cached = memory.slices
+        if cached is None or (cached.service, cached.port, cached.pool_uid) != (spec.service, spec.port, spec.uid):
+            cached = memory.slices = EndpointSliceBackend(
+                self.api, namespace=spec.namespace, service=spec.service, pool=spec.name, pool_uid=spec.uid,
+                port=spec.port)
+        return cached
+
+    def _own_servers(self, spec: PoolSpec) -> HAProxyPool | None:
+        """The pool's own servers (its name prefix) in its backend, reachable even after the
+        LoadBalancer was deleted or lost its permission: for draining them, never for adding."""
+        client = self.lbs.client_for_cleanup(spec.load_balancer)
+        return HAProxyPool(client, spec.backend, spec.prefix, None) if client is not None else None
+
+    async def _drain_own(self, body: dict[str, Any], spec: PoolSpec,
+                         memory: PoolMemory) -> tuple[list[MemberReport], int]:
+        """Drain, then remove, the pool's own servers (deregistrationDelaySeconds apart).
+
+        Returns the reports of what is left and how many servers remain. Touches nothing that
+        does not carry the pool's prefix: HAProxyPool refuses other names.
+        """
+        if spec.backend_type == "EndpointSlice":
+            await self._slices(spec).delete_all()
+            return [], 0
+        pool = self._own_servers(spec)
+        if pool is None:
+            return [], 0  # a LoadBalancer this operator never reached: nothing of ours can be there
+        try:
+            actual = await pool.read_members()
+        except BackendMissing:
+            return [], 0
+        if not actual:
+            memory.draining_since = {}
+            return [], 0
+        now = self.clock()
+        plan = plan_pool(desired={}, actual=actual, draining_since=memory.draining_since, now=now,
+                         deregistration_delay=spec.deregistration_delay, health_checks=False)
+        results = await pool.apply(plan.actions) if plan.actions else []
+        self._record(body, spec, results, memory)
+        memory.draining_since = dict(plan.draining_since)
+        after = simulate(actual, [r.action for r in results if r.ok])
+        final = plan_pool(desired={}, actual=after, draining_since=memory.draining_since, now=now,
+                          deregistration_delay=spec.deregistration_delay, health_checks=False)
+        return self._reports(final, frozenset(), frozenset(), memory.instance_of), len(after)
+
+    async def _blocked(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory,
+                       blocked: Blocked) -> float | None:
+        """The pool may not drive its backend: say why, and take its own servers out (if any)."""
+        if blocked.event and memory.blocked != blocked.reason:
+            self.events.post(body, blocked.reason, str(blocked), warning=True)
+        memory.blocked = blocked.reason
+        message = str(blocked)
+        reports: list[MemberReport] = []
+        remaining = 0
+        if blocked.reason in ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed"):
+            try:
+                reports, remaining = await self._drain_own(body, spec, memory)
+            except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
+                message += f"; its own servers could not be removed yet: {exc}"
+                remaining = -1
+        if remaining > 0:
+            message += f"; draining and removing its {remaining} own server(s)"
+        memory.reports = {r.instance: r for r in reports if r.instance}
+        self._publish(body, spec, reports, Condition("Synced", False, blocked.reason, message))
+        if remaining:
+            return WATCH_SECONDS if remaining > 0 else backoff_delay(max(memory.failures, 1), WATCH_SECONDS, 10.0)
+        return blocked.retry
 
     def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> float:
         memory.failures += 1
@@ -405,22 +515,9 @@ class PoolController:
         """Drain and remove every member, release the pods' gates, then let the pool go."""
         if FINALIZER not in (body["metadata"].get("finalizers") or []):
             return None
-        try:
-            backend, _ = await self._backend(spec)
-            if isinstance(backend, EndpointSliceBackend):
-                await backend.delete_all()
-                remaining = 0
-            else:
-                actual = await backend.read_members()
-                plan = plan_pool(desired={}, actual=actual, draining_since=memory.draining_since, now=self.clock(),
-                                 deregistration_delay=spec.deregistration_delay, health_checks=False)
-                results = await backend.apply(plan.actions)
-                self._record(body, spec, results, memory)
-                memory.draining_since = dict(plan.draining_since)
-                remaining = len(await backend.read_members())
-        except Blocked:
-            remaining = 0  # nothing of ours can be there (no LB, not allowed, or another pool owns it)
-        except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
+        try:  # whether or not the pool may drive the backend: its own servers must go
+            _, remaining = await self._drain_own(body, spec, memory)
+        except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
             return self._backend_failed(body, spec, memory, exc)
         if remaining:
             return WATCH_SECONDS

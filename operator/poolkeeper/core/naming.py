@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 
 PREFIX = "pk-"
+# 80 bits: finding another namespace/name whose prefix equals a victim pool's is a second
+# preimage of truncated SHA-256 (~2^80 hashes), out of reach; 32 bits took ~2 core-hours.
+# HAProxy has no limit on server names short of its line length; members stay at 41 characters.
+PREFIX_HEX = 20
 
 
 def _digest(text: str, size: int) -> str:
@@ -13,7 +17,17 @@ def _digest(text: str, size: int) -> str:
 
 def pool_prefix(namespace: str, name: str) -> str:
     """Every server of one pool starts with this; servers without it are never touched."""
+    return f"{PREFIX}{_digest(f'{namespace}/{name}', PREFIX_HEX)}-"
+
+
+def legacy_pool_prefix(namespace: str, name: str) -> str:
+    """The 32-bit prefix of releases before 80-bit ones. Collidable offline, so a pool only ever
+    drains and removes servers named `legacy_pool_prefix + LEGACY_INSTANCE`, and only in a backend
+    it has won the claim to (no other pool can have servers there): upgrades leave nothing behind."""
     return f"{PREFIX}{_digest(f'{namespace}/{name}', 8)}-"
+
+
+LEGACY_INSTANCE = r"[0-9a-f]{12}(-[0-9a-f]{4})?"  # what followed the legacy prefix (regex)
 
 
 def member_name(namespace: str, pool: str, instance_uid: str, variant: str = "") -> str:
@@ -31,4 +45,4 @@ def instance_part(name: str) -> str:
     return name[:INSTANCE_PART]
 
 
-INSTANCE_PART = len(PREFIX) + 8 + 1 + 12
+INSTANCE_PART = len(PREFIX) + PREFIX_HEX + 1 + 12

@@ -6,12 +6,12 @@ evaluate, a CIDR list that doesn't parse) raises InvalidSpec and becomes a condi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
-from poolkeeper.core.naming import pool_prefix
+from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 
 
@@ -53,17 +53,14 @@ class PoolSpec:
         return pool_prefix(self.namespace, self.name)
 
     @property
+    def legacy_prefix(self) -> str:
+        return legacy_pool_prefix(self.namespace, self.name)
+
+    @property
     def variant(self) -> str:
         """Server settings fixed at `add server` time; a change replaces the servers."""
         check = self.health_check
         return f"check:{check.interval_seconds}:{check.rise}:{check.fall}" if check else ""
-
-    @property
-    def claim(self) -> tuple[str, str, str]:
-        """What this pool owns exclusively: one backend of one LB, or one Service."""
-        if self.backend_type == "HAProxy":
-            return ("HAProxy", self.load_balancer, self.backend)
-        return ("EndpointSlice", self.namespace, self.service)
 
     @property
     def backend_text(self) -> str:
@@ -103,9 +100,25 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
     raise InvalidSpec(f"spec.backend.type {backend.get('type')!r} is not HAProxy or EndpointSlice")
 
 
-def claim_winner(claimants: Iterable[PoolSpec]) -> PoolSpec | None:
-    """The oldest pool (creationTimestamp, then uid) keeps a contested backend."""
-    return min(claimants, key=lambda p: (p.created, p.uid), default=None)
+@dataclass(frozen=True, slots=True)
+class NamespacePolicy:
+    """Gateway API's allowedRoutes.namespaces for a cluster-scoped object: All or Selector."""
+
+    from_: str  # All | Selector
+    selector: LabelSelector
+
+    def allows(self, namespace_labels: Mapping[str, str] | None) -> bool:
+        if self.from_ == "All":
+            return True
+        return namespace_labels is not None and self.selector.matches(namespace_labels)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendGrant:
+    """One HAProxy backend the admin lets poolkeeper drive; allowed None: the LB-wide default."""
+
+    name: str
+    allowed: NamespacePolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,29 +127,70 @@ class LoadBalancerSpec:
     type: str
     endpoint: str
     tls_secret: tuple[str, str] | None
-    allowed_from: str  # All | Selector
+    allowed_from: str  # All | Selector: the default for backends that do not set their own
     allowed_selector: LabelSelector
     allowed_cidrs: tuple[Network, ...] | None
+    backends: tuple[BackendGrant, ...] = ()  # none listed: no backend may be driven
+
+    @property
+    def default_policy(self) -> NamespacePolicy:
+        return NamespacePolicy(self.allowed_from, self.allowed_selector)
+
+    def grant(self, backend: str) -> BackendGrant | None:
+        return next((g for g in self.backends if g.name == backend), None)
+
+
+def _namespace_policy(raw: Mapping[str, Any], where: str) -> NamespacePolicy:
+    try:
+        selector = LabelSelector.parse(raw.get("selector"))
+    except SelectorError as exc:
+        raise InvalidSpec(f"{where}.selector: {exc}") from exc
+    return NamespacePolicy(raw.get("from") or "All", selector)
 
 
 def parse_load_balancer(obj: Mapping[str, Any]) -> LoadBalancerSpec:
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     ha = spec.get("haproxy") or {}
     secret = (ha.get("tls") or {}).get("secretRef")
-    allowed = spec.get("allowedNamespaces") or {}
+    default = _namespace_policy(spec.get("allowedNamespaces") or {}, "spec.allowedNamespaces")
     try:
         cidrs = parse_cidrs(spec.get("allowedTargetCIDRs"))
-        selector = LabelSelector.parse(allowed.get("selector"))
-    except (ValueError, SelectorError) as exc:
+    except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
+    grants = []
+    for i, item in enumerate(ha.get("backends") or []):
+        raw = item.get("allowedNamespaces")
+        where = f"spec.haproxy.backends[{i}].allowedNamespaces"
+        grants.append(BackendGrant(str(item.get("name") or ""), _namespace_policy(raw, where) if raw else None))
+    names = [g.name for g in grants]
+    if len(set(names)) != len(names) or not all(names):
+        raise InvalidSpec("spec.haproxy.backends: each backend must have a name, listed once")
     return LoadBalancerSpec(
         name=meta.get("name") or "", type=spec.get("type") or "HAProxy", endpoint=ha.get("endpoint") or "",
         tls_secret=(secret.get("namespace", ""), secret.get("name", "")) if secret else None,
-        allowed_from=allowed.get("from") or "All", allowed_selector=selector, allowed_cidrs=cidrs,
+        allowed_from=default.from_, allowed_selector=default.selector, allowed_cidrs=cidrs,
+        backends=tuple(grants),
     )
 
 
 def namespace_allowed(lb: LoadBalancerSpec, namespace_labels: Mapping[str, str] | None) -> bool:
-    if lb.allowed_from == "All":
-        return True
-    return namespace_labels is not None and lb.allowed_selector.matches(namespace_labels)
+    """The LB-wide default (spec.allowedNamespaces) alone; backends may narrow or widen it."""
+    return lb.default_policy.allows(namespace_labels)
+
+
+def backend_refusal(lb: LoadBalancerSpec, backend: str, namespace: str,
+                    namespace_labels: Mapping[str, str] | None) -> str | None:
+    """Why a pool in `namespace` may not drive `backend` of `lb`, or None if it may."""
+    grant = lb.grant(backend)
+    if grant is None:
+        if not lb.backends:
+            return (f"LoadBalancer {lb.name} lists no backends in spec.haproxy.backends, so poolkeeper may drive "
+                    f"none of them (backend {backend} is not listed)")
+        return f"LoadBalancer {lb.name} does not list backend {backend} in spec.haproxy.backends"
+    policy = grant.allowed or lb.default_policy
+    if not policy.allows(namespace_labels):
+        where = (f"spec.haproxy.backends[{backend}].allowedNamespaces" if grant.allowed
+                 else "spec.allowedNamespaces")
+        return (f"LoadBalancer {lb.name} does not allow pools from namespace {namespace} to drive backend "
+                f"{backend} ({where})")
+    return None
