@@ -17,6 +17,7 @@ from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
 from support.kube import api_client_for, namespace_name, token_kubeconfig
 from support.pools import Workloads
+from support.receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +44,14 @@ def kubelet(cluster: Cluster) -> Iterator[FakeKubelet]:
     stand_in.ensure_node()
     yield stand_in
     stand_in.close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """A CloudEvents receiver on loopback for the module's HTTP handlers (test_http_delivery has its own)."""
+    rec = Receiver().start()
+    yield rec
+    rec.stop()
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,6 @@ from support.receiver import Receiver
 ALL_EVENTS = ["up", "draining", "down", "registered", "deregistered"]
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver().start()
-    yield rec
-    rec.stop()
-
-
 @pytest.fixture()
 def own_lb(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
     """A HAProxy of the test's own (backends web and api) and a LoadBalancer for it."""

@@ -43,13 +43,6 @@ SYSTEM = "poolkeeper-system"
 DATA_KEY = "outbox.json"
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver().start()
-    yield rec
-    rec.stop()
-
-
 @pytest.fixture()
 def victim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
     """Another tenant's namespace."""

@@ -7,7 +7,6 @@ the admin. Everything runs against the real API server, operator and HAProxy.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -18,14 +17,13 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.naming import pool_prefix
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
 from support.kube import condition, create, delete, events_for, get, namespace_name, pod_pool, wait_for
-from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer
+from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, servers_state
 
 pytestmark = pytest.mark.cluster
 LBS = {"group": "poolkeeper.dev", "version": "v1alpha1", "plural": "loadbalancers"}
@@ -82,13 +80,7 @@ def synced(custom: client.CustomObjectsApi, namespace: str, pool: str, reason: s
 
 def all_servers(haproxy: HAProxyProcess, backend: str) -> set[str]:
     """Every server of a backend, poolkeeper's or not."""
-    async def read() -> list[str]:
-        c = HAProxyClient(haproxy.admin_endpoint)
-        try:
-            return await c.execute([f"show servers state {backend}"])
-        finally:
-            await c.close()
-    return {line.split()[3] for line in asyncio.run(read())[0].splitlines()
+    return {line.split()[3] for line in servers_state(haproxy, backend)
             if len(line.split()) > 5 and not line.startswith("#")}
 
 

@@ -18,16 +18,21 @@ from support.kube import get
 Workloads = Callable[..., Workload]  # the `workloads` fixture: make(app, gates=()) -> Workload
 
 
-def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
-    """server name -> "addr:port" of the poolkeeper servers HAProxy has now (read by the test)."""
+def servers_state(haproxy: HAProxyProcess, backend: str) -> list[str]:
+    """The lines of `show servers state BACKEND` (read by the test, every server of the backend)."""
     async def read() -> list[str]:
         c = HAProxyClient(haproxy.admin_endpoint)
         try:
             return await c.execute([f"show servers state {backend}"])
         finally:
             await c.close()
+    return asyncio.run(read())[0].splitlines()
+
+
+def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
+    """server name -> "addr:port" of the poolkeeper servers HAProxy has now (read by the test)."""
     out = {}
-    for line in asyncio.run(read())[0].splitlines():
+    for line in servers_state(haproxy, backend):
         parts = line.split()
         if len(parts) > 5 and parts[3].startswith("pk-"):
             out[parts[3]] = f"{parts[4]}:{parts[18]}" if len(parts) > 18 else parts[4]
