@@ -143,7 +143,7 @@ def main() -> int:
         progress(f"cluster with a node up in {up_seconds:.1f}s")
         deployed = deploy_operator(cluster, REPO)
         progress(f"operator deployed: {deployed}")
-        haproxy = HAProxyProcess(Path(scratch) / "haproxy", backends=["web"], honest=True, listen_host=NODE_IP)
+        haproxy = HAProxyProcess(Path(scratch) / "haproxy", backends=["web"], listen_host=NODE_IP)
         haproxy.start()
         try:
             results: dict[str, dict[str, object]] = {}

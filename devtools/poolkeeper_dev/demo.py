@@ -29,6 +29,7 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import ensure_system_namespace
 from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from poolkeeper_dev.workload import Workload
@@ -202,8 +203,9 @@ class Demo:
         finally:
             report = load.stop()
             view.render(final=True)
+        errors = backend_errors(self.haproxy.admin_endpoint, "web")  # retries 0: nothing hides a failure
         _say(f"summary: {report.ok} requests served, {report.failed} failed, {view.transitions} roll steps, "
-             f"members now {len(live)}" + (" (interrupted)" if interrupted else ""))
+             f"members now {len(live)}; HAProxy counters {errors}" + (" (interrupted)" if interrupted else ""))
         for failure in report.failures[:5]:
             _say(f"  failure: {failure}")
         workload.stop_all()
@@ -212,7 +214,7 @@ class Demo:
              "`make demo-down` stops everything")
         kubelet.close()
         api.close()
-        return 0 if report.failed == 0 else 1
+        return 0 if report.failed == 0 and errors == NO_ERRORS else 1
 
     @staticmethod
     def _clear_pods(core: client.CoreV1Api) -> None:

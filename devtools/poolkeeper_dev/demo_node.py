@@ -37,7 +37,7 @@ class NodeDemo:
         """`demo` is the loopback Demo: same folder, cluster, state file and HAProxy bookkeeping."""
         self.demo = demo
         self.cluster = demo.cluster
-        self.haproxy = HAProxyProcess(demo.root / "haproxy", backends=("web",), honest=True, listen_host=NODE_IP)
+        self.haproxy = HAProxyProcess(demo.root / "haproxy", backends=("web",), listen_host=NODE_IP)
         demo.haproxy = self.haproxy  # so `down` stops this one
 
     def start(self) -> None:

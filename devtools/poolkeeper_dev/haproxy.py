@@ -78,10 +78,9 @@ class HAProxyProcess:
 
     def __init__(self, workdir: Path, backends: Sequence[str] = ("web",), *,
                  declared: Mapping[str, str] | None = None, tls: bool = False, binary: str = HAPROXY,
-                 honest: bool = False, listen_host: str = "127.0.0.1") -> None:
-        """`honest`: `retries 0` and no `option redispatch`, so a request sent to a dead server fails
-        visibly instead of being re-sent elsewhere. `listen_host`: where the frontends and the plain
-        TCP admin socket listen (a devcluster node's bridge address lets pods reach the runtime API)."""
+                 listen_host: str = "127.0.0.1") -> None:
+        """`listen_host`: where the frontends and the plain TCP admin socket listen (a devcluster
+        node's bridge address lets pods reach the runtime API)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.backends = list(backends)
@@ -91,7 +90,6 @@ class HAProxyProcess:
         self.log = self.workdir / "haproxy.log"
         self.frontend_ports = {backend: free_port() for backend in self.backends}
         self.tls_port = free_port() if tls else None
-        self.honest = honest
         self.listen_host = listen_host
         self.admin_port = free_port() if listen_host != "127.0.0.1" else None
         self._tls_files: TLSFiles | None = None
@@ -222,7 +220,9 @@ class HAProxyProcess:
                   "    timeout connect 1s",
                   "    timeout client 10s",
                   "    timeout server 10s"]
-        lines += ["    retries 0"] if self.honest else ["    option redispatch", "    retries 3"]
+        # Never re-send a request elsewhere: a request sent to a dead server must fail visibly, or
+        # the "0 failed requests" our tests and demos claim would hide the failures we exist to prevent.
+        lines.append("    retries 0")
         for backend in self.backends:
             lines += [f"frontend fe_{backend}",
                       f"    bind {self.listen_host}:{self.frontend_ports[backend]}",

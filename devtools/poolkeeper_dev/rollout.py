@@ -22,7 +22,17 @@ from poolkeeper_dev.image import TESTWEB_IMAGE
 ERROR_COUNTERS = ("econ", "eresp", "wretr", "wredis")
 GATE_PREFIX = "poolkeeper.dev/"
 
-__all__ = ["ERROR_COUNTERS", "TESTWEB_IMAGE", "ErrorWatch", "show_stat", "wait_rollout", "web_deployment", "web_pool"]
+__all__ = [
+    "ERROR_COUNTERS",
+    "NO_ERRORS",
+    "TESTWEB_IMAGE",
+    "ErrorWatch",
+    "backend_errors",
+    "show_stat",
+    "wait_rollout",
+    "web_deployment",
+    "web_pool",
+]
 
 
 def web_deployment(name: str, *, pool: str, replicas: int = 3, port: int = 8080, pre_stop_sleep: int | None = 5,
@@ -75,6 +85,17 @@ def show_stat(endpoint: str) -> list[dict[str, str]]:
         finally:
             await client.close()
     return list(csv.DictReader(io.StringIO(asyncio.run(read()).lstrip("# "))))
+
+
+NO_ERRORS = dict.fromkeys(ERROR_COUNTERS, 0)
+
+
+def backend_errors(endpoint: str, backend: str) -> dict[str, int]:
+    """The BACKEND row's econ/eresp/wretr/wredis: they outlive the servers that came and went."""
+    for row in show_stat(endpoint):
+        if row["pxname"] == backend and row["svname"] == "BACKEND":
+            return {name: int(row.get(name) or 0) for name in ERROR_COUNTERS}
+    raise KeyError(f"HAProxy has no backend {backend}")
 
 
 @dataclass

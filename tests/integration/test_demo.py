@@ -24,6 +24,7 @@ def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> 
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         summary = next(line for line in up.stdout.splitlines() if line.startswith("demo: summary:"))
         assert " 0 failed" in summary and "roll steps" in summary, summary
+        assert "{'econ': 0, 'eresp': 0, 'wretr': 0, 'wredis': 0}" in summary, summary
         assert "MEMBER" in up.stdout and "Active" in up.stdout  # the live view was shown
         assert (folder / "audit.log").read_text().count("dev.poolkeeper.instance.up") >= 4
         state = json.loads((folder / "demo.json").read_text())

@@ -34,6 +34,7 @@ from poolkeeper.core.naming import legacy_pool_prefix, member_name, pool_prefix
 from poolkeeper.core.planner import plan_pool
 from poolkeeper_dev.haproxy import DECLARED_SERVER, HAProxyProcess, issue_cert, make_ca
 from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.traffic import HTTPBackend, HTTPConnection, LoadGenerator, LoadReport, start_backend
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
@@ -198,6 +199,7 @@ async def test_added_ready_members_get_traffic(
     }
     report = await load(haproxy.frontend_url("web"), 200)
     assert report.failed == 0, report.failures
+    assert await asyncio.to_thread(backend_errors, haproxy.admin_endpoint, "web") == NO_ERRORS
     assert report.served_by[a.name] > 50 and report.served_by[b.name] > 50, report.served_by
 
 
@@ -219,6 +221,7 @@ async def test_drained_member_gets_no_new_requests(
     before = a.requests_served
     report = await load(haproxy.frontend_url("web"), 200)
     assert report.failed == 0, report.failures
+    assert await asyncio.to_thread(backend_errors, haproxy.admin_endpoint, "web") == NO_ERRORS
     assert report.served_by == {b.name: 200}
     assert a.requests_served == before
 
@@ -404,6 +407,7 @@ async def test_health_checks_keep_traffic_off_until_the_first_check_passes(
 
     assert seen_dead <= {"drain/CHECKING", "drain/DOWN"}, seen_dead
     assert report.failed == 0, report.failures
+    assert await asyncio.to_thread(backend_errors, haproxy.admin_endpoint, "checked") == NO_ERRORS
     assert report.served_by[late.name] > 0
     rows = await stat_rows(client, "checked")
     assert rows[name(3)]["stot"] == "0" and rows[name(3)]["econ"] == "0"  # not one connection tried
@@ -546,6 +550,7 @@ async def test_rolling_replace_under_load_loses_no_request(
     report = await asyncio.to_thread(traffic.stop)
 
     assert report.failed == 0, report.failures
+    assert await asyncio.to_thread(backend_errors, haproxy.admin_endpoint, "web") == NO_ERRORS
     assert report.total > 200, report
     assert set(await pool.read_members()) == set(new)
     assert all(report.served_by[b.name] > 0 for b in new.values()), report.served_by

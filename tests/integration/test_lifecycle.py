@@ -17,6 +17,7 @@ from kubernetes import client
 
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.rollout import backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
@@ -272,8 +273,10 @@ def refuse(event, context):
     assert report.ok == 0  # nothing is in rotation while the hook runs
     flag.write_text("go")
     wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
+    refused_while_held = backend_errors(haproxy.admin_endpoint, "web")  # the 5 requests above
     report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=20).wait(30)
     assert report.ok == 20 and report.failed == 0
+    assert backend_errors(haproxy.admin_endpoint, "web") == refused_while_held
 
     held = wait_for(lambda: (m := members(custom, namespace, "api").get(f"Pod/{namespace}/api-0")) and
                     m["state"] == "Held" and m, 20, "Held after an abandoned hook")

@@ -13,6 +13,7 @@ from kubernetes import client
 
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
@@ -77,6 +78,7 @@ def test_rolling_replacement_under_load_loses_nothing(
         report = load.stop()
     assert report.total > 500, report
     assert report.failed == 0, report.failures
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
     served = {body.split(":")[0] for body in report.served_by}
     assert len(served) >= 15 and all(ip.startswith(f"127.{100 + fleet.subnet}.") for ip in served)
     assert len(haproxy_servers(haproxy, "web")) == 10
@@ -110,6 +112,7 @@ def test_haproxy_restart_is_noticed_and_reapplied(
     assert time.monotonic() - restarted < 5.0
     report = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=200).wait(30)
     assert report.failed == 0 and report.ok == 200, report.failures
+    assert backend_errors(haproxy.admin_endpoint, "api") == NO_ERRORS
     wait_for(lambda: condition(get(custom, namespace, "targetpools", "api"), "Ready").get("status") == "True",
              10, "pool Ready again")
 
@@ -222,6 +225,7 @@ def test_health_checks_keep_traffic_off_dead_targets(
     dead = members(custom, namespace, "web")[f"Pod/{namespace}/dead"]
     assert dead["state"] == "Registering" and dead["health"] in ("DOWN", "CHECKING"), dead
     assert report.failed == 0, report.failures  # 503s before the first pass would show here
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
     assert all(body.startswith(fleet.backends["alive"].address) for body in report.served_by)
     pool = get(custom, namespace, "targetpools", "web")
     assert condition(pool, "Ready")["status"] == "False" and pool["status"]["active"] == 1
@@ -314,6 +318,7 @@ def test_health_check_change_replaces_servers_without_dropping_requests(
     finally:
         report = load.stop()
     assert report.failed == 0, report.failures
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
     assert report.ok > 100
 
 

@@ -68,7 +68,7 @@ def node_namespace(node_api: client.ApiClient, request: pytest.FixtureRequest) -
 @pytest.fixture()
 def honest_haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
     """HAProxy with `retries 0` and no redispatch, its runtime API and frontend on the node's bridge."""
-    proc = HAProxyProcess(tmp_path / "haproxy", backends=["web", "nodes"], honest=True, listen_host=NODE_IP)
+    proc = HAProxyProcess(tmp_path / "haproxy", backends=["web", "nodes"], listen_host=NODE_IP)
     try:
         proc.start()
     except RuntimeError as exc:
