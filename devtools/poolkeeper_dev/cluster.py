@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -203,9 +202,8 @@ class Cluster:
         layout = self.node_layout()
         layout.write_configs(self.server)
         self._spawn("kube-scheduler", layout.scheduler_args())
-        self._spawn("containerd", ["--config", str(layout.root / "containerd" / "config.toml")],
-                    binary=shutil.which("containerd") or "/usr/bin/containerd")
-        self._wait_for(lambda: layout.containerd_address.exists(), "containerd", deadline)
+        self.state["pids"]["containerd"] = layout.containerd().start().pid()
+        self._save_state()
         load_images(build_images(self.root / "images"), str(layout.containerd_address))
         self._spawn("kubelet", layout.kubelet_args())
         self._spawn("kube-proxy", layout.proxy_args())
@@ -236,10 +234,10 @@ class Cluster:
         tails = "\n".join(f"--- {n}\n{self._log_tail(n, 8)}" for n in self.state["pids"])
         raise ClusterError(f"timed out waiting for {what}; log tails:\n{tails}")
 
-    def _spawn(self, name: str, args: list[str], binary: str | None = None) -> None:
+    def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            [binary or str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+            [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
         )
         log.close()
@@ -374,13 +372,12 @@ class Cluster:
     def _stop_node(self) -> list[str]:
         layout = self.node_layout()
         stopped = [name for name in ("kubelet", "kube-proxy", "kube-scheduler") if self._stop(name)]
-        ctr = ["ctr", "--address", str(layout.containerd_address), "-n", "k8s.io"]
+        containerd = layout.containerd()
         netns: list[str] = []
-        if self._pid_alive("containerd"):
-            netns = nodes.sandbox_netns(ctr)
-            nodes.kill_containers(ctr)
-        if self._stop("containerd"):
+        if containerd.pid() is not None:
+            netns = nodes.sandbox_netns(containerd.ctr_command())  # before the sandboxes are gone
             stopped.append("containerd")
+        containerd.stop()  # its containers, itself, leftover shims, mounts under its root and state
         nodes.unmount_under([layout.root])
         nodes.remove_netns(netns)
         proxy = self.bin_dir / "kube-proxy"

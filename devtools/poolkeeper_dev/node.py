@@ -38,7 +38,7 @@ SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 NODE_COMPONENTS = ("kube-scheduler", "containerd", "kubelet", "kube-proxy")
 
 if TYPE_CHECKING:
-    from poolkeeper_dev.containerd import ContainerdConfig
+    from poolkeeper_dev.containerd import Containerd, ContainerdConfig
 
 __all__ = ["BRIDGE", "KUBERNETES_SERVICE_IP", "NODE_COMPONENTS", "NODE_IP", "NODE_NAME", "POD_CIDR",
            "SERVICE_CIDR", "NodeError", "NodeLayout"]
@@ -86,10 +86,15 @@ class NodeLayout:
         for component in ("kubelet", "kube-proxy", "kube-scheduler"):
             cert, key = self.pki.client(component)
             self.kubeconfig(component).write_text(json.dumps(kubeconfig(server, self.pki.ca_cert, cert, key)))
-        self.containerd_config().write(self.root / "containerd" / "config.toml")
         (self.cni_conf_dir / "10-poolkeeper.conflist").write_text(json.dumps(self.cni_config(), indent=2))
         (self.root / "kubelet.yaml").write_text(json.dumps(self.kubelet_config(), indent=2))
         (self.root / "kube-proxy.yaml").write_text(json.dumps(self.proxy_config(), indent=2))
+
+    def containerd(self) -> Containerd:
+        """The node's containerd: started, stopped and cleaned up by the same class the image tests use."""
+        from poolkeeper_dev.containerd import Containerd
+
+        return Containerd(self.containerd_config(), self.root / "containerd")
 
     def containerd_config(self) -> ContainerdConfig:
         from poolkeeper_dev.containerd import ContainerdConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # the default path, which every process in the container (handler functions too) would look at.
 SERVICE_ACCOUNT_DIR_ENV = "POOLKEEPER_SERVICEACCOUNT_DIR"
 HANDLER_CREDENTIALS = ("none", "operator")
+DNS_SERVER = "https://kubernetes.default.svc"  # only when the kubelet's KUBERNETES_SERVICE_* are absent
 
 
 def service_account_dir(env: Mapping[str, str]) -> str:
@@ -31,10 +31,7 @@ def load_credentials(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
     info = None
     folder = service_account_dir(os.environ)
     if not os.environ.get("KUBECONFIG") and os.path.exists(os.path.join(folder, "token")):
-        info = _service_account_login(folder)
-        server = in_cluster_server(os.environ)
-        if server:
-            info = dataclasses.replace(info, server=server)
+        info = _service_account_login(folder, in_cluster_server(os.environ) or DNS_SERVER)
     if info is None:
         info = kopf.login_with_kubeconfig(logger=log, settings=kopf.OperatorSettings())
     if info is None:
@@ -52,13 +49,13 @@ def in_cluster_server(env: Mapping[str, str]) -> str | None:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
-def _service_account_login(folder: str) -> kopf.ConnectionInfo:
+def _service_account_login(folder: str, server: str) -> kopf.ConnectionInfo:
     """kopf.login_with_service_account, but from `folder` (it reads only the default path)."""
     def read(name: str) -> str | None:
         path = os.path.join(folder, name)
         return Path(path).read_text(encoding="utf-8").strip() or None if os.path.exists(path) else None
     ca_path = os.path.join(folder, "ca.crt")
-    return kopf.ConnectionInfo(server="https://kubernetes.default.svc",
+    return kopf.ConnectionInfo(server=server,
                                ca_path=ca_path if os.path.exists(ca_path) else None,
                                token=read("token"), default_namespace=read("namespace"))
 
@@ -76,8 +73,7 @@ def handler_kubeconfig(mode: str, kubeconfig: str | None, folder: Path,
     if kubeconfig or env.get("KUBECONFIG"):
         return kubeconfig or env["KUBECONFIG"]
     sa_dir = service_account_dir(env)
-    server = in_cluster_server(env) or "https://kubernetes.default.svc"
-    cluster: dict[str, object] = {"server": server}
+    cluster: dict[str, object] = {"server": in_cluster_server(env) or DNS_SERVER}
     if os.path.exists(os.path.join(sa_dir, "ca.crt")):
         cluster["certificate-authority"] = os.path.join(sa_dir, "ca.crt")
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "operator",
