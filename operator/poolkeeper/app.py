@@ -1,4 +1,4 @@
-"""The wiring, and only that: which watch feeds which part of the controller.
+"""The wiring: which watch feeds which part of the controller, and the workers that drain the queue.
 
 Pods, Nodes and Instances (the high-volume sources) come through our own informers
 (kube/informer.py): listed completely before the first reconcile, then watched, kept only as
@@ -28,7 +28,7 @@ import kopf
 
 from poolkeeper import API_VERSION, GROUP, VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
-from poolkeeper.controller.pools import PoolController
+from poolkeeper.controller.pools import RESYNC_SECONDS, Outcome, PoolController
 from poolkeeper.controller.queue import WorkQueue
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.store import Key, Store
@@ -205,19 +205,21 @@ async def cleanup(**_: Any) -> None:
 
 
 async def _worker(rt: Runtime) -> None:
+    """Take a pool off the queue, reconcile it, and requeue it as the outcome says: a failure
+    backs off in the queue (per pool, exponential), a success forgets the pool's failures."""
     assert rt.pools is not None
     while True:
         key = await rt.queue.get()
         started = time.monotonic()
         try:
-            delay = await rt.pools.reconcile(key)
-            rt.metrics.reconciles.labels(result="ok").inc()
+            outcome = await rt.pools.reconcile(key)
+            rt.metrics.reconciles.labels(result="error" if outcome.failed else "ok").inc()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("reconcile of pool %s/%s failed", *key)
             rt.metrics.reconciles.labels(result="error").inc()
-            delay = 5.0
+            outcome = Outcome(failed=True)
         finally:
             rt.queue.done(key)
         event_at, drain_at = rt.event_times.pop(key, None), rt.drain_times.pop(key, None)
@@ -226,15 +228,19 @@ async def _worker(rt: Runtime) -> None:
                 rt.metrics.event_to_backend.observe(time.monotonic() - event_at)
             if drain_at is not None:
                 rt.metrics.termination_to_drain.observe(time.monotonic() - drain_at)
-        if delay is not None:
-            rt.queue.add_after(key, delay)
+        if outcome.failed:
+            rt.queue.add_rate_limited(key)
+        else:
+            rt.queue.forget(key)
+            if outcome.after is not None:
+                rt.queue.add_after(key, outcome.after)
         log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
 
 
 async def _resync(rt: Runtime) -> None:
-    """Every pool at least every 30 s, whatever happened: repairs drift nobody told us about."""
+    """Every pool at least every RESYNC_SECONDS, whatever happened: repairs drift nobody told us about."""
     while True:
-        await asyncio.sleep(30)
+        await asyncio.sleep(RESYNC_SECONDS)
         for key in list(rt.store.pools):
             rt.queue.add(key)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from poolkeeper.backends import ActionResult
-from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, DesiredMember, RemoveMember, SetAdmin
+from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, InstanceState, RemoveMember, SetAdmin
 from poolkeeper.core.naming import member_name
 from poolkeeper.core.slices import address_type, layout
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
@@ -56,15 +56,10 @@ class EndpointSliceBackend:
     def __init__(self, api: KubeApi, *, namespace: str, service: str, pool: str, pool_uid: str, port: int) -> None:
         self.api, self.namespace, self.service, self.pool = api, namespace, service, pool
         self.pool_uid, self.port = pool_uid, port
-        self.members: Mapping[str, DesiredMember] = {}
         self._slices: dict[str, dict[str, Any]] = {}
         self._port_name = ""
         self._listed_at = -1e9  # the slices we wrote are our cache; re-listed every REFRESH seconds
         self._service_checked_at = -1e9
-
-    def bind(self, members: Mapping[str, DesiredMember]) -> None:
-        """The desired members, whose instance details the endpoints carry (targetRef, nodeName)."""
-        self.members = members
 
     def _key(self, ep: Mapping[str, Any]) -> str:
         return member_name(self.namespace, self.pool, (ep.get("targetRef") or {}).get("uid", ""))
@@ -112,11 +107,11 @@ class EndpointSliceBackend:
                                              _admin(ep.get("conditions") or {}), "", None)
         return members
 
-    def _endpoint(self, name: str, address: str, admin: Admin) -> dict[str, Any]:
-        member = self.members.get(name)
+    @staticmethod
+    def _endpoint(address: str, admin: Admin, inst: InstanceState | None) -> dict[str, Any]:
+        """An endpoint; the instance (from the AddMember) gives its targetRef and nodeName."""
         ep: dict[str, Any] = {"addresses": [address], "conditions": _conditions(admin)}
-        if member is not None:
-            inst = member.instance
+        if inst is not None:
             ref: dict[str, Any] = {"kind": inst.kind, "name": inst.name, "uid": inst.uid}
             if inst.namespace:
                 ref["namespace"] = inst.namespace
@@ -135,10 +130,9 @@ class EndpointSliceBackend:
                 wanted[self._key(ep)] = dict(ep)
         for action in actions:
             if isinstance(action, AddMember):
-                wanted[action.name] = self._endpoint(action.name, action.address, Admin.MAINT)
+                wanted[action.name] = self._endpoint(action.address, Admin.MAINT, action.instance)
             elif isinstance(action, SetAdmin) and action.name in wanted:
-                address = wanted[action.name]["addresses"][0]
-                wanted[action.name] = self._endpoint(action.name, address, action.admin)
+                wanted[action.name] = dict(wanted[action.name], conditions=_conditions(action.admin))
             elif isinstance(action, RemoveMember):
                 wanted.pop(action.name, None)
         try:

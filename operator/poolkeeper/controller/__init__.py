@@ -1,1 +1,2 @@
-"""The reconcile machinery: an informer-fed store, a work queue, and per-pool reconcilers."""
+"""The reconcile machinery: an informer-fed store, a rate-limited work queue, the pool
+reconciler (pools.py, its steps) and what it reports (report.py)."""

@@ -1,15 +1,23 @@
-"""Reconcile one TargetPool: build the desired model, read the backend, plan, apply, report.
+"""Reconcile one TargetPool, as a recipe of steps (like aws-load-balancer-controller's Reconcile):
 
-Level-triggered like sample-controller: every reconcile starts from what the load balancer
-says now, so restarts, missed events and a restarted HAProxy all heal the same way.
+1. resolve: the pool's spec, its LoadBalancer and whether it may drive that backend;
+2. read: what the backend holds now (level-triggered: restarts and missed events heal alike);
+3. want: the desired members, and what blocking lifecycle hooks hold;
+4. plan (pure, core.planner) and 5. apply;
+6. move: once the pool is in rotation where the spec says, drain and empty every place it
+   was before (status.placements remembers them across restarts);
+7. report: status, Events and readiness gates (wording in controller/report.py).
+
+Retries back off in the work queue: reconcile() says whether it failed, the worker calls
+add_rate_limited or forget.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
@@ -19,24 +27,31 @@ from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.readiness import ReadinessGates
+from poolkeeper.controller.report import (
+    PoolReport,
+    Reporter,
+    forget_removed,
+    member_reports,
+    waiting_for_connections,
+)
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
 from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, build_index, endpointslice_claim, haproxy_claim
-from poolkeeper.core.conditions import Condition, merge_conditions
+from poolkeeper.core.conditions import Condition
 from poolkeeper.core.model import (
-    AddMember,
+    ActualMember,
     DesiredMember,
+    MemberHolds,
     MemberReport,
     MemberState,
+    Placement,
     Plan,
-    RemoveMember,
 )
-from poolkeeper.core.planner import Refusal, desired_members, plan_pool, simulate
+from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, backend_refusal, parse_pool
-from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.tenancy import NodeSourcePolicy, node_source_refusal
 from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
-from poolkeeper.kube.events import EventRecorder, now_rfc3339
+from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.errors import OutboxError
 
@@ -45,10 +60,17 @@ FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
 FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions
+BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError)
+# Refusals after which the pool's own servers leave the backend it may no longer drive.
+REVOKED = ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed", "NodeSourceNotAllowed")
 
 
-def _waiting_for_connections(result: ActionResult) -> bool:
-    return isinstance(result.action, RemoveMember) and "connections" in result.message
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a reconcile asks of the work queue."""
+
+    after: float | None = None  # look again after this many seconds; None: only on the next event
+    failed: bool = False  # back off through the queue's rate limiter (per key, exponential)
 
 
 class Blocked(Exception):
@@ -63,27 +85,38 @@ class Blocked(Exception):
 class PoolMemory:
     """What one pool remembers between reconciles (all of it may be lost on restart)."""
 
-    draining_since: dict[str, float] = field(default_factory=dict)
-    failures: int = 0
+    draining: dict[Placement, dict[str, float]] = field(default_factory=dict)  # per place: server -> since
     refused_reported: set[str] = field(default_factory=set)
     reports: dict[str, MemberReport] = field(default_factory=dict)
     instance_of: dict[str, str] = field(default_factory=dict)  # server name -> Kind/ns/name, for Events
     slices: EndpointSliceBackend | None = None  # kept between reconciles: it caches what it wrote
     blocked: str = ""  # the Blocked reason last reported with an Event
+    failing: str = ""  # the backend failure last reported with an Event
+    placements: list[Placement] | None = None  # where the pool's servers may be; None: not read from status yet
+
+    def since(self, where: Placement) -> dict[str, float]:
+        return self.draining.setdefault(where, {})
+
+
+def placements_from_status(body: Mapping[str, Any]) -> list[Placement]:
+    """status.placements as the last run wrote them; entries that do not parse are skipped."""
+    raw = (body.get("status") or {}).get("placements")
+    found = [Placement.from_status(item) for item in raw] if isinstance(raw, list) else []
+    return list(dict.fromkeys(p for p in found if p is not None))
 
 
 class ReconcileHooks(Protocol):
     """Lifecycle handlers plug in here: they gate members and see every reconcile."""
 
-    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]: ...
+    def held(self, spec: PoolSpec) -> MemberHolds: ...
     async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool: ...
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
                       results: list[ActionResult], present: frozenset[str]) -> None: ...
 
 
 class NoHooks:
-    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-        return frozenset(), frozenset(), frozenset()
+    def held(self, spec: PoolSpec) -> MemberHolds:
+        return MemberHolds()
 
     async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool:
         return False
@@ -91,6 +124,19 @@ class NoHooks:
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember],
                       results: list[ActionResult], present: frozenset[str]) -> None:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """Step 3's answer: the members the pool wants, who is refused, and what hooks hold."""
+
+    members: dict[str, DesiredMember]
+    refused: list[Refusal]
+    holds: MemberHolds
+
+    @property
+    def serving(self) -> int:
+        return sum(1 for m in self.members.values() if m.serving)
 
 
 class PoolController:
@@ -101,6 +147,7 @@ class PoolController:
                  node_sources: NodeSourcePolicy | None = None) -> None:
         self.store, self.api, self.status, self.events = store, api, status, events
         self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
+        self.report = Reporter(status, events, metrics)
         self.endpointslice_policy = endpointslice_policy or AddressPolicy(None, ENDPOINTSLICE_ALLOWANCE)
         self.allow_external_sources = allow_external_sources
         self.node_sources = node_sources  # --node-source-namespaces; None: every namespace
@@ -195,103 +242,106 @@ class PoolController:
     def pools_using_lb(self, lb: str) -> list[Key]:
         return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
 
-    # ----- the reconcile
-    async def reconcile(self, key: Key) -> float | None:
-        """Bring one pool in line; returns when to look again (None: only on the next event)."""
+    # ----- the reconcile, step by step
+    async def reconcile(self, key: Key) -> Outcome:
+        """Bring one pool in line; says when to look again and whether this attempt failed."""
         body = self.store.pools.get(key)
         if body is None:
             self.memory.pop(key, None)
             self._specs.pop(key, None)
-            return None
+            return Outcome()
         spec = self.spec(key)
         memory = self.memory.setdefault(key, PoolMemory())
+        if memory.placements is None:
+            memory.placements = placements_from_status(body)
         if isinstance(spec, InvalidSpec):
-            self._publish(body, None, [], Condition("Synced", False, "InvalidSpec", str(spec)))
-            self.events.post(body, "InvalidSpec", str(spec), warning=True)
-            return None
+            self.report.publish(body, None, PoolReport([], Condition("Synced", False, "InvalidSpec", str(spec))))
+            self.report.warn(body, "InvalidSpec", str(spec))
+            return Outcome()
         assert spec is not None
         if spec.deleting:
             return await self._finalize(body, spec, memory)
         if FINALIZER not in (body["metadata"].get("finalizers") or []):
             await self._add_finalizer(body)
-        try:
-            t0 = time.monotonic()
-            backend, allowed = await self._backend(spec)
+        try:  # 1. resolve, 2. read
+            backend, policy = await self._backend(spec)
             actual = await backend.read_members()
-            t_read = time.monotonic()
         except Blocked as blocked:
             return await self._blocked(body, spec, memory, blocked)
-        except (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError) as exc:
+        except BACKEND_ERRORS as exc:
             return self._backend_failed(body, spec, memory, exc)
         memory.blocked = ""
-        desired, refused, (pending, held, keep) = self._desired(spec, allowed)
-        t_desired = time.monotonic()
-        try:
-            gated = await self.hooks.prepare(spec, desired)
+        try:  # 3. want
+            wanted = await self._wanted(spec, policy, actual)
         except OutboxError as exc:
-            memory.failures += 1
-            self._publish(body, spec, list(memory.reports.values()), Condition("Synced", False, "OutboxWriteFailed",
-                                                                                str(exc)))
-            return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
-        if gated:
-            desired, refused, (pending, held, keep) = self._desired(spec, allowed)  # a blocking hook now holds
-        self._report_refused(body, memory, refused)
-        if isinstance(backend, EndpointSliceBackend):
-            backend.bind(desired)
-        now = self.clock()
-        plan = plan_pool(desired=desired, actual=actual, draining_since=memory.draining_since, now=now,
-                         deregistration_delay=spec.deregistration_delay,
-                         health_checks=spec.health_check is not None, keep=keep)
-        t_prepared = time.monotonic()
-        try:
+            self._publish(body, spec, memory, list(memory.reports.values()),
+                          Condition("Synced", False, "OutboxWriteFailed", str(exc)))
+            return Outcome(failed=True)
+        memory.refused_reported = self.report.refused(body, wanted.refused, memory.refused_reported)
+        here = spec.placement
+        self._remember(memory, here)  # before anything is added: a restart must find it
+        since = memory.since(here)
+        plan = self._plan(spec, wanted, actual, since)  # 4. plan
+        try:  # 5. apply
             results = await backend.apply(plan.actions) if plan.actions else []
-        except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
+        except BACKEND_ERRORS as exc:
             return self._backend_failed(body, spec, memory, exc)
+        memory.failing = ""
         self.applied[key] = len(results)
-        t_applied = time.monotonic()
-        memory.draining_since = dict(plan.draining_since)
-        failed = [r for r in results if not r.ok]
-        memory.instance_of.update({name: m.instance.ref for name, m in desired.items()})
-        self._record(body, spec, results, memory)
-        after = simulate(actual, [r.action for r in results if r.ok])
-        final = plan_pool(desired=desired, actual=after, draining_since=memory.draining_since, now=now,
-                          deregistration_delay=spec.deregistration_delay,
-                          health_checks=spec.health_check is not None, keep=keep)
-        reports = self._reports(final, pending, held, memory.instance_of) + [
-            MemberReport("", r.instance.ref, r.instance.address or "", spec.port, MemberState.HELD, "",
-                         f"refused: {r.reason}") for r in refused]
+        memory.draining[here] = since = dict(plan.draining_since)
+        memory.instance_of.update({name: m.instance.ref for name, m in wanted.members.items()})
+        self.report.actions(body, spec.backend_text, results, memory.instance_of)
+        forget_removed(results, memory.instance_of)
+        final = self._plan(spec, wanted, simulate(actual, [r.action for r in results if r.ok]), since)
+        reports = member_reports(final, wanted.holds.pending, memory.instance_of, wanted.refused, spec.port)
         memory.reports = {r.instance: r for r in reports if r.instance}
+        hard = [r for r in results if not r.ok and not waiting_for_connections(r)]
+        in_rotation = not hard and not any(r.state is MemberState.REGISTERING for r in reports)
+        elsewhere = 0
+        if in_rotation:  # 6. move: the new place serves, so the old ones may drain
+            elsewhere = await self._drain_elsewhere(body, spec, memory, except_for=here)
+        # 7. report
         await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
-        await self.hooks.observe(spec, desired, results, frozenset(r.name for r in reports))
-        log.debug("reconciled %s/%s: read %.1f ms, desired %.1f ms, prepare %.1f ms, apply %.1f ms (%d actions), "
-                  "report %.1f ms", spec.namespace, spec.name, (t_read - t0) * 1e3, (t_desired - t_read) * 1e3,
-                  (t_prepared - t_desired) * 1e3, (t_applied - t_prepared) * 1e3, len(results),
-                  (time.monotonic() - t_applied) * 1e3)
+        await self.hooks.observe(spec, wanted.members, results, frozenset(r.name for r in reports))
         synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}")
-        hard = [r for r in failed if not _waiting_for_connections(r)]
         if hard:
             synced = Condition("Synced", False, "BackendError", hard[0].message)
-            memory.failures += 1
-        else:
-            memory.failures = 0
-        self._publish(body, spec, reports, synced, desired=sum(1 for m in desired.values() if m.serving))
+        elif elsewhere:
+            synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}; "
+                               f"draining and removing {max(elsewhere, 0)} server(s) left where the pool was before")
+        self._publish(body, spec, memory, reports, synced, desired=wanted.serving)
         if hard:
-            return backoff_delay(memory.failures, WATCH_SECONDS, 30.0)
+            return Outcome(failed=True)
         if final.actions:
-            return FOLLOW_UP_SECONDS  # e.g. a member just drained may go once its sessions are counted
-        if failed or any(r.state is not MemberState.ACTIVE for r in reports):
-            return WATCH_SECONDS
-        return RESYNC_SECONDS
+            return Outcome(FOLLOW_UP_SECONDS)  # e.g. a member just drained may go once its sessions are counted
+        if elsewhere or any(not r.ok for r in results) or any(r.state is not MemberState.ACTIVE for r in reports):
+            return Outcome(WATCH_SECONDS)
+        return Outcome(RESYNC_SECONDS)
 
-    def _desired(self, spec: PoolSpec, policy: AddressPolicy) -> tuple[dict[str, DesiredMember], list[Refusal],
-                                                               tuple[frozenset[str], frozenset[str], frozenset[str]]]:
-        gates = self.hooks.held(spec)
+    async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
+        """Desired members and holds; a blocking hook that starts now holds at once (asked again)."""
+        wanted = self._desired(spec, policy, actual)
+        if await self.hooks.prepare(spec, wanted.members):
+            wanted = self._desired(spec, policy, actual)
+        return wanted
+
+    def _desired(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
+        holds = self.hooks.held(spec)
+        haproxy = spec.backend_type == "HAProxy"
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
-            instances=self._candidates(spec), policy=policy, held=gates[0] | gates[1],
-            variant=spec.variant if spec.backend_type == "HAProxy" else "",
+            instances=self._candidates(spec), policy=policy, held=holds.held,
+            variant=spec.variant if haproxy else "",
         )
-        return desired, refused, gates
+        # HAProxy fixes a server's address when adding it: a new address or port takes the member's
+        # other name, so old and new serve side by side (EndpointSlices rewrite an endpoint in place)
+        return Wanted(settle_names(desired, actual) if haproxy else desired, refused, holds)
+
+    def _plan(self, spec: PoolSpec, wanted: Wanted, actual: Mapping[str, ActualMember],
+              since: Mapping[str, float]) -> Plan:
+        return plan_pool(desired=wanted.members, actual=actual, draining_since=since, now=self.clock(),
+                         deregistration_delay=spec.deregistration_delay,
+                         health_checks=spec.health_check is not None, keep=wanted.holds.keep)
 
     def _candidates(self, spec: PoolSpec) -> Any:
         namespace = None if spec.kind == "Node" else spec.namespace
@@ -338,7 +388,11 @@ class PoolController:
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc
 
-    def _slices(self, spec: PoolSpec) -> EndpointSliceBackend:
+    def _slices(self, spec: PoolSpec, service: str | None = None) -> EndpointSliceBackend:
+        """The pool's slices for its Service (cached), or for another Service it used before (fresh)."""
+        if service is not None and service != spec.service:
+            return EndpointSliceBackend(self.api, namespace=spec.namespace, service=service, pool=spec.name,
+                                        pool_uid=spec.uid, port=spec.port)
         memory = self.memory.setdefault(spec.key, PoolMemory())
         cached = memory.slices
         if cached is None or (cached.service, cached.port, cached.pool_uid) != (spec.service, spec.port, spec.uid):
@@ -347,162 +401,119 @@ class PoolController:
                 port=spec.port)
         return cached
 
-    def _own_servers(self, spec: PoolSpec) -> HAProxyPool | None:
-        """The pool's own servers (its name prefix) in its backend, reachable even after the
+    # ----- leaving a place: the pool's own servers, drained then removed
+    @staticmethod
+    def _remember(memory: PoolMemory, where: Placement) -> None:
+        known = memory.placements or []
+        if where not in known:
+            memory.placements = [*known, where]
+
+    def _own_servers(self, spec: PoolSpec, where: Placement) -> HAProxyPool | None:
+        """The pool's own servers (its name prefix) in one backend, reachable even after the
         LoadBalancer was deleted or lost its permission: for draining them, never for adding."""
-        client = self.lbs.client_for_cleanup(spec.load_balancer)
-        return HAProxyPool(client, spec.backend, spec.prefix, None) if client is not None else None
+        client = self.lbs.client_for_cleanup(where.load_balancer)
+        try:
+            return HAProxyPool(client, where.backend, spec.prefix, None) if client is not None else None
+        except ValueError:
+            return None  # a name HAProxy cannot have (a hand-edited status): nothing of ours there
 
-    async def _drain_own(self, body: dict[str, Any], spec: PoolSpec,
-                         memory: PoolMemory) -> tuple[list[MemberReport], int]:
-        """Drain, then remove, the pool's own servers (deregistrationDelaySeconds apart).
+    async def _drain_at(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory,
+                        where: Placement) -> tuple[list[MemberReport], int]:
+        """Drain, then remove, the pool's own servers in one place (deregistrationDelaySeconds apart).
 
-        Returns the reports of what is left and how many servers remain. Touches nothing that
-        does not carry the pool's prefix: HAProxyPool refuses other names.
+        Returns the reports of what is left there and how many servers remain. Touches nothing
+        that does not carry the pool's prefix: HAProxyPool refuses other names.
         """
-        if spec.backend_type == "EndpointSlice":
-            await self._slices(spec).delete_all()
+        if where.type == "EndpointSlice":
+            await self._slices(spec, where.service).delete_all()
             return [], 0
-        pool = self._own_servers(spec)
+        pool = self._own_servers(spec, where)
         if pool is None:
             return [], 0  # a LoadBalancer this operator never reached: nothing of ours can be there
         try:
             actual = await pool.read_members()
         except BackendMissing:
             return [], 0
+        since = memory.since(where)
         if not actual:
-            memory.draining_since = {}
+            memory.draining.pop(where, None)
             return [], 0
-        now = self.clock()
-        plan = plan_pool(desired={}, actual=actual, draining_since=memory.draining_since, now=now,
-                         deregistration_delay=spec.deregistration_delay, health_checks=False)
+        plan = self._leave(spec, actual, since)
         results = await pool.apply(plan.actions) if plan.actions else []
-        self._record(body, spec, results, memory)
-        memory.draining_since = dict(plan.draining_since)
+        self.report.actions(body, str(where), results, memory.instance_of)
+        forget_removed(results, memory.instance_of)
+        memory.draining[where] = since = dict(plan.draining_since)
         after = simulate(actual, [r.action for r in results if r.ok])
-        final = plan_pool(desired={}, actual=after, draining_since=memory.draining_since, now=now,
-                          deregistration_delay=spec.deregistration_delay, health_checks=False)
-        return self._reports(final, frozenset(), frozenset(), memory.instance_of), len(after)
+        final = self._leave(spec, after, since)
+        return member_reports(final, frozenset(), memory.instance_of), len(after)
 
-    async def _blocked(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory,
-                       blocked: Blocked) -> float | None:
+    def _leave(self, spec: PoolSpec, actual: Mapping[str, ActualMember], since: Mapping[str, float]) -> Plan:
+        """The plan that empties a place: every server drains, then goes."""
+        return plan_pool(desired={}, actual=actual, draining_since=since, now=self.clock(),
+                         deregistration_delay=spec.deregistration_delay, health_checks=False)
+
+    async def _drain_places(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory,
+                            places: Sequence[Placement]) -> tuple[list[MemberReport], int]:
+        """Drain several places; a place fully emptied is forgotten. -1: one could not be reached."""
+        reports: list[MemberReport] = []
+        remaining = 0
+        for where in places:
+            try:
+                left, count = await self._drain_at(body, spec, memory, where)
+            except BACKEND_ERRORS as exc:
+                log.warning("pool %s/%s: its servers in %s could not be drained yet: %s",
+                            spec.namespace, spec.name, where, exc)
+                remaining = -1 if remaining <= 0 else remaining
+                continue
+            reports += left
+            if count:
+                remaining = count + max(remaining, 0)
+            elif memory.placements and where in memory.placements and where != spec.placement:
+                memory.placements = [p for p in memory.placements if p != where]
+                memory.draining.pop(where, None)
+                self.report.note(body, "Moved", f"all servers removed from {where}, where the pool was before")
+        return reports, remaining
+
+    async def _drain_elsewhere(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, *,
+                               except_for: Placement) -> int:
+        stale = [p for p in memory.placements or [] if p != except_for]
+        if not stale:
+            return 0
+        return (await self._drain_places(body, spec, memory, stale))[1]
+
+    async def _blocked(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, blocked: Blocked) -> Outcome:
         """The pool may not drive its backend: say why, and take its own servers out (if any)."""
         if blocked.event and memory.blocked != blocked.reason:
-            self.events.post(body, blocked.reason, str(blocked), warning=True)
+            self.report.warn(body, blocked.reason, str(blocked))
         memory.blocked = blocked.reason
         message = str(blocked)
         reports: list[MemberReport] = []
         remaining = 0
-        if blocked.reason in ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed"):
-            try:
-                reports, remaining = await self._drain_own(body, spec, memory)
-            except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
-                message += f"; its own servers could not be removed yet: {exc}"
-                remaining = -1
+        if blocked.reason in REVOKED:
+            reports, remaining = await self._drain_places(body, spec, memory, [spec.placement])
+            if remaining < 0:
+                message += "; its own servers could not be removed yet"
         if remaining > 0:
             message += f"; draining and removing its {remaining} own server(s)"
         memory.reports = {r.instance: r for r in reports if r.instance}
-        self._publish(body, spec, reports, Condition("Synced", False, blocked.reason, message))
-        if remaining:
-            return WATCH_SECONDS if remaining > 0 else backoff_delay(max(memory.failures, 1), WATCH_SECONDS, 10.0)
-        return blocked.retry
+        self._publish(body, spec, memory, reports, Condition("Synced", False, blocked.reason, message))
+        if remaining < 0:
+            return Outcome(failed=True)
+        return Outcome(WATCH_SECONDS if remaining else blocked.retry)
 
-    def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> float:
-        memory.failures += 1
+    def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> Outcome:
         reason = "BackendNotFound" if isinstance(exc, BackendMissing) else "BackendUnreachable"
         message = f"{spec.backend_text}: {exc}"
-        if memory.failures == 1:
-            self.events.post(body, reason, message, warning=True)
-        if self.metrics is not None:
-            self.metrics.backend_errors.labels(reason=reason).inc()
-        self._publish(body, spec, list(memory.reports.values()), Condition("Synced", False, reason, message))
-        return backoff_delay(memory.failures, 0.5, 10.0)
+        if memory.failing != reason:
+            self.report.warn(body, reason, message)
+        memory.failing = reason
+        self.report.backend_error(reason)
+        self._publish(body, spec, memory, list(memory.reports.values()), Condition("Synced", False, reason, message))
+        return Outcome(failed=True)
 
-    def _report_refused(self, body: dict[str, Any], memory: PoolMemory, refused: list[Refusal]) -> None:
-        now_refused = {r.instance.ref for r in refused}
-        for item in refused:
-            if item.instance.ref not in memory.refused_reported:
-                self.events.post(body, "MemberRefused", f"{item.instance.ref}: {item.reason}", warning=True)
-        memory.refused_reported = now_refused
-
-    def _reports(self, plan: Plan, pending: frozenset[str], held: frozenset[str],
-                 instance_of: Mapping[str, str]) -> list[MemberReport]:
-        """Members waiting on a blocking `up` hook show Registering; abandoned ones show Held.
-
-        A member whose instance left the pool still shows which instance it was, while it drains.
-        """
-        out = []
-        for report in plan.members:
-            if not report.instance and report.name in instance_of:
-                report = replace(report, instance=instance_of[report.name])
-            if report.name in pending and report.state is MemberState.HELD:
-                report = MemberReport(report.name, report.instance, report.address, report.port,
-                                      MemberState.REGISTERING, report.health, "waiting for a blocking up hook")
-            out.append(report)
-        return out
-
-    def _record(self, body: dict[str, Any], spec: PoolSpec, results: list[ActionResult], memory: PoolMemory) -> None:
-        """One Event per kind of change per reconcile, naming the instances, so a burst stays readable."""
-        added: list[str] = []
-        removed: list[str] = []
-        for result in results:
-            action = result.action
-            who = memory.instance_of.get(action.name, action.name)
-            if not result.ok:
-                if not _waiting_for_connections(result):  # del waits for in-flight connections: retried later
-                    self.events.post(body, "BackendError", f"{type(action).__name__} {who}: {result.message}",
-                                     warning=True)
-            elif isinstance(action, AddMember):
-                added.append(f"{who} ({action.address}:{action.port}) as {action.name}")
-            elif isinstance(action, RemoveMember):
-                removed.append(f"{who} ({action.name}): {action.reason}")
-                if action.reason != "address changed":
-                    memory.instance_of.pop(action.name, None)
-            if self.metrics is not None:
-                self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
-        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed)):
-            if len(items) == 1:
-                self.events.post(body, reason, f"{verb} {spec.backend_text}: {items[0]}")
-            elif items:
-                shown = "; ".join(items[:10]) + (f"; and {len(items) - 10} more" if len(items) > 10 else "")
-                self.events.post(body, reason, f"{len(items)} members {verb} {spec.backend_text}: {shown}")
-
-    def _publish(self, body: dict[str, Any], spec: PoolSpec | None, reports: list[MemberReport], synced: Condition,
-                 desired: int | None = None) -> None:
-        meta = body["metadata"]
-        active = sum(1 for r in reports if r.state is MemberState.ACTIVE)
-        draining = sum(1 for r in reports if r.state is MemberState.DRAINING)
-        if desired is None:
-            desired = sum(1 for r in reports if r.state is not MemberState.DRAINING)
-        if not synced.status:
-            ready = Condition("Ready", False, synced.reason, synced.message)
-        elif desired == 0:
-            ready = Condition("Ready", False, "NoMembers", "no instance matches the selector and is up")
-        elif active == desired:
-            ready = Condition("Ready", True, "AllMembersActive", f"{active} of {desired} members active")
-        else:
-            ready = Condition("Ready", False, "MembersNotActive", f"{active} of {desired} members active")
-        now = now_rfc3339()
-        previous = {m.get("instance"): m for m in (body.get("status") or {}).get("members") or []}
-        status = {
-            "members": [self._member_row(r, now, previous) for r in reports],
-            "desired": desired, "active": active, "draining": draining,
-            "conditions": merge_conditions((body.get("status") or {}).get("conditions"), [ready, synced],
-                                           meta.get("generation"), now),
-            "observedGeneration": meta.get("generation"),
-            "backend": spec.backend_text if spec else "",
-        }
-        self.status.submit(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"], "status"),
-                           status)
-        if self.metrics is not None and spec is not None:
-            self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(active)
-
-    @staticmethod
-    def _member_row(report: MemberReport, now: str, previous: dict[str, Any]) -> dict[str, Any]:
-        prior = previous.get(report.instance)
-        since = prior.get("since") if prior and prior.get("state") == report.state.value else now
-        return {"instance": report.instance or report.name, "address": report.address, "port": report.port,
-                "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+    def _publish(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, reports: list[MemberReport],
+                 synced: Condition, desired: int | None = None) -> None:
+        self.report.publish(body, spec, PoolReport(reports, synced, desired, tuple(memory.placements or ())))
 
     # ----- finalizer
     async def _add_finalizer(self, body: dict[str, Any]) -> None:
@@ -511,16 +522,18 @@ class PoolController:
         await self.api.patch(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"]),
                              {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}})
 
-    async def _finalize(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory) -> float | None:
-        """Drain and remove every member, release the pods' gates, then let the pool go."""
+    async def _finalize(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory) -> Outcome:
+        """Drain and remove every member wherever the pool has servers, release the pods' gates,
+        then let the pool go: the finalizer stays until the pool's own servers are gone."""
         if FINALIZER not in (body["metadata"].get("finalizers") or []):
-            return None
-        try:  # whether or not the pool may drive the backend: its own servers must go
-            _, remaining = await self._drain_own(body, spec, memory)
-        except (TimeoutError, HAProxyUnreachable, OSError, ApiError) as exc:
-            return self._backend_failed(body, spec, memory, exc)
+            return Outcome()
+        places = [spec.placement, *(p for p in memory.placements or [] if p != spec.placement)]
+        reports, remaining = await self._drain_places(body, spec, memory, places)
         if remaining:
-            return WATCH_SECONDS
+            self._publish(body, spec, memory, reports, Condition(
+                "Synced", False, "Finalizing", "draining and removing the pool's own servers before it goes"
+                if remaining > 0 else "the pool's own servers could not be reached yet; retrying"))
+            return Outcome(failed=True) if remaining < 0 else Outcome(WATCH_SECONDS)
         await self.gates.sync(spec.name, self._pods_with_gate(spec), {}, release=True)
         meta = body["metadata"]
         finalizers = meta.get("finalizers") or []
@@ -532,5 +545,5 @@ class PoolController:
         except ApiError as exc:
             if exc.status not in (404, 409, 422):
                 raise
-        self.events.post(body, "Finalized", f"all members removed from {spec.backend_text}")
-        return None
+        self.report.note(body, "Finalized", f"all members removed from {spec.backend_text}")
+        return Outcome()

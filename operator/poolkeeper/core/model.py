@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Phase(StrEnum):
@@ -81,6 +82,8 @@ class AddMember:
     name: str
     address: str
     port: int
+    # who the server stands for, for backends that record it (an EndpointSlice's targetRef)
+    instance: InstanceState | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +126,53 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.actions
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a pool's servers live: one backend section of a LoadBalancer, or one Service's
+    EndpointSlices. A pool moved elsewhere keeps the old placement in `status.placements`
+    until its servers there are drained and gone, so a restart in between still finds them."""
+
+    type: str  # HAProxy | EndpointSlice
+    load_balancer: str = ""
+    backend: str = ""
+    service: str = ""
+
+    def to_status(self) -> dict[str, str]:
+        if self.type == "HAProxy":
+            return {"type": self.type, "loadBalancer": self.load_balancer, "backend": self.backend}
+        return {"type": self.type, "service": self.service}
+
+    @classmethod
+    def from_status(cls, raw: Any) -> Placement | None:
+        """A status entry as written by to_status; anything else (hand-edited status) is None."""
+        if not isinstance(raw, Mapping):
+            return None
+        fields = {k: raw.get(k) for k in ("type", "loadBalancer", "backend", "service")}
+        if not all(isinstance(v, str | None) for v in fields.values()):
+            return None
+        if fields["type"] == "HAProxy" and fields["loadBalancer"] and fields["backend"]:
+            return cls("HAProxy", load_balancer=str(fields["loadBalancer"]), backend=str(fields["backend"]))
+        if fields["type"] == "EndpointSlice" and fields["service"]:
+            return cls("EndpointSlice", service=str(fields["service"]))
+        return None
+
+    def __str__(self) -> str:
+        if self.type == "HAProxy":
+            return f"LoadBalancer {self.load_balancer}, backend {self.backend}"
+        return f"Service {self.service}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberHolds:
+    """What blocking lifecycle hooks do to a pool's members, by server name."""
+
+    pending: frozenset[str] = frozenset()  # a blocking `up` hook still runs: out of rotation, Registering
+    abandoned: frozenset[str] = frozenset()  # a blocking hook gave up: out of rotation, Held
+    keep: frozenset[str] = frozenset()  # a blocking draining hook still runs: drain but do not remove
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Members kept out of rotation."""
+        return self.pending | self.abandoned

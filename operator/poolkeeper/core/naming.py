@@ -40,6 +40,16 @@ def member_name(namespace: str, pool: str, instance_uid: str, variant: str = "")
     return f"{name}-{_digest(variant, 4)}" if variant else name
 
 
+ALTERNATE = "-b"  # the second name of one instance's server, used while its address or port changes
+
+
+def alternate_name(name: str) -> str:
+    """The other of the two names a member may have: a server's address and port are fixed when
+    it is added, so a new address gets the other name and both serve side by side until the new
+    one is in rotation (as with a `variant` change). Applying it twice gives the name back."""
+    return name.removesuffix(ALTERNATE) if name.endswith(ALTERNATE) else name + ALTERNATE
+
+
 def instance_part(name: str) -> str:
     """The part of a member name that identifies the instance (without the settings variant)."""
     return name[:INSTANCE_PART]

@@ -7,7 +7,7 @@ twice changes nothing: the second reconcile sees the load balancer already as de
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from poolkeeper.core.addresses import DEFAULT_POLICY, AddressPolicy
 from poolkeeper.core.model import (
@@ -24,7 +24,7 @@ from poolkeeper.core.model import (
     RemoveMember,
     SetAdmin,
 )
-from poolkeeper.core.naming import instance_part, member_name
+from poolkeeper.core.naming import alternate_name, instance_part, member_name
 from poolkeeper.core.selectors import LabelSelector
 
 HEALTHY = "UP"
@@ -74,6 +74,33 @@ def desired_members(
     return desired, refused
 
 
+def settle_names(desired: Mapping[str, DesiredMember],
+                 actual: Mapping[str, ActualMember]) -> dict[str, DesiredMember]:
+    """Give a member whose address or port changed its other name (naming.alternate_name).
+
+    A load balancer fixes a server's address when it is added, so the new address needs a new
+    server; under the other name it joins beside the old one, which plan_pool keeps serving
+    until its successor is in rotation. A port change thus replaces members one by one, never
+    the whole pool at once. Only for backends that report members under the names they were
+    given (HAProxy); when both names hold stale addresses the plain name is replaced in place.
+    """
+    out: dict[str, DesiredMember] = {}
+    for name, want in desired.items():
+        other = alternate_name(name)
+        have, have_other = actual.get(name), actual.get(other)
+        stale_here = _moved(have, want) and not _moved(have_other, want)  # the new address goes to the other
+        there = have is None and have_other is not None and not _moved(have_other, want)  # ... and is there
+        if stale_here or there:
+            name = other
+        out[name] = want if name == want.name else replace(want, name=name)
+    return out
+
+
+def _moved(have: ActualMember | None, want: DesiredMember) -> bool:
+    """The server exists but at another address or port."""
+    return have is not None and (have.address, have.port) != (want.address, want.port)
+
+
 def _target_admin(member: DesiredMember, health: str, health_checks: bool) -> Admin:
     if member.held:
         return Admin.MAINT
@@ -113,7 +140,7 @@ def plan_pool(
         health = have.health if have else ""
         target = _target_admin(want, health, health_checks)
         if have is None:
-            actions.append(AddMember(name, want.address, want.port))
+            actions.append(AddMember(name, want.address, want.port, want.instance))
             actions.append(SetAdmin(name, target))
         elif have.admin != target:
             actions.append(SetAdmin(name, target))

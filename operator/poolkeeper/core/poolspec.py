@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
+from poolkeeper.core.model import Placement
 from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 
@@ -61,6 +62,13 @@ class PoolSpec:
         """Server settings fixed at `add server` time; a change replaces the servers."""
         check = self.health_check
         return f"check:{check.interval_seconds}:{check.rise}:{check.fall}" if check else ""
+
+    @property
+    def placement(self) -> Placement:
+        """Where the spec wants the pool's servers now."""
+        if self.backend_type == "HAProxy":
+            return Placement("HAProxy", load_balancer=self.load_balancer, backend=self.backend)
+        return Placement("EndpointSlice", service=self.service)
 
     @property
     def backend_text(self) -> str:

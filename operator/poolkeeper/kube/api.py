@@ -1,7 +1,8 @@
 """A small async Kubernetes API client over one aiohttp session.
 
-kopf owns the watches; this client does the writes the operator needs (status, finalizers,
-EndpointSlices, pod conditions, Events, ConfigMaps) without blocking the event loop.
+It lists and watches Pods, Nodes and Instances for kube/informer.py (kopf watches the
+poolkeeper objects and Namespaces) and does the writes the operator needs (status,
+finalizers, EndpointSlices, pod conditions, Events, ConfigMaps) without blocking the event loop.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from poolkeeper.backends import ActionResult
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import AddressPolicy, parse_cidrs
 from poolkeeper.core.cloudevents import build_event
-from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
+from poolkeeper.core.model import Admin, DesiredMember, InstanceState, MemberHolds, RemoveMember, SetAdmin
 from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.tenancy import function_slots_per_namespace, http_slots_per_namespace
@@ -57,11 +57,11 @@ class Gates:
         self.pending_drain: dict[tuple[Key, str], set[str]] = {}
         self.abandoned: set[tuple[Key, str]] = set()
 
-    def for_pool(self, key: Key) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    def for_pool(self, key: Key) -> MemberHolds:
         pending = frozenset(n for (k, n), ids in self.pending_up.items() if k == key and ids)
         held = frozenset(n for (k, n) in self.abandoned if k == key)
         keep = frozenset(n for (k, n), ids in self.pending_drain.items() if k == key and ids)
-        return pending, held, keep
+        return MemberHolds(pending, held, keep)
 
 
 class LifecycleHandlers:
@@ -210,7 +210,7 @@ class LifecycleHandlers:
     def _handlers_for(self, spec: PoolSpec) -> list[HandlerRuntime]:
         return [r for (ns, _), r in self.runtimes.items() if ns == spec.namespace and r.spec.pool == spec.name]
 
-    def held(self, spec: PoolSpec) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    def held(self, spec: PoolSpec) -> MemberHolds:
         return self.gates.for_pool(spec.key)
 
     def instance_changed(self, spec: PoolSpec, instance: InstanceState, policy: AddressPolicy) -> None:
