@@ -156,6 +156,7 @@ class PoolController:
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
         self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
         self._claims: ClaimIndex | None = None  # rebuilt after a pool, LoadBalancer or Namespace changed
+        self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
 
     # ----- specs, cached per resourceVersion
     def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
@@ -383,7 +384,8 @@ class PoolController:
         try:
             # the winner of the claim: no other pool may have servers here, so it also takes out
             # servers its namespace/name had under the old 32-bit prefix (upgrades leave none behind)
-            pool = HAProxyPool(client, spec.backend, spec.prefix, spec.health_check, legacy_prefix=spec.legacy_prefix)
+            pool = self.haproxy_pool(client, spec.backend, spec.prefix, spec.health_check,
+                                     legacy_prefix=spec.legacy_prefix)
             return pool, AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc
@@ -408,12 +410,12 @@ class PoolController:
         if where not in known:
             memory.placements = [*known, where]
 
-    def _own_servers(self, spec: PoolSpec, where: Placement) -> HAProxyPool | None:
+    def _own_servers(self, spec: PoolSpec, where: Placement) -> Backend | None:
         """The pool's own servers (its name prefix) in one backend, reachable even after the
         LoadBalancer was deleted or lost its permission: for draining them, never for adding."""
         client = self.lbs.client_for_cleanup(where.load_balancer)
         try:
-            return HAProxyPool(client, where.backend, spec.prefix, None) if client is not None else None
+            return self.haproxy_pool(client, where.backend, spec.prefix, None) if client is not None else None
         except ValueError:
             return None  # a name HAProxy cannot have (a hand-edited status): nothing of ours there
 

@@ -1,0 +1,402 @@
+"""PoolController's recipe without a cluster: fake backends, status and Event sinks, LoadBalancers.
+
+Day-2 rules proved step by step: a pool moved to another backend fills the new one first and
+empties the old one after (also across a restart, from status.placements); a port change
+replaces members beside the old ones; a pool's own servers always leave before its finalizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from poolkeeper.backends import ActionResult
+from poolkeeper.controller.pools import FINALIZER, Outcome, PoolController
+from poolkeeper.controller.store import Store
+from poolkeeper.core.model import (
+    Action,
+    ActualMember,
+    AddMember,
+    Admin,
+    InstanceState,
+    Phase,
+    RemoveMember,
+    SetAdmin,
+)
+from poolkeeper.core.poolspec import LoadBalancerSpec, parse_load_balancer
+
+NS = "shop"
+
+
+@dataclass
+class FakeHAProxy:
+    """The servers of every backend section of one HAProxy: (backend, name) -> member."""
+
+    servers: dict[tuple[str, str], ActualMember] = field(default_factory=dict)
+    health: str = "UP"  # what checks say of a server once it is added with checks on
+    log: list[tuple[str, Action]] = field(default_factory=list)
+
+    def in_backend(self, backend: str) -> dict[str, ActualMember]:
+        return {n: m for (b, n), m in self.servers.items() if b == backend}
+
+
+class FakePool:
+    """The Backend protocol over FakeHAProxy, owning names by prefix like HAProxyPool."""
+
+    def __init__(self, lb: FakeHAProxy, backend: str, prefix: str, check: Any, legacy_prefix: str = "") -> None:
+        self.lb, self.backend, self.prefix, self.check = lb, backend, prefix, check
+
+    async def read_members(self) -> dict[str, ActualMember]:
+        return {n: m for n, m in self.lb.in_backend(self.backend).items() if n.startswith(self.prefix)}
+
+    async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
+        out = []
+        for action in actions:
+            assert action.name.startswith(self.prefix), "a pool touched a server it does not own"
+            key = (self.backend, action.name)
+            self.lb.log.append((self.backend, action))
+            if isinstance(action, AddMember):
+                health = self.lb.health if self.check else ""
+                self.lb.servers[key] = ActualMember(action.name, action.address, action.port, Admin.MAINT, health, 0)
+            elif isinstance(action, SetAdmin):
+                self.lb.servers[key] = replace(self.lb.servers[key], admin=action.admin)
+            elif isinstance(action, RemoveMember):
+                have = self.lb.servers.get(key)
+                if have is not None and have.sessions and not action.force:
+                    out.append(ActionResult(action, False, "Server still has connections attached to it"))
+                    continue
+                self.lb.servers.pop(key, None)
+            out.append(ActionResult(action, True))
+        return out
+
+
+class FakeLoadBalancers:
+    def __init__(self) -> None:
+        self.specs: dict[str, LoadBalancerSpec] = {}
+        self.clients: dict[str, FakeHAProxy] = {}
+        self.retired: dict[str, FakeHAProxy] = {}
+
+    def add(self, name: str, backends: Sequence[str], **spec: Any) -> FakeHAProxy:
+        self.specs[name] = parse_load_balancer({"metadata": {"name": name}, "spec": {
+            "type": "HAProxy", "allowedTargetCIDRs": ["10.0.0.0/8"], **spec,
+            "haproxy": {"endpoint": f"{name}:9999", "backends": [{"name": b} for b in backends]}}})
+        return self.clients.setdefault(name, FakeHAProxy())
+
+    def delete(self, name: str) -> None:
+        self.specs.pop(name)
+        self.retired[name] = self.clients.pop(name)
+
+    def get(self, name: str) -> tuple[LoadBalancerSpec, FakeHAProxy] | None:
+        return (self.specs[name], self.clients[name]) if name in self.specs else None
+
+    def client_for_cleanup(self, name: str) -> FakeHAProxy | None:
+        return self.clients.get(name) or self.retired.get(name)
+
+    def invalid(self, name: str) -> str | None:
+        return None
+
+
+class Sinks:
+    """Status writes, Events, API patches and readiness-gate syncs, recorded."""
+
+    def __init__(self) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
+        self.patches: list[Any] = []
+
+    def submit(self, path: str, status: dict[str, Any]) -> None:
+        self.statuses.append(status)
+
+    def post(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+        self.events.append((reason, message))
+
+    async def patch(self, path: str, body: Any, content_type: str = "") -> dict[str, Any]:
+        self.patches.append(body)
+        return {}
+
+    async def sync(self, pool: str, pods: Any, reports: Any, release: bool = False) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.statuses[-1]
+
+
+def pool_body(backend: dict[str, Any], *, port: int = 8080, delay: int = 30, uid: str = "pool-uid",
+              name: str = "web", created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"metadata": {"namespace": NS, "name": name, "uid": uid, "generation": 1, "resourceVersion": "1",
+                         "creationTimestamp": created, "finalizers": [FINALIZER]},
+            "spec": {"source": {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}, "port": port,
+                     "deregistrationDelaySeconds": delay, "backend": backend}}
+
+
+def haproxy(lb: str, backend: str, check: bool = False) -> dict[str, Any]:
+    extra = {"healthCheck": {"intervalSeconds": 1, "rise": 1, "fall": 1}} if check else {}
+    return {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": lb}, "backend": backend, **extra}}
+
+
+class World:
+    """A store with pods, fake LoadBalancers, and a PoolController over them."""
+
+    def __init__(self) -> None:
+        self.store = Store()
+        self.store.namespace_labels[NS] = {}
+        self.lbs = FakeLoadBalancers()
+        self.sinks = Sinks()
+        self.now = 1000.0
+        self.controller = self.new_controller()
+
+    def new_controller(self) -> PoolController:
+        """A fresh controller: what a restarted operator has (nothing in memory)."""
+        s = self.sinks
+        c = PoolController(self.store, s, s, s, self.lbs, s, clock=lambda: self.now)  # type: ignore[arg-type]
+        c.haproxy_pool = FakePool
+        self.controller = c
+        return c
+
+    def pods(self, count: int) -> None:
+        for i in range(count):
+            self.store.put_instance(InstanceState("Pod", NS, f"web-{i}", f"uid-{i}", f"10.0.0.{i + 1}",
+                                                  {"app": "web"}, Phase.UP, "pod ready"))
+
+    def put_pool(self, body: dict[str, Any], version: str) -> None:
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = version
+        if self.sinks.statuses:
+            body["status"] = copy.deepcopy(self.sinks.status)  # our status write came back
+        self.store.pools[(NS, body["metadata"]["name"])] = body
+        self.controller.invalidate_claims()
+
+    def reconcile(self, name: str = "web") -> Outcome:
+        return asyncio.run(self.controller.reconcile((NS, name)))
+
+    def settle(self, name: str = "web", rounds: int = 20) -> Outcome:
+        """Reconcile until nothing is due sooner than a resync (or `rounds` ran out)."""
+        outcome = Outcome()
+        for _ in range(rounds):
+            outcome = self.reconcile(name)
+            self.now += 1
+            if outcome.after is None or outcome.after >= 30:
+                break
+        return outcome
+
+
+def admins(lb: FakeHAProxy, backend: str) -> dict[str, Admin]:
+    return {n: m.admin for n, m in lb.in_backend(backend).items()}
+
+
+def placements(world: World) -> list[dict[str, str]]:
+    return list(world.sinks.status["placements"])
+
+
+@pytest.fixture()
+def world() -> World:
+    return World()
+
+
+def test_a_moved_pool_fills_the_new_backend_first_then_empties_the_old(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1", "b2"])
+    world.pods(3)
+    body = pool_body(haproxy("edge", "b1", check=True))
+    world.put_pool(body, "1")
+    world.settle()
+    assert set(admins(lb, "b1").values()) == {Admin.READY} and len(admins(lb, "b1")) == 3
+    assert placements(world) == [{"type": "HAProxy", "loadBalancer": "edge", "backend": "b1"}]
+
+    lb.health = "CHECKING"  # the new servers have not passed a check yet
+    world.put_pool(pool_body(haproxy("edge", "b2", check=True)), "2")
+    world.reconcile()
+    assert set(admins(lb, "b2").values()) == {Admin.DRAIN}, "new servers wait for their checks"
+    assert set(admins(lb, "b1").values()) == {Admin.READY}, "the old backend serves until the new one does"
+    assert {p["backend"] for p in placements(world)} == {"b1", "b2"}
+
+    for key, member in list(lb.servers.items()):
+        lb.servers[key] = replace(member, health="UP")
+    world.reconcile()
+    assert set(admins(lb, "b2").values()) == {Admin.READY}
+    assert set(admins(lb, "b1").values()) == {Admin.DRAIN}, "drained first, not removed"
+    world.now += 1
+    world.settle()
+    assert admins(lb, "b1") == {} and len(admins(lb, "b2")) == 3
+    assert placements(world) == [{"type": "HAProxy", "loadBalancer": "edge", "backend": "b2"}]
+    assert ("Moved", "all servers removed from LoadBalancer edge, backend b1, where the pool was before") \
+        in world.sinks.events
+    moved_at = next(i for i, (b, _) in enumerate(lb.log) if b == "b2")
+    b1_drained = next(i for i, (b, a) in enumerate(lb.log)
+                      if i > moved_at and b == "b1" and a == SetAdmin(a.name, Admin.DRAIN))
+    ready_b2 = {a.name for b, a in lb.log[:b1_drained] if b == "b2" and a == SetAdmin(a.name, Admin.READY)}
+    assert len(ready_b2) == 3, "every new server was in rotation before the first old one drained"
+
+
+def test_old_servers_with_sessions_wait_for_them(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1", "b2"])
+    world.pods(1)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    (name,) = admins(lb, "b1")
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=2)
+    world.put_pool(pool_body(haproxy("edge", "b2")), "2")
+    world.settle(rounds=5)  # 5 s < deregistrationDelaySeconds
+    assert admins(lb, "b1") == {name: Admin.DRAIN}
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=0)
+    world.settle()
+    assert admins(lb, "b1") == {}
+
+
+def test_a_restarted_operator_empties_the_old_backend_from_status(world: World) -> None:
+    edge, other = world.lbs.add("edge", ["b1"]), world.lbs.add("other", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    assert len(admins(edge, "b1")) == 2
+    world.new_controller()  # the operator restarts; the spec changes while it is away
+    world.put_pool(pool_body(haproxy("other", "b1")), "2")
+    world.settle()
+    assert admins(edge, "b1") == {} and len(admins(other, "b1")) == 2
+    assert placements(world) == [{"type": "HAProxy", "loadBalancer": "other", "backend": "b1"}]
+
+
+def test_a_port_change_keeps_every_instance_serving(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(3)
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True)), "1")
+    world.settle()
+    before = dict(lb.in_backend("b1"))
+    lb.health = "CHECKING"
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True), port=9090), "2")
+    world.reconcile()
+    now = lb.in_backend("b1")
+    assert all(m.admin is Admin.READY for n, m in now.items() if n in before), "old servers still serve"
+    assert len([m for m in now.values() if m.port == 9090]) == 3
+    assert not [a for _, a in lb.log if isinstance(a, RemoveMember) and a.force], "nothing cut at once"
+    for i, key in enumerate(sorted(k for k, m in lb.servers.items() if m.port == 9090)):
+        lb.servers[key] = replace(lb.servers[key], health="UP")  # one successor passes its checks
+        world.reconcile()
+        world.now += 1
+        world.reconcile()
+        serving = {m.address for m in lb.in_backend("b1").values() if m.admin is Admin.READY}
+        assert len(serving) == 3, f"every instance still has a server in rotation (step {i})"
+    world.settle()
+    assert {(m.port, m.admin) for m in lb.in_backend("b1").values()} == {(9090, Admin.READY)}
+    assert len(lb.in_backend("b1")) == 3
+
+
+def test_a_port_change_without_checks_replaces_beside(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    world.put_pool(pool_body(haproxy("edge", "b1"), port=9090), "2")
+    world.reconcile()
+    assert len(lb.in_backend("b1")) == 4, "new servers beside the old ones"
+    world.settle()
+    assert {m.port for m in lb.in_backend("b1").values()} == {9090} and len(lb.in_backend("b1")) == 2
+    # and back again: the names alternate, so the pool never needs a third
+    world.put_pool(pool_body(haproxy("edge", "b1"), port=8080), "3")
+    world.settle()
+    assert {m.port for m in lb.in_backend("b1").values()} == {8080} and len(lb.in_backend("b1")) == 2
+
+
+def delete(world: World, body: dict[str, Any], version: str) -> None:
+    body = copy.deepcopy(body)
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    world.put_pool(body, version)
+
+
+def finalizer_removed(world: World) -> bool:
+    return any(isinstance(p, list) and p[-1].get("op") == "remove" for p in world.sinks.patches)
+
+
+def test_the_finalizer_waits_for_the_pools_own_servers_everywhere(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1", "b2"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    lb.health = "CHECKING"
+    moved = pool_body(haproxy("edge", "b2", check=True))
+    world.put_pool(moved, "2")
+    world.reconcile()  # b2 filled, not in rotation: b1 still serves
+    name = next(iter(admins(lb, "b1")))
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=1)
+    delete(world, moved, "3")
+    world.settle(rounds=5)
+    assert not finalizer_removed(world), "a server with a session is still in b1"
+    assert admins(lb, "b2") == {} and admins(lb, "b1") == {name: Admin.DRAIN}
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=0)
+    world.settle()
+    assert finalizer_removed(world) and lb.servers == {}
+
+
+def test_a_pool_whose_load_balancer_is_gone_still_removes_its_servers(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    body = pool_body(haproxy("edge", "b1"))
+    world.put_pool(body, "1")
+    world.settle()
+    world.lbs.delete("edge")
+    delete(world, body, "2")
+    world.settle()
+    assert lb.servers == {} and finalizer_removed(world)
+
+
+def test_the_older_of_two_claimants_deleted_leaves_and_the_newer_takes_over(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    older = pool_body(haproxy("edge", "b1"))
+    newer = pool_body(haproxy("edge", "b1"), name="web2", uid="uid-2", created="2026-01-02T00:00:00Z")
+    world.put_pool(older, "1")
+    world.settle()
+    world.put_pool(newer, "2")
+    world.settle("web2")
+    assert world.sinks.status["conditions"][-1]["reason"] == "Conflict"
+    delete(world, older, "3")
+    world.settle()
+    assert finalizer_removed(world)
+    world.store.pools.pop((NS, "web"))
+    world.controller.invalidate_claims()
+    world.settle("web2")
+    prefix = world.controller.spec((NS, "web2")).prefix  # type: ignore[union-attr]
+    assert len(admins(lb, "b1")) == 2 and all(n.startswith(prefix) for n in admins(lb, "b1"))
+
+
+def test_a_pool_that_becomes_not_allowed_drains_its_own_servers(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    lb.servers[("b1", "pk-not-ours")] = ActualMember("pk-not-ours", "10.9.9.9", 80, Admin.READY)
+    world.lbs.add("edge", ["b1"], allowedNamespaces={"from": "Selector",
+                                                      "selector": {"matchLabels": {"team": "x"}}})
+    world.controller.invalidate_claims()
+    world.reconcile()
+    assert {n: a for n, a in admins(lb, "b1").items() if n != "pk-not-ours"} == dict.fromkeys(
+        [n for n in admins(lb, "b1") if n != "pk-not-ours"], Admin.DRAIN)
+    world.now += 1
+    world.settle()
+    assert admins(lb, "b1") == {"pk-not-ours": Admin.READY}, "only the pool's own servers left"
+    assert world.sinks.status["conditions"][-1]["reason"] == "NotAllowed"
+
+
+def test_backend_failures_back_off_in_the_queue(world: World) -> None:
+    world.lbs.add("edge", ["b1"])
+    world.pods(1)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+
+    class Down(FakePool):
+        async def read_members(self) -> dict[str, ActualMember]:
+            raise OSError("connection refused")
+
+    world.controller.haproxy_pool = Down
+    assert world.reconcile() == Outcome(failed=True)
+    assert world.reconcile() == Outcome(failed=True)
+    assert [r for r, _ in world.sinks.events].count("BackendUnreachable") == 1, "one Event per outage"
+    world.controller.haproxy_pool = FakePool
+    assert not world.reconcile().failed
