@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from poolkeeper.core import heartbeats
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, AddressPolicy, Network
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
+from poolkeeper.core.selectors import LabelSelector, SelectorError
 from poolkeeper.core.tenancy import NodeSourcePolicy
 from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
@@ -45,7 +47,16 @@ from poolkeeper.kube.lease import LeaderElector
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle import LifecycleHandlers
 from poolkeeper.metrics import Metrics, start_probe_server
-from poolkeeper.sources.convert import heartbeat_timeout, instance_state, node_state, parse_time, pod_state
+from poolkeeper.sources.convert import (
+    LEFT_FILTER,
+    heartbeat_timeout,
+    instance_state,
+    left_filter,
+    node_state,
+    parse_label_query,
+    parse_time,
+    pod_state,
+)
 
 log = logging.getLogger("poolkeeper")
 
@@ -279,8 +290,27 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
 
 
 def pod_event(kind: str, obj: dict[str, Any]) -> None:
+    rt = runtime()
     deleted = kind == "DELETED"
-    _apply_instance(runtime(), pod_state(obj, deleted=deleted), deleted)
+    if deleted and left_filter(obj, _pod_filter(rt)):
+        # still running, only relabelled out of --pod-label-selector: it leaves its pools (drained
+        # first, like a pod leaving their selector) and handlers hear why, not "pod deleted"
+        _apply_instance(rt, replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER), True)
+        return
+    _apply_instance(rt, pod_state(obj, deleted=deleted), deleted)
+
+
+@functools.cache
+def _parse_filter(text: str) -> LabelSelector | None:
+    try:
+        return parse_label_query(text)
+    except SelectorError:
+        log.warning("--pod-label-selector %r does not parse here: pods leaving it look deleted", text)
+        return None
+
+
+def _pod_filter(rt: Runtime) -> LabelSelector | None:
+    return _parse_filter(rt.options.pod_label_selector) if rt.options.pod_label_selector else None
 
 
 def node_event(kind: str, obj: dict[str, Any]) -> None:

@@ -5,11 +5,13 @@ Only the fields pools need are kept, so a cluster full of pods no pool selects s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from poolkeeper.core.model import InstanceState, Phase
+from poolkeeper.core.selectors import LabelSelector, Requirement, SelectorError
 
 GATE_PREFIX = "poolkeeper.dev/"
 EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
@@ -55,6 +57,46 @@ def pod_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
     else:
         phase, reason = Phase.UP, "pod ready"
     return InstanceState("Pod", namespace, name, uid, address, labels, phase, reason, gates)
+
+
+LEFT_FILTER = "pod no longer matches the operator's --pod-label-selector"
+_SET = re.compile(r"\s*([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)\s*")
+_TERM = re.compile(r"\s*(!?)([^\s!=(),]+)\s*(?:(==|=|!=)\s*([^\s!=(),]*))?\s*")
+
+
+def parse_label_query(text: str) -> LabelSelector:
+    """A `labelSelector=` string (`a=b`, `a!=b`, `a in (x,y)`, `a notin (x)`, `a`, `!a`), as the
+    API server reads it for the filtered Pod watch; raises SelectorError if it does not parse."""
+    reqs: list[Requirement] = []
+    rest = text.strip()
+    while rest:
+        if match := _SET.match(rest):
+            values = frozenset(v.strip() for v in match[3].split(",") if v.strip())
+            reqs.append(Requirement(match[1], "In" if match[2] == "in" else "NotIn", values))
+        elif (match := _TERM.match(rest)) and match[0].strip():
+            negated, key, op, value = match[1], match[2], match[3], match[4]
+            if op is None:
+                reqs.append(Requirement(key, "DoesNotExist" if negated else "Exists", frozenset()))
+            elif negated:
+                raise SelectorError(f"cannot parse label selector {text!r}")
+            else:
+                reqs.append(Requirement(key, "NotIn" if op == "!=" else "In", frozenset([value or ""])))
+        else:
+            raise SelectorError(f"cannot parse label selector {text!r}")
+        rest = rest[match.end():]
+        if rest and not rest.startswith(","):
+            raise SelectorError(f"cannot parse label selector {text!r}")
+        rest = rest[1:]
+    return LabelSelector(tuple(reqs))
+
+
+def left_filter(obj: Mapping[str, Any], pod_filter: LabelSelector | None) -> bool:
+    """A DELETED watch event for a pod that still exists: it was relabelled out of the
+    operator's --pod-label-selector (no deletionTimestamp, labels outside the filter), so it
+    leaves its pools like a pod leaving their selector, not like a deleted one."""
+    meta = obj.get("metadata") or {}
+    return (pod_filter is not None and not meta.get("deletionTimestamp")
+            and not pod_filter.matches(dict(meta.get("labels") or {})))
 
 
 def node_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
