@@ -1,0 +1,137 @@
+"""Day-2 changes under real traffic through a real HAProxy (retries 0, no redispatch).
+
+Each test watches HAProxy itself while the change happens, and ends with 0 failed requests on
+the client side and 0 econ/eresp/wretr/wredis on the backend.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from poolkeeper_dev.haproxy import HAProxyProcess
+from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
+from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
+from support.kube import GROUP, VERSION, create, events_for, get, pod_pool, wait_for
+from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_stats, load_balancer, members
+
+CHECKS = {"healthCheck": {"intervalSeconds": 1, "rise": 3, "fall": 1}}
+
+
+@pytest.fixture()
+def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
+    proc = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterator[str]:
+    name = f"day2-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, name, haproxy.admin_endpoint, ["web", "api"], allowedTargetCIDRs=LOOPBACK_TARGETS)
+    yield name
+    custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)
+
+
+def patch_pool(custom: client.CustomObjectsApi, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    custom.patch_namespaced_custom_object(group=GROUP, version=VERSION, namespace=namespace, plural="targetpools",
+                                          name=name, body={"spec": spec})
+
+
+def in_rotation(row: dict[str, str]) -> bool:
+    """Ready and passing its checks: HAProxy sends new requests to it."""
+    return row["status"] == "UP"
+
+
+def test_a_moved_pool_is_in_rotation_in_the_new_backend_before_the_old_one_drains(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("web")
+    for i in range(3):
+        fleet.add(f"web-{i}")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=30,
+                                                       backend=ha_backend(lb_name, "web", **CHECKS)))
+    wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
+             30, "3 active members in backend web")
+
+    before = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=60)
+    patch_pool(custom, namespace, "web", {"backend": ha_backend(lb_name, "api", **CHECKS)})
+    wait_for(lambda: len(haproxy_stats(haproxy, "api")) == 3, 20, "3 servers added to backend api")
+    # the new servers are on their health checks (rise 3 x 1 s): the old backend still serves
+    assert all(in_rotation(r) for r in haproxy_stats(haproxy, "web").values())
+    moving = before.stop()
+    # requests that are in flight on the old backend when it drains, each held open for 6 s
+    inflight = LoadGenerator(haproxy.frontend_url("web") + "/?delay=6", connections=3).start(count=3)
+
+    early_drains: list[str] = []
+    drained_busy: list[str] = []
+
+    def old_backend_emptied() -> bool:
+        web, api = haproxy_stats(haproxy, "web"), haproxy_stats(haproxy, "api")
+        api_ready = len(api) == 3 and all(in_rotation(r) for r in api.values())
+        for name, row in web.items():
+            if not in_rotation(row):
+                if not api_ready:
+                    early_drains.append(f"{name} {row['status']} while api: {[r['status'] for r in api.values()]}")
+                if int(row["scur"] or 0):
+                    drained_busy.append(name)
+        return not web and api_ready
+
+    wait_for(old_backend_emptied, 45, "backend web emptied once api is in rotation", interval=0.05)
+    finished = inflight.wait(20)
+    after = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=300).wait(30)
+
+    assert not early_drains, early_drains
+    assert drained_busy, "in-flight requests were on the old servers while they drained"
+    assert moving.failed == 0 and moving.total > 50, moving.failures
+    assert finished.ok == 3 and finished.failed == 0, finished.failures
+    assert after.ok == 300 and after.failed == 0, after.failures
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
+    assert backend_errors(haproxy.admin_endpoint, "api") == NO_ERRORS
+    pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
+                    len(p["status"].get("placements") or []) == 1 and p, 10, "old placement forgotten")
+    assert pool["status"]["placements"] == [{"type": "HAProxy", "loadBalancer": lb_name, "backend": "api"}]
+    assert "Moved" in [reason for reason, _ in events_for(core, namespace, "web")]
+
+
+def test_a_port_change_replaces_members_beside_the_old_ones(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+    fleet = workloads("web")
+    new_port = fleet.port + 1 if fleet.port < 65000 else fleet.port - 1
+    second: list[HTTPBackend] = []
+    try:
+        for i in range(3):
+            ip = fleet.add(f"web-{i}")
+            second.append(start_backend(ip, new_port))  # the new version of the app listens on another port
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=30,
+                                                           backend=ha_backend(lb_name, "web", **CHECKS)))
+        wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
+                 30, "3 active members")
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=90)
+        patch_pool(custom, namespace, "web", {"port": new_port})
+        fewest: list[int] = []
+
+        def all_on_the_new_port() -> bool:
+            rows = haproxy_stats(haproxy, "web")
+            fewest.append(sum(1 for r in rows.values() if in_rotation(r)))
+            states = [(r["status"], r.get("scur")) for r in rows.values()]
+            return len(rows) == 3 and all(s == "UP" for s, _ in states) and \
+                {m["port"] for m in members(custom, namespace, "web").values()} == {new_port}
+
+        wait_for(all_on_the_new_port, 45, "every member replaced by one on the new port", interval=0.05)
+        report = load.stop()
+    finally:
+        for backend in second:
+            backend.stop()
+    assert min(fewest) >= 3, f"an instance was out of rotation during the change: {min(fewest)} in rotation"
+    assert report.failed == 0 and report.total > 100, report.failures
+    assert {body.split(":")[1] for body in report.served_by} == {str(fleet.port), str(new_port)}
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
