@@ -17,10 +17,22 @@ from kubernetes import client
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
+from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
-from support.kube import GROUP, VERSION, create, events_for, get, pod_pool, wait_for
+from support.kube import (
+    GROUP,
+    VERSION,
+    create,
+    events_for,
+    get,
+    pod_pool,
+    selectorless_service,
+    slice_backend,
+    wait_for,
+)
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_stats, load_balancer, members
 
+SLICE_LABELS = "endpointslice.kubernetes.io/managed-by=poolkeeper.dev,kubernetes.io/service-name="
 CHECKS = {"healthCheck": {"intervalSeconds": 1, "rise": 3, "fall": 1}}
 
 
@@ -135,3 +147,36 @@ def test_a_port_change_replaces_members_beside_the_old_ones(
     assert report.failed == 0 and report.total > 100, report.failures
     assert {body.split(":")[1] for body in report.served_by} == {str(fleet.port), str(new_port)}
     assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
+
+
+def test_an_endpointslice_pool_moved_to_another_service_writes_the_new_slices_first(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, api_client: client.ApiClient) -> None:
+    discovery = client.DiscoveryV1Api(api_client)
+
+    def ready_endpoints(service: str) -> set[str]:
+        items = discovery.list_namespaced_endpoint_slice(namespace=namespace, label_selector=SLICE_LABELS + service)
+        return {ep.addresses[0] for s in items.items for ep in s.endpoints or [] if ep.conditions.ready}
+
+    for service in ("old", "new"):
+        selectorless_service(core, namespace, service)
+    for i in range(3):
+        kubelet.create_pod(namespace, f"web-{i}", {"app": "web"})
+        kubelet.set_ready(namespace, f"web-{i}", f"192.0.2.{i + 1}")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", backend=slice_backend("old")))
+    wait_for(lambda: len(ready_endpoints("old")) == 3, 20, "3 endpoints for Service old")
+    patch_pool(custom, namespace, "web", {"backend": slice_backend("new")})
+    gaps: list[str] = []
+
+    def moved() -> bool:
+        old, new = ready_endpoints("old"), ready_endpoints("new")
+        if len(old) < 3 and len(new) < 3:
+            gaps.append(f"old {sorted(old)}, new {sorted(new)}")
+        return not old and len(new) == 3
+
+    wait_for(moved, 20, "slices of Service old deleted after those of Service new", interval=0.05)
+    assert not gaps, f"neither Service had every endpoint ready: {gaps}"
+    status = wait_for(lambda: (s := get(custom, namespace, "targetpools", "web").get("status") or {}) and
+                      s.get("placements") == [{"type": "EndpointSlice", "service": "new"}] and s,
+                      10, "status.placements names only Service new")
+    assert status["active"] == 3
