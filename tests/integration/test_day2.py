@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.ports import free_port
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
@@ -31,6 +33,7 @@ from support.kube import (
     wait_for,
 )
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_stats, load_balancer, members
+from support.receiver import Receiver
 
 SLICE_LABELS = "endpointslice.kubernetes.io/managed-by=poolkeeper.dev,kubernetes.io/service-name="
 CHECKS = {"healthCheck": {"intervalSeconds": 1, "rise": 3, "fall": 1}}
@@ -180,3 +183,73 @@ def test_an_endpointslice_pool_moved_to_another_service_writes_the_new_slices_fi
                       s.get("placements") == [{"type": "EndpointSlice", "service": "new"}] and s,
                       10, "status.placements names only Service new")
     assert status["active"] == 3
+
+
+FILTER_LABEL = "poolkeeper.dev/member"
+
+
+@pytest.fixture()
+def filtered_operator(operator: OperatorProcess, cluster: Cluster, handlers_dir: Path, tmp_path: Path,
+                      namespace: str) -> Iterator[OperatorProcess]:
+    """An operator that watches only pods labelled poolkeeper.dev/member=yes, in this namespace
+    (the session's operator pauses meanwhile: one operator per pool)."""
+    operator.stop()
+    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "filtered-logs", handlers_dir=handlers_dir,
+                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8", "--namespace", namespace,
+                                       "--pod-label-selector", f"{FILTER_LABEL}=yes"))
+    try:
+        proc.start()
+    except RuntimeError as exc:
+        pytest.fail(f"the filtered operator could not start: {exc}", pytrace=False)
+    yield proc
+    proc.stop()
+
+
+def test_a_pod_relabelled_out_of_the_operator_filter_drains_and_handlers_hear_why(
+        filtered_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, core: client.CoreV1Api, haproxy: HAProxyProcess, lb_name: str,
+        receiver: Receiver) -> None:
+    servers: list[HTTPBackend] = []
+    port = free_port()
+    try:
+        for i in range(2):
+            ip = f"127.0.{60 + i}.1"
+            servers.append(start_backend(ip, port))
+            kubelet.create_pod(namespace, f"web-{i}", {"app": "web", FILTER_LABEL: "yes"}, port=port)
+            kubelet.set_ready(namespace, f"web-{i}", ip)
+        path = f"/filter-{namespace}"
+        create(custom, namespace, "lifecyclehandlers", {
+            "kind": "LifecycleHandler", "metadata": {"name": "rec"},
+            "spec": {"poolRef": {"name": "web"}, "events": ["down"],
+                     "function": {"type": "HTTP", "http": {"url": receiver.url(path)}}}})
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=port, delay=30,
+                                                           backend=ha_backend(lb_name, "web")))
+        wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 2,
+                 30, "2 active members")
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=60)
+        held = LoadGenerator(haproxy.frontend_url("web") + "/?delay=3", connections=4).start(count=4)
+        wait_for(lambda: sum(int(r["scur"] or 0) for r in haproxy_stats(haproxy, "web").values()) >= 2,
+                 10, "slow requests in flight on both servers")
+        relabel = {"metadata": {"labels": {FILTER_LABEL: "no"}}}
+        core.patch_namespaced_pod(name="web-1", namespace=namespace, body=relabel)
+        busy_while_draining: list[str] = []
+
+        def gone() -> bool:
+            rows = {r["svname"]: r for r in haproxy_stats(haproxy, "web").values()}
+            busy_while_draining.extend(n for n, r in rows.items() if r["status"] != "UP" and int(r["scur"] or 0))
+            return len(rows) == 1
+
+        wait_for(gone, 30, "the relabelled pod's server drained and removed", interval=0.05)
+        slow = held.wait(20)
+        report = load.stop()
+        down = wait_for(lambda: [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("/web-1")],
+                        20, "the down event of web-1")
+    finally:
+        for server in servers:
+            server.stop()
+    assert busy_while_draining, "the server drained with its requests still in flight"
+    assert slow.ok == 4 and slow.failed == 0, slow.failures
+    assert report.failed == 0 and report.total > 50, report.failures
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
+    assert down[0].data["reason"] == "pod no longer matches the operator's --pod-label-selector"
+    assert down[0].data["from"] == "up"
