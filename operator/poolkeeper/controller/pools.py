@@ -308,8 +308,9 @@ class PoolController:
         if hard:
             synced = Condition("Synced", False, "BackendError", hard[0].message)
         elif elsewhere:
-            synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}; "
-                               f"draining and removing {max(elsewhere, 0)} server(s) left where the pool was before")
+            left = (f"draining and removing {elsewhere} server(s) left where the pool was before" if elsewhere > 0
+                    else "the servers left where the pool was before could not be reached yet")
+            synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}; {left}")
         self._publish(body, spec, memory, reports, synced, desired=wanted.serving)
         if hard:
             return Outcome(failed=True)
