@@ -39,7 +39,7 @@ from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 from poolkeeper.core.tenancy import NodeSourcePolicy
-from poolkeeper.kube.api import KubeApi, resource_path
+from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.informer import Informer
@@ -102,6 +102,7 @@ class Runtime:
     heartbeat_seen: dict[tuple[str, str], heartbeats.HeartbeatSeen] = field(default_factory=dict)
     heartbeat_timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
     instance_bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pending: set[asyncio.Task[None]] = field(default_factory=set)  # pods read back after a DELETED
     ready: bool = False
     standing_by: bool = False
     probe: Any = None
@@ -292,12 +293,33 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
 def pod_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
     deleted = kind == "DELETED"
-    if deleted and left_filter(obj, _pod_filter(rt)):
-        # still running, only relabelled out of --pod-label-selector: it leaves its pools (drained
-        # first, like a pod leaving their selector) and handlers hear why, not "pod deleted"
-        _apply_instance(rt, replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER), True)
+    if deleted and _pod_filter(rt) is not None and not (obj.get("metadata") or {}).get("deletionTimestamp"):
+        # a filtered watch says DELETED also when a pod was relabelled out of the filter: ask the API
+        task = asyncio.get_running_loop().create_task(_pod_left_watch(rt, obj))
+        rt.pending.add(task)
+        task.add_done_callback(rt.pending.discard)
         return
     _apply_instance(rt, pod_state(obj, deleted=deleted), deleted)
+
+
+async def _pod_left_watch(rt: Runtime, obj: dict[str, Any]) -> None:
+    """Deleted, or relabelled out of --pod-label-selector? A pod that still runs leaves its pools
+    (drained first, like a pod leaving their selector) and handlers hear why, not "pod deleted"."""
+    assert rt.api is not None
+    meta, pod_filter = obj.get("metadata") or {}, _pod_filter(rt)
+    assert pod_filter is not None
+    try:
+        now = await rt.api.get_or_none(resource_path("v1", "pods", meta.get("namespace"), meta.get("name")))
+    except (ApiError, OSError, TimeoutError):  # the API is away: a deletion is the safe reading (it drains too)
+        log.warning("could not read pod %s/%s back; taking it as deleted", meta.get("namespace"), meta.get("name"))
+        now = None
+    if now is not None and now["metadata"].get("uid") == meta.get("uid") and \
+            pod_filter.matches(dict(now["metadata"].get("labels") or {})):
+        return  # back inside the filter already: its ADDED event keeps it
+    if left_filter(obj, now, pod_filter):
+        _apply_instance(rt, replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER), True)
+    else:
+        _apply_instance(rt, pod_state(obj, deleted=True), True)
 
 
 @functools.cache

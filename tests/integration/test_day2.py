@@ -36,7 +36,7 @@ from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_stats
 from support.receiver import Receiver
 
 SLICE_LABELS = "endpointslice.kubernetes.io/managed-by=poolkeeper.dev,kubernetes.io/service-name="
-CHECKS = {"healthCheck": {"intervalSeconds": 1, "rise": 3, "fall": 1}}
+CHECKS = {"healthCheck": {"intervalSeconds": 1, "rise": 3, "fall": 2}}  # fall 1 would read UP unchecked
 
 
 @pytest.fixture()
@@ -65,54 +65,69 @@ def in_rotation(row: dict[str, str]) -> bool:
     return row["status"] == "UP"
 
 
+@pytest.fixture()
+def switching_haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
+    """Frontend fe_web sends to backend web and, once web has no server in rotation, to its backup
+    server: frontend fe_api, i.e. backend api. The user's frontend switch, done the moment the old
+    backend stops taking new requests, so traffic can stay on fe_web through a whole move."""
+    proc = HAProxyProcess(tmp_path / "haproxy", backends=("web", "api"))
+    proc.declared["web"] = f"127.0.0.1:{proc.frontend_ports['api']} backup"
+    proc.start()
+    yield proc
+    proc.stop()
+
+
 def test_a_moved_pool_is_in_rotation_in_the_new_backend_before_the_old_one_drains(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
-        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
-    fleet = workloads("web")
-    for i in range(3):
-        fleet.add(f"web-{i}")
-    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=30,
-                                                       backend=ha_backend(lb_name, "web", **CHECKS)))
-    wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
-             30, "3 active members in backend web")
+        workloads: Workloads, switching_haproxy: HAProxyProcess) -> None:
+    haproxy = switching_haproxy
+    lb = f"day2-{uuid.uuid4().hex[:6]}"
+    load_balancer(custom, lb, haproxy.admin_endpoint, ["web", "api"], allowedTargetCIDRs=LOOPBACK_TARGETS)
+    try:
+        fleet = workloads("web")
+        for i in range(3):
+            fleet.add(f"web-{i}")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=30,
+                                                           backend=ha_backend(lb, "web", **CHECKS)))
+        wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
+                 30, "3 active members in backend web")
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=90)
+        # requests in flight on the old servers when they drain, each held open for 4 s
+        inflight = LoadGenerator(haproxy.frontend_url("web") + "/?delay=4", connections=3).start(count=3)
+        wait_for(lambda: sum(int(r["scur"] or 0) for r in haproxy_stats(haproxy, "web").values()) >= 3,
+                 10, "slow requests in flight")
+        patch_pool(custom, namespace, "web", {"backend": ha_backend(lb, "api", **CHECKS)})
+        early_drains: list[str] = []
+        drained_busy: set[str] = set()
 
-    before = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=60)
-    patch_pool(custom, namespace, "web", {"backend": ha_backend(lb_name, "api", **CHECKS)})
-    wait_for(lambda: len(haproxy_stats(haproxy, "api")) == 3, 20, "3 servers added to backend api")
-    # the new servers are on their health checks (rise 3 x 1 s): the old backend still serves
-    assert all(in_rotation(r) for r in haproxy_stats(haproxy, "web").values())
-    moving = before.stop()
-    # requests that are in flight on the old backend when it drains, each held open for 6 s
-    inflight = LoadGenerator(haproxy.frontend_url("web") + "/?delay=6", connections=3).start(count=3)
+        def old_backend_emptied() -> bool:
+            web, api = haproxy_stats(haproxy, "web"), haproxy_stats(haproxy, "api")
+            api_ready = len(api) == 3 and all(in_rotation(r) for r in api.values())
+            for name, row in web.items():
+                if not in_rotation(row):
+                    if not api_ready:
+                        early_drains.append(f"{name} {row['status']} while api: {[r['status'] for r in api.values()]}")
+                    if int(row["scur"] or 0):
+                        drained_busy.add(name)
+            return not web and api_ready
 
-    early_drains: list[str] = []
-    drained_busy: list[str] = []
-
-    def old_backend_emptied() -> bool:
-        web, api = haproxy_stats(haproxy, "web"), haproxy_stats(haproxy, "api")
-        api_ready = len(api) == 3 and all(in_rotation(r) for r in api.values())
-        for name, row in web.items():
-            if not in_rotation(row):
-                if not api_ready:
-                    early_drains.append(f"{name} {row['status']} while api: {[r['status'] for r in api.values()]}")
-                if int(row["scur"] or 0):
-                    drained_busy.append(name)
-        return not web and api_ready
-
-    wait_for(old_backend_emptied, 45, "backend web emptied once api is in rotation", interval=0.05)
-    finished = inflight.wait(20)
-    after = LoadGenerator(haproxy.frontend_url("api"), connections=4).start(count=300).wait(30)
-
+        wait_for(old_backend_emptied, 45, "backend web emptied once api is in rotation", interval=0.05)
+        finished = inflight.wait(20)
+        on_new = load.snapshot().ok
+        wait_for(lambda: load.snapshot().ok >= on_new + 100, 20, "100 more requests, now served by backend api")
+        report = load.stop()
+        pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
+                        len(p["status"].get("placements") or []) == 1 and p, 10, "old placement forgotten")
+    finally:
+        custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=lb)
     assert not early_drains, early_drains
     assert drained_busy, "in-flight requests were on the old servers while they drained"
-    assert moving.failed == 0 and moving.total > 50, moving.failures
     assert finished.ok == 3 and finished.failed == 0, finished.failures
-    assert after.ok == 300 and after.failed == 0, after.failures
+    assert report.failed == 0 and report.total > 200, report.failures
     assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
     assert backend_errors(haproxy.admin_endpoint, "api") == NO_ERRORS
-    pool = wait_for(lambda: (p := get(custom, namespace, "targetpools", "web")) and
-                    len(p["status"].get("placements") or []) == 1 and p, 10, "old placement forgotten")
-    assert pool["status"]["placements"] == [{"type": "HAProxy", "loadBalancer": lb_name, "backend": "api"}]
+    assert sum(int(r["stot"] or 0) for r in haproxy_stats(haproxy, "api").values()) >= 100
+    assert pool["status"]["placements"] == [{"type": "HAProxy", "loadBalancer": lb, "backend": "api"}]
     assert "Moved" in [reason for reason, _ in events_for(core, namespace, "web")]
 
 
@@ -220,12 +235,13 @@ def test_a_pod_relabelled_out_of_the_operator_filter_drains_and_handlers_hear_wh
         path = f"/filter-{namespace}"
         create(custom, namespace, "lifecyclehandlers", {
             "kind": "LifecycleHandler", "metadata": {"name": "rec"},
-            "spec": {"poolRef": {"name": "web"}, "events": ["down"],
+            "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"],
                      "function": {"type": "HTTP", "http": {"url": receiver.url(path)}}}})
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=port, delay=30,
                                                            backend=ha_backend(lb_name, "web")))
         wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 2,
                  30, "2 active members")
+        wait_for(lambda: len(receiver.on(path)) == 2, 20, "both up events delivered")
         load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=60)
         held = LoadGenerator(haproxy.frontend_url("web") + "/?delay=3", connections=4).start(count=4)
         wait_for(lambda: sum(int(r["scur"] or 0) for r in haproxy_stats(haproxy, "web").values()) >= 2,
@@ -242,8 +258,8 @@ def test_a_pod_relabelled_out_of_the_operator_filter_drains_and_handlers_hear_wh
         wait_for(gone, 30, "the relabelled pod's server drained and removed", interval=0.05)
         slow = held.wait(20)
         report = load.stop()
-        down = wait_for(lambda: [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("/web-1")],
-                        20, "the down event of web-1")
+        down = wait_for(lambda: [r for r in receiver.on(path) if r.headers["ce-subject"].endswith("/web-1")
+                                 and r.headers["ce-type"].endswith(".down")], 20, "the down event of web-1")
     finally:
         for server in servers:
             server.stop()

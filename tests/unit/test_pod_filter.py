@@ -29,16 +29,18 @@ def test_bad_queries_are_refused(text: str) -> None:
         parse_label_query(text)
 
 
-def pod(labels: dict[str, str], deleting: bool = False) -> dict[str, object]:
-    meta: dict[str, object] = {"name": "p", "namespace": "ns", "labels": labels}
+def pod(labels: dict[str, str], deleting: bool = False, uid: str = "u1") -> dict[str, object]:
+    meta: dict[str, object] = {"name": "p", "namespace": "ns", "uid": uid, "labels": labels}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta}
 
 
-def test_only_a_running_pod_outside_the_filter_left_it() -> None:
+def test_only_a_pod_that_still_runs_outside_the_filter_left_it() -> None:
     member = parse_label_query("member=yes")
-    assert left_filter(pod({"member": "no"}), member)
-    assert not left_filter(pod({"member": "yes"}), member), "deleted at once (forced): a deletion"
-    assert not left_filter(pod({"member": "no"}, deleting=True), member), "being deleted: a deletion"
-    assert not left_filter(pod({}), None), "no filter: every DELETED is a deletion"
+    gone = pod({"member": "yes"})  # a filtered watch's DELETED carries the object as it last matched
+    assert left_filter(gone, pod({"member": "no"}), member)
+    assert not left_filter(gone, None, member), "not there any more: deleted"
+    assert not left_filter(gone, pod({"member": "no"}, deleting=True), member), "being deleted: a deletion"
+    assert not left_filter(gone, pod({"member": "no"}, uid="u2"), member), "a new pod of the same name"
+    assert not left_filter(gone, pod({"member": "yes"}), member), "inside the filter again"

@@ -90,12 +90,14 @@ def parse_label_query(text: str) -> LabelSelector:
     return LabelSelector(tuple(reqs))
 
 
-def left_filter(obj: Mapping[str, Any], pod_filter: LabelSelector | None) -> bool:
-    """A DELETED watch event for a pod that still exists: it was relabelled out of the
-    operator's --pod-label-selector (no deletionTimestamp, labels outside the filter), so it
-    leaves its pools like a pod leaving their selector, not like a deleted one."""
-    meta = obj.get("metadata") or {}
-    return (pod_filter is not None and not meta.get("deletionTimestamp")
+def left_filter(gone: Mapping[str, Any], now: Mapping[str, Any] | None, pod_filter: LabelSelector) -> bool:
+    """A DELETED watch event (`gone`: the API server sends the object as it last matched) for a pod
+    that still exists (`now`, read back): the same pod, not being deleted, outside the operator's
+    --pod-label-selector. It leaves its pools like a pod leaving their selector, not like a deleted one."""
+    if now is None:
+        return False
+    was, meta = gone.get("metadata") or {}, now.get("metadata") or {}
+    return (meta.get("uid") == was.get("uid") and not meta.get("deletionTimestamp")
             and not pod_filter.matches(dict(meta.get("labels") or {})))
 
 
