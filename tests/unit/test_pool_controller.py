@@ -29,6 +29,8 @@ from poolkeeper.core.model import (
     SetAdmin,
 )
 from poolkeeper.core.poolspec import LoadBalancerSpec, parse_load_balancer
+from poolkeeper.core.selectors import LabelSelector
+from poolkeeper.core.tenancy import NodeSourcePolicy
 
 NS = "shop"
 
@@ -400,3 +402,21 @@ def test_backend_failures_back_off_in_the_queue(world: World) -> None:
     assert [r for r, _ in world.sinks.events].count("BackendUnreachable") == 1, "one Event per outage"
     world.controller.haproxy_pool = FakePool
     assert not world.reconcile().failed
+
+
+def test_a_node_pool_whose_namespace_loses_node_sources_drains_its_own_servers(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.controller.node_sources = NodeSourcePolicy(selector=LabelSelector.parse({"matchLabels": {"nodes": "ok"}}),
+                                                     text="nodes=ok")
+    world.store.namespace_labels[NS] = {"nodes": "ok"}
+    world.store.put_instance(InstanceState("Node", "", "n1", "uid-n1", "10.1.0.1", {}, Phase.UP, "node ready"))
+    body = pool_body(haproxy("edge", "b1"))
+    body["spec"]["source"] = {"kind": "Node"}
+    world.put_pool(body, "1")
+    world.settle()
+    assert list(admins(lb, "b1").values()) == [Admin.READY]
+    world.store.namespace_labels[NS] = {}
+    world.controller.invalidate_claims()
+    world.settle()
+    assert admins(lb, "b1") == {}
+    assert world.sinks.status["conditions"][-1]["reason"] == "NodeSourceNotAllowed"
