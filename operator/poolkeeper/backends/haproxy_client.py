@@ -5,11 +5,18 @@ connection or a `socat` process. In prompt mode every command's answer ends with
 which is what lets a pipelined batch be split back into one answer per command. A lost
 connection (HAProxy restarted, or closed an idle session) is re-opened once and the batch
 sent again; a second loss raises HAProxyUnreachable.
+
+Every call is bounded: waiting for the connection (one exchange at a time per HAProxy), then
+connect, send and read together, each within `timeout`. A HAProxy that accepts but never
+answers (stopped with SIGSTOP, wedged, its backlog full) costs one timeout; after it, calls fail
+at once until a probe (`probe=True`, the LoadBalancer health watch) is answered again, so
+reconciles of its pools neither pile up behind it nor hold workers that other pools need.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import urllib.parse
 from collections.abc import Sequence
@@ -17,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from poolkeeper.core.lbprocess import is_stopping
+
+log = logging.getLogger(__name__)
 PROMPT = b"\n> "
 IDLE_TIMEOUT_S = 600  # `set timeout cli`: how long HAProxy keeps our idle session open
 _READ_LIMIT = 64 * 1024 * 1024  # `show stat` of a large backend is far above asyncio's 64 KiB default
@@ -98,39 +108,76 @@ class HAProxyClient:
         self._tls = tls
         self._session: _Session | None = None
         self._lock = asyncio.Lock()
+        self.unanswered = ""  # why the last exchange got no answer; set: only probes are sent
 
-    async def execute(self, commands: Sequence[str]) -> list[str]:
+    async def execute(self, commands: Sequence[str], *, probe: bool = False,
+                      within: float | None = None) -> list[str]:
         """Send `commands` in one write and return their answers, in order, without the prompt.
 
         Raises HAProxyUnreachable when HAProxy cannot be reached, the connection is lost
-        twice, or no answer comes within `timeout` seconds.
+        twice, no answer comes `within` seconds (default: the client's `timeout`), or an earlier
+        call got none and no probe has been answered since (`probe=True` calls are sent anyway).
         """
         for command in commands:
             if not command or any(c in command for c in ";\r\n"):
                 raise ValueError(f"not a single runtime API command: {command!r}")
         if not commands:
             return []
-        async with self._lock:
+        limit = self.timeout if within is None else within
+        self._refuse_while_unanswered(probe)
+        try:
+            async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
+                await self._lock.acquire()
+        except TimeoutError:
+            raise HAProxyUnreachable(
+                f"HAProxy at {self.endpoint} was still busy with another call after {limit:g} s") from None
+        try:
+            self._refuse_while_unanswered(probe)  # the call we waited for may have found it hung
             try:
-                async with asyncio.timeout(self.timeout):
-                    return await self._execute(commands)
+                async with asyncio.timeout(limit):
+                    answers = await self._execute(commands)
             except TimeoutError:
                 self._discard()
-                raise HAProxyUnreachable(
-                    f"HAProxy at {self.endpoint} did not answer within {self.timeout:g} s") from None
+                self.unanswered = f"did not answer within {limit:g} s"
+                raise HAProxyUnreachable(f"HAProxy at {self.endpoint} {self.unanswered}") from None
             except BaseException:
                 self._discard()  # cancelled mid-batch: the answers left in flight would desync the next one
                 raise
+            self.unanswered = ""
+            return answers
+        finally:
+            self._lock.release()
 
-    async def info(self) -> dict[str, str]:
+    def _refuse_while_unanswered(self, probe: bool) -> None:
+        if self.unanswered and not probe:
+            raise HAProxyUnreachable(f"HAProxy at {self.endpoint} {self.unanswered}; "
+                                     "waiting for it to answer the health probe again")
+
+    async def info(self, *, probe: bool = False, within: float | None = None) -> dict[str, str]:
         """`show info` as a dict (Version, Pid, Uptime_sec, ...): a cheap liveness and restart probe."""
-        (answer,) = await self.execute(["show info"])
+        (answer,) = await self.execute(["show info"], probe=probe, within=within)
         fields = {}
         for line in answer.splitlines():
             key, sep, value = line.partition(":")
             if sep:
                 fields[key.strip()] = value.strip()
         return fields
+
+    async def current_info(self, within: float | None = None) -> tuple[dict[str, str], bool]:
+        """`show info` of the process that serves new connections, and whether the one our session
+        was open to turned out to be soft-stopping (a reload).
+
+        After a reload the old process keeps our open session and answers it for itself (Pid
+        unchanged, `Stopping: 1`) while a new one, with only the config file's servers, takes
+        the traffic. That session is closed, so this call and every later one reach the new
+        process, and the old one can exit.
+        """
+        info = await self.info(probe=True, within=within)
+        if not is_stopping(info):
+            return info, False
+        log.info("HAProxy at %s (pid %s) is stopping after a reload; reconnecting", self.endpoint, info.get("Pid"))
+        await self.close()
+        return await self.info(probe=True, within=within), True
 
     async def close(self) -> None:
         """Close the connection; a later call opens a new one."""
