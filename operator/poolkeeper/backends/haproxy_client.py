@@ -40,6 +40,11 @@ class HAProxyUnreachable(Exception):
     """The runtime API cannot be used right now; the message says why, for a condition or event."""
 
 
+class HAProxyBusy(HAProxyUnreachable):
+    """Another call held the connection for the whole wait: no sign that HAProxy itself is hung
+    (that call has its own bound, and reports a hang if there is one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TLSFiles:
     """PEM files for a TLS runtime socket: the CA that signed HAProxy's certificate, and ours."""
@@ -129,7 +134,7 @@ class HAProxyClient:
             async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
                 await self._lock.acquire()
         except TimeoutError:
-            raise HAProxyUnreachable(
+            raise HAProxyBusy(
                 f"HAProxy at {self.endpoint} was still busy with another call after {limit:g} s") from None
         try:
             self._refuse_while_unanswered(probe)  # the call we waited for may have found it hung

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles
+from poolkeeper.backends.haproxy_client import HAProxyBusy, HAProxyClient, HAProxyUnreachable, TLSFiles
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.lbprocess import ProcessChange, ProcessIdentity, identity_of, probe_delay, process_change
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, parse_load_balancer
@@ -153,6 +153,8 @@ class LoadBalancers:
             return
         try:
             info, left_stopping = await entry.client.current_info(within=self.probe_timeout)
+        except HAProxyBusy:
+            pass  # a long call of a pool: it is bounded too, and says so itself if HAProxy hangs
         except (TimeoutError, HAProxyUnreachable, OSError) as exc:
             entry.failures += 1
             changed = entry.reachable is not False
