@@ -6,6 +6,7 @@ with -s to see them) and bounded by the assertions.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors, server_status
@@ -57,6 +59,84 @@ def lb_events(core: client.CoreV1Api, lb: str) -> list[str]:
 def statuses(haproxy: HAProxyProcess, backend: str, ips: dict[str, str]) -> dict[str, str]:
     """pod -> HAProxy status of its server (UP, DRAIN, MAINT, ... or GONE), read on a new connection."""
     return {pod: server_status(haproxy.admin_endpoint, backend, ip) for pod, ip in ips.items()}
+
+
+# ----- LoadBalancers alone: a real HAProxy, Kubernetes writes recorded instead of sent
+
+
+class Recorded:
+    """Stands in for the EventRecorder and the StatusWriter: what they were asked to write."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bool]] = []
+        self.status: dict[str, Any] = {}
+
+    def post(self, obj: Any, reason: str, message: str, *, warning: bool = False) -> None:
+        self.events.append((reason, warning))
+
+    def submit(self, path: str, status: dict[str, Any]) -> None:
+        self.status = status
+
+    def forget(self, path: str) -> None:
+        pass
+
+    def reachable(self) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == "Reachable")
+
+
+def lb_body(endpoint: str) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoadBalancer",
+            "metadata": {"name": "edge", "uid": "uid-edge", "generation": 1},
+            "spec": {"type": "HAProxy", "haproxy": {"endpoint": endpoint, "backends": [{"name": "web"}]}}}
+
+
+async def test_load_balancers_notice_a_reload_and_requeue_their_pools(tmp_path: Path) -> None:
+    recorded, queued = Recorded(), []
+    lbs = LoadBalancers(None, recorded, recorded, lambda lb: [("shop", "web")], queued.append)  # type: ignore[arg-type]
+    with HAProxyProcess(tmp_path / "mw", ["web"], master_worker=True) as haproxy:
+        try:
+            await lbs.upsert(lb_body(haproxy.admin_endpoint))
+            await lbs.check("edge")
+            assert recorded.reachable()["status"] == "True" and queued == [] and recorded.events == []
+            haproxy.reload()
+            await lbs.check("edge")
+            assert queued == [("shop", "web")]
+            assert recorded.events == [("Reloaded", False)]
+            await lbs.check("edge")  # the same new worker: nothing more to do
+            assert queued == [("shop", "web")] and len(recorded.events) == 1
+        finally:
+            await lbs.close()
+
+
+async def test_load_balancers_report_a_hung_haproxy_within_the_probe_timeout(tmp_path: Path) -> None:
+    recorded, queued = Recorded(), []
+    lbs = LoadBalancers(None, recorded, recorded, lambda lb: [("shop", "web")], queued.append,  # type: ignore[arg-type]
+                        probe_timeout=0.5)
+    with HAProxyProcess(tmp_path / "hung", ["web"]) as haproxy:
+        try:
+            await lbs.upsert(lb_body(haproxy.admin_endpoint))
+            haproxy.pause()
+            try:
+                started = asyncio.get_running_loop().time()
+                await lbs.check("edge")
+                assert asyncio.get_running_loop().time() - started < 1.5
+                assert recorded.reachable()["status"] == "False"
+                assert "did not answer within 0.5 s" in recorded.reachable()["message"]
+                assert recorded.events == [("Unreachable", True)] and queued == [("shop", "web")]
+                found = lbs.get("edge")
+                assert found is not None
+                with pytest.raises(Exception, match="waiting for it to answer the health probe"):
+                    await found[1].execute(["show info"])  # the pools' calls fail at once meanwhile
+            finally:
+                haproxy.resume()
+            await lbs.check("edge")
+            assert recorded.reachable()["status"] == "True"
+            assert recorded.events[-1] == ("Reachable", False) and queued[-1] == ("shop", "web")
+        finally:
+            await lbs.close()
+
+
+# ----- the operator
 
 
 def test_reload_puts_servers_back_within_5s_keeping_drain_and_held_states(
