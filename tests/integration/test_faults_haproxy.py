@@ -19,10 +19,18 @@ from kubernetes import client
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
-from poolkeeper_dev.rollout import NO_ERRORS, backend_errors, server_status
+from poolkeeper_dev.rollout import ERROR_COUNTERS, NO_ERRORS, backend_errors, server_status
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, wait_for
-from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import (
+    LOOPBACK_TARGETS,
+    Workloads,
+    ha_backend,
+    haproxy_servers,
+    haproxy_stats,
+    load_balancer,
+    members,
+)
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 
@@ -194,14 +202,18 @@ def handle(event, context):
         at_restore = load.snapshot()
         wait_for(lambda: load.snapshot().ok >= at_restore.ok + 100, 20, "traffic after the restore")
         settled = load.snapshot()
+        errors_settled = backend_errors(haproxy.admin_endpoint, "web")  # the window's 503s count as econ here
         wait_for(lambda: load.snapshot().ok >= settled.ok + 600, 30, "3 s of traffic after the reload settled")
     finally:
         report = load.stop()
         finished = slow.wait(30)
     assert finished.ok == 8, finished.failures  # the old worker finished what it had, web-drain's included
-    print(f"requests failed while the new worker had no server: {settled.failed} of {settled.total}")
+    print(f"requests failed while the new worker had no server: {settled.failed} of {settled.total} "
+          f"(the new worker's backend counters: {errors_settled})")
     assert report.failed == settled.failed, report.failures
-    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS  # the new worker's counters
+    assert backend_errors(haproxy.admin_endpoint, "web") == errors_settled  # the new worker's counters
+    for server, row in haproxy_stats(haproxy, "web").items():
+        assert {k: int(row[k] or 0) for k in ERROR_COUNTERS} == NO_ERRORS, server
     after = statuses(haproxy, "web", ips)
     assert after["web-held"] == "MAINT" and after["web-drain"] in ("GONE", "DRAIN"), after
     served = {body.split(":")[0] for body in report.served_by}
