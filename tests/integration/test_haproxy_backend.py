@@ -469,11 +469,12 @@ async def test_a_reload_keeps_our_session_on_the_old_worker_until_current_info_m
         try:
             a = http("127.0.0.2")
             await apply_ok(pool, add(name(1), a))
-            old = await client.info()
+            old, _ = await client.current_info()  # opens the probes' own session
             new_pid = haproxy.reload()
-            # what HAProxy does: the open session stays with the old worker, which answers for itself
-            stale = await client.info()
-            assert (stale["Pid"], stale["Stopping"]) == (old["Pid"], "1")
+            # what HAProxy does: open sessions stay with the old worker, which answers for itself
+            for probe in (True, False):
+                stale = await client.info(probe=probe)
+                assert (stale["Pid"], stale["Stopping"]) == (old["Pid"], "1")
             assert set(await pool.read_members()) == {name(1)}
             # what the probe does: leave the stopping worker, reach the new one (without our server)
             info, left_stopping = await client.current_info()
@@ -516,6 +517,29 @@ async def test_a_hung_runtime_api_costs_one_timeout_then_calls_fail_fast_until_a
         assert (await client.execute(["show info"]))[0].startswith("Name: HAProxy")
     finally:
         await client.close()
+
+
+async def test_a_probe_that_gets_no_answer_ends_the_call_stuck_on_the_same_haproxy(
+        haproxy: HAProxyProcess, client: HAProxyClient) -> None:
+    """The probe has its own connection: it is not queued behind the stuck call, and it frees it."""
+    assert client.timeout == 5.0
+    await client.info()
+    loop = asyncio.get_running_loop()
+    haproxy.pause()
+    try:
+        started = loop.time()
+        stuck = asyncio.ensure_future(client.execute(["show servers state web"]))
+        await asyncio.sleep(0.1)
+        with pytest.raises(HAProxyUnreachable, match=r"did not answer within 0\.5 s"):
+            await client.info(probe=True, within=0.5)
+        with pytest.raises(HAProxyUnreachable, match=r"did not answer within 0\.5 s; waiting for it to answer"):
+            await stuck
+        assert loop.time() - started < 2.0  # not the call's own 5 s
+    finally:
+        haproxy.resume()
+    info, _ = await client.current_info()
+    assert info["Pid"]
+    assert (await client.execute(["show servers state web"]))[0].startswith("1\n")
 
 
 async def test_an_idle_session_closed_by_haproxy_is_reopened(client: HAProxyClient, pool: HAProxyPool) -> None:

@@ -101,8 +101,36 @@ class _Session:
         self.writer.close()
 
 
+class _Line:
+    """One connection slot: a session opened when needed, one exchange on it at a time."""
+
+    def __init__(self) -> None:
+        self.session: _Session | None = None
+        self.lock = asyncio.Lock()
+
+    def discard(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.discard()
+
+    async def close(self) -> None:
+        async with self.lock:
+            session, self.session = self.session, None
+            if session is not None:
+                session.discard()
+                try:
+                    async with asyncio.timeout(1):
+                        await session.writer.wait_closed()
+                except (*_LOST, TimeoutError):
+                    pass
+
+
 class HAProxyClient:
-    """Runtime API of one HAProxy; safe to share between pools (calls are serialised)."""
+    """Runtime API of one HAProxy; safe to share between pools (calls are serialised).
+
+    Probes (`probe=True`) have a connection of their own, so a probe is not stuck behind a
+    call that HAProxy does not answer: it times out on its own, and then ends that call too.
+    """
 
     def __init__(self, endpoint: str, tls: TLSFiles | None = None, timeout: float = 5.0) -> None:
         self.endpoint = endpoint
@@ -111,8 +139,7 @@ class HAProxyClient:
         if tls is not None and self._address[0] != "tcp":
             raise ValueError(f"HAProxy endpoint {endpoint!r}: TLS is only supported on tcp:// endpoints")
         self._tls = tls
-        self._session: _Session | None = None
-        self._lock = asyncio.Lock()
+        self._calls, self._probes = _Line(), _Line()
         self.unanswered = ""  # why the last exchange got no answer; set: only probes are sent
 
     async def execute(self, commands: Sequence[str], *, probe: bool = False,
@@ -129,10 +156,11 @@ class HAProxyClient:
         if not commands:
             return []
         limit = self.timeout if within is None else within
+        line = self._probes if probe else self._calls
         self._refuse_while_unanswered(probe)
         try:
             async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
-                await self._lock.acquire()
+                await line.lock.acquire()
         except TimeoutError:
             raise HAProxyBusy(
                 f"HAProxy at {self.endpoint} was still busy with another call after {limit:g} s") from None
@@ -140,18 +168,19 @@ class HAProxyClient:
             self._refuse_while_unanswered(probe)  # the call we waited for may have found it hung
             try:
                 async with asyncio.timeout(limit):
-                    answers = await self._execute(commands)
+                    answers = await self._execute(line, commands, probe)
             except TimeoutError:
-                self._discard()
                 self.unanswered = f"did not answer within {limit:g} s"
+                line.discard()
+                self._calls.discard()  # after a probe: ends the call HAProxy is not answering either
                 raise HAProxyUnreachable(f"HAProxy at {self.endpoint} {self.unanswered}") from None
             except BaseException:
-                self._discard()  # cancelled mid-batch: the answers left in flight would desync the next one
+                line.discard()  # cancelled mid-batch: the answers left in flight would desync the next one
                 raise
             self.unanswered = ""
             return answers
         finally:
-            self._lock.release()
+            line.lock.release()
 
     def _refuse_while_unanswered(self, probe: bool) -> None:
         if self.unanswered and not probe:
@@ -169,49 +198,40 @@ class HAProxyClient:
         return fields
 
     async def current_info(self, within: float | None = None) -> tuple[dict[str, str], bool]:
-        """`show info` of the process that serves new connections, and whether the one our session
-        was open to turned out to be soft-stopping (a reload).
+        """`show info` of the process that serves new connections, and whether the one our
+        sessions were open to turned out to be soft-stopping (a reload).
 
-        After a reload the old process keeps our open session and answers it for itself (Pid
+        After a reload the old process keeps our open sessions and answers them for itself (Pid
         unchanged, `Stopping: 1`) while a new one, with only the config file's servers, takes
-        the traffic. That session is closed, so this call and every later one reach the new
+        the traffic. Both sessions are closed, so this probe and every later call reach the new
         process, and the old one can exit.
         """
         info = await self.info(probe=True, within=within)
         if not is_stopping(info):
             return info, False
         log.info("HAProxy at %s (pid %s) is stopping after a reload; reconnecting", self.endpoint, info.get("Pid"))
-        await self.close()
+        self._calls.discard()  # a call in flight on the old process fails over to the new one (lost connection)
+        await self._probes.close()
         return await self.info(probe=True, within=within), True
 
     async def close(self) -> None:
-        """Close the connection; a later call opens a new one."""
-        async with self._lock:
-            session, self._session = self._session, None
-            if session is not None:
-                session.discard()
-                try:
-                    async with asyncio.timeout(1):
-                        await session.writer.wait_closed()
-                except (*_LOST, TimeoutError):
-                    pass
+        """Close the connections; a later call opens a new one."""
+        await self._calls.close()
+        await self._probes.close()
 
-    async def _execute(self, commands: Sequence[str]) -> list[str]:
+    async def _execute(self, line: _Line, commands: Sequence[str], probe: bool) -> list[str]:
         for attempt in (1, 2):
-            session = await self._connected()
+            if line.session is None:
+                line.session = await self._open()
             try:
-                return await session.roundtrip(commands)
+                return await line.session.roundtrip(commands)
             except _LOST as exc:
-                self._discard()
+                line.discard()
                 if attempt == 2:
                     raise HAProxyUnreachable(
                         f"lost the connection to HAProxy at {self.endpoint} twice: {_why(exc)}") from exc
+                self._refuse_while_unanswered(probe)  # a probe ended this call: HAProxy does not answer
         raise AssertionError("unreachable")
-
-    async def _connected(self) -> _Session:
-        if self._session is None:
-            self._session = await self._open()
-        return self._session
 
     async def _open(self) -> _Session:
         try:
@@ -229,6 +249,9 @@ class HAProxyClient:
         except _LOST as exc:
             session.discard()
             raise HAProxyUnreachable(f"HAProxy at {self.endpoint} refused the session: {_why(exc)}") from exc
+        except BaseException:
+            session.discard()  # timed out or cancelled while HAProxy did not greet: never leak the socket
+            raise
         if any(greeting):
             session.discard()
             raise HAProxyUnreachable(
@@ -241,8 +264,3 @@ class HAProxyClient:
         context = ssl.create_default_context(cafile=str(self._tls.ca_file))
         context.load_cert_chain(str(self._tls.cert_file), str(self._tls.key_file))
         return context
-
-    def _discard(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.discard()
