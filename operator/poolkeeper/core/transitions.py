@@ -10,7 +10,8 @@ replaces an earlier one for the same instance that nobody has tried to deliver y
 for at-least-once delivery in order per instance:
 - instance states (up, draining, down): the newer event is delivered instead, its `from` being
   the older one's `from` (what the handler was last told); when that makes from == to (up ->
-  down -> up), both go: as far as the handler knows, nothing changed;
+  down -> up), or none -> down (came and went unheard), both go: as far as the handler knows,
+  nothing changed;
 - members (registered, deregistered): a registered and a deregistered cancel out; a repeat of
   the same type replaces the older one;
 - an event already attempted, a blocking one, or one about a different instance record (the
@@ -105,7 +106,7 @@ def supersede(older_type: str, older_from: str, t: Transition) -> tuple[bool, Tr
     same instance record.
     """
     if older_type in STATE_EVENTS and t.event_type in STATE_EVENTS:
-        if older_from == t.to_state:
+        if older_from == t.to_state or (older_from == NONE and t.to_state == DOWN):
             return True, None
         return True, replace(t, from_state=older_from)
     if older_type in MEMBER_EVENTS and t.event_type in MEMBER_EVENTS:
