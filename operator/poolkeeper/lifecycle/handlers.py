@@ -37,7 +37,6 @@ from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import AddressPolicy, parse_cidrs
 from poolkeeper.core.cloudevents import build_event
 from poolkeeper.core.model import Admin, DesiredMember, InstanceState, RemoveMember, SetAdmin
-from poolkeeper.core.naming import member_name
 from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.tenancy import function_slots_per_namespace, http_slots_per_namespace
@@ -100,7 +99,7 @@ class Heard:
 
     handlers: frozenset[tuple[str, int]] = frozenset()  # (uid, generation) of each handler
     spec: PoolSpec | None = None
-    members: dict[str, str] = field(default_factory=dict)  # member name -> up | draining
+    members: dict[str, tuple[str, str]] = field(default_factory=dict)  # instance uid -> (member, up | draining)
 
 
 class LifecycleHandlers:
@@ -267,9 +266,8 @@ class LifecycleHandlers:
                                  variant=spec.variant if spec.backend_type == "HAProxy" else "")
         heard = self.heard.get(spec.key)
         if heard is not None:
-            for name in [n for n in heard.members if n.startswith(_member_prefix(spec, instance.uid))]:
-                del heard.members[name]
-            heard.members.update({m.name: UP if m.serving else DRAINING for m in one.values()})
+            heard.members.pop(instance.uid, None)
+            heard.members.update(_told(one))
         current = member_states(one)
         for runtime in runtimes:
             self._announce(runtime, spec, current, only=instance.uid)
@@ -289,7 +287,7 @@ class LifecycleHandlers:
         if not runtimes:
             self.heard.pop(spec.key, None)
             return False
-        members = {name: UP if m.serving else DRAINING for name, m in desired.items()}
+        members = _told(desired)
         handlers = frozenset((r.spec.uid, r.spec.generation) for r in runtimes)
         heard = self.heard.get(spec.key)
         gated = False
@@ -472,6 +470,6 @@ class LifecycleHandlers:
         await self.functions.close()
 
 
-def _member_prefix(spec: PoolSpec, instance_uid: str) -> str:
-    """Every member name of this instance in this pool starts so (core/naming.py member_name)."""
-    return member_name(spec.namespace, spec.name, instance_uid)
+def _told(desired: Mapping[str, DesiredMember]) -> dict[str, tuple[str, str]]:
+    """instance uid -> (member, up | draining): what the handlers are told about these members."""
+    return {m.instance.uid: (m.name, UP if m.serving else DRAINING) for m in desired.values()}
