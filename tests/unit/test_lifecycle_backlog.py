@@ -251,3 +251,24 @@ async def test_the_reconcile_tells_what_no_instance_event_reported(lifecycle: Li
     await lh.prepare(SPEC, desired(lh))
     types = [r.event_type for r in runtime.outbox.pending.values()]
     assert types == ["up", "down"]
+
+
+async def test_events_from_an_earlier_operator_are_never_superseded(lifecycle: LifecycleHandlers) -> None:
+    """It may have sent `up` before it died, its success unrecorded: `down` must follow, not cancel it."""
+    lh = lifecycle
+    runtime = await add_handler(lh, "before", events=["up", "down"])
+    change(lh, pod(0))
+    await runtime.outbox.persist()
+    restarted = LifecycleHandlers(lh.store, lh.api, lh.status, lh.events, lh.queue, handlers_dir=lh.handlers_dir,
+                                  allowed_cidrs=None, workers=1, outbox_namespace="poolkeeper-system")
+    restarted._started = True
+    try:
+        await restarted.handler_changed((NS, "before"), handler_body("before", events=["up", "down"]), deleted=False)
+        again = restarted.runtimes[(NS, "before")]
+        await again.close()  # nothing delivers: the loaded `up` waits, unattempted
+        lh.store.drop_instance("Pod", NS, "web-0")  # gone while no operator ran
+        await restarted.prepare(SPEC, desired(restarted))
+        assert [(r.event_type, r.from_state) for r in again.outbox.pending.values()] == [("up", "none"),
+                                                                                         ("down", "up")]
+    finally:
+        await restarted.http.close()

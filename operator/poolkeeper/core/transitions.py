@@ -14,8 +14,9 @@ for at-least-once delivery in order per instance:
   nothing changed;
 - members (registered, deregistered): a registered and a deregistered cancel out; a repeat of
   the same type replaces the older one;
-- an event already attempted, a blocking one, or one about a different instance record (the
-  address or labels changed) is never superseded.
+- an event already attempted (or loaded from the outbox at a start: the operator before may
+  have sent it), a blocking one, or one about a different instance record (the address or
+  labels changed) is never superseded.
 Each event keeps the id it was made with (ids are never reused: sequence numbers only grow), so
 an instance that keeps flapping behind a stuck delivery holds at most one event of each kind.
 """

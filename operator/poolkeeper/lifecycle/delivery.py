@@ -63,6 +63,9 @@ class HandlerRuntime:
         self.queues: dict[str, deque[str]] = {}  # instance uid -> event ids, in order
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.in_flight: set[str] = set()  # event ids being attempted right now
+        # Loaded from the outbox: an earlier operator may have sent them (its success not yet
+        # recorded when it stopped), so they are never superseded.
+        self.inherited: set[str] = set(outbox.pending)
         self.dead_letters: deque[dict[str, Any]] = deque(maxlen=DEAD_LETTER_QUEUE)  # for the dead-letter URL
         self._dead_letter_task: asyncio.Task[None] | None = None
         outbox.shed = self._shed_bytes
@@ -132,7 +135,7 @@ class HandlerRuntime:
             record = self.outbox.pending.get(event_id)
             if record is None:
                 continue
-            if record.attempts or record.blocking or event_id in self.in_flight:
+            if record.attempts or record.blocking or event_id in self.in_flight or event_id in self.inherited:
                 return None  # what follows an attempted event is never reordered before it
             goes, _ = supersede(record.event_type, record.from_state, t)
             if goes:
@@ -141,6 +144,7 @@ class HandlerRuntime:
 
     def _forget(self, record: PendingRecord) -> None:
         self.outbox.pending.pop(record.event_id, None)
+        self.inherited.discard(record.event_id)
         queue = self.queues.get(record.instance_uid)
         if queue is not None and record.event_id in queue and record.event_id not in self.in_flight:
             queue.remove(record.event_id)
@@ -309,6 +313,7 @@ class HandlerRuntime:
             self.metrics.invocations.labels(result=result).inc()
         self._remember(record, result, attempts, started, error)
         self.outbox.pending.pop(record.event_id, None)
+        self.inherited.discard(record.event_id)
         self.outbox.touch()
         self.settled(record, result == "Succeeded")
         self.outbox.flush_soon()
