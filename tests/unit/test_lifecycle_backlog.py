@@ -272,3 +272,19 @@ async def test_events_from_an_earlier_operator_are_never_superseded(lifecycle: L
                                                                                          ("down", "up")]
     finally:
         await restarted.http.close()
+
+
+async def test_an_event_is_sent_only_once_the_outbox_owing_it_is_written(lifecycle: LifecycleHandlers) -> None:
+    """Sent before, it could be lost with the `down` that must follow, were the operator to die first."""
+    lh = lifecycle
+    runtime = await add_handler(lh, "durable", events=["up", "down"])
+    lh.api.fail = True  # type: ignore[attr-defined]
+    change(lh, pod(0))
+    await asyncio.sleep(0.2)
+    assert not runtime.in_flight
+    lh.api.fail = False  # type: ignore[attr-defined]
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if runtime.in_flight:
+            break
+    assert runtime.in_flight and outbox_json(lh, runtime)["pending"]

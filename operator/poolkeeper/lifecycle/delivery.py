@@ -209,6 +209,7 @@ class HandlerRuntime:
             queue = self.queues[uid]
             while queue:
                 event_id = queue[0]
+                await self._durable()
                 if event_id in self.outbox.pending:
                     try:
                         await self._deliver(event_id)
@@ -221,6 +222,20 @@ class HandlerRuntime:
             self.workers.pop(uid, None)
             if not self.queues.get(uid):
                 self.queues.pop(uid, None)
+
+    async def _durable(self) -> None:
+        """Wait until the outbox that says this event is owed is written (one write serves every
+        delivery of the moment): an event sent before would be lost, were the operator to die and
+        the instance to go before the restart, with the `down` that must follow it."""
+        delay = 0.5
+        while True:
+            try:
+                await self.outbox.persist()
+                return
+            except (TimeoutError, OSError, ApiError) as exc:
+                log.warning("outbox %s not written, deliveries wait: %s", self.outbox.path, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _deliver(self, event_id: str) -> None:
         """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile."""

@@ -13,9 +13,10 @@ was told (the outbox's announced entries) and what the pool's membership rule sa
   while no operator watched), a new or changed handler or pool spec, an address or permission
   change that no instance event reports. In steady state it starts nothing. It does keep the
   order that makes blocking hooks safe: a blocking handler's outbox is written (and its gate
-  taken) before the backend acts. Non-blocking outboxes are written soon after, in the
-  background: were the operator to die first, the restart's diff tells the handler again with
-  the same ids, so a non-blocking handler's outbox never holds the load balancer back.
+  taken) before the backend acts. Non-blocking outboxes are written in the background: the
+  backend does not wait for them, their deliveries do (delivery.py `_durable`), so a handler
+  told `up` is told `down` too, even across a crash, and a non-blocking handler's outbox never
+  holds the load balancer back.
 - Member transitions (registered, deregistered) come from what the backend did, so only from
   the reconcile (`observe`).
 """
