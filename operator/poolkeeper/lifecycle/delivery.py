@@ -233,7 +233,8 @@ class HandlerRuntime:
                 await self.outbox.persist()
                 return
             except (TimeoutError, OSError, ApiError) as exc:
-                log.warning("outbox %s not written, deliveries wait: %s", self.outbox.path, exc)
+                (log.warning if delay == 0.5 else log.debug)("outbox %s not written, deliveries wait: %s",
+                                                             self.outbox.path, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
