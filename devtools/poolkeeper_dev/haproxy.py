@@ -8,15 +8,29 @@
     proc.restart()                                       # full stop + start: runtime servers are gone
     proc.stop()
 
+    mw = HAProxyProcess(tmp_path, master_worker=True)    # as Debian's systemd unit runs it: -W -S master.sock
+    mw.reload()                                          # `systemctl reload`: SIGUSR2 to the master, a new worker
+    mw.pause(); mw.resume()                              # SIGSTOP/SIGCONT the serving process: a hung runtime API
+
 Each backend gets its own frontend on 127.0.0.1 and `balance roundrobin` (dynamic servers need a
 dynamic algorithm). A backend listed in `declared` also gets a server named "static" from the
 config file, which poolkeeper must never touch. With tls=True the admin socket is also reachable
 on TCP through mutual TLS (certificates made with `openssl`). When HAProxy cannot start, start()
 raises with HAProxy's own stderr: a broken environment fails loudly, it is never skipped.
+
+Reloads: with master_worker=True HAProxy runs like Debian's haproxy.service (`-Ws -S
+/run/haproxy-master.sock`, ExecReload = SIGUSR2 to the master): reload() starts a new worker
+from the config file while the old one finishes its connections. Servers added through the
+runtime API are not in the config file, so the new worker does not have them. This config sets
+no `server-state-file`, and one would not change that: HAProxy applies a state file only to
+servers that exist in the configuration, and never re-creates dynamic servers from it (the
+management guide, "add server"). Putting the servers back is poolkeeper's job either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -31,6 +45,21 @@ from poolkeeper_dev.ports import free_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 DECLARED_SERVER = "static"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (HAProxy's workers, with master_worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
 
 
 # ----- certificates, with the openssl command
@@ -78,9 +107,10 @@ class HAProxyProcess:
 
     def __init__(self, workdir: Path, backends: Sequence[str] = ("web",), *,
                  declared: Mapping[str, str] | None = None, tls: bool = False, binary: str = HAPROXY,
-                 listen_host: str = "127.0.0.1") -> None:
+                 listen_host: str = "127.0.0.1", master_worker: bool = False) -> None:
         """`listen_host`: where the frontends and the plain TCP admin socket listen (a devcluster
-        node's bridge address lets pods reach the runtime API)."""
+        node's bridge address lets pods reach the runtime API). `master_worker`: a master process
+        with a worker, which reload() replaces (the stats socket is the worker's)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.backends = list(backends)
@@ -93,9 +123,16 @@ class HAProxyProcess:
         self.listen_host = listen_host
         self.admin_port = free_port() if listen_host != "127.0.0.1" else None
         self._tls_files: TLSFiles | None = None
+        self.master_worker = master_worker
         self._proc: subprocess.Popen[bytes] | None = None
+        self._paused: int | None = None
 
     # ----- what tests use
+    @property
+    def master_socket(self) -> Path:
+        """The master CLI (`-S`) of a master_worker HAProxy: `show proc`, `reload`, `@1 show info`."""
+        return self.workdir / "master.sock"
+
     @property
     def admin_socket(self) -> Path:
         return self.workdir / "admin.sock"
@@ -140,7 +177,8 @@ class HAProxyProcess:
             self._tls_files = self._make_certs()
         self.config.write_text(self._render())
         with self.log.open("ab") as log:
-            self._proc = subprocess.Popen([self.binary, "-f", str(self.config), "-db"],
+            mode = ["-W", "-S", str(self.master_socket)] if self.master_worker else []
+            self._proc = subprocess.Popen([self.binary, *mode, "-f", str(self.config), "-db"],
                                           stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -163,6 +201,51 @@ class HAProxyProcess:
         self.stop()
         self.start()
 
+    def worker_pid(self, timeout: float = 5.0) -> int:
+        """The pid of the process that answers the stats socket now (the worker, with master_worker)."""
+        info = self._show_info(timeout)
+        return int(info["Pid"])
+
+    def reload(self, timeout: float = 10.0) -> int:
+        """`systemctl reload haproxy` on Debian: check the config, SIGUSR2 to the master, then wait
+        until a new worker answers the stats socket. Returns its pid. Runtime servers are lost;
+        the old worker keeps serving the connections it has, and the sessions already open to it."""
+        if not self.master_worker or self.pid is None:
+            raise RuntimeError("reload() needs a running HAProxy made with master_worker=True")
+        old = self.worker_pid()
+        self.config.write_text(self._render())
+        check = subprocess.run([self.binary, "-c", "-q", "-f", str(self.config)], capture_output=True, text=True,
+                               check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c refused the config: {check.stderr.strip()}")
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = self._show_info(1.0)
+                if int(info["Pid"]) != old and info.get("Stopping", "0") == "0":
+                    return int(info["Pid"])
+            except (OSError, KeyError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no new worker answered {timeout} s after the reload:\n{self._log_tail()}")
+            time.sleep(0.02)
+
+    def pause(self) -> int:
+        """SIGSTOP the process behind the stats socket: it still accepts connections (into the
+        listen backlog) and never answers, like a wedged HAProxy. Its frontends hang as well."""
+        if self._paused is not None:
+            raise RuntimeError("already paused")
+        pid = self.worker_pid()
+        os.kill(pid, signal.SIGSTOP)
+        self._paused = pid
+        return pid
+
+    def resume(self) -> None:
+        pid, self._paused = self._paused, None
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
     def __enter__(self) -> HAProxyProcess:
         self.start()
         return self
@@ -172,15 +255,37 @@ class HAProxyProcess:
 
     # ----- internals
     def _end(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.resume()  # a stopped process would ignore SIGTERM until continued
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
+        workers = _children(proc.pid)
         proc.send_signal(sig)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        for pid in workers:  # a master killed with SIGKILL cannot take its workers with it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _show_info(self, timeout: float) -> dict[str, str]:
+        """`show info` on a new connection (no prompt mode: HAProxy closes it after the answer)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.admin_socket))
+            sock.sendall(b"show info\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        fields = {}
+        for line in b"".join(chunks).decode(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
 
     def _ready(self) -> bool:
         targets: list[tuple[int, str | tuple[str, int]]] = [(socket.AF_UNIX, str(self.admin_socket))]

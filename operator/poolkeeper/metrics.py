@@ -35,6 +35,9 @@ class Metrics:
                             registry=r)
         self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
                                    ["result"], registry=r)
+        self.dead_lettered = Counter("poolkeeper_handler_dead_lettered_total",
+                                     "Lifecycle handler events given up on (RetriesExhausted, BacklogFull)",
+                                     ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

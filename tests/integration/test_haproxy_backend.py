@@ -460,6 +460,88 @@ async def test_restart_loses_runtime_servers_and_the_client_reconnects(
     assert await pool.read_members() == {}
 
 
+async def test_a_reload_keeps_our_session_on_the_old_worker_until_current_info_moves_on(
+        tmp_path: Path, http: Callable[..., HTTPBackend]) -> None:
+    """HAProxy in master-worker mode, reloaded as `systemctl reload` does (SIGUSR2 to the master)."""
+    with HAProxyProcess(tmp_path / "mw", ["web"], master_worker=True) as haproxy:
+        client = HAProxyClient(haproxy.admin_endpoint)
+        pool = HAProxyPool(client, "web", PREFIX, None)
+        try:
+            a = http("127.0.0.2")
+            await apply_ok(pool, add(name(1), a))
+            old, _ = await client.current_info()  # opens the probes' own session
+            new_pid = haproxy.reload()
+            # what HAProxy does: open sessions stay with the old worker, which answers for itself
+            for probe in (True, False):
+                stale = await client.info(probe=probe)
+                assert (stale["Pid"], stale["Stopping"]) == (old["Pid"], "1")
+            assert set(await pool.read_members()) == {name(1)}
+            # what the probe does: leave the stopping worker, reach the new one (without our server)
+            info, left_stopping = await client.current_info()
+            assert (int(info["Pid"]), info["Stopping"], left_stopping) == (new_pid, "0", True)
+            assert await pool.read_members() == {}
+            again, left_stopping = await client.current_info()
+            assert (again["Pid"], left_stopping) == (info["Pid"], False)
+            await apply_ok(pool, add(name(1), a))
+            assert (await load(haproxy.frontend_url("web"), 20)).served_by == {a.name: 20}
+        finally:
+            await client.close()
+
+
+async def test_a_hung_runtime_api_costs_one_timeout_then_calls_fail_fast_until_a_probe_answers(
+        haproxy: HAProxyProcess) -> None:
+    """SIGSTOP: the stats socket still accepts (into the backlog) and never answers."""
+    client = HAProxyClient(haproxy.admin_endpoint, timeout=0.5)
+    try:
+        assert (await client.info())["Pid"]
+        loop = asyncio.get_running_loop()
+        haproxy.pause()
+        try:
+            started = loop.time()
+            outcomes = await asyncio.gather(*(client.execute(["show info"]) for _ in range(20)),
+                                            return_exceptions=True)
+            elapsed = loop.time() - started
+            assert all(isinstance(o, HAProxyUnreachable) for o in outcomes), outcomes
+            assert "did not answer within 0.5 s" in str(outcomes[0])
+            assert elapsed < 1.5, f"20 callers took {elapsed:.1f} s: they queued behind the hung call"
+            started = loop.time()
+            with pytest.raises(HAProxyUnreachable, match="waiting for it to answer the health probe"):
+                await client.execute(["show info"])  # no new connection to a process known not to answer
+            assert loop.time() - started < 0.1
+            with pytest.raises(HAProxyUnreachable, match=r"did not answer within 0\.2 s"):
+                await client.info(probe=True, within=0.2)  # a probe is still sent, with its own bound
+        finally:
+            haproxy.resume()
+        info, left_stopping = await client.current_info(within=2.0)
+        assert info["Pid"] and not left_stopping
+        assert (await client.execute(["show info"]))[0].startswith("Name: HAProxy")
+    finally:
+        await client.close()
+
+
+async def test_a_probe_that_gets_no_answer_ends_the_call_stuck_on_the_same_haproxy(
+        haproxy: HAProxyProcess, client: HAProxyClient) -> None:
+    """The probe has its own connection: it is not queued behind the stuck call, and it frees it."""
+    assert client.timeout == 5.0
+    await client.info()
+    loop = asyncio.get_running_loop()
+    haproxy.pause()
+    try:
+        started = loop.time()
+        stuck = asyncio.ensure_future(client.execute(["show servers state web"]))
+        await asyncio.sleep(0.1)
+        with pytest.raises(HAProxyUnreachable, match=r"did not answer within 0\.5 s"):
+            await client.info(probe=True, within=0.5)
+        with pytest.raises(HAProxyUnreachable, match=r"did not answer within 0\.5 s; waiting for it to answer"):
+            await stuck
+        assert loop.time() - started < 2.0  # not the call's own 5 s
+    finally:
+        haproxy.resume()
+    info, _ = await client.current_info()
+    assert info["Pid"]
+    assert (await client.execute(["show servers state web"]))[0].startswith("1\n")
+
+
 async def test_an_idle_session_closed_by_haproxy_is_reopened(client: HAProxyClient, pool: HAProxyPool) -> None:
     assert await client.execute(["set timeout cli 1"]) == [""]
     await asyncio.sleep(1.5)  # HAProxy closes the idle session

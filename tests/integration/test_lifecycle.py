@@ -6,9 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,20 @@ from poolkeeper_dev.rollout import backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from support.kube import condition, create, events_for, get, pod_pool, selectorless_service, slice_backend, wait_for
-from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import (
+    LOOPBACK_TARGETS,
+    Workloads,
+    ha_backend,
+    haproxy_servers,
+    load_balancer,
+    members,
+    servers_state,
+)
 from support.receiver import Receiver
 
 ALL_EVENTS = ["up", "draining", "down", "registered", "deregistered"]
+SYSTEM = "poolkeeper-system"  # the operator's namespace, where outboxes live
+MAINT, DRAIN = 0x01, 0x08  # HAProxy srv_admin_state flags set by the runtime API: forced maintenance, drain
 
 
 @pytest.fixture()
@@ -39,12 +51,53 @@ def own_lb(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HA
     haproxy.stop()
 
 
+@pytest.fixture()
+def black_hole() -> Iterator[str]:
+    """The URL of a receiver that accepts connections and never answers (a hung webhook)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)  # the kernel completes the handshakes; nobody ever reads or answers
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    sock.close()
+
+
+def admin_states(haproxy: HAProxyProcess, backend: str) -> dict[str, int]:
+    """server name -> srv_admin_state flags from `show servers state` (read by the test)."""
+    out = {}
+    for line in servers_state(haproxy, backend):
+        parts = line.split()
+        if len(parts) > 6 and parts[3].startswith("pk-"):
+            out[parts[3]] = int(parts[6])
+    return out
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    """poolkeeper_reconciles_total, summed over results: grows with every reconcile the operator ran."""
+    return sum(float(m.group(1)) for m in re.finditer(r'^poolkeeper_reconciles_total\{[^}]*\} (\S+)$',
+                                                     operator.metrics(), re.MULTILINE))
+
+
+def outbox_pending(core: client.CoreV1Api, handler_uid: str) -> list[dict[str, Any]] | None:
+    """The pending deliveries in a handler's outbox ConfigMap (None while it was never written)."""
+    try:
+        cm = core.read_namespaced_config_map(name=f"poolkeeper-outbox-{handler_uid}", namespace=SYSTEM)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return list(json.loads((cm.data or {}).get("outbox.json") or "{}").get("pending") or [])
+
+
 def flag_handler(handlers_dir: Path, flag: Path, result: str, extra: str = "") -> str:
-    """A handler module whose `handle` waits until `flag` exists (the test decides when it succeeds)."""
+    """A handler module whose `handle` waits until `flag` exists (the test decides when it succeeds).
+
+    It touches `flag`.started when it begins, so a test can wait for the hook to be running.
+    """
     module = f"flag_{uuid.uuid4().hex[:6]}"
     write_handler(handlers_dir, module, f'''
 import os, time
 def handle(event, context):
+    open({str(flag) + ".started"!r}, "a").close()
     while not os.path.exists({str(flag)!r}):
         time.sleep(0.05)
     return {result!r}
@@ -266,9 +319,9 @@ def refuse(event, context):
     ref = f"Pod/{namespace}/web-0"
     member = wait_for(lambda: members(custom, namespace, "web").get(ref), 20, "member listed")
     assert member["state"] == "Registering" and "hook" in member["reason"]
-    time.sleep(1)
-    servers = haproxy_servers(haproxy, "web")
-    assert len(servers) == 1  # added, but in maintenance: no traffic yet
+    wait_for(lambda: Path(f"{flag}.started").exists(), 20, "the up hook running")
+    states = wait_for(lambda: admin_states(haproxy, "web"), 20, "the server added")
+    assert len(states) == 1 and all(flags & MAINT for flags in states.values())  # in maintenance: no traffic
     report = LoadGenerator(haproxy.frontend_url("web"), connections=1).start(count=5).wait(30)
     assert report.ok == 0  # nothing is in rotation while the hook runs
     flag.write_text("go")
@@ -298,8 +351,7 @@ def test_delivery_survives_operator_sigkill_with_same_id(
     kubelet.create_pod(namespace, "web-0", {"app": "web"})
     kubelet.set_ready(namespace, "web-0", "192.0.2.83")
     first = wait_for(lambda: receiver.on(path), 20, "first (failing) attempt")
-    running_operator.kill()  # mid-retry
-    time.sleep(0.5)
+    running_operator.kill()  # mid-retry (kill waits for the process to be gone)
     running_operator.start()
     wait_for(lambda: len(receiver.on(path)) >= 3, 30, "delivered after the restart")
     assert {r.event_id for r in receiver.on(path)} == {first[0].event_id}
@@ -337,12 +389,17 @@ def test_transitions_while_the_operator_is_down_are_coalesced(
         return list(seen.values())
 
     wait_for(lambda: len(distinct()) >= 3, 20, "the coalesced event")
-    time.sleep(2)  # nothing else may arrive
+    # Nothing else may arrive: the outbox holds nothing more to deliver, and the pool has settled on web-1.
+    uid = get(custom, namespace, "lifecyclehandlers", "told")["metadata"]["uid"]
+    wait_for(lambda: outbox_pending(core, uid) == [], 20, "an empty outbox")
+    wait_for(lambda: set(members(custom, namespace, "web")) == {f"Pod/{namespace}/web-1"}, 20, "web-1 alone")
     got = distinct()
     assert len(got) == 3, [(r.headers["ce-type"], r.headers["ce-subject"]) for r in got]
     last = got[2]
     assert last.headers["ce-subject"].endswith("/web-0") and last.headers["ce-type"].endswith(".down")
     assert last.data["from"] == "up" and last.data["to"] == "down"
+    assert sorted((r.headers["ce-subject"].rsplit("/", 1)[1], r.data["to"]) for r in got[:2]) == [
+        ("web-0", "up"), ("web-1", "up")]  # web-1's flap (up -> down -> up) was nothing to tell
 
 
 def test_link_local_url_is_refused_before_anything_is_sent(
@@ -373,7 +430,83 @@ def test_blocking_draining_hook_holds_removal(
     wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Active", 20, "Active")
     fleet.begin_termination("web-0")
     wait_for(lambda: members(custom, namespace, "web").get(ref, {}).get("state") == "Draining", 20, "Draining")
-    time.sleep(1.5)
-    assert len(haproxy_servers(haproxy, "web")) == 1  # idle, but the hook still runs: not removed
+    wait_for(lambda: Path(f"{flag}.started").exists(), 20, "the draining hook running")
+    # The server is draining and idle: without the hook, the next reconcile would remove it.
+    wait_for(lambda: (s := admin_states(haproxy, "web")) and all(f & DRAIN for f in s.values()), 20, "drain set")
+    seen = reconciles(running_operator)
+    wait_for(lambda: reconciles(running_operator) >= seen + 2, 30, "two more reconciles")
+    assert len(haproxy_servers(haproxy, "web")) == 1  # the hook still runs: not removed
     flag.write_text("done")
     wait_for(lambda: not haproxy_servers(haproxy, "web"), 20, "removed once the hook succeeded")
+
+
+def test_a_stuck_receiver_never_holds_back_the_load_balancer(
+        running_operator: OperatorProcess, namespace: str, core: client.CoreV1Api, custom: client.CustomObjectsApi,
+        kubelet: FakeKubelet, workloads: Workloads, own_lb: tuple[HAProxyProcess, str], black_hole: str) -> None:
+    """Non-blocking handlers whose receiver never answers, and many transitions: HAProxy keeps following the
+    pods and the pool stays Synced. `archive` (default bound) keeps at most 3 events per instance: the one
+    being attempted, then the newest state and member event (flaps behind it cancel out); before, its
+    outbox of ~8 KB events (the pods' labels) outgrew a ConfigMap and stopped the pool. `audit`
+    (maxPendingEvents 8) dead-letters the oldest past its bound, counted in status, an Event, a metric."""
+    haproxy, lb = own_lb
+    fleet = workloads("web")
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                       backend=ha_backend(lb, "web"), delay=1))
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "audit", "web", http(black_hole), timeoutSeconds=30, retry={"maxAttempts": 5}, maxPendingEvents=8))
+    create(custom, namespace, "lifecyclehandlers", handler(
+        "archive", "web", http(black_hole), timeoutSeconds=30, retry={"maxAttempts": 5}))
+    for name in ("audit", "archive"):
+        wait_for(lambda n=name: condition(get(custom, namespace, "lifecyclehandlers", n),  # type: ignore[misc]
+                                          "Ready").get("status") == "True", 20, f"{name} Ready")
+    big_labels = {f"team.example.com/label-{i:02d}-{'k' * 40}": "v" * 63 for i in range(60)}
+    unsynced: list[dict[str, Any]] = []
+
+    def following(expected: Callable[[], set[str]]) -> Callable[[], bool]:
+        """HAProxy has exactly the expected servers; any Synced=False seen meanwhile is kept for the end."""
+        def check() -> bool:
+            synced = condition(get(custom, namespace, "targetpools", "web"), "Synced")
+            if synced.get("status") == "False":
+                unsynced.append(synced)
+            return set(haproxy_servers(haproxy, "web").values()) == expected()
+        return check
+
+    def serving() -> set[str]:
+        return {f"{ip}:{fleet.port}" for ip in fleet.ips.values()}
+
+    names = [f"web-{i}" for i in range(12)]
+    for name in names:
+        fleet.add(name)
+        core.patch_namespaced_pod(name=name, namespace=namespace, body={"metadata": {"labels": big_labels}})
+    wait_for(following(serving), 30, "12 servers")
+    flappers = names[:6]
+    for _ in range(5):  # each flap: down + deregistered, then up + registered, all stuck behind the first event
+        for name in flappers:
+            fleet.unready(name)
+        wait_for(following(lambda: serving() - {f"{fleet.ips[n]}:{fleet.port}" for n in flappers}), 30, "flapped out")
+        for name in flappers:
+            kubelet.set_ready(namespace, name, fleet.ips[name])
+        wait_for(following(serving), 30, "flapped back")
+    for name in names[8:]:
+        fleet.begin_termination(name)
+        fleet.finish_termination(name)
+    wait_for(following(serving), 30, "the 8 remaining pods")
+    assert unsynced == [], unsynced
+    assert condition(get(custom, namespace, "targetpools", "web"), "Synced")["status"] == "True"
+
+    def pending_of(name: str) -> list[dict[str, Any]]:
+        uid = get(custom, namespace, "lifecyclehandlers", name)["metadata"]["uid"]
+        return wait_for(lambda: outbox_pending(core, uid), 20, f"{name}'s outbox written")
+
+    archived = pending_of("archive")
+    assert len(archived) <= 3 * len(names), len(archived)
+    assert handler_status(custom, namespace, "archive").get("deadLettered", 0) == 0  # coalesced, none dropped
+    assert 0 < len(pending_of("audit")) <= 8
+    status = wait_for(lambda: (s := handler_status(custom, namespace, "audit")).get("deadLettered", 0) > 0 and s,
+                      20, "dead letters counted")
+    assert status["lastDeadLetter"]["reason"] == "BacklogFull" and status["lastDeadLetter"]["eventId"]
+    assert status["succeeded"] == 0  # nothing was ever answered
+    wait_for(lambda: any(r == "BacklogFull" for r, _ in events_for(core, namespace, "audit")), 20, "the Event")
+    metric = wait_for(lambda: re.search(r'^poolkeeper_handler_dead_lettered_total\{reason="BacklogFull"\} (\S+)$',
+                                        running_operator.metrics(), re.MULTILINE), 10, "the metric")
+    assert float(metric.group(1)) >= status["deadLettered"]

@@ -28,7 +28,10 @@ def test_instances_follow_state_and_heartbeats(
         spec = {"address": address, **({"heartbeatTimeoutSeconds": timeout} if timeout else {})}
         create(custom, namespace, "instances", {"kind": "Instance", "metadata": {"name": name,
                                                 "labels": {"group": "vms"}}, "spec": spec})
-    assert not endpoints(api_client, namespace, "vms")  # pending: not up yet
+    # pending: not up yet. Wait until the operator has reconciled the pool, then look.
+    wait_for(lambda: condition(get(custom, namespace, "targetpools", "vms"), "Ready").get("reason") == "NoMembers",
+             20, "pool reconciled with no members")
+    assert not endpoints(api_client, namespace, "vms")
     # the agent CLI, as a machine would run it
     env = {"KUBECONFIG": str(cluster.kubeconfig), "PATH": "/usr/bin:/bin"}
     beat = time.monotonic()

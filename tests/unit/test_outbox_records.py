@@ -46,18 +46,24 @@ def pending(t: Transition | None = None, *, handler_uid: str = HANDLER_UID, pool
     return pending_record(event, t, (namespace, pool), blocking=blocking, order=1)
 
 
+def entry(t: Transition) -> dict[str, Any]:
+    """An announced entry as the outbox JSON holds it."""
+    return announced_entry(t).to_wire()
+
+
 def outbox(pending_records: list[Any], announced: dict[str, Any] | None = None) -> str:
     t = transition()
     return json.dumps({"announced": announced if announced is not None else
-                       {POOL_UID: {t.instance.uid: announced_entry(t)}}, "pending": pending_records})
+                       {POOL_UID: {t.instance.uid: entry(t)}}, "pending": pending_records})
 
 
 def test_what_the_operator_writes_is_accepted() -> None:
     good = pending(blocking=True)
     parsed = parse_outbox(outbox([good]), SCOPE)
     assert parsed.dropped == []
-    assert parsed.pending == {good["event"]["id"]: good}
-    assert parsed.announced[POOL_UID]["pod-uid-1"]["state"] == "up"
+    assert {k: r.to_wire() for k, r in parsed.pending.items()} == {good["event"]["id"]: good}  # same JSON back
+    assert parsed.announced[POOL_UID]["pod-uid-1"].state == "up"
+    assert parsed.announced[POOL_UID]["pod-uid-1"].to_wire() == entry(transition())
 
 
 def test_node_pools_take_cluster_scoped_nodes() -> None:
@@ -126,10 +132,10 @@ def test_blocking_only_for_up_and_draining() -> None:
 
 
 @pytest.mark.parametrize(("announced", "reason"), [
-    ({"other-pool-uid": {"pod-uid-1": announced_entry(transition())}}, "not the handler's pool"),
-    ({POOL_UID: {"pod-uid-9": announced_entry(transition())}}, "does not match its key"),
-    ({POOL_UID: {"pod-uid-1": {**announced_entry(transition()), "seq": "1"}}}, "wrong type"),
-    ({POOL_UID: {"pod-uid-1": announced_entry(transition(namespace="victim"))}}, "namespace"),
+    ({"other-pool-uid": {"pod-uid-1": entry(transition())}}, "not the handler's pool"),
+    ({POOL_UID: {"pod-uid-9": entry(transition())}}, "does not match its key"),
+    ({POOL_UID: {"pod-uid-1": {**entry(transition()), "seq": "1"}}}, "wrong type"),
+    ({POOL_UID: {"pod-uid-1": entry(transition(namespace="victim"))}}, "namespace"),
     ({POOL_UID: []}, "not an object"),
 ])
 def test_bad_announced_entries_are_dropped(announced: dict[str, Any], reason: str) -> None:
@@ -146,7 +152,7 @@ def test_size_and_count_caps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbox_records, "MAX_PENDING", 4)
     monkeypatch.setattr(outbox_records, "MAX_ANNOUNCED", 2)
     many = [pending(transition(uid=f"u-{i}")) for i in range(7)]
-    announced = {POOL_UID: {f"u-{i}": announced_entry(transition(uid=f"u-{i}")) for i in range(3)}}
+    announced = {POOL_UID: {f"u-{i}": entry(transition(uid=f"u-{i}")) for i in range(3)}}
     parsed = parse_outbox(outbox(many, announced), SCOPE)
     assert len(parsed.pending) == 4 and len(parsed.announced[POOL_UID]) == 2
     assert parsed.dropped == ["announced 'u-2': over the record cap", "3 pending records over the cap of 4: dropped"]

@@ -5,11 +5,18 @@ connection or a `socat` process. In prompt mode every command's answer ends with
 which is what lets a pipelined batch be split back into one answer per command. A lost
 connection (HAProxy restarted, or closed an idle session) is re-opened once and the batch
 sent again; a second loss raises HAProxyUnreachable.
+
+Every call is bounded: waiting for the connection (one exchange at a time per HAProxy), then
+connect, send and read together, each within `timeout`. A HAProxy that accepts but never
+answers (stopped with SIGSTOP, wedged, its backlog full) costs one timeout; after it, calls fail
+at once until a probe (`probe=True`, the LoadBalancer health watch) is answered again, so
+reconciles of its pools neither pile up behind it nor hold workers that other pools need.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import urllib.parse
 from collections.abc import Sequence
@@ -17,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from poolkeeper.core.lbprocess import is_stopping
+
+log = logging.getLogger(__name__)
 PROMPT = b"\n> "
 IDLE_TIMEOUT_S = 600  # `set timeout cli`: how long HAProxy keeps our idle session open
 _READ_LIMIT = 64 * 1024 * 1024  # `show stat` of a large backend is far above asyncio's 64 KiB default
@@ -28,6 +38,11 @@ _USAGE = "use unix:///path/to/admin.sock or tcp://host:port"
 
 class HAProxyUnreachable(Exception):
     """The runtime API cannot be used right now; the message says why, for a condition or event."""
+
+
+class HAProxyBusy(HAProxyUnreachable):
+    """Another call held the connection for the whole wait: no sign that HAProxy itself is hung
+    (that call has its own bound, and reports a hang if there is one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,56 +101,21 @@ class _Session:
         self.writer.close()
 
 
-class HAProxyClient:
-    """Runtime API of one HAProxy; safe to share between pools (calls are serialised)."""
+class _Line:
+    """One connection slot: a session opened when needed, one exchange on it at a time."""
 
-    def __init__(self, endpoint: str, tls: TLSFiles | None = None, timeout: float = 5.0) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._address = parse_endpoint(endpoint)
-        if tls is not None and self._address[0] != "tcp":
-            raise ValueError(f"HAProxy endpoint {endpoint!r}: TLS is only supported on tcp:// endpoints")
-        self._tls = tls
-        self._session: _Session | None = None
-        self._lock = asyncio.Lock()
+    def __init__(self) -> None:
+        self.session: _Session | None = None
+        self.lock = asyncio.Lock()
 
-    async def execute(self, commands: Sequence[str]) -> list[str]:
-        """Send `commands` in one write and return their answers, in order, without the prompt.
-
-        Raises HAProxyUnreachable when HAProxy cannot be reached, the connection is lost
-        twice, or no answer comes within `timeout` seconds.
-        """
-        for command in commands:
-            if not command or any(c in command for c in ";\r\n"):
-                raise ValueError(f"not a single runtime API command: {command!r}")
-        if not commands:
-            return []
-        async with self._lock:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    return await self._execute(commands)
-            except TimeoutError:
-                self._discard()
-                raise HAProxyUnreachable(
-                    f"HAProxy at {self.endpoint} did not answer within {self.timeout:g} s") from None
-            except BaseException:
-                self._discard()  # cancelled mid-batch: the answers left in flight would desync the next one
-                raise
-
-    async def info(self) -> dict[str, str]:
-        """`show info` as a dict (Version, Pid, Uptime_sec, ...): a cheap liveness and restart probe."""
-        (answer,) = await self.execute(["show info"])
-        fields = {}
-        for line in answer.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip()] = value.strip()
-        return fields
+    def discard(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.discard()
 
     async def close(self) -> None:
-        """Close the connection; a later call opens a new one."""
-        async with self._lock:
-            session, self._session = self._session, None
+        async with self.lock:
+            session, self.session = self.session, None
             if session is not None:
                 session.discard()
                 try:
@@ -144,22 +124,114 @@ class HAProxyClient:
                 except (*_LOST, TimeoutError):
                     pass
 
-    async def _execute(self, commands: Sequence[str]) -> list[str]:
-        for attempt in (1, 2):
-            session = await self._connected()
+
+class HAProxyClient:
+    """Runtime API of one HAProxy; safe to share between pools (calls are serialised).
+
+    Probes (`probe=True`) have a connection of their own, so a probe is not stuck behind a
+    call that HAProxy does not answer: it times out on its own, and then ends that call too.
+    """
+
+    def __init__(self, endpoint: str, tls: TLSFiles | None = None, timeout: float = 5.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._address = parse_endpoint(endpoint)
+        if tls is not None and self._address[0] != "tcp":
+            raise ValueError(f"HAProxy endpoint {endpoint!r}: TLS is only supported on tcp:// endpoints")
+        self._tls = tls
+        self._calls, self._probes = _Line(), _Line()
+        self.unanswered = ""  # why the last exchange got no answer; set: only probes are sent
+
+    async def execute(self, commands: Sequence[str], *, probe: bool = False,
+                      within: float | None = None) -> list[str]:
+        """Send `commands` in one write and return their answers, in order, without the prompt.
+
+        Raises HAProxyUnreachable when HAProxy cannot be reached, the connection is lost
+        twice, no answer comes `within` seconds (default: the client's `timeout`), or an earlier
+        call got none and no probe has been answered since (`probe=True` calls are sent anyway).
+        """
+        for command in commands:
+            if not command or any(c in command for c in ";\r\n"):
+                raise ValueError(f"not a single runtime API command: {command!r}")
+        if not commands:
+            return []
+        limit = self.timeout if within is None else within
+        line = self._probes if probe else self._calls
+        self._refuse_while_unanswered(probe)
+        try:
+            async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
+                await line.lock.acquire()
+        except TimeoutError:
+            raise HAProxyBusy(
+                f"HAProxy at {self.endpoint} was still busy with another call after {limit:g} s") from None
+        try:
+            self._refuse_while_unanswered(probe)  # the call we waited for may have found it hung
             try:
-                return await session.roundtrip(commands)
+                async with asyncio.timeout(limit):
+                    answers = await self._execute(line, commands, probe)
+            except TimeoutError:
+                self.unanswered = f"did not answer within {limit:g} s"
+                line.discard()
+                self._calls.discard()  # after a probe: ends the call HAProxy is not answering either
+                raise HAProxyUnreachable(f"HAProxy at {self.endpoint} {self.unanswered}") from None
+            except BaseException:
+                line.discard()  # cancelled mid-batch: the answers left in flight would desync the next one
+                raise
+            self.unanswered = ""
+            return answers
+        finally:
+            line.lock.release()
+
+    def _refuse_while_unanswered(self, probe: bool) -> None:
+        if self.unanswered and not probe:
+            raise HAProxyUnreachable(f"HAProxy at {self.endpoint} {self.unanswered}; "
+                                     "waiting for it to answer the health probe again")
+
+    async def info(self, *, probe: bool = False, within: float | None = None) -> dict[str, str]:
+        """`show info` as a dict (Version, Pid, Uptime_sec, ...): a cheap liveness and restart probe."""
+        (answer,) = await self.execute(["show info"], probe=probe, within=within)
+        fields = {}
+        for line in answer.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
+
+    async def current_info(self, within: float | None = None) -> tuple[dict[str, str], bool]:
+        """`show info` of the process that serves new connections, and whether the one our
+        sessions were open to turned out to be soft-stopping (a reload).
+
+        After a reload the old process keeps our open sessions and answers them for itself (Pid
+        unchanged, `Stopping: 1`) while a new one, with only the config file's servers, takes
+        the traffic. Both sessions are closed, so this probe and every later call reach the new
+        process, and the old one can exit.
+        """
+        info = await self.info(probe=True, within=within)
+        if not is_stopping(info):
+            return info, False
+        log.info("HAProxy at %s (pid %s) is stopping after a reload; reconnecting", self.endpoint, info.get("Pid"))
+        self._calls.discard()  # a call in flight on the old process fails over to the new one (lost connection)
+        await self._probes.close()
+        return await self.info(probe=True, within=within), True
+
+    async def close(self) -> None:
+        """Close the connections; a later call opens a new one."""
+        await self._calls.close()
+        await self._probes.close()
+
+    async def _execute(self, line: _Line, commands: Sequence[str], probe: bool) -> list[str]:
+        for attempt in (1, 2):
+            if line.session is None:
+                line.session = await self._open()
+            try:
+                return await line.session.roundtrip(commands)
             except _LOST as exc:
-                self._discard()
+                line.discard()
                 if attempt == 2:
                     raise HAProxyUnreachable(
                         f"lost the connection to HAProxy at {self.endpoint} twice: {_why(exc)}") from exc
+                self._refuse_while_unanswered(probe)  # a probe ended this call: HAProxy does not answer
         raise AssertionError("unreachable")
-
-    async def _connected(self) -> _Session:
-        if self._session is None:
-            self._session = await self._open()
-        return self._session
 
     async def _open(self) -> _Session:
         try:
@@ -177,6 +249,9 @@ class HAProxyClient:
         except _LOST as exc:
             session.discard()
             raise HAProxyUnreachable(f"HAProxy at {self.endpoint} refused the session: {_why(exc)}") from exc
+        except BaseException:
+            session.discard()  # timed out or cancelled while HAProxy did not greet: never leak the socket
+            raise
         if any(greeting):
             session.discard()
             raise HAProxyUnreachable(
@@ -189,8 +264,3 @@ class HAProxyClient:
         context = ssl.create_default_context(cafile=str(self._tls.ca_file))
         context.load_cert_chain(str(self._tls.cert_file), str(self._tls.key_file))
         return context
-
-    def _discard(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.discard()

@@ -1,7 +1,9 @@
 """LoadBalancers: one runtime-API client each, a 1 s health watch, and their status.
 
 Watching the load balancer's own state is allowed (instance discovery is never polled):
-it is how a restarted HAProxy, which lost every runtime server, is noticed and re-filled.
+it is how a restarted or reloaded HAProxy, which lost every runtime server, is noticed and
+re-filled. Each LoadBalancer is probed on its own (at most one probe in flight each, with a
+short timeout and a backoff while it does not answer), so a hung HAProxy delays nobody else.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable, TLSFiles
+from poolkeeper.backends.haproxy_client import HAProxyBusy, HAProxyClient, HAProxyUnreachable, TLSFiles
 from poolkeeper.core.conditions import Condition, merge_conditions
+from poolkeeper.core.lbprocess import ProcessChange, ProcessIdentity, identity_of, probe_delay, process_change
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, parse_load_balancer
 from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
@@ -24,6 +27,7 @@ from poolkeeper.kube.status import StatusWriter
 
 log = logging.getLogger(__name__)
 GROUP_VERSION = "poolkeeper.dev/v1alpha1"
+PROBE_TIMEOUT = 2.0  # `show info` answers in well under a millisecond; 2 s is a hung process
 
 
 @dataclass
@@ -31,17 +35,20 @@ class _Entry:
     spec: LoadBalancerSpec
     client: HAProxyClient
     reachable: bool | None = None
-    identity: tuple[str, str] | None = None  # (Pid, start) to notice restarts
+    identity: ProcessIdentity | None = None  # to notice restarts and reloads
     version: str = ""
     error: str = ""
+    failures: int = 0  # probes in a row without an answer
+    next_probe: float = 0.0  # loop time
 
 
 class LoadBalancers:
     def __init__(self, api: KubeApi, status: StatusWriter, events: EventRecorder,
                  pools_using: Callable[[str], list[tuple[str, str]]], enqueue: Callable[[tuple[str, str]], None],
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, probe_timeout: float = PROBE_TIMEOUT) -> None:
         self.api, self.status, self.events = api, status, events
         self.pools_using, self.enqueue, self.interval = pools_using, enqueue, interval
+        self.probe_timeout = probe_timeout
         self._entries: dict[str, _Entry] = {}
         # clients of LoadBalancers deleted or made invalid: pools still drain their own servers there
         self._retired: dict[str, HAProxyClient] = {}
@@ -145,26 +152,47 @@ class LoadBalancers:
         if entry is None:
             return
         try:
-            info = await entry.client.info()
+            info, left_stopping = await entry.client.current_info(within=self.probe_timeout)
+        except HAProxyBusy:
+            pass  # a long call of a pool: it is bounded too, and says so itself if HAProxy hangs
         except (TimeoutError, HAProxyUnreachable, OSError) as exc:
+            entry.failures += 1
             changed = entry.reachable is not False
             entry.reachable, entry.error = False, str(exc)
             if changed:
                 log.warning("LoadBalancer %s unreachable: %s", name, exc)
-                body = self._bodies.get(name)
-                if body:
-                    self.events.post(body, "Unreachable", f"HAProxy runtime API unreachable: {exc}", warning=True)
+                self._post(name, "Unreachable", f"HAProxy runtime API unreachable: {exc}", warning=True)
                 self._notify_pools(name)
         else:
-            identity = (info.get("Pid", ""), info.get("Start_time_sec") or info.get("Uptime_sec", ""))
-            restarted = entry.identity is not None and identity[0] != entry.identity[0]
+            entry.failures = 0
+            identity = identity_of(info)
+            change = process_change(entry.identity, identity, left_stopping=left_stopping)
             recovered = entry.reachable is False
-            entry.identity, entry.version, entry.error = identity, info.get("Version", ""), ""
+            previous, entry.identity, entry.version, entry.error = entry.identity, identity, info.get("Version", ""), ""
             entry.reachable = True
-            if restarted or recovered:
-                log.info("LoadBalancer %s %s; re-applying its pools", name, "restarted" if restarted else "reachable")
+            if change is not None:
+                self._process_changed(name, change, previous, identity)
+            elif recovered:
+                log.info("LoadBalancer %s reachable again; re-applying its pools", name)
+                self._post(name, "Reachable", "HAProxy runtime API answers again")
                 self._notify_pools(name)
+        entry.next_probe = asyncio.get_running_loop().time() + probe_delay(entry.failures, self.interval)
         self.publish(name)
+
+    def _process_changed(self, name: str, change: ProcessChange, previous: ProcessIdentity | None,
+                         current: ProcessIdentity) -> None:
+        """A new process has only the config file's servers: every pool puts its own back."""
+        pools = self.pools_using(name)
+        message = (f"HAProxy {change.value.lower()} ({previous} -> {current}): its runtime servers are gone; "
+                   f"re-applying {len(pools)} pool(s)")
+        log.info("LoadBalancer %s: %s", name, message)
+        self._post(name, change.value, message)
+        self._notify_pools(name)
+
+    def _post(self, name: str, reason: str, message: str, warning: bool = False) -> None:
+        body = self._bodies.get(name)
+        if body:
+            self.events.post(body, reason, message, warning=warning)
 
     def _notify_pools(self, name: str) -> None:
         for key in self.pools_using(name):
@@ -199,12 +227,27 @@ class LoadBalancers:
         return resource_path(GROUP_VERSION, "loadbalancers", None, name, "status")
 
     async def run(self) -> None:
-        """Check every LoadBalancer once per interval, concurrently, forever."""
-        while True:
-            names = list(self._entries)
-            if names:
-                await asyncio.gather(*(self.check(n) for n in names), return_exceptions=True)
-            await asyncio.sleep(self.interval)
+        """Probe every LoadBalancer when it is due, each on its own, forever.
+
+        One probe in flight per LoadBalancer: a HAProxy that does not answer holds only its own.
+        """
+        probes: dict[str, asyncio.Task[None]] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                for name, task in list(probes.items()):
+                    if task.done():
+                        del probes[name]
+                        if not task.cancelled() and (exc := task.exception()) is not None:
+                            log.error("probing LoadBalancer %s failed", name, exc_info=exc)
+                now = loop.time()
+                for name, entry in list(self._entries.items()):
+                    if name not in probes and entry.next_probe <= now:
+                        probes[name] = asyncio.create_task(self.check(name), name=f"probe-loadbalancer-{name}")
+                await asyncio.sleep(min(self.interval, 0.25))
+        finally:
+            for task in probes.values():
+                task.cancel()
 
     async def close(self) -> None:
         for name in list(self._entries):
@@ -216,7 +259,6 @@ class LoadBalancers:
     def reachable(self, name: str) -> bool | None:
         entry = self._entries.get(name)
         return entry.reachable if entry else None
-
 
 
 def _accepted(spec: LoadBalancerSpec) -> Condition:

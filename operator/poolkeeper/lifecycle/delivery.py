@@ -1,14 +1,25 @@
 """Delivering one handler's events: in order per instance, concurrent across instances,
-retried with backoff, dead-lettered at the end, counted in status."""
+retried with backoff, dead-lettered at the end, counted in status.
+
+The backlog is bounded, so a receiver that never answers costs its own events, never the pool:
+an event nobody has tried to deliver yet is superseded by a newer one for the same instance
+(core/transitions.py `supersede` has the rule), and past `maxPendingEvents` (or the outbox's
+byte budget) the oldest non-blocking events are dead-lettered with reason BacklogFull: counted
+in status.deadLettered and status.lastDeadLetter, in poolkeeper_handler_dead_lettered_total,
+posted as an Event and to the dead-letter URL. Blocking events are never dropped: they hold
+their member until they ran.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +27,23 @@ import aiohttp
 
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
+from poolkeeper.core.transitions import Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
 from poolkeeper.functions.pool import FunctionPool
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.outbox import Outbox
+from poolkeeper.lifecycle.outbox_records import PendingRecord
 from poolkeeper.lifecycle.spec import HandlerSpec
 
 log = logging.getLogger(__name__)
 
 # Called when a delivery is settled: (record, succeeded) -> None; used to open blocking gates.
-Settled = Callable[[dict[str, Any], bool], None]
+Settled = Callable[[PendingRecord, bool], None]
+BACKLOG_FULL = "BacklogFull"
+RETRIES_EXHAUSTED = "RetriesExhausted"
+DEAD_LETTER_QUEUE = 1000  # events waiting for the dead-letter URL; past it they are only counted
 
 
 class HandlerRuntime:
@@ -46,10 +62,18 @@ class HandlerRuntime:
         self.http_slots = http_slots or asyncio.Semaphore(1 << 30)
         self.queues: dict[str, deque[str]] = {}  # instance uid -> event ids, in order
         self.workers: dict[str, asyncio.Task[None]] = {}
+        self.in_flight: set[str] = set()  # event ids being attempted right now
+        # Loaded from the outbox: an earlier operator may have sent them (its success not yet
+        # recorded when it stopped), so they are never superseded.
+        self.inherited: set[str] = set(outbox.pending)
+        self.dead_letters: deque[dict[str, Any]] = deque(maxlen=DEAD_LETTER_QUEUE)  # for the dead-letter URL
+        self._dead_letter_task: asyncio.Task[None] | None = None
+        outbox.shed = self._shed_bytes
         self.semaphore = asyncio.Semaphore(spec.max_concurrency)
         counts = body.get("status") or {}
         self.counts = {k: int(counts.get(k) or 0) for k in ("invocations", "succeeded", "failed", "deadLettered")}
         self.last: dict[str, Any] | None = counts.get("lastInvocation")
+        self.last_dead_letter: dict[str, Any] | None = counts.get("lastDeadLetter")
         self.problem: tuple[str, str] | None = None  # (reason, message) while not Ready
         self.secret: bytes | None = None
 
@@ -87,10 +111,92 @@ class HandlerRuntime:
         self.secret = base64.b64decode(value)
         return None
 
+    # ----- the backlog
+    def supersede(self, t: Transition, instance: dict[str, Any]) -> Transition | None:
+        """Drop this instance's undelivered event that `t` supersedes; returns what to record instead.
+
+        `instance` is the event's instance record: an older event about a different record (a
+        new address) is kept, so the handler hears about both.
+        """
+        if self.spec.blocking and t.event_type in ("up", "draining"):
+            return t
+        older = self._supersedable(t)
+        if older is None or older.event["data"]["instance"] != instance:
+            return t
+        goes, instead = supersede(older.event_type, older.from_state, t)
+        if goes:
+            self._forget(older)
+        return instead
+
+    def _supersedable(self, t: Transition) -> PendingRecord | None:
+        """The newest event for t's instance of the same kind (state or member) nobody tried yet."""
+        queue = self.queues.get(t.instance.uid) or ()
+        for event_id in reversed(queue):
+            record = self.outbox.pending.get(event_id)
+            if record is None:
+                continue
+            if record.attempts or record.blocking or event_id in self.in_flight or event_id in self.inherited:
+                return None  # what follows an attempted event is never reordered before it
+            goes, _ = supersede(record.event_type, record.from_state, t)
+            if goes:
+                return record
+        return None
+
+    def _forget(self, record: PendingRecord) -> None:
+        self.outbox.pending.pop(record.event_id, None)
+        self.inherited.discard(record.event_id)
+        queue = self.queues.get(record.instance_uid)
+        if queue is not None and record.event_id in queue and record.event_id not in self.in_flight:
+            queue.remove(record.event_id)
+        self.outbox.touch()
+
+    def _oldest_droppable(self) -> Iterator[PendingRecord]:
+        return (r for r in self.outbox.pending.values() if not r.blocking)
+
+    def bound(self) -> None:
+        """Past maxPendingEvents, dead-letter the oldest non-blocking events (BacklogFull)."""
+        excess = sum(1 for _ in self._oldest_droppable()) - self.spec.max_pending
+        if excess > 0:
+            self._dead_letter_backlog([r for _, r in zip(range(excess), self._oldest_droppable(), strict=False)])
+
+    def _shed_bytes(self, needed: int) -> bool:
+        """The outbox's JSON is `needed` bytes over its budget: dead-letter the oldest non-blocking events."""
+        gone: list[PendingRecord] = []
+        for record in self._oldest_droppable():
+            if needed <= 0:
+                break
+            gone.append(record)
+            needed -= len(json.dumps(record.to_wire(), separators=(",", ":"))) + 1
+        self._dead_letter_backlog(gone)
+        return bool(gone)
+
+    def _dead_letter_backlog(self, records: list[PendingRecord]) -> None:
+        if not records:
+            return
+        for record in records:
+            self._forget(record)
+            self.dead_letters.append(dict(record.event))
+        self.counts["deadLettered"] += len(records)
+        if self.metrics is not None:
+            self.metrics.dead_lettered.labels(reason=BACKLOG_FULL).inc(len(records))
+        message = (f"the backlog of undelivered events is over maxPendingEvents ({self.spec.max_pending}) or the "
+                   f"outbox size: the oldest non-blocking events are dead-lettered; the load balancer is not "
+                   f"held back")
+        self._note_dead_letter(records[-1], BACKLOG_FULL, message)
+        self.events.post(self.body, BACKLOG_FULL, message, warning=True)
+        log.warning("LifecycleHandler %s/%s: %d event(s) dead-lettered, backlog full", self.spec.namespace,
+                    self.spec.name, len(records))
+        self._post_dead_letters()
+        self.publish()
+
+    def _note_dead_letter(self, record: PendingRecord, reason: str, message: str) -> None:
+        self.last_dead_letter = {"eventId": record.event_id, "type": record.event_type, "instance": record.subject,
+                                 "reason": reason, "message": message[:1000], "time": now_rfc3339()}
+
     # ----- queueing
     def enqueue(self, event_id: str) -> None:
         record = self.outbox.pending[event_id]
-        uid = record["instance_uid"]
+        uid = record.instance_uid
         queue = self.queues.setdefault(uid, deque())
         if event_id not in queue:
             queue.append(event_id)
@@ -103,30 +209,56 @@ class HandlerRuntime:
             queue = self.queues[uid]
             while queue:
                 event_id = queue[0]
-                record = self.outbox.pending.get(event_id)
-                if record is not None:
+                await self._durable()
+                if event_id in self.outbox.pending:
                     try:
-                        await self._deliver(record)
+                        await self._deliver(event_id)
                     except (TimeoutError, OSError, ApiError) as exc:
                         log.warning("delivery of %s stopped, kept in the outbox: %s", event_id, exc)
                         return
-                queue.popleft()
+                if queue and queue[0] == event_id:
+                    queue.popleft()
         finally:
             self.workers.pop(uid, None)
             if not self.queues.get(uid):
                 self.queues.pop(uid, None)
 
-    async def _deliver(self, record: dict[str, Any]) -> None:
+    async def _durable(self) -> None:
+        """Wait until the outbox that says this event is owed is written (one write serves every
+        delivery of the moment): an event sent before would be lost, were the operator to die and
+        the instance to go before the restart, with the `down` that must follow it."""
+        delay = 0.5
+        while True:
+            try:
+                await self.outbox.persist()
+                return
+            except (TimeoutError, OSError, ApiError) as exc:
+                (log.warning if delay == 0.5 else log.debug)("outbox %s not written, deliveries wait: %s",
+                                                             self.outbox.path, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _deliver(self, event_id: str) -> None:
+        """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile."""
         spec = self.spec
-        event = record["event"]
         error = ""
         started = time.monotonic()
         while True:
-            attempt = int(record.get("attempts", 0)) + 1
+            record = self.outbox.pending.get(event_id)
+            if record is None:
+                return
+            attempt = record.attempts + 1
             async with self.semaphore:
-                ok, error, retryable, retry_after = await self._attempt(event, attempt)
-            record["attempts"] = attempt
+                self.in_flight.add(event_id)
+                try:
+                    ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
+                finally:
+                    self.in_flight.discard(event_id)
             self.counts["invocations"] += 1
+            if event_id not in self.outbox.pending:
+                return  # dead-lettered while it ran: already counted there
+            record = replace(record, attempts=attempt)
+            self.outbox.pending[event_id] = record
             if ok:
                 self.counts["succeeded"] += 1
                 await self._settle(record, "Succeeded", attempt, started, "")
@@ -137,8 +269,11 @@ class HandlerRuntime:
             self._remember(record, "Failed", attempt, started, error)
             delay = backoff_delay(attempt, spec.initial_backoff, spec.max_backoff)
             await asyncio.sleep(max(delay, retry_after or 0.0))
-        await self._dead_letter(event, error)
-        await self._settle(record, "DeadLettered", record["attempts"], started, error)
+        self._note_dead_letter(record, RETRIES_EXHAUSTED, error)
+        if self.metrics is not None:
+            self.metrics.dead_lettered.labels(reason=RETRIES_EXHAUSTED).inc()
+        await self._dead_letter(dict(record.event), error)
+        await self._settle(record, "DeadLettered", record.attempts, started, error)
 
     async def _attempt(self, event: dict[str, Any], attempt: int) -> tuple[bool, str, bool, float | None]:
         spec = self.spec
@@ -159,27 +294,42 @@ class HandlerRuntime:
         message = f"event {event['id']} ({event['type']} {event.get('subject')}) dead-lettered: {error}"
         self.events.post(self.body, "DeadLettered", message, warning=True)
         if spec.dead_letter_url:
-            async with self.http_slots:
-                result = await deliver_http(self.http, spec.dead_letter_url, event, timeout=spec.timeout,
-                                            secret=self.secret, allowed_cidrs=self.allowed_cidrs)
-            if not result.ok:
-                self.events.post(self.body, "DeadLetterFailed",
-                                 f"dead-letter POST of {event['id']} failed: {result.error}", warning=True)
+            await self._post_dead_letter(event)
 
-    def _remember(self, record: dict[str, Any], result: str, attempts: int, started: float, error: str) -> None:
-        event = record["event"]
-        self.last = {"eventId": event["id"], "type": record["event_type"], "instance": event.get("subject", ""),
+    async def _post_dead_letter(self, event: dict[str, Any]) -> None:
+        async with self.http_slots:
+            result = await deliver_http(self.http, self.spec.dead_letter_url, event, timeout=self.spec.timeout,
+                                        secret=self.secret, allowed_cidrs=self.allowed_cidrs)
+        if not result.ok:
+            self.events.post(self.body, "DeadLetterFailed",
+                             f"dead-letter POST of {event['id']} failed: {result.error}", warning=True)
+
+    def _post_dead_letters(self) -> None:
+        """Events dead-lettered off the backlog go to the dead-letter URL one by one, in the background."""
+        if not self.spec.dead_letter_url:
+            self.dead_letters.clear()
+        elif self._dead_letter_task is None or self._dead_letter_task.done():
+            self._dead_letter_task = asyncio.create_task(self._drain_dead_letters(),
+                                                         name=f"dead-letter-{self.spec.name}")
+
+    async def _drain_dead_letters(self) -> None:
+        while self.dead_letters:
+            await self._post_dead_letter(self.dead_letters.popleft())
+
+    def _remember(self, record: PendingRecord, result: str, attempts: int, started: float, error: str) -> None:
+        self.last = {"eventId": record.event_id, "type": record.event_type, "instance": record.subject,
                      "result": result, "attempts": attempts, "durationMs": int((time.monotonic() - started) * 1000),
                      "error": error[:1000], "time": now_rfc3339()}
         self.publish()
 
-    async def _settle(self, record: dict[str, Any], result: str, attempts: int, started: float, error: str) -> None:
+    async def _settle(self, record: PendingRecord, result: str, attempts: int, started: float, error: str) -> None:
         if result == "DeadLettered":
             self.counts["deadLettered"] += 1
         if self.metrics is not None:
             self.metrics.invocations.labels(result=result).inc()
         self._remember(record, result, attempts, started, error)
-        self.outbox.pending.pop(record["event"]["id"], None)
+        self.outbox.pending.pop(record.event_id, None)
+        self.inherited.discard(record.event_id)
         self.outbox.touch()
         self.settled(record, result == "Succeeded")
         self.outbox.flush_soon()
@@ -199,11 +349,14 @@ class HandlerRuntime:
         }
         if self.last:
             status["lastInvocation"] = self.last
+        if self.last_dead_letter:
+            status["lastDeadLetter"] = self.last_dead_letter
         self.status.submit(resource_path("poolkeeper.dev/v1alpha1", "lifecyclehandlers", meta["namespace"],
                                          meta["name"], "status"), status)
 
     async def close(self) -> None:
-        for task in list(self.workers.values()):
+        tasks = [*self.workers.values(), *([self._dead_letter_task] if self._dead_letter_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.workers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -1,5 +1,25 @@
 """LifecycleHandlers plugged into the pool reconcile: transitions -> outbox -> deliveries,
-and blocking hooks that gate a member's registration or removal."""
+and blocking hooks that gate a member's registration or removal.
+
+Where handlers hear transitions: in one place, `_announce`, the diff between what each handler
+was told (the outbox's announced entries) and what the pool's membership rule says now.
+- Instance transitions (up, draining, down) reach it from the informer callback
+  (`instance_changed`, for the one instance that changed). That is the path, and not the
+  reconcile, because it is the fast one: a transition goes to the handler's queue in the same
+  loop turn as the watch event, without waiting for the work queue, a backend read or another
+  pool's reconcile (transition -> function entered is what bench/bench_lifecycle.py measures).
+- The reconcile (`prepare`) runs `_announce` over the whole pool only when the membership it is
+  about to act on differs from what the handlers were told: after a start (instances that left
+  while no operator watched), a new or changed handler or pool spec, an address or permission
+  change that no instance event reports. In steady state it starts nothing. It does keep the
+  order that makes blocking hooks safe: a blocking handler's outbox is written (and its gate
+  taken) before the backend acts. Non-blocking outboxes are written in the background: the
+  backend does not wait for them, their deliveries do (delivery.py `_durable`), so a handler
+  told `up` is told `down` too, even across a crash, and a non-blocking handler's outbox never
+  holds the load balancer back.
+- Member transitions (registered, deregistered) come from what the backend did, so only from
+  the reconcile (`observe`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +42,8 @@ from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.tenancy import function_slots_per_namespace, http_slots_per_namespace
 from poolkeeper.core.transitions import (
-    Announced,
+    DRAINING,
+    UP,
     Transition,
     instance_transitions,
     member_states,
@@ -42,7 +64,15 @@ from poolkeeper.lifecycle.outbox import (
     Outbox,
     instance_from_record,
 )
-from poolkeeper.lifecycle.outbox_records import Scope, announced_entry, instance_record, pending_record, summary
+from poolkeeper.lifecycle.outbox_records import (
+    AnnouncedEntry,
+    PendingRecord,
+    Scope,
+    announced_entry,
+    instance_record,
+    new_pending,
+    summary,
+)
 from poolkeeper.lifecycle.spec import HandlerSpec, parse_handler
 
 log = logging.getLogger(__name__)
@@ -62,6 +92,15 @@ class Gates:
         held = frozenset(n for (k, n) in self.abandoned if k == key)
         keep = frozenset(n for (k, n), ids in self.pending_drain.items() if k == key and ids)
         return MemberHolds(pending, held, keep)
+
+
+@dataclass
+class Heard:
+    """What a pool's handlers were told, in short: checked by the reconcile before it acts."""
+
+    handlers: frozenset[tuple[str, int]] = frozenset()  # (uid, generation) of each handler
+    spec: PoolSpec | None = None
+    members: dict[str, tuple[str, str]] = field(default_factory=dict)  # instance uid -> (member, up | draining)
 
 
 class LifecycleHandlers:
@@ -84,6 +123,7 @@ class LifecycleHandlers:
         self._http_slots: dict[str, asyncio.Semaphore] = {}
         self.runtimes: dict[Key, HandlerRuntime] = {}
         self.gates = Gates()
+        self.heard: dict[Key, Heard] = {}
         self._started = False
         self._recheck: asyncio.Task[None] | None = None
 
@@ -129,9 +169,10 @@ class LifecycleHandlers:
                                  events=self.events, settled=self._settled_for(key), metrics=self.metrics)
         self.runtimes[key] = runtime
         await runtime.validate()
-        for event_id, record in sorted(outbox.pending.items(), key=lambda kv: kv[1].get("order", 0)):
+        for event_id, record in sorted(outbox.pending.items(), key=lambda kv: kv[1].order):
             self._gate(record)
             runtime.enqueue(event_id)
+        runtime.bound()
         self._requeue_pool(spec.namespace, spec.pool)
         if old is not None and old.spec.pool != spec.pool:
             self._requeue_pool(spec.namespace, old.spec.pool)
@@ -216,8 +257,7 @@ class LifecycleHandlers:
     def instance_changed(self, spec: PoolSpec, instance: InstanceState, policy: AddressPolicy) -> None:
         """The event path: tell handlers at once, without waiting for the pool's next reconcile.
 
-        Membership is decided by the same pure rule the reconcile uses, on this one instance;
-        the reconcile's `prepare` then makes the outbox durable before the backend acts.
+        Membership is decided by the same pure rule the reconcile uses, on this one instance.
         """
         runtimes = self._handlers_for(spec)
         if not runtimes:
@@ -225,53 +265,72 @@ class LifecycleHandlers:
         one, _ = desired_members(namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector,
                                  port=spec.port, instances=[instance], policy=policy,
                                  variant=spec.variant if spec.backend_type == "HAProxy" else "")
+        heard = self.heard.get(spec.key)
+        if heard is not None:
+            heard.members.pop(instance.uid, None)
+            heard.members.update(_told(one))
         current = member_states(one)
         for runtime in runtimes:
-            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
-            entry = announced_raw.get(instance.uid)
-            announced = {instance.uid: Announced(entry["state"], int(entry["seq"]))} if entry else {}
-            known = {instance.uid: (instance, entry.get("member", ""))} if entry else {}
-            for event_id in self._advance(runtime, spec, instance_transitions(announced, current, known),
-                                          announced_raw)[0]:
-                runtime.enqueue(event_id)
+            self._announce(runtime, spec, current, only=instance.uid)
+        for runtime in runtimes:
+            if not runtime.spec.blocking:
+                runtime.outbox.flush_soon()  # blocking ones: the reconcile writes them before it acts
 
     async def prepare(self, spec: PoolSpec, desired: Mapping[str, DesiredMember]) -> bool:
-        """Record this reconcile's instance transitions in the outboxes before the backend acts.
+        """Before the backend acts: the handlers heard every transition, and blocking ones have it on record.
 
-        Most were recorded on the event path already; this catches the rest (a restart, a pool or
-        handler that just appeared). Returns True when a blocking hook now holds a member, so the
-        caller re-plans with it.
+        Runs `_announce` for the whole pool only when the event path could not have told the
+        handlers (see the module docstring). Returns True when a blocking hook now holds a
+        member, so the caller re-plans with it. Raises OutboxError only when a blocking
+        handler's outbox cannot be written: nothing else holds the backend back.
         """
         runtimes = self._handlers_for(spec)
         if not runtimes:
+            self.heard.pop(spec.key, None)
             return False
-        current = member_states(desired)
+        members = _told(desired)
+        handlers = frozenset((r.spec.uid, r.spec.generation) for r in runtimes)
+        heard = self.heard.get(spec.key)
         gated = False
+        if heard is None or heard.handlers != handlers or heard.spec != spec or heard.members != members:
+            current = member_states(desired)
+            told = 0
+            for runtime in runtimes:
+                new, holds = self._announce(runtime, spec, current, only=None)
+                told, gated = told + len(new), gated or holds
+            if told and heard is not None and heard.handlers == handlers and heard.spec == spec:
+                log.info("pool %s/%s: %d transition(s) no instance event reported, told now", spec.namespace,
+                         spec.name, told)
+            self.heard[spec.key] = Heard(handlers, spec, members)
         for runtime in runtimes:
-            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
-            known = {uid: (self._current_record(e), e.get("member", "")) for uid, e in announced_raw.items()}
-            transitions = instance_transitions(runtime.outbox.announced_for(spec.uid), current, known)
-            new, holds = self._advance(runtime, spec, transitions, announced_raw)
-            gated |= holds
-            # Delivery may start before the outbox is durable: were we to crash first, the restart
-            # re-derives the same transition with the same id (at-least-once). The load-balancer
-            # action, though, waits for the write below.
-            for event_id in new:
-                runtime.enqueue(event_id)
-        await self._persist(runtimes, strict=True)
+            if not runtime.spec.blocking and runtime.outbox.dirty:
+                runtime.outbox.flush_soon()
+        await self._persist([r for r in runtimes if r.spec.blocking], strict=True)
         return gated
 
-    def _advance(self, runtime: HandlerRuntime, spec: PoolSpec, transitions: list[Transition],
-                 announced_raw: dict[str, dict[str, Any]]) -> tuple[list[str], bool]:
-        """Record transitions as told; returns the new event ids and whether a blocking `up` hook now holds."""
+    def _announce(self, runtime: HandlerRuntime, spec: PoolSpec, current: Mapping[str, tuple[str, DesiredMember]],
+                  *, only: str | None) -> tuple[list[str], bool]:
+        """THE place handlers hear instance transitions: diff, record, gate, start delivering.
+
+        `current` is what the membership rule says now; `only` limits the diff to one instance
+        (the event path), None takes the whole pool. Returns the event ids started and whether
+        a blocking `up` hook now holds a member.
+        """
+        entries = runtime.outbox.announced.setdefault(spec.uid, {})
+        scope = entries if only is None else {only: entries[only]} if only in entries else {}
+        announced = {uid: e.announced for uid, e in scope.items()}
+        known = {uid: (self._current_record(e), e.member) for uid, e in scope.items()}
         new: list[str] = []
         gated = False
-        for t in transitions:
+        for t in instance_transitions(announced, current, known):
             self.gates.abandoned.discard((spec.key, t.member))  # Held lasts until the next transition
-            event_id = self._record(runtime, spec, t, announced_raw)
+            event_id = self._record(runtime, spec, t)
             if event_id:
                 new.append(event_id)
                 gated |= self._gate(runtime.outbox.pending[event_id])
+        for event_id in new:
+            if event_id in runtime.outbox.pending:  # (the bound may have dead-lettered it already)
+                runtime.enqueue(event_id)
         return new, gated
 
     async def observe(self, spec: PoolSpec, desired: Mapping[str, DesiredMember], results: list[ActionResult],
@@ -287,8 +346,8 @@ class LifecycleHandlers:
         by_name = {m.name: m.instance for m in desired.values()}
         new: list[tuple[HandlerRuntime, str]] = []
         for runtime in runtimes:
-            announced_raw = runtime.outbox.announced.setdefault(spec.uid, {})
-            by_member = {e.get("member"): (uid, e) for uid, e in announced_raw.items()}
+            entries = runtime.outbox.announced.setdefault(spec.uid, {})
+            by_member = {e.member: e for e in entries.values()}
             for result in results:
                 action = result.action
                 if not result.ok:
@@ -298,87 +357,94 @@ class LifecycleHandlers:
                 elif (isinstance(action, RemoveMember) and action.name in by_member
                       and action.reason != "address changed"):
                     event_type = "deregistered"
-                    inst = self._current_record(by_member[action.name][1])
+                    inst = self._current_record(by_member[action.name])
                 else:
                     continue
-                entry = announced_raw.get(inst.uid)
-                before = Announced(entry["state"], int(entry["seq"])) if entry else None
-                t = member_transition(before, inst, action.name, event_type, action.reason if isinstance(
-                    action, RemoveMember) else "member entered rotation")
-                event_id = self._record(runtime, spec, t, announced_raw)
+                entry = entries.get(inst.uid)
+                t = member_transition(entry.announced if entry else None, inst, action.name, event_type,
+                                      action.reason if isinstance(action, RemoveMember) else "member entered rotation")
+                event_id = self._record(runtime, spec, t)
                 if event_id:
                     new.append((runtime, event_id))
-            for uid, entry in list(announced_raw.items()):
-                if entry["state"] == "down" and entry.get("member") not in present and not self._still_exists(entry):
-                    del announced_raw[uid]
+            for uid, entry in list(entries.items()):
+                if entry.state == "down" and entry.member not in present and not self._still_exists(entry):
+                    del entries[uid]
                     runtime.outbox.touch()
         for runtime, event_id in new:
-            runtime.enqueue(event_id)
+            if event_id in runtime.outbox.pending:
+                runtime.enqueue(event_id)
         for runtime in runtimes:  # the action already happened: nothing waits on this write
             if runtime.outbox.dirty:
                 runtime.outbox.flush_soon()
 
     # ----- helpers
-    def _record(self, runtime: HandlerRuntime, spec: PoolSpec, t: Transition,
-                announced_raw: dict[str, dict[str, Any]]) -> str | None:
-        """Advance what the handler was told; queue an event if it subscribed to this type."""
-        announced_raw[t.instance.uid] = announced_entry(t)
+    def _record(self, runtime: HandlerRuntime, spec: PoolSpec, t: Transition) -> str | None:
+        """Advance what the handler was told; queue an event if it subscribed to this type.
+
+        A newer event supersedes an undelivered older one of the same instance (delivery.py), and
+        the backlog stays within its bound: neither ever waits for the receiver.
+        """
+        runtime.outbox.announced.setdefault(spec.uid, {})[t.instance.uid] = announced_entry(t)
         runtime.outbox.touch()
         if t.event_type not in runtime.spec.events:
             return None
+        instance = {**instance_record(t.instance), "port": spec.port}
+        instead = runtime.supersede(t, instance)
+        if instead is None:
+            return None  # it and the event it superseded cancel out
         event = build_event(
             handler_uid=runtime.spec.uid, pool_uid=spec.uid, pool_namespace=spec.namespace, pool_name=spec.name,
-            instance={**instance_record(t.instance), "port": spec.port}, event_type=t.event_type, sequence=t.seq,
-            from_state=t.from_state, to_state=t.to_state, reason=t.reason, time=datetime.now(UTC))
-        runtime.outbox.pending[event["id"]] = pending_record(event, t, spec.key, blocking=runtime.spec.blocking,
-                                                            order=time.time_ns())
-        return str(event["id"])
+            instance=instance, event_type=instead.event_type, sequence=instead.seq, from_state=instead.from_state,
+            to_state=instead.to_state, reason=instead.reason, time=datetime.now(UTC))
+        record = new_pending(event, instead, spec.key, blocking=runtime.spec.blocking, order=time.time_ns())
+        runtime.outbox.pending[record.event_id] = record
+        runtime.bound()
+        return record.event_id if record.event_id in runtime.outbox.pending else None
 
-    def _gate_slot(self, record: Mapping[str, Any]) -> tuple[dict[tuple[Key, str], set[str]], tuple[Key, str]]:
+    def _gate_slot(self, record: PendingRecord) -> tuple[dict[tuple[Key, str], set[str]], tuple[Key, str]]:
         """The table of running blocking hooks for the record's type, and its (pool, member) key."""
-        pool, member = record["pool"], record["member"]
-        table = self.gates.pending_up if record["event_type"] == "up" else self.gates.pending_drain
-        return table, ((pool[0], pool[1]), member)
+        table = self.gates.pending_up if record.event_type == UP else self.gates.pending_drain
+        return table, (record.pool, record.member)
 
-    def _gate(self, record: dict[str, Any]) -> bool:
-        if not record.get("blocking"):
+    def _gate(self, record: PendingRecord) -> bool:
+        if not record.blocking:
             return False
         table, key = self._gate_slot(record)
-        table.setdefault(key, set()).add(record["event"]["id"])
-        return bool(record["event_type"] == "up")
+        table.setdefault(key, set()).add(record.event_id)
+        return record.event_type == UP
 
-    def _settled_for(self, handler_key: Key) -> Callable[[dict[str, Any], bool], None]:
-        def settled(record: dict[str, Any], ok: bool) -> None:
-            if not record.get("blocking"):
+    def _settled_for(self, handler_key: Key) -> Callable[[PendingRecord, bool], None]:
+        def settled(record: PendingRecord, ok: bool) -> None:
+            if not record.blocking:
                 return
             runtime = self.runtimes.get(handler_key)
             table, member_key = self._gate_slot(record)
             pool_key = member_key[0]
             ids = table.get(member_key)
             if ids is not None:
-                ids.discard(record["event"]["id"])
+                ids.discard(record.event_id)
                 if not ids:
                     table.pop(member_key, None)
-            if record["event_type"] == "up" and not ok and runtime and runtime.spec.on_failure == "Abandon":
+            if record.event_type == UP and not ok and runtime and runtime.spec.on_failure == "Abandon":
                 self.gates.abandoned.add(member_key)
             pool_body = self.store.pools.get(pool_key)
             if pool_body is not None:
                 verdict = "succeeded" if ok else f"failed ({runtime.spec.on_failure if runtime else 'Continue'})"
                 self.events.post(pool_body, "LifecycleHook",
-                                 f"blocking {record['event_type']} hook {handler_key[1]} for "
-                                 f"{record['event'].get('subject')} {verdict}", warning=not ok)
+                                 f"blocking {record.event_type} hook {handler_key[1]} for "
+                                 f"{record.subject} {verdict}", warning=not ok)
             self.queue.add(pool_key)
         return settled
 
-    def _current_record(self, entry: Mapping[str, Any]) -> InstanceState:
-        record = entry.get("instance") or {}
+    def _current_record(self, entry: AnnouncedEntry) -> InstanceState:
+        record = entry.instance
         live = self.store.get_instance(record.get("kind", ""), record.get("namespace") or "", record.get("name", ""))
         if live is not None and live.uid == record.get("uid"):
             return live
         return instance_from_record(record, f"{record.get('kind', 'instance').lower()} deleted")
 
-    def _still_exists(self, entry: Mapping[str, Any]) -> bool:
-        record = entry.get("instance") or {}
+    def _still_exists(self, entry: AnnouncedEntry) -> bool:
+        record = entry.instance
         live = self.store.get_instance(record.get("kind", ""), record.get("namespace") or "", record.get("name", ""))
         return live is not None and live.uid == record.get("uid")
 
@@ -403,3 +469,8 @@ class LifecycleHandlers:
                 await runtime.outbox.persist()  # a clean stop leaves nothing to re-deliver
         await self.http.close()
         await self.functions.close()
+
+
+def _told(desired: Mapping[str, DesiredMember]) -> dict[str, tuple[str, str]]:
+    """instance uid -> (member, up | draining): what the handlers are told about these members."""
+    return {m.instance.uid: (m.name, UP if m.serving else DRAINING) for m in desired.values()}

@@ -6,7 +6,9 @@ outbox steers deliveries and holds members out of rotation, so it must not live 
 written before the load-balancer action it describes, checked record by record when loaded
 (outbox_records.py), and deleted with its handler (ownerReferences cannot cross namespaces).
 Writes are coalesced: callers that arrive while a write is in flight share the next one, so
-the outbox never caps throughput.
+the outbox never caps throughput. It also never outgrows a ConfigMap: before a write whose JSON
+would pass BYTE_BUDGET, `shed` (the handler runtime) dead-letters the oldest non-blocking
+records, so a slow receiver costs its own events, never the pool's ability to write.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.transitions import Announced
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
-from poolkeeper.lifecycle.outbox_records import Scope, parse_outbox
+from poolkeeper.lifecycle.outbox_records import AnnouncedEntry, PendingRecord, Scope, parse_outbox
 
 log = logging.getLogger(__name__)
 DATA_KEY = "outbox.json"
@@ -31,6 +34,10 @@ HANDLER_UID_LABEL = "poolkeeper.dev/handler-uid"
 HANDLER_NAMESPACE_LABEL = "poolkeeper.dev/handler-namespace"
 HANDLER_NAME_LABEL = "poolkeeper.dev/handler-name"
 HANDLER_ANNOTATION = "poolkeeper.dev/handler"
+# What the JSON may take of a ConfigMap's 1 MiB (the rest: metadata, and room for one more record).
+BYTE_BUDGET = 900 * 1024
+# Called with how many bytes must go; returns True when it freed something (False: nothing can go).
+Shed = Callable[[int], bool]
 
 
 def outbox_name(handler_uid: str) -> str:
@@ -42,7 +49,7 @@ def _label_value(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+$", "", value[:63])
 
 
-def instance_from_record(record: dict[str, Any], reason: str) -> InstanceState:
+def instance_from_record(record: Mapping[str, Any], reason: str) -> InstanceState:
     return InstanceState(record["kind"], record.get("namespace") or "", record["name"], record["uid"],
                          record.get("address"), record.get("labels") or {}, Phase.DOWN, reason)
 
@@ -53,9 +60,9 @@ class Outbox:
         self.api, self.namespace, self.handler, self.handler_uid = api, namespace, handler, handler_uid
         self.handler_namespace = handler_namespace
         self.deleted = False
-        # pool uid -> instance uid -> {"state", "seq", "instance": record, "member": name}
-        self.announced: dict[str, dict[str, dict[str, Any]]] = {}
-        self.pending: dict[str, dict[str, Any]] = {}  # event id -> delivery record
+        self.announced: dict[str, dict[str, AnnouncedEntry]] = {}  # pool uid -> instance uid -> entry
+        self.pending: dict[str, PendingRecord] = {}  # event id -> delivery still owed
+        self.shed: Shed | None = None
         self._version = 0
         self._saved = 0
         self._lock = asyncio.Lock()
@@ -91,7 +98,16 @@ class Outbox:
             await self.api.delete(self.path)
 
     def announced_for(self, pool_uid: str) -> dict[str, Announced]:
-        return {uid: Announced(e["state"], int(e["seq"])) for uid, e in self.announced.get(pool_uid, {}).items()}
+        return {uid: e.announced for uid, e in self.announced.get(pool_uid, {}).items()}
+
+    def render(self) -> str:
+        """The JSON kept in the ConfigMap, shed (see BYTE_BUDGET) until it fits."""
+        while True:
+            text = json.dumps({"announced": {pool: {uid: e.to_wire() for uid, e in entries.items()}
+                                             for pool, entries in self.announced.items()},
+                               "pending": [r.to_wire() for r in self.pending.values()]}, separators=(",", ":"))
+            if len(text) <= BYTE_BUDGET or self.shed is None or not self.shed(len(text) - BYTE_BUDGET):
+                return text
 
     def touch(self) -> None:
         self._version += 1
@@ -111,12 +127,15 @@ class Outbox:
 
     async def _flush_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
+        retry = FLUSH_DELAY
         try:
             await self.persist()
         except (TimeoutError, ApiError, OSError) as exc:
             log.warning("outbox %s not written, retrying: %s", self.path, exc)
-            self._flusher = None
-            self.flush_soon(1.0)
+            retry = 1.0
+        self._flusher = None
+        if self.dirty and not self.deleted:  # changed while this write was in flight (or it failed)
+            self.flush_soon(retry)
 
     async def persist(self) -> None:
         """Make every change made before this call durable (one write may cover many callers)."""
@@ -124,7 +143,8 @@ class Outbox:
         async with self._lock:
             if self._saved >= target or self.deleted:
                 return
-            version = self._version
+            text = self.render()
+            version = self._version  # after render: what it shed is in this write
             body = {
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": outbox_name(self.handler_uid), "namespace": self.namespace,
@@ -133,8 +153,7 @@ class Outbox:
                                         HANDLER_NAMESPACE_LABEL: self.handler_namespace,
                                         HANDLER_NAME_LABEL: _label_value(self.handler)},
                              "annotations": {HANDLER_ANNOTATION: f"{self.handler_namespace}/{self.handler}"}},
-                "data": {DATA_KEY: json.dumps({"announced": self.announced,
-                                               "pending": list(self.pending.values())}, separators=(",", ":"))},
+                "data": {DATA_KEY: text},
             }
             try:
                 await self.api.replace(self.path, body)

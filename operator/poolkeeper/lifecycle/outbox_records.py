@@ -9,13 +9,14 @@ another pool, namespace or handler, is dropped with a reason instead of acted on
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from poolkeeper.core.cloudevents import EVENT_TYPES, SPECVERSION, event_id, subject_of
 from poolkeeper.core.model import InstanceState
 from poolkeeper.core.naming import member_name
-from poolkeeper.core.transitions import DOWN, DRAINING, NONE, UP, Transition
+from poolkeeper.core.transitions import DOWN, DRAINING, NONE, UP, Announced, Transition
 
 MAX_BYTES = 1024 * 1024  # what a ConfigMap can hold; anything bigger was not written by the API server
 # Counted before parsing: a megabyte of `{}` costs tens of MB as Python objects. A real record is
@@ -41,12 +42,80 @@ class Scope:
     kind: str | None = None  # the pool's source kind, when known
 
 
+@dataclass(frozen=True, slots=True)
+class AnnouncedEntry:
+    """What a handler was last told about one instance: its state, sequence number, member and record.
+
+    `instance` is the instance as the event described it (kind, namespace, name, uid, address,
+    labels): what a `down` event says about an instance that is already gone.
+    """
+
+    state: str
+    seq: int
+    member: str
+    instance: Mapping[str, Any]
+
+    @property
+    def announced(self) -> Announced:
+        return Announced(self.state, self.seq)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"state": self.state, "seq": self.seq, "member": self.member, "instance": dict(self.instance)}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> AnnouncedEntry:
+        """From a dict that check_announced accepted."""
+        return cls(raw["state"], raw["seq"], raw.get("member", ""), dict(raw["instance"]))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRecord:
+    """A delivery still owed: the CloudEvent (as it will be sent, id included) and how to route it.
+
+    The wire form (to_wire) is the JSON object older operators wrote, so their outboxes load.
+    """
+
+    event: Mapping[str, Any]
+    event_type: str
+    instance_uid: str
+    member: str
+    pool: tuple[str, str]
+    attempts: int
+    order: int
+    blocking: bool
+    seq: int
+
+    @property
+    def event_id(self) -> str:
+        return str(self.event["id"])
+
+    @property
+    def subject(self) -> str:
+        return str(self.event.get("subject", ""))
+
+    @property
+    def from_state(self) -> str:
+        return str(self.event["data"]["from"])
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"event": self.event, "event_type": self.event_type, "instance_uid": self.instance_uid,
+                "member": self.member, "pool": list(self.pool), "attempts": self.attempts, "order": self.order,
+                "blocking": self.blocking, "seq": self.seq}
+
+    @classmethod
+    def from_wire(cls, raw: Mapping[str, Any]) -> PendingRecord:
+        """From a dict that check_pending accepted."""
+        pool = raw["pool"]
+        return cls(raw["event"], raw["event_type"], raw["instance_uid"], raw["member"], (pool[0], pool[1]),
+                   raw["attempts"], raw["order"], raw["blocking"], raw["seq"])
+
+
 @dataclass(slots=True)
 class Parsed:
     """The records that passed, and one line per record (or whole outbox) dropped."""
 
-    announced: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    announced: dict[str, dict[str, AnnouncedEntry]] = field(default_factory=dict)
+    pending: dict[str, PendingRecord] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
 
 
@@ -55,17 +124,22 @@ def instance_record(inst: InstanceState) -> dict[str, Any]:
             "address": inst.address, "labels": dict(inst.labels)}
 
 
-def announced_entry(t: Transition) -> dict[str, Any]:
+def announced_entry(t: Transition) -> AnnouncedEntry:
     """What the handler was told about the instance of `t`, as the outbox keeps it."""
-    return {"state": t.to_state, "seq": t.seq, "member": t.member, "instance": instance_record(t.instance)}
+    return AnnouncedEntry(t.to_state, t.seq, t.member, instance_record(t.instance))
+
+
+def new_pending(event: Mapping[str, Any], t: Transition, pool: tuple[str, str], *, blocking: bool,
+                order: int) -> PendingRecord:
+    """A delivery still owed for transition `t`; only `up` and `draining` hooks can block."""
+    return PendingRecord(event, t.event_type, t.instance.uid, t.member, pool, 0, order,
+                         blocking and t.event_type in (UP, DRAINING), t.seq)
 
 
 def pending_record(event: dict[str, Any], t: Transition, pool: tuple[str, str], *, blocking: bool,
                    order: int) -> dict[str, Any]:
-    """A delivery still owed, as the outbox keeps it (exactly the fields check_pending accepts)."""
-    return {"event": event, "event_type": t.event_type, "instance_uid": t.instance.uid, "member": t.member,
-            "pool": list(pool), "attempts": 0, "order": order, "seq": t.seq,
-            "blocking": blocking and t.event_type in (UP, DRAINING)}
+    """The wire form of new_pending (exactly the fields check_pending accepts)."""
+    return new_pending(event, t, pool, blocking=blocking, order=order).to_wire()
 
 
 def _is_int(value: Any) -> bool:
@@ -215,14 +289,14 @@ def _take_announced(raw: Any, scope: Scope, out: Parsed) -> None:
         if not isinstance(entries, dict):
             out.dropped.append(f"announced[{pool_uid!r}] is not an object: dropped")
             continue
-        kept: dict[str, dict[str, Any]] = {}
+        kept: dict[str, AnnouncedEntry] = {}
         for instance_uid, entry in entries.items():
             count += 1
             problem = "over the record cap" if count > MAX_ANNOUNCED else check_announced(instance_uid, entry, scope)
             if problem:
                 out.dropped.append(f"announced {instance_uid!r}: {problem}")
             else:
-                kept[instance_uid] = entry
+                kept[instance_uid] = AnnouncedEntry.from_wire(entry)
         out.announced[pool_uid] = kept
 
 
@@ -239,7 +313,7 @@ def _take_pending(raw: Any, scope: Scope, out: Parsed) -> None:
         if problem:
             out.dropped.append(f"pending record {index}: {problem}")
         else:
-            out.pending[record["event"]["id"]] = record
+            out.pending[record["event"]["id"]] = PendingRecord.from_wire(record)
 
 
 def summary(dropped: list[str], limit: int = 3) -> str:

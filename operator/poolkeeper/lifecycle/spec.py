@@ -27,6 +27,7 @@ class HandlerSpec:
     max_backoff: float = 60.0
     dead_letter_url: str = ""
     max_concurrency: int = 16
+    max_pending: int = 500  # undelivered non-blocking events kept; older ones are dead-lettered
 
     @property
     def function_name(self) -> str:
@@ -50,4 +51,5 @@ def parse_handler(obj: Mapping[str, Any]) -> HandlerSpec:
         max_backoff=float(retry.get("maxBackoffSeconds") or 60),
         dead_letter_url=((spec.get("deadLetter") or {}).get("http") or {}).get("url", ""),
         max_concurrency=int(spec.get("maxConcurrency") or 16),
+        max_pending=int(spec.get("maxPendingEvents") or 500),
     )
