@@ -316,10 +316,13 @@ async def _pod_left_watch(rt: Runtime, obj: dict[str, Any]) -> None:
     if now is not None and now["metadata"].get("uid") == meta.get("uid") and \
             pod_filter.matches(dict(now["metadata"].get("labels") or {})):
         return  # back inside the filter already: its ADDED event keeps it
-    if left_filter(obj, now, pod_filter):
-        _apply_instance(rt, replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER), True)
-    else:
+    if not left_filter(obj, now, pod_filter):
         _apply_instance(rt, pod_state(obj, deleted=True), True)
+        return
+    # told while still in the store, so handlers hear why; then forgotten: no event will update it
+    state = replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER)
+    _apply_instance(rt, state, False)
+    rt.store.drop_instance(state.kind, state.namespace, state.name)
 
 
 @functools.cache
