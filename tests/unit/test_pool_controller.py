@@ -110,6 +110,7 @@ class Sinks:
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str]] = []
         self.patches: list[Any] = []
+        self.gates: dict[str, str] = {}  # pod ref -> the member state its readiness gate follows
 
     def submit(self, path: str, status: dict[str, Any]) -> None:
         self.statuses.append(status)
@@ -122,7 +123,8 @@ class Sinks:
         return {}
 
     async def sync(self, pool: str, pods: Any, reports: Any, release: bool = False) -> None:
-        return None
+        for pod in pods:
+            self.gates[pod.ref] = "released" if release else reports[pod.ref].state.value
 
     async def flush(self) -> None:
         return None
@@ -164,10 +166,12 @@ class World:
         self.controller = c
         return c
 
-    def pods(self, count: int) -> None:
+    def pods(self, count: int, gate: str = "") -> None:
+        """`gate`: the status of the pods' readiness gate of pool `web` ("" for no gate)."""
         for i in range(count):
+            gates = {"poolkeeper.dev/web": gate} if gate else {}
             self.store.put_instance(InstanceState("Pod", NS, f"web-{i}", f"uid-{i}", f"10.0.0.{i + 1}",
-                                                  {"app": "web"}, Phase.UP, "pod ready"))
+                                                  {"app": "web"}, Phase.UP, "pod ready", gates))
 
     def put_pool(self, body: dict[str, Any], version: str) -> None:
         body = copy.deepcopy(body)
@@ -420,3 +424,17 @@ def test_a_node_pool_whose_namespace_loses_node_sources_drains_its_own_servers(w
     world.settle()
     assert admins(lb, "b1") == {}
     assert world.sinks.status["conditions"][-1]["reason"] == "NodeSourceNotAllowed"
+
+
+def test_readiness_gates_stay_true_while_the_pool_moves(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1", "b2"])
+    world.pods(2, gate="True")
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True)), "1")
+    world.settle()
+    assert set(world.sinks.gates.values()) == {"Active"}
+    lb.health = "CHECKING"
+    world.put_pool(pool_body(haproxy("edge", "b2", check=True)), "2")
+    world.reconcile()
+    assert set(admins(lb, "b2").values()) == {Admin.DRAIN}
+    assert set(world.sinks.gates.values()) == {"Active"}, "serving in b1: the pods stay Ready"
+    assert {m["state"] for m in world.sinks.status["members"]} == {"Registering"}, "status tells the truth"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
@@ -26,7 +26,7 @@ from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProbl
 from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
 from poolkeeper.controller.loadbalancers import LoadBalancers
-from poolkeeper.controller.readiness import ReadinessGates
+from poolkeeper.controller.readiness import ReadinessGates, gate_type
 from poolkeeper.controller.report import (
     PoolReport,
     Reporter,
@@ -302,7 +302,8 @@ class PoolController:
         if in_rotation:  # 6. move: the new place serves, so the old ones may drain
             elsewhere = await self._drain_elsewhere(body, spec, memory, except_for=here)
         # 7. report
-        await self.gates.sync(spec.name, self._pods_with_gate(spec), memory.reports)
+        moving = any(p != here for p in memory.placements or [])
+        await self.gates.sync(spec.name, self._pods_with_gate(spec), self._gate_reports(spec, memory, moving))
         await self.hooks.observe(spec, wanted.members, results, frozenset(r.name for r in reports))
         synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}")
         if hard:
@@ -349,10 +350,23 @@ class PoolController:
         namespace = None if spec.kind == "Node" else spec.namespace
         return self.store.instances_of(spec.kind, namespace)
 
+    def _gate_reports(self, spec: PoolSpec, memory: PoolMemory, moving: bool) -> Mapping[str, MemberReport]:
+        """While the pool moves, a member still registering in the new place is in rotation in the
+        old one: a readiness gate that is True stays True (the pod stays Ready through the move)."""
+        if not moving:
+            return memory.reports
+        gate = gate_type(spec.name)
+        out = dict(memory.reports)
+        for pod in self._pods_with_gate(spec):
+            report = out.get(pod.ref)
+            if report is not None and report.state is MemberState.REGISTERING and pod.gates.get(gate) == "True":
+                out[pod.ref] = replace(report, state=MemberState.ACTIVE, reason="in rotation where the pool was before")
+        return out
+
     def _pods_with_gate(self, spec: PoolSpec) -> list[Any]:
         if spec.kind != "Pod":
             return []
-        gate = f"poolkeeper.dev/{spec.name}"
+        gate = gate_type(spec.name)
         return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
 
     async def _backend(self, spec: PoolSpec) -> tuple[Backend, AddressPolicy]:
