@@ -95,8 +95,8 @@ def test_a_moved_pool_is_in_rotation_in_the_new_backend_before_the_old_one_drain
         wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
                  30, "3 active members in backend web")
         load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=90)
-        # requests in flight on the old servers when they drain, each held open for 4 s
-        inflight = LoadGenerator(haproxy.frontend_url("web") + "/?delay=4", connections=3).start(count=3)
+        # requests in flight on the old servers when they drain, each held open for 8 s
+        inflight = LoadGenerator(haproxy.frontend_url("web") + "/?delay=8", connections=3).start(count=3)
         wait_for(lambda: sum(int(r["scur"] or 0) for r in haproxy_stats(haproxy, "web").values()) >= 3,
                  10, "slow requests in flight")
         patch_pool(custom, namespace, "web", {"backend": ha_backend(lb, "api", **CHECKS)})
@@ -246,7 +246,7 @@ def test_a_pod_relabelled_out_of_the_operator_filter_drains_and_handlers_hear_wh
                  30, "2 active members")
         wait_for(lambda: len(receiver.on(path)) == 2, 20, "both up events delivered")
         load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=60)
-        held = LoadGenerator(haproxy.frontend_url("web") + "/?delay=3", connections=4).start(count=4)
+        held = LoadGenerator(haproxy.frontend_url("web") + "/?delay=5", connections=4).start(count=4)
         wait_for(lambda: sum(int(r["scur"] or 0) for r in haproxy_stats(haproxy, "web").values()) >= 2,
                  10, "slow requests in flight on both servers")
         relabel = {"metadata": {"labels": {FILTER_LABEL: "no"}}}
