@@ -305,6 +305,8 @@ def test_a_port_change_without_checks_replaces_beside(world: World) -> None:
     assert len(lb.in_backend("b1")) == 4, "new servers beside the old ones"
     world.settle()
     assert {m.port for m in lb.in_backend("b1").values()} == {9090} and len(lb.in_backend("b1")) == 2
+    removals = {a.reason for _, a in lb.log if isinstance(a, RemoveMember)}
+    assert removals == {"address changed"}, "handlers hear no deregistration: the instance is still registered"
     # and back again: the names alternate, so the pool never needs a third
     world.put_pool(pool_body(haproxy("edge", "b1"), port=8080), "3")
     world.settle()

@@ -293,7 +293,9 @@ class PoolController:
         memory.instance_of.update({name: m.instance.ref for name, m in wanted.members.items()})
         self.report.actions(body, spec.backend_text, results, memory.instance_of)
         forget_removed(results, memory.instance_of)
-        final = self._plan(spec, wanted, simulate(actual, [r.action for r in results if r.ok]), since)
+        after = simulate(actual, [r.action for r in results if r.ok])
+        memory.instance_of = {n: ref for n, ref in memory.instance_of.items() if n in after or n in wanted.members}
+        final = self._plan(spec, wanted, after, since)
         reports = member_reports(final, wanted.holds.pending, memory.instance_of, wanted.refused, spec.port)
         memory.reports = {r.instance: r for r in reports if r.instance}
         hard = [r for r in results if not r.ok and not waiting_for_connections(r)]

@@ -14,12 +14,11 @@ from poolkeeper import API_VERSION
 from poolkeeper.backends import ActionResult
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.model import AddMember, MemberReport, MemberState, Placement, Plan, RemoveMember
-from poolkeeper.core.planner import Refusal
+from poolkeeper.core.planner import ADDRESS_CHANGED, Refusal
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import resource_path
 from poolkeeper.kube.events import now_rfc3339
 
-ADDRESS_CHANGED = "address changed"
 EVENT_LIST_LIMIT = 10  # instances named in one Event before "and N more"
 
 

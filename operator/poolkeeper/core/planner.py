@@ -28,6 +28,7 @@ from poolkeeper.core.naming import alternate_name, instance_part, member_name
 from poolkeeper.core.selectors import LabelSelector
 
 HEALTHY = "UP"
+ADDRESS_CHANGED = "address changed"  # a removal that is no deregistration: the instance has another server
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ def plan_pool(
         want = desired[name]
         have = actual.get(name)
         if have is not None and (have.address, have.port) != (want.address, want.port):
-            actions.append(RemoveMember(name, "address changed", force=True))
+            actions.append(RemoveMember(name, ADDRESS_CHANGED, force=True))
             have = None
         if have is None and not want.serving:
             continue  # a draining instance that was never registered stays out
@@ -165,7 +166,11 @@ def plan_pool(
         if have.admin is Admin.READY:
             actions.append(SetAdmin(name, Admin.DRAIN))
         if name not in keep and _drained(have, started, now, deregistration_delay, instance_serving=False):
-            actions.append(RemoveMember(name, "no longer desired", force=now - started >= deregistration_delay))
+            # a server replaced by one at the instance's new address: the instance stays registered
+            moved = successor is not None and (have.address, have.port) != (desired[successor].address,
+                                                                              desired[successor].port)
+            actions.append(RemoveMember(name, ADDRESS_CHANGED if moved else "no longer desired",
+                                        force=now - started >= deregistration_delay))
             continue
         since[name] = started
         reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
