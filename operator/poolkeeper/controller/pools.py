@@ -384,7 +384,11 @@ class PoolController:
             self.invalidate_claims()  # a change this index has not seen yet: never decide on stale data
         winner = self.claims().winner(claim)
         if winner is None or winner.key != spec.key:
-            other = f"TargetPool {winner.key[0]}/{winner.key[1]}, which is older" if winner else "another pool"
+            other = "another pool"
+            if winner is not None:
+                older = ("which is older" if winner.created != spec.created
+                         else "created the same second and first by namespace/name")
+                other = f"TargetPool {winner.key[0]}/{winner.key[1]}, {older}"
             where = f" (HAProxy {claim[1]})" if claim[0] == "HAProxy" else ""
             raise Blocked("Conflict", f"{spec.backend_text}{where} is already used by {other}", event=True)
         if spec.backend_type == "EndpointSlice":
