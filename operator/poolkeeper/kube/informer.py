@@ -16,13 +16,13 @@ import asyncio
 import inspect
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 
+from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import ApiError, KubeApi
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ PAGE = 500
 WATCH_SECONDS = 300
 FIRST_DELAY, MAX_DELAY = 0.2, 10.0
 SHORT_WATCH = 1.0  # a watch that ends sooner than this, with nothing in it, counts as a failure
-
-
-def backoff(failures: int, first: float = FIRST_DELAY, cap: float = MAX_DELAY) -> float:
-    """Capped exponential backoff with jitter (so many informers do not reconnect in lockstep)."""
-    base = min(cap, first * 2.0 ** max(0, failures - 1))
-    return base * random.uniform(0.5, 1.0)  # jitter, not security
 
 
 class Gone(Exception):
@@ -132,7 +126,7 @@ class Informer:
 
     async def _failed(self, what: str) -> None:
         self.failures += 1
-        delay = backoff(self.failures)
+        delay = backoff_delay(self.failures, FIRST_DELAY, MAX_DELAY)
         log.warning("watch of %s %s; retrying in %.1fs", self.path, what, delay)
         await asyncio.sleep(delay)
 

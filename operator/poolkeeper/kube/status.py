@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import MERGE, ApiError, NotLeading
 
 log = logging.getLogger(__name__)
@@ -22,11 +23,6 @@ MAX_RETRY = 30.0
 
 class Patcher(Protocol):
     async def patch(self, path: str, body: Any, content_type: str = ...) -> Any: ...
-
-
-def retry_delay(failures: int, first: float = FIRST_RETRY, cap: float = MAX_RETRY) -> float:
-    """Exponential backoff: first, 2*first, 4*first ... at most `cap`."""
-    return min(cap, first * 2.0 ** max(0, failures - 1))
 
 
 class StatusWriter:
@@ -82,7 +78,7 @@ class StatusWriter:
                 failures += 1
                 self.retries += 1
                 self._pending.setdefault(path, status)  # a newer status submitted meanwhile wins
-                delay = retry_delay(failures, self.first_retry)
+                delay = backoff_delay(failures, self.first_retry, MAX_RETRY)
                 log.warning("status write to %s failed (%s); retrying in %.1fs", path, problem, delay)
                 await asyncio.sleep(delay)
         finally:
