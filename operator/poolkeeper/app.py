@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from poolkeeper import API_VERSION, GROUP
+from poolkeeper import API_VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.pools import PoolController
 from poolkeeper.controller.queue import WorkQueue
@@ -116,10 +116,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = runtime()
     settings.posting.enabled = False  # we post our own, meaningful Events
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.scanning.disabled = True  # kopf watches nothing: every watch is one of our informers
     def reload() -> kopf.ConnectionInfo:  # on 401: a rotated ServiceAccount token
         return load_credentials(rt.options.kubeconfig)
     rt.api = KubeApi(reload(), reload=reload)
