@@ -35,7 +35,7 @@ from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from poolkeeper_dev.workload import Workload
-from support.kube import api_client_for, create, namespace_name, pod_pool, wait_for
+from support.kube import api_client_for, condition, create, get, namespace_name, pod_pool, wait_for
 from support.pools import (
     LOOPBACK_TARGETS,
     ha_backend,
@@ -126,14 +126,16 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
     fleet = Workload(own_kubelet, ns, "web")
     load: LoadGenerator | None = None
     try:
-        for i in range(4):
-            fleet.add(f"web-{i}")
-        create(custom, ns, "targetpools", pod_pool("web", app="web", port=fleet.port,
-                                                   backend=ha_backend(lb, "web"), delay=5))
         hook = f"/faults/{ns}"
         create(custom, ns, "lifecyclehandlers", {"kind": "LifecycleHandler", "metadata": {"name": "rec"}, "spec": {
             "poolRef": {"name": "web"}, "events": ["up", "registered", "draining", "down", "deregistered"],
             "function": {"type": "HTTP", "http": {"url": receiver.url(hook)}}}})
+        create(custom, ns, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                   backend=ha_backend(lb, "web"), delay=5))
+        wait_for(lambda: condition(get(custom, ns, "lifecyclehandlers", "rec"), "Ready").get("status") == "True",
+                 20, "the handler Ready")
+        for i in range(4):
+            fleet.add(f"web-{i}")
         wait_for(lambda: len(haproxy_servers(haproxy, "web")) == 4, 30, "4 servers")
         wait_for(lambda: len(one_id_per_transition(receiver, hook)) >= 8, 30, "up + registered of 4 pods")
         before = rotation(haproxy, "web")
@@ -217,19 +219,15 @@ def test_a_rotated_service_account_token_is_reloaded_on_401(
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
     pods = resource_path("v1", "pods", ns)
 
-    async def before_rotation() -> tuple[KubeApi, KubeApi]:
+    async def rotate() -> None:
         api = KubeApi(load_credentials(), reload=load_credentials)
         watcher = KubeApi(load_credentials(), reload=load_credentials)
-        assert (await api.get(pods))["kind"] == "PodList"
-        return api, watcher
-
-    api, watcher = asyncio.run(before_rotation())
-    run("delete", "secret", "bound-1", "-n", ns)  # the first token is void now ...
-    wait_for(lambda: _refused(own_cluster.server, first, ca), 30, "the API server to refuse the first token")
-    (folder / "token").write_text(token("bound-2"))  # ... and the kubelet has written a fresh one
-
-    async def after_rotation() -> None:
         try:
+            assert (await api.get(pods))["kind"] == "PodList"
+            await asyncio.to_thread(run, "delete", "secret", "bound-1", "-n", ns)  # the first token is void ...
+            await asyncio.to_thread(wait_for, lambda: _refused(own_cluster.server, first, ca), 30,
+                                    "the API server to refuse the first token")
+            (folder / "token").write_text(await asyncio.to_thread(token, "bound-2"))  # ... the kubelet wrote anew
             assert (await api.get(pods))["kind"] == "PodList"  # a request: 401, reload, retried
             limits = aiohttp.ClientTimeout(total=10)
             async with watcher.stream(pods, {"watch": "1", "timeoutSeconds": "1"}, limits) as resp:
@@ -239,7 +237,7 @@ def test_a_rotated_service_account_token_is_reloaded_on_401(
             await api.close()
             await watcher.close()
 
-    asyncio.run(after_rotation())
+    asyncio.run(rotate())
 
 
 def test_readiness_gate_patches_are_for_the_pod_uid_they_were_computed_for(

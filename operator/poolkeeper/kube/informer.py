@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, dict[str, Any]], Awaitable[None] | None]  # (ADDED | MODIFIED | DELETED, object)
 PAGE = 500
 WATCH_SECONDS = 300
-FIRST_DELAY, MAX_DELAY = 0.2, 10.0
+FIRST_DELAY, MAX_DELAY = 0.2, 5.0  # an API server back is noticed within 5 s
 SHORT_WATCH = 1.0  # a watch that ends sooner than this, with nothing in it, counts as a failure
 
 
@@ -103,16 +103,17 @@ class Informer:
     async def run(self) -> None:
         """Watch forever: reconnect with backoff on errors, list again when the server says 410 Gone."""
         while True:
-            started, events = time.monotonic(), self.events
+            started, events, listing = time.monotonic(), self.events, not self.synced.is_set()
             try:
-                if not self.synced.is_set():
+                if listing:
                     await self.sync()
+                    started, events = time.monotonic(), self.events
                 await self._watch()
             except Gone:
                 log.info("watch of %s expired (410 Gone); listing again", self.path)
                 self.synced.clear()
-                if time.monotonic() - started < SHORT_WATCH:
-                    await self._failed("expired at once")
+                if listing and time.monotonic() - started < SHORT_WATCH:
+                    await self._failed("expired at once after a list")  # else the list is the retry
                 continue
             except (aiohttp.ClientError, ApiError, OSError, TimeoutError, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.status == 410:
