@@ -150,6 +150,7 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
             assert rotation(haproxy, "web") == before, f"HAProxy changed while {component} was away"
             polls += 1
             time.sleep(0.2)
+        restarting = time.monotonic()
         own_cluster.restart_component(component)
         back_at = time.monotonic()
         # A change made once the API is back is applied: a new pod joins; nothing else moved meanwhile.
@@ -162,8 +163,9 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
                              if subject.endswith("/web-new")) >= 2, 30, "up + registered of the new pod")
         report = load.stop()
         load = None
-        print(f"\n{component} down {OUTAGE:.0f}s ({polls} HAProxy polls, unchanged); "
-              f"restart -> change applied in {recovered:.2f}s; {report.ok} requests ok, {report.failed} failed")
+        print(f"\n{component} down {OUTAGE:.0f}s ({polls} HAProxy polls, unchanged); restarted in "
+              f"{back_at - restarting:.1f}s, API ready -> change applied in {recovered:.2f}s; "
+              f"{report.ok} requests ok, {report.failed} failed")
         assert report.ok > 500 and report.failed == 0, report.failures
         assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
         stats_after = haproxy_stats(haproxy, "web")
