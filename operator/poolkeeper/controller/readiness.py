@@ -41,9 +41,10 @@ def wanted_gate(report: MemberReport | None) -> tuple[str, str, str]:
 
 
 def gate_patch(uid: str, gate: str, status: str, reason: str, message: str) -> dict[str, object]:
-    """The pod status patch for one gate condition. `metadata.uid` is a precondition: the API server
-    refuses it (409) for another pod of the same name. It is only sent when the status changes, so
-    `lastTransitionTime` really is the moment of the transition."""
+    """The pod status patch for one gate condition. `metadata.uid` is a precondition, as in the
+    kubelet's status patches: the API server refuses it for another pod of the same name (422,
+    metadata.uid is immutable), so a re-created pod never gets the old one's condition. It is only
+    sent when the status changes, so `lastTransitionTime` really is the moment of the transition."""
     return {"metadata": {"uid": uid},
             "status": {"conditions": [{"type": gate, "status": status, "reason": reason, "message": message,
                                        "lastTransitionTime": now_rfc3339()}]}}
@@ -80,7 +81,7 @@ class ReadinessGates:
                 self.writes += 1
                 self._written[(pod.uid, gate)] = status
             except ApiError as exc:
-                if exc.status == 409:  # the UID precondition: a new pod took the name; its own turn comes
+                if exc.status in (409, 422) and "metadata.uid" in exc.message:  # a new pod took the name
                     log.info("pod %s/%s was re-created; gate %s not written to the new one", pod.namespace,
                              pod.name, gate)
                 elif exc.status != 404:
