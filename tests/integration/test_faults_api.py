@@ -113,6 +113,19 @@ def one_id_per_transition(receiver: Receiver, path: str) -> dict[tuple[str, str]
     return ids
 
 
+def watch_retries(log: Path, offset: int) -> dict[str, int]:
+    """Watch path -> how often the operator logged retrying it, in its log from `offset` on."""
+    counts: dict[str, int] = defaultdict(int)
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        for line in handle.read().decode(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                message = str(json.loads(line).get("message", ""))
+                if message.startswith("watch of ") and "retrying in" in message:
+                    counts[message.split()[2]] += 1
+    return dict(counts)
+
+
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
 def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
         component: str, own_cluster: Cluster, own_api: client.ApiClient, own_kubelet: FakeKubelet,
@@ -144,6 +157,7 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
         load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=180)
         wait_for(lambda: load.snapshot().ok > 50, 10, "traffic flowing")
 
+        log_mark = own_operator.log_path.stat().st_size
         own_cluster.kill_component(component)
         down_at, polls = time.monotonic(), 0
         while time.monotonic() - down_at < OUTAGE:
@@ -173,6 +187,9 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
             assert int(stats_after[name]["stot"]) > int(stats_before[name]["stot"]), name
         ids = one_id_per_transition(receiver, hook)
         assert all(len(found) == 1 for found in ids.values()), {k: v for k, v in ids.items() if len(v) > 1}
+        retries = watch_retries(own_operator.log_path, log_mark)
+        print(f"watch retries per informer during the outage: {retries}")
+        assert retries and max(retries.values()) <= 12, retries  # backoff, not a busy loop
         assert own_operator.proc is not None and own_operator.proc.poll() is None
         assert own_operator.ready_once()
     finally:
@@ -284,4 +301,3 @@ def test_readiness_gate_patches_are_for_the_pod_uid_they_were_computed_for(
     # The same status again (a restarted operator seeing True): nothing written, the transition time kept.
     assert asyncio.run(sync(new_uid, "True")) == 0
     assert gate_condition().last_transition_time == written.last_transition_time
-    print(json.dumps({"old": old_uid, "new": new_uid}))

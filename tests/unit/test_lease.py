@@ -8,9 +8,10 @@ import asyncio
 import copy
 from typing import Any
 
+import kopf
 import pytest
 
-from poolkeeper.kube.api import ApiError
+from poolkeeper.kube.api import ApiError, KubeApi, NotLeading
 from poolkeeper.kube.lease import LeaderElector
 
 
@@ -143,3 +144,13 @@ async def test_hold_returns_when_another_holds_the_lease() -> None:
     api.lease["spec"]["holderIdentity"] = "somebody-else"
     await asyncio.wait_for(a.hold(), 2)
     assert not a.is_leading()
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_a_replica_that_no_longer_leads_sends_no_write(method: str) -> None:
+    api = KubeApi(kopf.ConnectionInfo(server="https://127.0.0.1:9", insecure=True), may_write=lambda: False)
+    try:
+        with pytest.raises(NotLeading):  # refused before any connection is made
+            await api.request(method, "/api/v1/namespaces/ns/pods/p/status", body={})
+    finally:
+        await api.close()
