@@ -189,7 +189,9 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
         assert all(len(found) == 1 for found in ids.values()), {k: v for k, v in ids.items() if len(v) > 1}
         retries = watch_retries(own_operator.log_path, log_mark)
         print(f"watch retries per informer during the outage: {retries}")
-        assert retries and max(retries.values()) <= 12, retries  # backoff, not a busy loop
+        assert all(count <= 12 for count in retries.values()), retries  # backoff, not a busy loop
+        if component == "kube-apiserver":  # (with etcd away the API server keeps the watches open)
+            assert len(retries) == 7, retries  # every kind's watch broke and was retried
         assert own_operator.proc is not None and own_operator.proc.poll() is None
         assert own_operator.ready_once()
     finally:
