@@ -270,7 +270,7 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if (rt.lifecycle is not None and rt.pools.source_refusal(spec) is None
+            if (rt.lifecycle is not None and acting(rt) and rt.pools.source_refusal(spec) is None
                     and rt.pools.node_source_refusal(spec) is None):
                 rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 

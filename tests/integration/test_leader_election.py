@@ -16,8 +16,9 @@ from kubernetes import client
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
-from support.kube import create, get, pod_pool, wait_for
+from support.kube import condition, create, get, pod_pool, wait_for
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, rotation
+from support.receiver import Receiver
 
 
 def answers(proc: OperatorProcess, probe: str) -> str | None:
@@ -64,10 +65,10 @@ def lease_holder(coordination: client.CoordinationV1Api, namespace: str) -> str:
 
 def test_a_paused_leader_never_acts_after_the_standby_took_over(
         cluster: Cluster, namespace: str, tmp_path: Path, api_client: client.ApiClient,
-        custom: client.CustomObjectsApi, workloads: Workloads) -> None:
+        custom: client.CustomObjectsApi, workloads: Workloads, receiver: Receiver) -> None:
     """SIGSTOP the leader for longer than the Lease: the standby takes over and acts; on SIGCONT the
-    old leader must see from its monotonic clock that its renew deadline passed, and write nothing
-    (no HAProxy change, no status, no Event) before it stops, even with work waiting for it."""
+    old leader must see from its monotonic clock that its renew deadline passed, and do nothing (no
+    HAProxy change, no status, no Event, no handler delivery) before it stops, with work waiting."""
     coordination = client.CoordinationV1Api(api_client)
     core = client.CoreV1Api(api_client)
     haproxy = HAProxyProcess(tmp_path / "haproxy", backends=("web",))
@@ -79,7 +80,14 @@ def test_a_paused_leader_never_acts_after_the_standby_took_over(
     standby = OperatorProcess(cluster.kubeconfig, tmp_path / "standby", extra_args=args).start(wait_ready=False)
     fresh = OperatorProcess(cluster.kubeconfig, tmp_path / "fresh", extra_args=args)
     fleet = workloads("web")
+    hook = f"/lease/{namespace}"
     try:
+        create(custom, namespace, "lifecyclehandlers", {"kind": "LifecycleHandler", "metadata": {"name": "rec"},
+                                                        "spec": {"poolRef": {"name": "web"}, "events": ["draining"],
+                                                                 "function": {"type": "HTTP",
+                                                                              "http": {"url": receiver.url(hook)}}}})
+        wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "rec"), "Ready").get("status")
+                 == "True", 20, "the handler Ready")
         for i in range(3):
             fleet.add(f"web-{i}")
         create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
@@ -110,6 +118,7 @@ def test_a_paused_leader_never_acts_after_the_standby_took_over(
             assert rotation(haproxy, "web") == servers, "the paused leader changed HAProxy after waking"
             assert get(custom, namespace, "targetpools", "web")["metadata"]["resourceVersion"] == pool_version
             assert len(core.list_namespaced_event(namespace).items) == events
+            assert receiver.on(hook) == [], "the paused leader delivered a handler event after waking"
             assert time.monotonic() - resumed_at < 30, "the old leader did not stop"
             polls += 1
             time.sleep(0.1)
@@ -120,6 +129,7 @@ def test_a_paused_leader_never_acts_after_the_standby_took_over(
         started = time.monotonic()
         wait_for(lambda: any(admin != "0" for _, admin, _ in rotation(haproxy, "web").values()), 60,
                  "a fresh leader drains web-0")
+        wait_for(lambda: receiver.on(hook), 20, "the fresh leader delivers web-0's draining")
         print(f"\npaused leader: standby took over {takeover:.1f}s after SIGSTOP; old leader stopped "
               f"{stopped:.1f}s after SIGCONT without a write ({polls} polls); a fresh replica led and acted "
               f"{time.monotonic() - started:.1f}s after start")
