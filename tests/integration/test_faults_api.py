@@ -113,15 +113,15 @@ def one_id_per_transition(receiver: Receiver, path: str) -> dict[tuple[str, str]
     return ids
 
 
-def watch_retries(log: Path, offset: int) -> dict[str, int]:
-    """Watch path -> how often the operator logged retrying it, in its log from `offset` on."""
+def watch_log(log: Path, offset: int, says: str) -> dict[str, int]:
+    """Watch path -> how many of the operator's "watch of PATH ..." lines from `offset` on say `says`."""
     counts: dict[str, int] = defaultdict(int)
     with log.open("rb") as handle:
         handle.seek(offset)
         for line in handle.read().decode(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 message = str(json.loads(line).get("message", ""))
-                if message.startswith("watch of ") and "retrying in" in message:
+                if message.startswith("watch of ") and says in message:
                     counts[message.split()[2]] += 1
     return dict(counts)
 
@@ -187,8 +187,9 @@ def test_control_plane_outage_under_traffic_removes_nothing_and_converges(
             assert int(stats_after[name]["stot"]) > int(stats_before[name]["stot"]), name
         ids = one_id_per_transition(receiver, hook)
         assert all(len(found) == 1 for found in ids.values()), {k: v for k, v in ids.items() if len(v) > 1}
-        retries = watch_retries(own_operator.log_path, log_mark)
-        print(f"watch retries per informer during the outage: {retries}")
+        retries = watch_log(own_operator.log_path, log_mark, "retrying in")
+        relists = watch_log(own_operator.log_path, log_mark, "410 Gone")
+        print(f"watch retries per informer: {retries}; relists after 410 Gone: {relists}")
         assert all(count <= 12 for count in retries.values()), retries  # backoff, not a busy loop
         if component == "kube-apiserver":  # (with etcd away the API server keeps the watches open)
             assert len(retries) == 7, retries  # every kind's watch broke and was retried

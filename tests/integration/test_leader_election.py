@@ -49,7 +49,9 @@ def test_one_leader_and_a_standby_that_takes_over(
         assert "poolkeeper_leader 0.0" in second.metrics()
         assert "poolkeeper_leader 1.0" in first.metrics()
         first.kill()
+        killed = time.monotonic()
         wait_for(lambda: answers(second, "readyz") == "leading", 40, "the standby takes over once the Lease expires")
+        print(f"\nleader SIGKILLed: the standby led {time.monotonic() - killed:.1f}s later")
         assert "poolkeeper_leader 1.0" in second.metrics()
         lease = coordination.read_namespaced_lease(name="poolkeeper", namespace=namespace)
         assert lease.spec.holder_identity.endswith(f"-{second.proc.pid}")  # type: ignore[union-attr]
