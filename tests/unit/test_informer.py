@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from poolkeeper.kube.api import ApiError
 from poolkeeper.kube.informer import Informer
@@ -72,7 +73,13 @@ class Recorder:
         self.seen.append((kind, obj["metadata"]["name"], obj["metadata"].get("uid", "")))
 
 
-async def test_a_relist_after_gone_is_a_diff_not_a_mass_delete() -> None:
+GONE_EVENT = [event("ERROR", {"kind": "Status", "code": 410, "reason": "Expired",
+                               "message": "too old resource version"})]
+
+
+@pytest.mark.parametrize("gone", [GONE_EVENT, ApiError(410, "Gone", "too old resource version")],
+                         ids=["error-event", "http-410"])
+async def test_a_relist_after_gone_is_a_diff_not_a_mass_delete(gone: list[bytes] | BaseException) -> None:
     api = FakeApi([pod("a", "1"), pod("b", "2"), pod("c", "3")])
     rec = Recorder()
     informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
@@ -81,9 +88,8 @@ async def test_a_relist_after_gone_is_a_diff_not_a_mass_delete() -> None:
     rec.seen.clear()
     # While the watch was away: b was deleted, c deleted and re-created under the same name, d added.
     api.objects = [pod("a", "1"), pod("c", "33"), pod("d", "4")]
-    api.scripts = [[event("ERROR", {"kind": "Status", "code": 410, "reason": "Expired",
-                                    "message": "too old resource version"})]]
-    await run_for(informer, 0.3)  # the watch says 410 Gone at once: one relist
+    api.scripts = [gone]
+    await run_for(informer, 0.3)  # the watch says 410 Gone at once: one relist, no backoff first
     assert sorted(rec.seen) == sorted([("MODIFIED", "a", "1"), ("DELETED", "c", "3"), ("ADDED", "c", "33"),
                                        ("ADDED", "d", "4"), ("DELETED", "b", "2")])
     assert rec.seen.index(("DELETED", "c", "3")) < rec.seen.index(("ADDED", "c", "33"))

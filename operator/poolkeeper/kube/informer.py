@@ -116,7 +116,7 @@ class Informer:
                     await self._failed("expired at once after a list")  # else the list is the retry
                 continue
             except (aiohttp.ClientError, ApiError, OSError, TimeoutError, ValueError) as exc:
-                if isinstance(exc, ApiError) and exc.status == 410:
+                if isinstance(exc, ApiError) and exc.status == 410:  # a list's continue token expired
                     self.synced.clear()
                 await self._failed(f"broke ({exc})")
                 continue
@@ -135,14 +135,19 @@ class Informer:
         params = self._params(watch="1", resourceVersion=self.resource_version, allowWatchBookmarks="true",
                               timeoutSeconds=str(WATCH_SECONDS))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
-        async with self.api.stream(self.path, params, timeout) as resp:
-            buffer = b""
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        await self._on_line(line)
+        try:
+            async with self.api.stream(self.path, params, timeout) as resp:
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            await self._on_line(line)
+        except ApiError as exc:
+            if exc.status == 410:  # refused up front rather than as an ERROR event: the same
+                raise Gone() from exc
+            raise
 
     async def _on_line(self, line: bytes) -> None:
         event = json.loads(line)
