@@ -352,6 +352,30 @@ class Cluster:
             self._save_state()
         return stopped
 
+    # ----- faults (tests): one control-plane component down and back, the rest left running
+    def kill_component(self, name: str) -> None:
+        """SIGKILL one control-plane component (a crash: no graceful shutdown), for fault tests."""
+        if name not in COMPONENTS:
+            raise ValueError(f"{name} is not one of {', '.join(COMPONENTS)}")
+        if not self._stop(name, signal.SIGKILL):
+            raise ClusterError(f"{name} was not running")
+
+    def restart_component(self, name: str, timeout: float = 60.0) -> None:
+        """Start one stopped component again with the same flags, ports and data; wait until the API
+        server answers /readyz again (so etcd being back counts only once the API server sees it)."""
+        if name not in COMPONENTS:
+            raise ValueError(f"{name} is not one of {', '.join(COMPONENTS)}")
+        if self._pid_alive(name):
+            raise ClusterError(f"{name} is still running")
+        pki = ensure_pki(self.root / "pki")
+        if name == "etcd":
+            args = self._etcd_args()
+        else:
+            args = self._apiserver_args(pki) if name == "kube-apiserver" else self._kcm_args(pki)
+        self._spawn(name, args)
+        if name != "kube-controller-manager":
+            self._wait_ready(pki, deadline=time.monotonic() + timeout)
+
     def _stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> bool:
         if not self._pid_alive(name):
             return False

@@ -1,11 +1,11 @@
 """The wiring: which watch feeds which part of the controller, and the workers that drain the queue.
 
-Pods, Nodes and Instances (the high-volume sources) come through our own informers
-(kube/informer.py): listed completely before the first reconcile, then watched, kept only as
-compact records. The poolkeeper objects and Namespaces come through kopf's `@kopf.on.event`
-(no per-object progress storage, no extra PATCH per object). Every event updates the store
-and queues the pools it may affect; workers drain the queue (informer -> queue -> reconcile,
-as in sample-controller).
+Every kind (Namespaces, LoadBalancers, TargetPools, LifecycleHandlers, Pods, Nodes, Instances)
+comes through one watch stack, our informers (kube/informer.py): listed completely before the
+first reconcile, then watched, relisted as a diff after 410 Gone, with backoff while the API
+server is away; the high-volume sources are kept only as compact records. kopf only runs the
+process (login, startup, cleanup). Every event updates the store and queues the pools it may
+affect; workers drain the queue (informer -> queue -> reconcile, as in sample-controller).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from poolkeeper import API_VERSION, GROUP, VERSION
+from poolkeeper import API_VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.pools import RESYNC_SECONDS, Outcome, PoolController
 from poolkeeper.controller.queue import WorkQueue
@@ -42,7 +42,7 @@ from poolkeeper.core.tenancy import NodeSourcePolicy
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
 from poolkeeper.kube.events import EventRecorder
-from poolkeeper.kube.informer import Informer
+from poolkeeper.kube.informer import Handler, Informer
 from poolkeeper.kube.lease import LeaderElector
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle import LifecycleHandlers
@@ -104,6 +104,8 @@ class Runtime:
     instance_bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pending: set[asyncio.Task[None]] = field(default_factory=set)  # pods read back after a DELETED
     ready: bool = False
+    listed: bool = False  # the first list of every kind is done: events from now on are changes
+    elector: LeaderElector | None = None
     standing_by: bool = False
     probe: Any = None
 
@@ -126,24 +128,26 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = runtime()
     settings.posting.enabled = False  # we post our own, meaningful Events
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    rt.api = KubeApi(load_credentials(rt.options.kubeconfig))
+    settings.scanning.disabled = True  # kopf watches nothing: every watch is one of our informers
+    def reload() -> kopf.ConnectionInfo:  # on 401: a rotated ServiceAccount token
+        return load_credentials(rt.options.kubeconfig)
+    rt.api = KubeApi(reload(), reload=reload)
     if rt.options.metrics_port and rt.probe is None:
         rt.probe = await start_probe_server(rt.metrics, lambda: _readiness(rt), rt.options.metrics_address,
                                             rt.options.metrics_port)
     if rt.options.leader_elect:
-        elector = LeaderElector(rt.api, namespace=rt.options.leader_namespace, name=rt.options.leader_name,
-                                identity=f"{socket.gethostname()}-{os.getpid()}")
+        # Its own client: renewals never wait behind the operator's requests, and are not gated.
+        elector = LeaderElector(KubeApi(reload(), reload=reload, limit=2), namespace=rt.options.leader_namespace,
+                                name=rt.options.leader_name, identity=f"{socket.gethostname()}-{os.getpid()}")
         # A standby is Ready: it is doing its job (waiting to take over), so the Deployment counts
         # it as available and `kubectl rollout status` finishes. Who acts shows in the Lease and in
         # the poolkeeper_leader metric.
         rt.standing_by = True
         await elector.acquire()
         rt.standing_by = False
-        rt.tasks.append(asyncio.create_task(_lead(elector), name="leader-lease"))
+        rt.elector = elector
+        rt.api.may_write = elector.is_leading  # every write of a replica that no longer leads is refused
+        rt.tasks.append(asyncio.create_task(_lead(rt, elector), name="leader-lease"))
     rt.metrics.leader.set(1)
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
@@ -178,9 +182,20 @@ def _readiness(rt: Runtime) -> str | None:
     return "standing by" if rt.standing_by else None
 
 
-async def _lead(elector: LeaderElector) -> None:
+def acting(rt: Runtime) -> bool:
+    """Whether this replica may act now: always without leader election, else while its Lease's
+    renew deadline (monotonic) has not passed. Checked before every reconcile and every write."""
+    return rt.elector is None or rt.elector.is_leading()
+
+
+async def _lead(rt: Runtime, elector: LeaderElector) -> None:
     """Keep the Lease; if it is lost, stop the process (its Deployment starts a fresh standby)."""
-    await elector.hold()
+    try:
+        await elector.hold()
+    finally:
+        rt.metrics.leader.set(0)
+        rt.ready = False
+        await elector.api.close()
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -224,6 +239,8 @@ async def _worker(rt: Runtime) -> None:
         key = await rt.queue.get()
         started = time.monotonic()
         try:
+            if not acting(rt):  # a lost Lease: never act again
+                continue
             outcome = await rt.pools.reconcile(key)
             rt.metrics.reconciles.labels(result="error" if outcome.failed else "ok").inc()
         except asyncio.CancelledError:
@@ -273,7 +290,7 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if (rt.lifecycle is not None and rt.pools.source_refusal(spec) is None
+            if (rt.lifecycle is not None and acting(rt) and rt.pools.source_refusal(spec) is None
                     and rt.pools.node_source_refusal(spec) is None):
                 rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 
@@ -367,33 +384,43 @@ def instance_event(kind: str, obj: dict[str, Any]) -> None:
     _evaluate_instance(rt, key, deleted=deleted, obj=obj)
 
 
-def _informers(rt: Runtime) -> list[Informer]:
-    """Pods, Nodes and Instances: our own list+watch (per namespace when --namespace is given)."""
+@dataclass
+class Informers:
+    """Every watch of the operator, in the order they are first listed."""
+
+    cluster: list[Informer]  # Namespaces, LoadBalancers
+    pools: list[Informer]
+    handlers: list[Informer]  # LifecycleHandlers
+    instances: list[Informer]  # Nodes, Pods, Instances
+
+    def all(self) -> list[Informer]:
+        return [*self.cluster, *self.pools, *self.handlers, *self.instances]
+
+
+def _informers(rt: Runtime) -> Informers:
+    """One list+watch per kind (per namespace when --namespace is given)."""
     assert rt.api is not None
-    namespaces: tuple[str | None, ...] = rt.options.namespaces or (None,)
-    informers = [Informer(rt.api, resource_path("v1", "nodes"), node_event)]
-    for namespace in namespaces:
-        informers.append(Informer(rt.api, resource_path("v1", "pods", namespace), pod_event,
-                                  label_selector=rt.options.pod_label_selector))
-        informers.append(Informer(rt.api, resource_path(API_VERSION, "instances", namespace), instance_event))
-    return informers
+    api = rt.api
+    scopes: tuple[str | None, ...] = rt.options.namespaces or (None,)
+
+    def each(plural: str, handle: Handler, api_version: str = API_VERSION, **kw: Any) -> list[Informer]:
+        return [Informer(api, resource_path(api_version, plural, scope), handle, **kw) for scope in scopes]
+    return Informers(
+        cluster=[Informer(api, resource_path("v1", "namespaces"), namespace_event),
+                 Informer(api, resource_path(API_VERSION, "loadbalancers"), load_balancer_event)],
+        pools=each("targetpools", pool_event),
+        handlers=each("lifecyclehandlers", lifecycle_handler_event) if rt.lifecycle is not None else [],
+        instances=[Informer(api, resource_path("v1", "nodes"), node_event),
+                   *each("pods", pod_event, "v1", label_selector=rt.options.pod_label_selector),
+                   *each("instances", instance_event)])
 
 
 async def _initial_sync(rt: Runtime) -> None:
     """Everything is listed before the first reconcile, so nothing "not seen yet" looks gone."""
     assert rt.api is not None and rt.lbs is not None
-    for ns in await rt.api.list_items(resource_path("v1", "namespaces")):
-        rt.store.namespace_labels[ns["metadata"]["name"]] = dict(ns["metadata"].get("labels") or {})
-    for lb in await rt.api.list_items(resource_path(API_VERSION, "loadbalancers")):
-        await rt.lbs.upsert(lb)
-    for scope in rt.options.namespaces or (None,):
-        for pool in await rt.api.list_items(resource_path(API_VERSION, "targetpools", scope)):
-            rt.store.pools[(pool["metadata"]["namespace"], pool["metadata"]["name"])] = pool
-        if rt.lifecycle is not None:
-            for lh in await rt.api.list_items(resource_path(API_VERSION, "lifecyclehandlers", scope)):
-                key = (lh["metadata"]["namespace"], lh["metadata"]["name"])
-                rt.store.handlers[key] = lh
-                await _handler_changed(rt, key, lh, deleted=False)
+    informers = _informers(rt)
+    for informer in [*informers.cluster, *informers.pools, *informers.handlers]:
+        await informer.sync()
     if rt.lifecycle is not None:
         live = {str(lh["metadata"].get("uid")) for lh in rt.store.handlers.values()}
         try:
@@ -401,11 +428,11 @@ async def _initial_sync(rt: Runtime) -> None:
         except Exception:
             log.exception("collecting outboxes of deleted LifecycleHandlers failed")
     started = time.monotonic()
-    informers = _informers(rt)
-    await asyncio.gather(*(informer.sync() for informer in informers))
+    await asyncio.gather(*(informer.sync() for informer in informers.instances))
     log.info("initial sync: %d instances, %d pools in %.2fs", rt.store.instance_count(), len(rt.store.pools),
              time.monotonic() - started)
-    for informer in informers:
+    rt.listed = True
+    for informer in informers.all():
         rt.tasks.append(asyncio.create_task(informer.run(), name=f"informer{informer.path}"))
     for key in rt.store.pools:
         rt.queue.add(key)
@@ -430,15 +457,16 @@ def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = Fal
 
 
 # ---------------------------------------------------------------- pools, load balancers, namespaces
-@kopf.on.event(GROUP, VERSION, "targetpools")
-async def pool_event(*, event: kopf.RawEvent, **_: Any) -> None:
+def pool_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
     assert rt.pools is not None and rt.lbs is not None
-    obj: dict[str, Any] = dict(event["object"])
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    if not rt.listed:  # the first list: every pool is queued once it is complete
+        rt.store.pools[key] = obj
+        return
     before = rt.pools.spec(key)
     peers = set(rt.pools.claim_peers(key))
-    if event.get("type") == "DELETED":
+    if kind == "DELETED":
         rt.store.pools.pop(key, None)
     else:
         previous = rt.store.pools.get(key)
@@ -469,24 +497,21 @@ def _requeue_with_peers(rt: Runtime, keys: list[Key]) -> None:
         rt.queue.add(key)
 
 
-@kopf.on.event(GROUP, VERSION, "loadbalancers")
-async def load_balancer_event(*, event: kopf.RawEvent, **_: Any) -> None:
+async def load_balancer_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
     assert rt.lbs is not None and rt.pools is not None
-    obj: dict[str, Any] = dict(event["object"])
     name = obj["metadata"]["name"]
-    if event.get("type") == "DELETED":
+    if kind == "DELETED":
         await rt.lbs.remove(name)
     else:
         await rt.lbs.upsert(obj)
     _requeue_with_peers(rt, rt.pools.pools_using_lb(name))
 
 
-@kopf.on.event("", "v1", "namespaces")
-async def namespace_event(*, event: kopf.RawEvent, **_: Any) -> None:
+def namespace_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
-    meta = event["object"]["metadata"]
-    if event.get("type") == "DELETED":
+    meta = obj["metadata"]
+    if kind == "DELETED":
         rt.store.namespace_labels.pop(meta["name"], None)
         return
     labels = dict(meta.get("labels") or {})
@@ -496,16 +521,14 @@ async def namespace_event(*, event: kopf.RawEvent, **_: Any) -> None:
             _requeue_with_peers(rt, [k for k in list(rt.store.pools) if k[0] == meta["name"]])
 
 
-@kopf.on.event(GROUP, VERSION, "lifecyclehandlers")
-async def lifecycle_handler_event(*, event: kopf.RawEvent, **_: Any) -> None:
+async def lifecycle_handler_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
-    obj: dict[str, Any] = dict(event["object"])
     key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
-    if event.get("type") == "DELETED":
+    if kind == "DELETED":
         rt.store.handlers.pop(key, None)
     else:
         rt.store.handlers[key] = obj
-    await _handler_changed(rt, key, obj, deleted=event.get("type") == "DELETED")
+    await _handler_changed(rt, key, obj, deleted=kind == "DELETED")
 
 
 async def _handler_changed(rt: Runtime, key: Key, obj: dict[str, Any], *, deleted: bool) -> None:

@@ -29,6 +29,16 @@ def servers_state(haproxy: HAProxyProcess, backend: str) -> list[str]:
     return asyncio.run(read())[0].splitlines()
 
 
+def rotation(haproxy: HAProxyProcess, backend: str) -> dict[str, tuple[str, ...]]:
+    """server -> (address, admin state, weight) of poolkeeper's servers: what an operator would change."""
+    out = {}
+    for line in servers_state(haproxy, backend):
+        parts = line.split()
+        if len(parts) > 7 and parts[3].startswith("pk-"):
+            out[parts[3]] = (parts[4], parts[6], parts[7])
+    return out
+
+
 def haproxy_servers(haproxy: HAProxyProcess, backend: str) -> dict[str, str]:
     """server name -> "addr:port" of the poolkeeper servers HAProxy has now (read by the test)."""
     out = {}

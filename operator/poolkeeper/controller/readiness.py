@@ -40,6 +40,16 @@ def wanted_gate(report: MemberReport | None) -> tuple[str, str, str]:
     return ("True" if report.state is MemberState.ACTIVE else "False"), reason, message
 
 
+def gate_patch(uid: str, gate: str, status: str, reason: str, message: str) -> dict[str, object]:
+    """The pod status patch for one gate condition. `metadata.uid` is a precondition, as in the
+    kubelet's status patches: the API server refuses it for another pod of the same name (422,
+    metadata.uid is immutable), so a re-created pod never gets the old one's condition. It is only
+    sent when the status changes, so `lastTransitionTime` really is the moment of the transition."""
+    return {"metadata": {"uid": uid},
+            "status": {"conditions": [{"type": gate, "status": status, "reason": reason, "message": message,
+                                       "lastTransitionTime": now_rfc3339()}]}}
+
+
 class ReadinessGates:
     def __init__(self, api: KubeApi) -> None:
         self.api = api
@@ -65,13 +75,14 @@ class ReadinessGates:
                 continue
             if self._written.get((pod.uid, gate)) == status:
                 continue  # our write is on its way back through the watch
-            body = {"status": {"conditions": [{
-                "type": gate, "status": status, "reason": reason, "message": message,
-                "lastTransitionTime": now_rfc3339()}]}}
             try:
-                await self.api.patch(resource_path("v1", "pods", pod.namespace, pod.name, "status"), body, STRATEGIC)
+                await self.api.patch(resource_path("v1", "pods", pod.namespace, pod.name, "status"),
+                                     gate_patch(pod.uid, gate, status, reason, message), STRATEGIC)
                 self.writes += 1
                 self._written[(pod.uid, gate)] = status
             except ApiError as exc:
-                if exc.status != 404:
+                if exc.status in (409, 422) and "metadata.uid" in exc.message:  # a new pod took the name
+                    log.info("pod %s/%s was re-created; gate %s not written to the new one", pod.namespace,
+                             pod.name, gate)
+                elif exc.status != 404:
                     log.warning("could not set readiness gate %s on pod %s/%s: %s", gate, pod.namespace, pod.name, exc)

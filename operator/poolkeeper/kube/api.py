@@ -1,18 +1,20 @@
-"""A small async Kubernetes API client over one aiohttp session.
+"""A small async Kubernetes API client over one aiohttp session (and one for watch streams).
 
-It lists and watches Pods, Nodes and Instances for kube/informer.py (kopf watches the
-poolkeeper objects and Namespaces) and does the writes the operator needs (status,
-finalizers, EndpointSlices, pod conditions, Events, ConfigMaps) without blocking the event loop.
+Every read, write and watch of the operator goes through it, without blocking the event loop.
+On 401 it loads the credentials again (a projected ServiceAccount token rotates under us) and
+retries once. With leader election, writes are refused once this process may no longer act.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -24,6 +26,8 @@ STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 READ_ATTEMPTS = 6
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+log = logging.getLogger(__name__)
+Reload = Callable[[], kopf.ConnectionInfo]
 
 
 class ApiError(Exception):
@@ -35,6 +39,13 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+
+
+class NotLeading(ApiError):
+    """A write refused locally: this replica's leadership ended (see LeaderElector.is_leading)."""
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(503, "NotLeading", f"{method} {path} not sent: this replica no longer leads")
 
 
 def _material(path: Any, data: Any) -> str | None:
@@ -50,6 +61,19 @@ def _material(path: Any, data: Any) -> str | None:
     handle.write(raw)
     handle.close()
     return handle.name
+
+
+def _error(resp: aiohttp.ClientResponse, text: str) -> ApiError:
+    """The ApiError for a non-2xx answer, from the Status object the API server sends."""
+    retry_after = resp.headers.get("Retry-After")
+    wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+    try:
+        status = json.loads(text)
+    except ValueError:
+        return ApiError(resp.status, resp.reason or "", text, wait)
+    if not isinstance(status, dict):
+        return ApiError(resp.status, resp.reason or "", text, wait)
+    return ApiError(resp.status, status.get("reason", ""), status.get("message", text), wait)
 
 
 def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
@@ -77,22 +101,45 @@ def resource_path(api_version: str, plural: str, namespace: str | None = None, n
 class KubeApi:
     """Requests against one API server; JSON in, JSON out, ApiError on failure."""
 
-    def __init__(self, info: kopf.ConnectionInfo, *, limit: int = 32) -> None:
+    def __init__(self, info: kopf.ConnectionInfo, *, limit: int = 32, reload: Reload | None = None,
+                 may_write: Callable[[], bool] | None = None) -> None:
         self.info = info
         self.server = info.server.rstrip("/")
-        self._headers = {"Accept": "application/json", **info.as_http_headers()}
+        self.headers = {"Accept": "application/json", **info.as_http_headers()}
         self._ssl = ssl_context(info)
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
+        self._reload = reload
+        self._reloading: asyncio.Lock | None = None
+        self.may_write = may_write  # None: always (no leader election)
+        self.reloads = 0
+
+    async def reload_credentials(self, rejected: Mapping[str, str]) -> bool:
+        """After a 401: load the credentials again (a rotated token); False if nothing changed.
+
+        `rejected` are the headers the 401 came back for: when another request already reloaded,
+        the new ones are simply used."""
+        if self._reload is None:
+            return False
+        self._reloading = self._reloading or asyncio.Lock()
+        async with self._reloading:
+            if rejected.get("Authorization") != self.headers.get("Authorization"):
+                return True
+            info = await asyncio.to_thread(self._reload)
+            headers = {"Accept": "application/json", **info.as_http_headers()}
+            if headers == self.headers:
+                return False
+            log.info("the API server refused our credentials (401); using the reloaded ones")
+            self.info, self.headers = info, headers
+            self.reloads += 1
+            return True
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=self._limit)
-            self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=30),
-            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
         return self._session
 
     @property
@@ -100,8 +147,23 @@ class KubeApi:
         """Long-lived watch streams get their own connections, so they never starve requests."""
         if self._watch_session is None or self._watch_session.closed:
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=0)
-            self._watch_session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._watch_session = aiohttp.ClientSession(connector=connector)
         return self._watch_session
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, params: Mapping[str, str],
+                     limits: aiohttp.ClientTimeout) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An open watch response (2xx), on the watch session; a 401 reloads credentials once."""
+        for attempt in (1, 2):
+            headers = dict(self.headers)
+            async with self.watch_session.get(self.server + path, params=params, timeout=limits,
+                                              headers=headers) as resp:
+                if resp.status == 401 and attempt == 1 and await self.reload_credentials(headers):
+                    continue
+                if resp.status >= 300:
+                    raise _error(resp, await resp.text())
+                yield resp
+                return
 
     async def close(self) -> None:
         for session in (self._session, self._watch_session):
@@ -112,6 +174,8 @@ class KubeApi:
                       params: Mapping[str, str] | None = None) -> Any:
         """One request; reads (GET) are retried briefly on 429/5xx and dropped connections, as
         an API server answers those while it starts or its storage for a new CRD initialises."""
+        if method != "GET" and self.may_write is not None and not self.may_write():
+            raise NotLeading(method, path)
         attempts = READ_ATTEMPTS if method == "GET" else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -131,18 +195,17 @@ class KubeApi:
                             params: Mapping[str, str] | None) -> Any:
         url = self.server + path + (f"?{urlencode(params)}" if params else "")
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
-        async with self.session.request(method, url, data=data, headers=headers) as resp:
-            text = await resp.text()
-            if resp.status >= 300:
-                retry_after = resp.headers.get("Retry-After")
-                wait = float(retry_after) if retry_after and retry_after.isdigit() else None
-                try:
-                    status = json.loads(text)
-                except ValueError:
-                    raise ApiError(resp.status, resp.reason or "", text, wait) from None
-                raise ApiError(resp.status, status.get("reason", ""), status.get("message", text), wait)
-            return json.loads(text) if text else None
+        for attempt in (1, 2):
+            auth = dict(self.headers)
+            headers = {**auth, "Content-Type": content_type} if data is not None else auth
+            async with self.session.request(method, url, data=data, headers=headers) as resp:
+                text = await resp.text()
+                if resp.status == 401 and attempt == 1 and await self.reload_credentials(auth):
+                    continue
+                if resp.status >= 300:
+                    raise _error(resp, text)
+                return json.loads(text) if text else None
+        raise AssertionError("unreachable")
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)

@@ -1,4 +1,5 @@
-"""Credentials shared by kopf's watches and our own client: in-cluster first, then kubeconfig."""
+"""Credentials for our client (every watch and request) and kopf's login: in-cluster first, then
+kubeconfig. Loaded again when the API server answers 401: a projected ServiceAccount token rotates."""
 
 from __future__ import annotations
 

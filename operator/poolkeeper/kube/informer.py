@@ -1,27 +1,36 @@
 """List, then watch from the list's resourceVersion; list again when the watch expires.
 
-The reflector of client-go, for the high-volume sources (Pods, Nodes, Instances): the first
-list is complete before any pool is reconciled, so a restarted operator never mistakes "not
-seen yet" for "gone". Objects reach the handler as they arrive; nothing but the handler's
-own compact record is kept.
+The reflector of client-go, and the one watch stack of the operator: every kind (Pods, Nodes,
+Instances, TargetPools, LoadBalancers, LifecycleHandlers, Namespaces) comes through it. The
+first list is complete before any pool is reconciled, so a restarted operator never mistakes
+"not seen yet" for "gone"; a later list (after 410 Gone, "too old resourceVersion") is handed
+over as a diff: MODIFIED/ADDED for what is there, DELETED only for what is really missing.
+Errors, and an API server that is away, are retried with capped, jittered backoff (a watch
+that ends at once counts as an error, so a flapping server never causes a busy loop). Objects
+reach the handler as they arrive; nothing but the handler's own compact record is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 
+from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import ApiError, KubeApi
 
 log = logging.getLogger(__name__)
-Handler = Callable[[str, dict[str, Any]], None]  # (ADDED | MODIFIED | DELETED, object)
+Handler = Callable[[str, dict[str, Any]], Awaitable[None] | None]  # (ADDED | MODIFIED | DELETED, object)
 PAGE = 500
 WATCH_SECONDS = 300
+FIRST_DELAY, MAX_DELAY = 0.2, 5.0  # an API server back is noticed within 5 s
+SHORT_WATCH = 1.0  # a watch that ends sooner than this, with nothing in it, counts as a failure
 
 
 class Gone(Exception):
@@ -35,6 +44,8 @@ class Informer:
         self.known: dict[str, str] = {}  # namespace/name -> uid, to notice deletions missed between lists
         self.synced = asyncio.Event()
         self.events = 0
+        self.lists = 0  # completed lists: 1 + the relists
+        self.failures = 0  # consecutive failed list/watch attempts (0 while healthy)
 
     def _params(self, **extra: str) -> dict[str, str]:
         params = dict(extra)
@@ -58,62 +69,87 @@ class Informer:
             for obj in page.get("items") or []:
                 obj.setdefault("kind", kind)
                 key = self._key(obj)
-                seen[key] = obj["metadata"].get("uid", "")
-                self._deliver("MODIFIED" if key in self.known else "ADDED", obj)
+                uid = seen[key] = obj["metadata"].get("uid", "")
+                if key in self.known and self.known[key] != uid:  # re-created while we did not watch
+                    await self._deliver("DELETED", self._tombstone(key))
+                    self.known.pop(key)
+                await self._deliver("MODIFIED" if key in self.known else "ADDED", obj)
             token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
                 self.resource_version = page["metadata"]["resourceVersion"]
                 break
         for key in set(self.known) - set(seen):
-            namespace, _, name = key.partition("/")
-            self._deliver("DELETED", {"metadata": {"namespace": namespace or None, "name": name,
-                                                   "uid": self.known[key]}})
+            await self._deliver("DELETED", self._tombstone(key))
         self.known = seen
+        self.lists += 1
         self.synced.set()
 
-    def _deliver(self, kind: str, obj: dict[str, Any]) -> None:
+    def _tombstone(self, key: str) -> dict[str, Any]:
+        """What a DELETED missed between lists carries: the identity we knew."""
+        namespace, _, name = key.partition("/")
+        return {"metadata": {"namespace": namespace or None, "name": name, "uid": self.known[key]}}
+
+    async def _deliver(self, kind: str, obj: dict[str, Any]) -> None:
         self.events += 1
         try:
-            self.handle(kind, obj)
+            result = self.handle(kind, obj)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
         except Exception:  # one bad object must not stop the stream
             log.exception("handling %s %s failed", kind, self._key(obj))
 
     async def run(self) -> None:
-        """Watch forever: reconnect on errors, list again when the server says 410 Gone."""
-        delay = 0.1
+        """Watch forever: reconnect with backoff on errors, list again when the server says 410 Gone."""
         while True:
+            started, events, listing = time.monotonic(), self.events, not self.synced.is_set()
             try:
-                if not self.synced.is_set():
+                if listing:
                     await self.sync()
+                    started, events = time.monotonic(), self.events
                 await self._watch()
-                delay = 0.1
             except Gone:
-                log.info("watch of %s expired; listing again", self.path)
+                log.info("watch of %s expired (410 Gone); listing again", self.path)
                 self.synced.clear()
+                if listing and time.monotonic() - started < SHORT_WATCH:
+                    await self._failed("expired at once after a list")  # else the list is the retry
+                continue
             except (aiohttp.ClientError, ApiError, OSError, TimeoutError, ValueError) as exc:
-                log.warning("watch of %s broke (%s); retrying in %.1fs", self.path, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                if isinstance(exc, ApiError) and exc.status == 410:
+                if isinstance(exc, ApiError) and exc.status == 410:  # a list's continue token expired
                     self.synced.clear()
+                await self._failed(f"broke ({exc})")
+                continue
+            if self.events == events and time.monotonic() - started < SHORT_WATCH:
+                await self._failed("ended at once")
+            else:
+                self.failures = 0
+
+    async def _failed(self, what: str) -> None:
+        self.failures += 1
+        delay = backoff_delay(self.failures, FIRST_DELAY, MAX_DELAY)
+        log.warning("watch of %s %s; retrying in %.1fs", self.path, what, delay)
+        await asyncio.sleep(delay)
 
     async def _watch(self) -> None:
         params = self._params(watch="1", resourceVersion=self.resource_version, allowWatchBookmarks="true",
                               timeoutSeconds=str(WATCH_SECONDS))
-        url = self.api.server + self.path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
-        async with self.api.watch_session.get(url, params=params, timeout=timeout) as resp:
-            if resp.status >= 300:
-                raise ApiError(resp.status, resp.reason or "", await resp.text())
-            buffer = b""
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        self._on_line(line)
+        try:
+            async with self.api.stream(self.path, params, timeout) as resp:
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            await self._on_line(line)
+        except ApiError as exc:
+            if exc.status == 410:  # refused up front rather than as an ERROR event: the same
+                raise Gone() from exc
+            raise
 
-    def _on_line(self, line: bytes) -> None:
+    async def _on_line(self, line: bytes) -> None:
         event = json.loads(line)
         kind, obj = event.get("type"), event.get("object") or {}
         if kind == "ERROR":
@@ -128,4 +164,4 @@ class Informer:
             self.known.pop(key, None)
         else:
             self.known[key] = obj["metadata"].get("uid", "")
-        self._deliver(str(kind), obj)
+        await self._deliver(str(kind), obj)

@@ -1,4 +1,6 @@
-"""Coalesced status writes: the latest status per object wins, unchanged ones are not written."""
+"""Coalesced status writes: the latest status per object wins, unchanged ones are not written,
+and a write that fails for a passing reason (409, 429, 5xx, timeouts, a dropped connection:
+the API server restarting) is retried with backoff instead of being lost."""
 
 from __future__ import annotations
 
@@ -6,30 +8,41 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from poolkeeper.kube.api import MERGE, ApiError, KubeApi
+import aiohttp
+
+from poolkeeper.core.retry import backoff_delay
+from poolkeeper.kube.api import MERGE, ApiError, NotLeading
 
 log = logging.getLogger(__name__)
+RETRIED = frozenset({409, 429, 500, 502, 503, 504})
+FIRST_RETRY = 0.5
+MAX_RETRY = 30.0
+
+
+class Patcher(Protocol):
+    async def patch(self, path: str, body: Any, content_type: str = ...) -> Any: ...
 
 
 class StatusWriter:
     """At most one write per object every `interval` seconds, always the newest content."""
 
-    def __init__(self, api: KubeApi, interval: float = 0.25) -> None:
+    def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY) -> None:
         self.api = api
         self.interval = interval
+        self.first_retry = first_retry
         self._pending: dict[str, dict[str, Any]] = {}
         self._written: dict[str, str] = {}
         self._last_write: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = 0
+        self.retries = 0
 
     def submit(self, path: str, status: dict[str, Any]) -> None:
         """Queue `status` (a merge patch of .status) for the object at `path` (its /status URL)."""
-        if self._written.get(path) == json.dumps(status, sort_keys=True):
-            self._pending.pop(path, None)
-            return
+        if path not in self._tasks and self._written.get(path) == json.dumps(status, sort_keys=True):
+            return  # (with a write in flight, this may be newer than it: the writer compares before writing)
         self._pending[path] = status
         if path not in self._tasks:
             self._tasks[path] = asyncio.ensure_future(self._flush_later(path))
@@ -41,6 +54,7 @@ class StatusWriter:
         self._last_write.pop(path, None)
 
     async def _flush_later(self, path: str) -> None:
+        failures = 0
         try:
             while path in self._pending:
                 wait = self._last_write.get(path, 0.0) + self.interval - time.monotonic()
@@ -53,18 +67,48 @@ class StatusWriter:
                 if self._written.get(path) == text:
                     continue
                 self._last_write[path] = time.monotonic()
-                try:
-                    await self.api.patch(path, {"status": status}, MERGE)
+                problem = await self._write(path, status)
+                if problem is None:
                     self._written[path] = text
                     self.writes += 1
-                except ApiError as exc:
-                    if exc.status != 404:
-                        log.warning("status write to %s failed: %s", path, exc)
-                except (TimeoutError, OSError) as exc:
-                    log.warning("status write to %s failed: %s", path, exc)
+                    failures = 0
+                    continue
+                if not problem:
+                    continue  # not worth retrying (gone, invalid, or no longer ours to write)
+                failures += 1
+                self.retries += 1
+                self._pending.setdefault(path, status)  # a newer status submitted meanwhile wins
+                delay = backoff_delay(failures, self.first_retry, MAX_RETRY)
+                log.warning("status write to %s failed (%s); retrying in %.1fs", path, problem, delay)
+                await asyncio.sleep(delay)
         finally:
             self._tasks.pop(path, None)
 
-    async def flush(self) -> None:
+    async def _write(self, path: str, status: dict[str, Any]) -> str | None:
+        """None when written; a reason to retry; or "" when retrying cannot help."""
+        try:
+            await self.api.patch(path, {"status": status}, MERGE)
+        except NotLeading:
+            self._pending.pop(path, None)  # the replica that leads now writes the status
+            return ""
+        except ApiError as exc:
+            if exc.status in RETRIED:
+                return str(exc)
+            if exc.status != 404:
+                log.warning("status write to %s failed: %s", path, exc)
+            return ""
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def flush(self, within: float = 10.0) -> None:
+        """Wait for pending writes, at most `within` seconds (a shutdown must not hang on a dead API)."""
+        deadline = time.monotonic() + within
         while self._tasks:
-            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for task in list(self._tasks.values()):
+                    task.cancel()
+                await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+                break
+            await asyncio.wait(list(self._tasks.values()), timeout=remaining)

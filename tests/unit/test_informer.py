@@ -1,0 +1,142 @@
+"""Informer: a relist is handed over as a diff (no mass DELETE), a re-created object is a DELETE
+and an ADD, async handlers are awaited in order, and a server that is away or closes every watch
+at once is retried with backoff, never in a busy loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from poolkeeper.kube.api import ApiError
+from poolkeeper.kube.informer import Informer
+
+
+def pod(name: str, uid: str, rv: str = "1") -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "resourceVersion": rv}}
+
+
+class Content:
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for line in self.lines:
+            yield line
+
+
+class Response:
+    def __init__(self, lines: list[bytes]) -> None:
+        self.content = Content(lines)
+
+
+class FakeApi:
+    """Lists what `objects` holds; each watch plays the next script (lines, or an exception)."""
+
+    def __init__(self, objects: list[dict[str, Any]]) -> None:
+        self.objects = objects
+        self.scripts: list[list[bytes] | BaseException] = []
+        self.lists = 0
+        self.watches = 0
+        self.list_error: BaseException | None = None
+
+    async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        self.lists += 1
+        if self.list_error is not None:
+            raise self.list_error
+        return {"kind": "PodList", "metadata": {"resourceVersion": "100"}, "items": [dict(o) for o in self.objects]}
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, params: dict[str, str], limits: Any) -> AsyncIterator[Response]:
+        self.watches += 1
+        script = self.scripts.pop(0) if self.scripts else []
+        if isinstance(script, BaseException):
+            raise script
+        yield Response(script)
+
+
+def event(kind: str, obj: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    async def __call__(self, kind: str, obj: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # an async handler: awaited before the next event
+        self.seen.append((kind, obj["metadata"]["name"], obj["metadata"].get("uid", "")))
+
+
+GONE_EVENT = [event("ERROR", {"kind": "Status", "code": 410, "reason": "Expired",
+                               "message": "too old resource version"})]
+
+
+@pytest.mark.parametrize("gone", [GONE_EVENT, ApiError(410, "Gone", "too old resource version")],
+                         ids=["error-event", "http-410"])
+async def test_a_relist_after_gone_is_a_diff_not_a_mass_delete(gone: list[bytes] | BaseException) -> None:
+    api = FakeApi([pod("a", "1"), pod("b", "2"), pod("c", "3")])
+    rec = Recorder()
+    informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
+    await informer.sync()
+    assert [k for k, _, _ in rec.seen] == ["ADDED"] * 3
+    rec.seen.clear()
+    # While the watch was away: b was deleted, c deleted and re-created under the same name, d added.
+    api.objects = [pod("a", "1"), pod("c", "33"), pod("d", "4")]
+    api.scripts = [gone]
+    await run_for(informer, 0.3)  # the watch says 410 Gone at once: one relist, no backoff first
+    assert sorted(rec.seen) == sorted([("MODIFIED", "a", "1"), ("DELETED", "c", "3"), ("ADDED", "c", "33"),
+                                       ("ADDED", "d", "4"), ("DELETED", "b", "2")])
+    assert rec.seen.index(("DELETED", "c", "3")) < rec.seen.index(("ADDED", "c", "33"))
+    assert informer.lists == 2
+
+
+async def test_watch_events_reach_an_async_handler_in_order() -> None:
+    api = FakeApi([])
+    rec = Recorder()
+    informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
+    await informer.sync()
+    api.scripts = [[event("ADDED", pod("a", "1", "101")), event("BOOKMARK", {"metadata": {"resourceVersion": "150"}}),
+                    event("MODIFIED", pod("a", "1", "160")), event("DELETED", pod("a", "1", "170"))]]
+    await informer._watch()
+    assert rec.seen == [("ADDED", "a", "1"), ("MODIFIED", "a", "1"), ("DELETED", "a", "1")]
+    assert informer.resource_version == "170" and informer.known == {}
+
+
+async def run_for(informer: Informer, seconds: float) -> None:
+    task = asyncio.create_task(informer.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_a_server_that_ends_every_watch_at_once_is_not_hammered() -> None:
+    api = FakeApi([pod("a", "1")])
+    informer = Informer(api, "/api/v1/pods", Recorder())  # type: ignore[arg-type]
+    await informer.sync()
+    await run_for(informer, 1.0)  # every watch: 200 and an empty stream
+    # backoff 0.1-0.2, 0.2-0.4, 0.4-0.8 ...: a few attempts a second, not thousands
+    assert 2 <= api.watches <= 8, api.watches
+    assert informer.failures >= 2
+
+
+async def test_an_api_server_that_is_away_is_retried_with_backoff_and_nothing_is_deleted() -> None:
+    api = FakeApi([pod("a", "1"), pod("b", "2")])
+    rec = Recorder()
+    informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
+    await informer.sync()
+    rec.seen.clear()
+    refused = aiohttp.ClientConnectionError("Cannot connect to host 127.0.0.1:6443")
+    api.scripts = [refused] * 100
+    api.list_error = ApiError(503, "ServiceUnavailable", "etcd is away")
+    informer.synced.clear()  # (as after a 410) the next attempt lists, and the list fails too
+    await run_for(informer, 1.0)
+    assert 2 <= api.lists - 1 <= 8, api.lists
+    assert rec.seen == []  # no DELETE while the server is away
+    assert informer.known.keys() == {"ns/a", "ns/b"}
