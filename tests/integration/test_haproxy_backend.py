@@ -185,6 +185,27 @@ async def test_commands_cannot_smuggle_more_commands(client: HAProxyClient) -> N
             await client.execute([bad])
 
 
+async def test_a_replica_that_no_longer_leads_sends_nothing(haproxy: HAProxyProcess) -> None:
+    """The fence is checked just before the bytes go out: a leader paused mid-reconcile that wakes
+    after another took over sends none of what it planned, while probes (reads) still work."""
+    leading = True
+    client = HAProxyClient(haproxy.admin_endpoint, may_act=lambda: leading)
+    try:
+        assert "Pid" in await client.info()
+        leading = False
+        with pytest.raises(HAProxyUnreachable, match="no longer leads"):
+            await client.execute(["add server web/pk-fenced 127.0.0.1:9"])
+        assert "Pid" in await client.info(probe=True)
+    finally:
+        await client.close()
+    check = HAProxyClient(haproxy.admin_endpoint)
+    try:
+        (state,) = await check.execute(["show servers state web"])
+        assert "pk-fenced" not in state
+    finally:
+        await check.close()
+
+
 # ----- membership and traffic
 
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -132,7 +132,8 @@ class HAProxyClient:
     call that HAProxy does not answer: it times out on its own, and then ends that call too.
     """
 
-    def __init__(self, endpoint: str, tls: TLSFiles | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, endpoint: str, tls: TLSFiles | None = None, timeout: float = 5.0,
+                 may_act: Callable[[], bool] | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._address = parse_endpoint(endpoint)
@@ -141,6 +142,7 @@ class HAProxyClient:
         self._tls = tls
         self._calls, self._probes = _Line(), _Line()
         self.unanswered = ""  # why the last exchange got no answer; set: only probes are sent
+        self.may_act = may_act  # None: always (no leader election); probes are only reads
 
     async def execute(self, commands: Sequence[str], *, probe: bool = False,
                       within: float | None = None) -> list[str]:
@@ -223,6 +225,10 @@ class HAProxyClient:
         for attempt in (1, 2):
             if line.session is None:
                 line.session = await self._open()
+            if not probe and self.may_act is not None and not self.may_act():
+                # checked at the last moment: a leader paused mid-reconcile wakes after another took
+                # over, and must not send what it planned back then
+                raise HAProxyUnreachable(f"not sent to HAProxy at {self.endpoint}: this replica no longer leads")
             try:
                 return await line.session.roundtrip(commands)
             except _LOST as exc:

@@ -79,7 +79,7 @@ class LoadBalancers:
             self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
             return
         old = self._entries.get(name)
-        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls))
+        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls, may_act=self.api.may_write))
         retired = self._retired.pop(name, None)
         for stale in (old.client if old else None, retired):
             if stale is not None:
