@@ -77,6 +77,7 @@ def pool_status(body: Mapping[str, Any], spec: PoolSpec | None, report: PoolRepo
         "observedGeneration": meta.get("generation"),
         "backend": spec.backend_text if spec else "",
         "placements": [p.to_status() for p in report.placements],
+        **({"clusterID": spec.cluster_id} if spec else {}),  # whose servers these are in a shared backend
     }
 
 
