@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from poolkeeper.agent import report_heartbeat
 from poolkeeper_dev import Cluster
@@ -54,6 +55,39 @@ def active(custom: client.CustomObjectsApi, namespace: str, pool: str) -> int:
 def sources(vm_weight: int, pod_weight: int) -> list[dict[str, Any]]:
     return [{"kind": "Instance", "selector": {"matchLabels": {"group": "vms"}}, "weight": vm_weight},
             {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}, "weight": pod_weight}]
+
+
+SLICE_BACKEND = {"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}}
+HA_BACKEND = {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": "edge"}, "backend": "web"}}
+POD_SOURCE = {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"source": POD_SOURCE, "sources": [POD_SOURCE], "backend": HA_BACKEND},
+     "set exactly one of spec.source (one source) and spec.sources"),
+    ({"backend": HA_BACKEND}, "set exactly one of spec.source (one source) and spec.sources"),
+    ({"sources": [{**POD_SOURCE, "weight": 2}], "backend": SLICE_BACKEND},
+     "spec.sources[].weight needs an HAProxy backend: EndpointSlices have no weights"),
+    ({"sources": [{**POD_SOURCE, "weight": 257}], "backend": HA_BACKEND}, "less than or equal to 256"),
+    ({"sources": [{"kind": "Instance"}], "backend": HA_BACKEND},
+     "spec.sources[].selector is required when kind is Pod or Instance"),
+    ({"sources": [], "backend": HA_BACKEND}, "should have at least 1 items"),
+], ids=["both", "neither", "weight-endpointslice", "weight-range", "selector", "empty"])
+def test_schema_refuses_bad_sources_with_a_human_message(
+        namespace: str, custom: client.CustomObjectsApi, spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(ApiException) as refused:
+        create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "bad"},
+                                                  "spec": {"port": 80, **spec}})
+    assert refused.value.status == 422 and message in str(refused.value.body), refused.value.body
+
+
+def test_schema_accepts_sources_and_weights_where_they_apply(namespace: str, custom: client.CustomObjectsApi) -> None:
+    create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "weighted"}, "spec": {
+        "port": 80, "sources": [{**POD_SOURCE, "weight": 0}, {"kind": "Node", "weight": 256}],
+        "backend": HA_BACKEND}})
+    create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "slices"}, "spec": {
+        "port": 80, "sources": [POD_SOURCE, {"kind": "Instance", "selector": {}}], "backend": SLICE_BACKEND}})
+    assert get(custom, namespace, "targetpools", "weighted")["spec"]["sources"][1] == {"kind": "Node", "weight": 256}
 
 
 @pytest.fixture()
