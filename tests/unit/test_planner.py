@@ -34,7 +34,8 @@ def inst(name: str, phase: Phase = Phase.UP, address: str = "127.0.0.2", labels:
 
 
 def desired_of(*instances: InstanceState, held: frozenset[str] = frozenset()) -> dict[str, DesiredMember]:
-    desired, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=instances, held=held, policy=LOOPBACK_ALLOWED)
+    desired, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=instances, held=held,
+                                 policy=LOOPBACK_ALLOWED)
     return desired
 
 
@@ -227,8 +228,8 @@ def test_changed_server_settings_replace_members_without_a_gap() -> None:
     inst_a = inst("a")
     old = desired_of(inst_a)
     old_name = next(iter(old))
-    new, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=[inst_a], variant="check:1:2:3",
-        policy=LOOPBACK_ALLOWED)
+    new, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=[inst_a],
+                             variant="check:1:2:3", policy=LOOPBACK_ALLOWED)
     new_name = next(iter(new))
     assert new_name != old_name and new_name.startswith(old_name)
     serving = {old_name: ActualMember(old_name, "127.0.0.2", 80, Admin.READY, "UP", 2)}
