@@ -23,7 +23,7 @@ from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
 from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
-from support.kube import api_client_for, create, delete, get, wait_for
+from support.kube import api_client_for, create, delete, events_for, get, wait_for
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, load_balancer, members, servers_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,8 +99,8 @@ def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
 
 
 def test_weight_shift_moves_a_service_from_vms_to_pods_without_a_failed_request(
-        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, cluster: Cluster,
-        workloads: Workloads, haproxy: HAProxyProcess) -> None:
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        cluster: Cluster, workloads: Workloads, haproxy: HAProxyProcess) -> None:
     lb = f"mixed-{namespace[-6:]}"
     load_balancer(custom, lb, haproxy.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
     fleet = workloads("web")
@@ -149,6 +149,8 @@ def test_weight_shift_moves_a_service_from_vms_to_pods_without_a_failed_request(
         assert errors == NO_ERRORS, errors
         assert report.total >= 5 * 400, report
         assert all(m["state"] == "Active" for m in members(custom, namespace, "web").values())
+        wait_for(lambda: any(r == "WeightChanged" and f"Instance/{namespace}/vm-0 to 0" in m
+                             for r, m in events_for(core, namespace, "web")), 10, "a WeightChanged Event")
     finally:
         for backend in vms:
             backend.stop()

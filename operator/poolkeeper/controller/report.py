@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from poolkeeper import API_VERSION
 from poolkeeper.backends import ActionResult
 from poolkeeper.core.conditions import Condition, merge_conditions
-from poolkeeper.core.model import AddMember, MemberReport, MemberState, Placement, Plan, RemoveMember
+from poolkeeper.core.model import AddMember, MemberReport, MemberState, Placement, Plan, RemoveMember, SetWeight
 from poolkeeper.core.planner import ADDRESS_CHANGED, Refusal
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import resource_path
@@ -145,6 +145,7 @@ class Reporter:
         """One Event per kind of change per reconcile, naming the instances, so a burst stays readable."""
         added: list[str] = []
         removed: list[str] = []
+        weighted: list[str] = []
         for result in results:
             action = result.action
             who = instance_of.get(action.name, action.name)
@@ -155,9 +156,12 @@ class Reporter:
                 added.append(f"{who} ({action.address}:{action.port}) as {action.name}")
             elif isinstance(action, RemoveMember):
                 removed.append(f"{who} ({action.name}): {action.reason}")
+            elif isinstance(action, SetWeight):
+                weighted.append(f"{who} to {action.weight}")
             if self.metrics is not None:
                 self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
-        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed)):
+        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed),
+                                    ("WeightChanged", "weight set in", weighted)):
             if len(items) == 1:
                 self.note(body, reason, f"{verb} {where}: {items[0]}")
             elif items:
