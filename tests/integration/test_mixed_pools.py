@@ -148,6 +148,10 @@ def test_weight_shift_moves_a_service_from_vms_to_pods_without_a_failed_request(
         assert report.failed == 0, report.failures
         assert errors == NO_ERRORS, errors
         assert report.total >= 5 * 400, report
+        final = {**{f"Instance/{namespace}/vm-{i}": 0 for i in range(2)},
+                 **{f"Pod/{namespace}/web-{i}": 256 for i in range(2)}}
+        wait_for(lambda: {r: m.get("weight") for r, m in members(custom, namespace, "web").items()} == final,
+                 10, "status.members[].weight as in HAProxy")
         assert all(m["state"] == "Active" for m in members(custom, namespace, "web").values())
         wait_for(lambda: any(r == "WeightChanged" and f"Instance/{namespace}/vm-0 to 0" in m
                              for r, m in events_for(core, namespace, "web")), 10, "a WeightChanged Event")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -170,3 +171,20 @@ def test_outbox_records_accept_the_clusters_member_names() -> None:
     entry = {"instance": instance, "seq": 1, "state": "up", "member": mine}
     assert check_announced("uid-1", entry, Scope("h", "ns", "web", cluster_id="a")) is None
     assert check_announced("uid-1", entry, Scope("h", "ns", "web")) is not None
+
+
+def test_status_rows_show_the_weight_where_there_is_one() -> None:
+    from poolkeeper.controller.report import member_row
+
+    spec = parse_pool(body(sources=mixed(pods=40)))
+    desired, _ = desired_members(namespace="ns", pool="web", sources=spec.sources, port=80,
+                                 instances=[inst("p1")], policy=LOOPBACK)
+    name = member_name("ns", "web", "uid-p1")
+    actual = {name: ActualMember(name, "127.0.0.1", 80, Admin.READY, "", 0, 40)}
+    report = plan_pool(desired=desired, actual=actual, draining_since={}, now=0.0, deregistration_delay=30,
+                       health_checks=False).members[0]
+    assert report.weight == 40 and member_row(report, "now", {})["weight"] == 40
+    gone = plan_pool(desired={}, actual=actual, draining_since={}, now=0.0, deregistration_delay=30,
+                     health_checks=False).members[0]
+    assert gone.weight == 40  # a draining leftover still shows what it has
+    assert "weight" not in member_row(replace(report, weight=None), "now", {})  # EndpointSlices: no weights

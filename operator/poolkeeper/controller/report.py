@@ -84,8 +84,9 @@ def pool_status(body: Mapping[str, Any], spec: PoolSpec | None, report: PoolRepo
 def member_row(report: MemberReport, now: str, previous: Mapping[str, Any]) -> dict[str, Any]:
     prior = previous.get(report.instance)
     since = prior.get("since") if prior and prior.get("state") == report.state.value else now
-    return {"instance": report.instance or report.name, "address": report.address, "port": report.port,
-            "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+    row = {"instance": report.instance or report.name, "address": report.address, "port": report.port,
+           "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+    return row if report.weight is None else {**row, "weight": report.weight}
 
 
 def member_reports(plan: Plan, pending: frozenset[str], instance_of: Mapping[str, str],
@@ -99,8 +100,7 @@ def member_reports(plan: Plan, pending: frozenset[str], instance_of: Mapping[str
         if not report.instance and report.name in instance_of:
             report = replace(report, instance=instance_of[report.name])
         if report.name in pending and report.state is MemberState.HELD:
-            report = MemberReport(report.name, report.instance, report.address, report.port,
-                                  MemberState.REGISTERING, report.health, "waiting for a blocking up hook")
+            report = replace(report, state=MemberState.REGISTERING, reason="waiting for a blocking up hook")
         out.append(report)
     out += [MemberReport("", r.instance.ref, r.instance.address or "", port, MemberState.HELD, "",
                          f"refused: {r.reason}") for r in refused]

@@ -124,6 +124,7 @@ class MemberReport:
     state: MemberState
     health: str
     reason: str
+    weight: int | None = None  # its weight in the load balancer, where it has weights
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def plan_pool(
         if successor is not None and have.admin is Admin.READY and not _in_rotation(actual.get(successor)):
             # Same instance, new server settings: keep serving until the new server takes traffic.
             reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING, have.health,
-                                        "replaced by a server with new settings; serving until it is in rotation"))
+                                        "replaced by a server with new settings; serving until it is in rotation",
+                                        have.weight))
             continue
         started = draining_since.get(name, now)
         if have.admin is Admin.READY:
@@ -180,7 +181,7 @@ def plan_pool(
             continue
         since[name] = started
         reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
-                                    have.health, "instance left the pool; draining"))
+                                    have.health, "instance left the pool; draining", have.weight))
     return Plan(tuple(actions), tuple(reports), since)
 
 
@@ -218,7 +219,8 @@ def _report(want: DesiredMember, have: ActualMember | None, target: Admin, healt
         state, reason = MemberState.REGISTERING, f"waiting for health checks to pass ({health or 'no result yet'})"
     else:
         state, reason = MemberState.REGISTERING, "entering rotation"
-    return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason)
+    weight = have.weight if have is not None else want.weight
+    return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason, weight)
 
 
 def simulate(actual: Mapping[str, ActualMember], actions: Iterable[Action]) -> dict[str, ActualMember]:
