@@ -12,7 +12,7 @@ from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
 from poolkeeper.core.model import Placement
-from poolkeeper.core.naming import cluster_prefix, legacy_pool_prefix, pool_prefix
+from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
 
 
@@ -79,12 +79,6 @@ class PoolSpec:
     def legacy_prefix(self) -> str:
         """Only the default cluster id had servers before 80-bit prefixes."""
         return "" if self.cluster_id else legacy_pool_prefix(self.namespace, self.name)
-
-    @property
-    def owner_text(self) -> str:
-        """Says which servers of a shared backend are this operator's, for status and Events."""
-        return f"cluster id {self.cluster_id!r}: servers named {cluster_prefix(self.cluster_id)}*" if self.cluster_id \
-            else f"default cluster id: servers named {cluster_prefix()}*"
 
     @property
     def variant(self) -> str:
