@@ -7,11 +7,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poolkeeper.backends.haproxy import HAProxyPool
 from poolkeeper.core.addresses import LB_ALLOWANCE, AddressPolicy, parse_cidrs
 from poolkeeper.core.model import ActualMember, AddMember, Admin, InstanceState, Phase, SetAdmin, SetWeight
-from poolkeeper.core.naming import alternate_name, cluster_prefix, instance_part, member_name, pool_prefix
+from poolkeeper.core.naming import CLUSTER_ID, alternate_name, cluster_prefix, instance_part, member_name, pool_prefix
 from poolkeeper.core.planner import desired_members, plan_pool, simulate
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, parse_pool
 from poolkeeper.lifecycle.outbox_records import Scope, check_announced
@@ -188,3 +190,18 @@ def test_status_rows_show_the_weight_where_there_is_one() -> None:
                      health_checks=False).members[0]
     assert gone.weight == 40  # a draining leftover still shows what it has
     assert "weight" not in member_row(replace(report, weight=None), "now", {})  # EndpointSlices: no weights
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.one_of(st.just(""), st.from_regex(CLUSTER_ID, fullmatch=True)), min_size=2, max_size=2,
+                    unique=True),
+       pools=st.lists(st.tuples(st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=8)), min_size=1,
+                      max_size=2),
+       uid=st.text(max_size=8))
+def test_no_cluster_owns_another_clusters_names(ids: list[str], pools: list[tuple[str, str]], uid: str) -> None:
+    """Whatever the ids and pool names: a name made under one id never carries another id's prefix."""
+    mine, other = ids
+    for ns, pool in pools:
+        name = member_name(ns, pool, uid, "check:2:2:3", cluster_id=mine)
+        assert name.startswith(cluster_prefix(mine)) and not name.startswith(cluster_prefix(other))
+        assert instance_part(alternate_name(name)) == member_name(ns, pool, uid, cluster_id=mine)
