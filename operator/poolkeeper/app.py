@@ -82,6 +82,7 @@ class OperatorOptions:
     handler_credentials: str = "none"  # none | operator: what Python handler functions may authenticate as
     http_connections: int = 100  # HTTP handler deliveries in flight, all namespaces together
     http_namespace_concurrency: int | None = None  # ... of one namespace (default: a quarter of the above)
+    cluster_id: str = ""  # owner of this operator's servers in shared backends; "": today's names (core.naming)
 
 
 @dataclass
@@ -157,7 +158,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
                               endpointslice_policy=AddressPolicy(rt.options.endpointslice_allowed_cidrs,
                                                                  ENDPOINTSLICE_ALLOWANCE),
                               allow_external_sources=rt.options.endpointslice_allow_external_sources,
-                              node_sources=rt.options.node_source_namespaces)
+                              node_sources=rt.options.node_source_namespaces, cluster_id=rt.options.cluster_id)
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
@@ -208,7 +209,8 @@ def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -
                              outbox_namespace=rt.options.outbox_namespace, metrics=rt.metrics,
                              handler_kubeconfig=credentials,
                              http_connections=rt.options.http_connections,
-                             http_namespace_concurrency=rt.options.http_namespace_concurrency)
+                             http_namespace_concurrency=rt.options.http_namespace_concurrency,
+                             cluster_id=rt.options.cluster_id)
 
 
 @kopf.on.cleanup()
@@ -285,7 +287,8 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             continue
         if state.kind != "Node" and spec.namespace != state.namespace:
             continue
-        if spec.selector.matches(state.labels) or (previous is not None and spec.selector.matches(previous.labels)):
+        if spec.selects(state.kind, state.labels) or (previous is not None
+                                                      and spec.selects(state.kind, previous.labels)):
             rt.event_times.setdefault(key, now)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
         leader_elect=args.leader_elect, leader_namespace=args.leader_elect_namespace,
         outbox_namespace=args.outbox_namespace, node_source_namespaces=args.node_source_namespaces,
         handler_credentials=args.handler_credentials, http_connections=args.http_connections,
-        http_namespace_concurrency=args.http_namespace_concurrency,
+        http_namespace_concurrency=args.http_namespace_concurrency, cluster_id=args.cluster_id,
     ))
 
 
@@ -77,6 +77,16 @@ def _node_source_namespaces(value: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _cluster_id(value: str) -> str:
+    from poolkeeper.core.naming import cluster_prefix
+
+    try:
+        cluster_prefix(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -119,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a quarter of --http-connections; always fewer than it)")
     run.add_argument("--pod-label-selector", default=None,
                      help="server-side label selector for the Pod watch (e.g. 'poolkeeper.dev/member')")
+    run.add_argument("--cluster-id", type=_cluster_id, default="",
+                     help="owner id of this operator's servers, for HAProxy backends shared with other clusters: "
+                          "its server names start with pk.<id>. and it touches no other server; default empty: "
+                          "names start with pk- as before (1-16 of a-z, 0-9, '-')")
     run.add_argument("--workers", type=int, default=4, help="pools reconciled concurrently")
     run.add_argument("--function-workers", type=int, default=None,
                      help="worker processes for Python handlers (default: max(2, CPUs))")

@@ -215,8 +215,8 @@ async def test_added_ready_members_get_traffic(
     results = await apply_ok(pool, [*add(name(1), a), *add(name(2), b)])
     assert [r.message for r in results] == ["", "", "", ""]
     assert await pool.read_members() == {
-        name(1): ActualMember(name(1), a.address, a.port, Admin.READY, "", 0),
-        name(2): ActualMember(name(2), b.address, b.port, Admin.READY, "", 0),
+        name(1): ActualMember(name(1), a.address, a.port, Admin.READY, "", 0, 1),
+        name(2): ActualMember(name(2), b.address, b.port, Admin.READY, "", 0, 1),
     }
     report = await load(haproxy.frontend_url("web"), 200)
     assert report.failed == 0, report.failures

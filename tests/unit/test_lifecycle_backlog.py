@@ -122,7 +122,7 @@ def change(lh: LifecycleHandlers, inst: InstanceState) -> None:
 
 
 def desired(lh: LifecycleHandlers) -> dict[str, Any]:
-    members, _ = desired_members(namespace=NS, pool="web", kind="Pod", selector=SPEC.selector, port=SPEC.port,
+    members, _ = desired_members(namespace=NS, pool="web", sources=SPEC.sources, port=SPEC.port,
                                  instances=lh.store.instances_of("Pod", NS))
     return members
 

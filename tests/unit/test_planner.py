@@ -19,10 +19,13 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper.core.planner import desired_members, plan_pool
+from poolkeeper.core.poolspec import SourceSpec
 from poolkeeper.core.selectors import LabelSelector
 
 # The instances here have loopback addresses, so the pool's LoadBalancer says it allows them.
 LOOPBACK_ALLOWED = AddressPolicy(parse_cidrs(["127.0.0.0/8"]), LB_ALLOWANCE)
+
+WEB = (SourceSpec("Pod", LabelSelector.parse({"matchLabels": {"app": "web"}})),)
 
 
 def inst(name: str, phase: Phase = Phase.UP, address: str = "127.0.0.2", labels: dict[str, str] | None = None,
@@ -31,8 +34,8 @@ def inst(name: str, phase: Phase = Phase.UP, address: str = "127.0.0.2", labels:
 
 
 def desired_of(*instances: InstanceState, held: frozenset[str] = frozenset()) -> dict[str, DesiredMember]:
-    desired, _ = desired_members(namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse(
-        {"matchLabels": {"app": "web"}}), port=80, instances=instances, held=held, policy=LOOPBACK_ALLOWED)
+    desired, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=instances, held=held,
+                                 policy=LOOPBACK_ALLOWED)
     return desired
 
 
@@ -164,7 +167,7 @@ def test_held_member_stays_in_maintenance() -> None:
 
 def test_selector_kind_namespace_and_addresses_filter_desired() -> None:
     desired, refused = desired_members(
-        namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse({"matchLabels": {"app": "web"}}),
+        namespace="ns", pool="web", sources=WEB,
         port=80, policy=LOOPBACK_ALLOWED, instances=[
             inst("ok"), inst("other-app", labels={"app": "api"}), inst("down", Phase.DOWN),
             inst("other-ns", namespace="x"), inst("node", kind="Node", namespace=""),
@@ -225,9 +228,8 @@ def test_changed_server_settings_replace_members_without_a_gap() -> None:
     inst_a = inst("a")
     old = desired_of(inst_a)
     old_name = next(iter(old))
-    new, _ = desired_members(namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse(
-        {"matchLabels": {"app": "web"}}), port=80, instances=[inst_a], variant="check:1:2:3",
-        policy=LOOPBACK_ALLOWED)
+    new, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=[inst_a],
+                             variant="check:1:2:3", policy=LOOPBACK_ALLOWED)
     new_name = next(iter(new))
     assert new_name != old_name and new_name.startswith(old_name)
     serving = {old_name: ActualMember(old_name, "127.0.0.2", 80, Admin.READY, "UP", 2)}
@@ -246,7 +248,7 @@ def test_default_policy_refuses_what_a_tenant_could_point_at_the_load_balancer()
                "mapped": "::ffff:10.0.0.1", "ali": "100.100.100.200", "aws6": "fd00:ec2::254", "mc": "224.0.0.1",
                "bc": "255.255.255.255"}
     desired, refused = desired_members(
-        namespace="ns", pool="web", kind="Pod", selector=LabelSelector.parse({"matchLabels": {"app": "web"}}),
+        namespace="ns", pool="web", sources=WEB,
         port=80, instances=[inst("ok", address="192.0.2.9"), *(inst(n, address=a) for n, a in hostile.items())])
     assert [m.address for m in desired.values()] == ["192.0.2.9"]
     assert {r.instance.name for r in refused} == set(hostile)

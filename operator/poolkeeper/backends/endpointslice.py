@@ -53,16 +53,18 @@ def _admin(conditions: Mapping[str, Any]) -> Admin:
 class EndpointSliceBackend:
     """One pool's slices for one Service in the pool's own namespace."""
 
-    def __init__(self, api: KubeApi, *, namespace: str, service: str, pool: str, pool_uid: str, port: int) -> None:
+    def __init__(self, api: KubeApi, *, namespace: str, service: str, pool: str, pool_uid: str, port: int,
+                 cluster_id: str = "") -> None:
         self.api, self.namespace, self.service, self.pool = api, namespace, service, pool
-        self.pool_uid, self.port = pool_uid, port
+        self.pool_uid, self.port, self.cluster_id = pool_uid, port, cluster_id
         self._slices: dict[str, dict[str, Any]] = {}
         self._port_name = ""
         self._listed_at = -1e9  # the slices we wrote are our cache; re-listed every REFRESH seconds
         self._service_checked_at = -1e9
 
     def _key(self, ep: Mapping[str, Any]) -> str:
-        return member_name(self.namespace, self.pool, (ep.get("targetRef") or {}).get("uid", ""))
+        return member_name(self.namespace, self.pool, (ep.get("targetRef") or {}).get("uid", ""),
+                           cluster_id=self.cluster_id)
 
     async def check_service(self) -> None:
         if time.monotonic() - self._service_checked_at < SERVICE_TTL:

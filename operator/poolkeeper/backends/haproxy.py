@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from poolkeeper.backends import ActionResult
 from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable
-from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, RemoveMember, SetAdmin
+from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, RemoveMember, SetAdmin, SetWeight
 from poolkeeper.core.naming import LEGACY_INSTANCE
 from poolkeeper.core.poolspec import HealthCheck
 
@@ -89,6 +89,12 @@ def _target(address: str, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
+def _weight(weight: int) -> int:
+    if not 0 <= weight <= 256:
+        raise ValueError(f"weight {weight} is out of HAProxy's range 0-256")
+    return weight
+
+
 def _same_target(address: str, port: int, other_address: str, other_port: int) -> bool:
     try:
         return port == other_port and ipaddress.ip_address(address) == ipaddress.ip_address(other_address)
@@ -150,7 +156,8 @@ class HAProxyPool:
                 fall=_int(counters["check_fall"]))
             members[name] = ActualMember(
                 name=name, address=row["srv_addr"], port=int(row["srv_port"]), admin=_admin(admin_state),
-                health=health, sessions=_int(counters["scur"]) + _int(counters["qcur"]))
+                health=health, sessions=_int(counters["scur"]) + _int(counters["qcur"]),
+                weight=int(row["srv_uweight"]))  # the weight `set server ... weight` sets
         return members
 
     @property
@@ -223,6 +230,8 @@ class HAProxyPool:
         match action:
             case AddMember():
                 add = f"add server {server} {_target(action.address, action.port)}"
+                if action.weight is not None:
+                    add += f" weight {_weight(action.weight)}"
                 check = self.health_check
                 if check is None:
                     return [f"{add} {_POOLING}"]
@@ -232,6 +241,8 @@ class HAProxyPool:
                 return [f"{add} {checks} {_POOLING}", f"enable health {server}"]
             case SetAdmin():
                 return [f"set server {server} state {action.admin.value}"]
+            case SetWeight():
+                return [f"set server {server} weight {_weight(action.weight)}"]
             case RemoveMember():
                 # Entering MAINT closes the server's idle keep-alive connections, which `del` counts
                 # as attached. Connections that went idle while it already was in MAINT (a request

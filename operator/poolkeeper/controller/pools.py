@@ -148,13 +148,14 @@ class PoolController:
                  lbs: LoadBalancers, gates: ReadinessGates, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic, *,
                  endpointslice_policy: AddressPolicy | None = None, allow_external_sources: bool = False,
-                 node_sources: NodeSourcePolicy | None = None) -> None:
+                 node_sources: NodeSourcePolicy | None = None, cluster_id: str = "") -> None:
         self.store, self.api, self.status, self.events = store, api, status, events
         self.lbs, self.gates, self.metrics, self.clock = lbs, gates, metrics, clock
         self.report = Reporter(status, events, metrics)
         self.endpointslice_policy = endpointslice_policy or AddressPolicy(None, ENDPOINTSLICE_ALLOWANCE)
         self.allow_external_sources = allow_external_sources
         self.node_sources = node_sources  # --node-source-namespaces; None: every namespace
+        self.cluster_id = cluster_id  # --cluster-id: the name prefix of this operator's servers
         self.hooks: ReconcileHooks = NoHooks()
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
@@ -172,7 +173,7 @@ class PoolController:
         if cached and cached[0] == version:
             return cached[1]
         try:
-            parsed: PoolSpec | InvalidSpec = parse_pool(body)
+            parsed: PoolSpec | InvalidSpec = parse_pool(body, self.cluster_id)
         except InvalidSpec as exc:
             parsed = exc
         self._specs[key] = (version, parsed)
@@ -191,13 +192,14 @@ class PoolController:
 
     def source_refusal(self, spec: PoolSpec) -> str | None:
         """Why the pool's source may not feed its backend at all (core.addresses.source_refusal)."""
-        return source_refusal(spec.kind, spec.backend_type, spec.backend_text,
-                              allow_external=self.allow_external_sources)
+        return next((why for kind in spec.kinds if (why := source_refusal(
+            kind, spec.backend_type, spec.backend_text, allow_external=self.allow_external_sources)) is not None), None)
 
     def node_source_refusal(self, spec: PoolSpec) -> str | None:
         """Why the pool's namespace may not select Nodes (core.tenancy.node_source_refusal)."""
-        return node_source_refusal(spec.kind, spec.namespace, self.store.namespace_labels.get(spec.namespace),
-                                   self.node_sources)
+        labels = self.store.namespace_labels.get(spec.namespace)
+        return next((why for kind in spec.kinds if (why := node_source_refusal(
+            kind, spec.namespace, labels, self.node_sources)) is not None), None)
 
     # ----- claims: who may drive which backend
     def refusal(self, spec: PoolSpec) -> tuple[str, str] | None:
@@ -338,9 +340,9 @@ class PoolController:
         holds = self.hooks.held(spec)
         haproxy = spec.backend_type == "HAProxy"
         desired, refused = desired_members(
-            namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector, port=spec.port,
+            namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
             instances=self._candidates(spec), policy=policy, held=holds.held,
-            variant=spec.variant if haproxy else "",
+            variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id,
         )
         # HAProxy fixes a server's address when adding it: a new address or port takes the member's
         # other name, so old and new serve side by side (EndpointSlices rewrite an endpoint in place)
@@ -352,9 +354,9 @@ class PoolController:
                          deregistration_delay=spec.deregistration_delay,
                          health_checks=spec.health_check is not None, keep=wanted.holds.keep)
 
-    def _candidates(self, spec: PoolSpec) -> Any:
-        namespace = None if spec.kind == "Node" else spec.namespace
-        return self.store.instances_of(spec.kind, namespace)
+    def _candidates(self, spec: PoolSpec) -> list[Any]:
+        return [inst for kind in spec.kinds
+                for inst in self.store.instances_of(kind, None if kind == "Node" else spec.namespace)]
 
     def _gate_reports(self, spec: PoolSpec, memory: PoolMemory, moving: bool) -> Mapping[str, MemberReport]:
         """While the pool moves, a member still registering in the new place is in rotation in the
@@ -370,7 +372,7 @@ class PoolController:
         return out
 
     def _pods_with_gate(self, spec: PoolSpec) -> list[Any]:
-        if spec.kind != "Pod":
+        if "Pod" not in spec.kinds:
             return []
         gate = gate_type(spec.name)
         return [p for p in self.store.instances_of("Pod", spec.namespace) if gate in p.gates]
@@ -419,13 +421,13 @@ class PoolController:
         """The pool's slices for its Service (cached), or for another Service it used before (fresh)."""
         if service is not None and service != spec.service:
             return EndpointSliceBackend(self.api, namespace=spec.namespace, service=service, pool=spec.name,
-                                        pool_uid=spec.uid, port=spec.port)
+                                        pool_uid=spec.uid, port=spec.port, cluster_id=spec.cluster_id)
         memory = self.memory.setdefault(spec.key, PoolMemory())
         cached = memory.slices
         if cached is None or (cached.service, cached.port, cached.pool_uid) != (spec.service, spec.port, spec.uid):
             cached = memory.slices = EndpointSliceBackend(
                 self.api, namespace=spec.namespace, service=spec.service, pool=spec.name, pool_uid=spec.uid,
-                port=spec.port)
+                port=spec.port, cluster_id=spec.cluster_id)
         return cached
 
     # ----- leaving a place: the pool's own servers, drained then removed

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from poolkeeper import API_VERSION
 from poolkeeper.backends import ActionResult
 from poolkeeper.core.conditions import Condition, merge_conditions
-from poolkeeper.core.model import AddMember, MemberReport, MemberState, Placement, Plan, RemoveMember
+from poolkeeper.core.model import AddMember, MemberReport, MemberState, Placement, Plan, RemoveMember, SetWeight
 from poolkeeper.core.planner import ADDRESS_CHANGED, Refusal
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import resource_path
@@ -77,14 +77,16 @@ def pool_status(body: Mapping[str, Any], spec: PoolSpec | None, report: PoolRepo
         "observedGeneration": meta.get("generation"),
         "backend": spec.backend_text if spec else "",
         "placements": [p.to_status() for p in report.placements],
+        **({"clusterID": spec.cluster_id} if spec else {}),  # whose servers these are in a shared backend
     }
 
 
 def member_row(report: MemberReport, now: str, previous: Mapping[str, Any]) -> dict[str, Any]:
     prior = previous.get(report.instance)
     since = prior.get("since") if prior and prior.get("state") == report.state.value else now
-    return {"instance": report.instance or report.name, "address": report.address, "port": report.port,
-            "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+    row = {"instance": report.instance or report.name, "address": report.address, "port": report.port,
+           "state": report.state.value, "health": report.health, "reason": report.reason, "since": since}
+    return row if report.weight is None else {**row, "weight": report.weight}
 
 
 def member_reports(plan: Plan, pending: frozenset[str], instance_of: Mapping[str, str],
@@ -98,8 +100,7 @@ def member_reports(plan: Plan, pending: frozenset[str], instance_of: Mapping[str
         if not report.instance and report.name in instance_of:
             report = replace(report, instance=instance_of[report.name])
         if report.name in pending and report.state is MemberState.HELD:
-            report = MemberReport(report.name, report.instance, report.address, report.port,
-                                  MemberState.REGISTERING, report.health, "waiting for a blocking up hook")
+            report = replace(report, state=MemberState.REGISTERING, reason="waiting for a blocking up hook")
         out.append(report)
     out += [MemberReport("", r.instance.ref, r.instance.address or "", port, MemberState.HELD, "",
                          f"refused: {r.reason}") for r in refused]
@@ -144,6 +145,7 @@ class Reporter:
         """One Event per kind of change per reconcile, naming the instances, so a burst stays readable."""
         added: list[str] = []
         removed: list[str] = []
+        weighted: list[str] = []
         for result in results:
             action = result.action
             who = instance_of.get(action.name, action.name)
@@ -154,9 +156,12 @@ class Reporter:
                 added.append(f"{who} ({action.address}:{action.port}) as {action.name}")
             elif isinstance(action, RemoveMember):
                 removed.append(f"{who} ({action.name}): {action.reason}")
+            elif isinstance(action, SetWeight):
+                weighted.append(f"{who} to {action.weight}")
             if self.metrics is not None:
                 self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
-        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed)):
+        for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed),
+                                    ("WeightChanged", "weight set in", weighted)):
             if len(items) == 1:
                 self.note(body, reason, f"{verb} {where}: {items[0]}")
             elif items:

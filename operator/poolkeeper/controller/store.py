@@ -55,5 +55,7 @@ class Store:
 
     def pools_for_kind(self, kind: str) -> Iterator[tuple[Key, dict[str, Any]]]:
         for key, body in self.pools.items():
-            if ((body.get("spec") or {}).get("source") or {}).get("kind") == kind:
+            spec = body.get("spec") or {}
+            sources = [spec.get("source") or {}, *(s for s in spec.get("sources") or [] if isinstance(s, dict))]
+            if any(s.get("kind") == kind for s in sources):
                 yield key, body

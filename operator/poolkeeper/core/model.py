@@ -63,6 +63,7 @@ class DesiredMember:
     port: int
     serving: bool  # False while the instance is draining: keep it but out of rotation
     held: bool = False  # a blocking hook keeps it out of rotation for now
+    weight: int | None = None  # its source's weight (0-256); None: leave the load balancer's as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class ActualMember:
     admin: Admin
     health: str = ""  # UP, DOWN, ... as the load balancer says; "" when it has no checks
     sessions: int | None = 0  # None when the load balancer cannot count sessions
+    weight: int | None = None  # the server's weight; None when the load balancer has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class AddMember:
     port: int
     # who the server stands for, for backends that record it (an EndpointSlice's targetRef)
     instance: InstanceState | None = field(default=None, compare=False)
+    weight: int | None = None  # set when adding; None: the load balancer's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +96,21 @@ class SetAdmin:
 
 
 @dataclass(frozen=True, slots=True)
+class SetWeight:
+    """A new weight for a member in place: the server stays, only its share of new traffic changes."""
+
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
 class RemoveMember:
     name: str
     reason: str
     force: bool = False  # the delay is over: cut what is left instead of waiting for sessions
 
 
-Action = AddMember | SetAdmin | RemoveMember
+Action = AddMember | SetAdmin | SetWeight | RemoveMember
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +124,7 @@ class MemberReport:
     state: MemberState
     health: str
     reason: str
+    weight: int | None = None  # its weight in the load balancer, where it has weights
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ twice changes nothing: the second reconcile sees the load balancer already as de
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from poolkeeper.core.addresses import DEFAULT_POLICY, AddressPolicy
@@ -23,9 +23,10 @@ from poolkeeper.core.model import (
     Plan,
     RemoveMember,
     SetAdmin,
+    SetWeight,
 )
 from poolkeeper.core.naming import alternate_name, instance_part, member_name
-from poolkeeper.core.selectors import LabelSelector
+from poolkeeper.core.poolspec import SourceSpec
 
 HEALTHY = "UP"
 ADDRESS_CHANGED = "address changed"  # a removal that is no deregistration: the instance has another server
@@ -43,34 +44,36 @@ def desired_members(
     *,
     namespace: str,
     pool: str,
-    kind: str,
-    selector: LabelSelector,
+    sources: Sequence[SourceSpec],
     port: int,
     instances: Iterable[InstanceState],
     policy: AddressPolicy = DEFAULT_POLICY,
     held: frozenset[str] = frozenset(),
     variant: str = "",
+    cluster_id: str = "",
 ) -> tuple[dict[str, DesiredMember], list[Refusal]]:
-    """Instances that are up or draining and match: up ones serve, draining ones drain.
+    """Instances that are up or draining and match a source: up ones serve, draining ones drain.
 
-    An instance whose address `policy` refuses is no member (and no handler hears of it): it is
-    returned among the refusals, with the reason.
+    A member takes the weight of the first source that selects it. An instance whose address
+    `policy` refuses is no member (and no handler hears of it): it is returned among the
+    refusals, with the reason.
     """
     desired: dict[str, DesiredMember] = {}
     refused: list[Refusal] = []
     for inst in instances:
-        if inst.kind != kind or inst.phase is Phase.DOWN or not selector.matches(inst.labels):
+        source = next((s for s in sources if s.kind == inst.kind and s.selector.matches(inst.labels)), None)
+        if source is None or inst.phase is Phase.DOWN:
             continue
-        if kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
+        if inst.kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
             continue
         why = policy.refusal(inst.address)
         if why is not None:
             refused.append(Refusal(inst, why))
             continue
-        name = member_name(namespace, pool, inst.uid, variant)
+        name = member_name(namespace, pool, inst.uid, variant, cluster_id)
         desired[name] = DesiredMember(
             name=name, instance=inst, address=str(inst.address), port=port,
-            serving=inst.phase is Phase.UP, held=name in held,
+            serving=inst.phase is Phase.UP, held=name in held, weight=source.weight,
         )
     return desired, refused
 
@@ -141,10 +144,13 @@ def plan_pool(
         health = have.health if have else ""
         target = _target_admin(want, health, health_checks)
         if have is None:
-            actions.append(AddMember(name, want.address, want.port, want.instance))
+            actions.append(AddMember(name, want.address, want.port, want.instance, want.weight))
             actions.append(SetAdmin(name, target))
-        elif have.admin != target:
-            actions.append(SetAdmin(name, target))
+        else:
+            if want.weight is not None and have.weight != want.weight:
+                actions.append(SetWeight(name, want.weight))  # in place: the server and its sessions stay
+            if have.admin != target:
+                actions.append(SetAdmin(name, target))
         if not want.serving:
             started = draining_since.get(name, now)
             since[name] = started
@@ -160,7 +166,8 @@ def plan_pool(
         if successor is not None and have.admin is Admin.READY and not _in_rotation(actual.get(successor)):
             # Same instance, new server settings: keep serving until the new server takes traffic.
             reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING, have.health,
-                                        "replaced by a server with new settings; serving until it is in rotation"))
+                                        "replaced by a server with new settings; serving until it is in rotation",
+                                        have.weight))
             continue
         started = draining_since.get(name, now)
         if have.admin is Admin.READY:
@@ -174,7 +181,7 @@ def plan_pool(
             continue
         since[name] = started
         reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
-                                    have.health, "instance left the pool; draining"))
+                                    have.health, "instance left the pool; draining", have.weight))
     return Plan(tuple(actions), tuple(reports), since)
 
 
@@ -212,7 +219,8 @@ def _report(want: DesiredMember, have: ActualMember | None, target: Admin, healt
         state, reason = MemberState.REGISTERING, f"waiting for health checks to pass ({health or 'no result yet'})"
     else:
         state, reason = MemberState.REGISTERING, "entering rotation"
-    return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason)
+    weight = have.weight if have is not None else want.weight
+    return MemberReport(want.name, inst.ref, want.address, want.port, state, health, reason, weight)
 
 
 def simulate(actual: Mapping[str, ActualMember], actions: Iterable[Action]) -> dict[str, ActualMember]:
@@ -220,10 +228,12 @@ def simulate(actual: Mapping[str, ActualMember], actions: Iterable[Action]) -> d
     out = dict(actual)
     for action in actions:
         if isinstance(action, AddMember):
-            out[action.name] = ActualMember(action.name, action.address, action.port, Admin.MAINT, "", 0)
+            out[action.name] = ActualMember(action.name, action.address, action.port, Admin.MAINT, "", 0,
+                                            action.weight)
         elif isinstance(action, SetAdmin) and action.name in out:
-            old = out[action.name]
-            out[action.name] = ActualMember(old.name, old.address, old.port, action.admin, old.health, old.sessions)
+            out[action.name] = replace(out[action.name], admin=action.admin)
+        elif isinstance(action, SetWeight) and action.name in out:
+            out[action.name] = replace(out[action.name], weight=action.weight)
         elif isinstance(action, RemoveMember):
             out.pop(action.name, None)
     return out

@@ -7,7 +7,7 @@ evaluate, a CIDR list that doesn't parse) raises InvalidSpec and becomes a condi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
@@ -27,6 +27,19 @@ class HealthCheck:
     fall: int
 
 
+MAX_WEIGHT = 256  # HAProxy's `set server <b>/<s> weight` range is 0-256
+DEFAULT_WEIGHT = 1  # a dynamic server's weight in HAProxy: a source without one goes (back) to it
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One source of a pool's members: `spec.source`, or one entry of `spec.sources`."""
+
+    kind: str  # Pod | Node | Instance
+    selector: LabelSelector
+    weight: int | None = None  # HAProxy weight of each of its members; None: the backend has no weights
+
+
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
     namespace: str
@@ -34,8 +47,7 @@ class PoolSpec:
     uid: str
     generation: int
     created: str
-    kind: str
-    selector: LabelSelector
+    sources: tuple[SourceSpec, ...]
     port: int
     backend_type: str  # HAProxy | EndpointSlice
     load_balancer: str = ""
@@ -44,18 +56,29 @@ class PoolSpec:
     service: str = ""
     deregistration_delay: int = 30
     deleting: bool = False
+    cluster_id: str = ""  # the operator's --cluster-id: which servers of a shared backend are its own
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of its sources, each once, in spec order."""
+        return tuple(dict.fromkeys(s.kind for s in self.sources))
+
+    def selects(self, kind: str, labels: Mapping[str, str]) -> bool:
+        """Whether some source of the pool takes an instance of `kind` with these labels."""
+        return any(s.kind == kind and s.selector.matches(labels) for s in self.sources)
+
+    @property
     def prefix(self) -> str:
-        return pool_prefix(self.namespace, self.name)
+        return pool_prefix(self.namespace, self.name, self.cluster_id)
 
     @property
     def legacy_prefix(self) -> str:
-        return legacy_pool_prefix(self.namespace, self.name)
+        """Only the default cluster id had servers before 80-bit prefixes."""
+        return "" if self.cluster_id else legacy_pool_prefix(self.namespace, self.name)
 
     @property
     def variant(self) -> str:
@@ -77,23 +100,54 @@ class PoolSpec:
         return f"Service {self.namespace}/{self.service}"
 
 
-def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
-    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-    source, backend = spec.get("source") or {}, spec.get("backend") or {}
+def _parse_source(raw: Any, where: str) -> SourceSpec:
+    if not isinstance(raw, Mapping):
+        raise InvalidSpec(f"{where} is not an object")
     try:
-        selector = LabelSelector.parse(source.get("selector"))
+        selector = LabelSelector.parse(raw.get("selector"))
     except SelectorError as exc:
-        raise InvalidSpec(f"spec.source.selector: {exc}") from exc
-    kind = source.get("kind")
+        raise InvalidSpec(f"{where}.selector: {exc}") from exc
+    kind = raw.get("kind")
     if kind not in ("Pod", "Node", "Instance"):
-        raise InvalidSpec(f"spec.source.kind {kind!r} is not Pod, Node or Instance")
+        raise InvalidSpec(f"{where}.kind {kind!r} is not Pod, Node or Instance")
+    weight = raw.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)
+                               or not 0 <= weight <= MAX_WEIGHT):
+        raise InvalidSpec(f"{where}.weight {weight!r} is not an integer from 0 to {MAX_WEIGHT}")
+    return SourceSpec(kind, selector, weight)
+
+
+def parse_sources(spec: Mapping[str, Any]) -> tuple[SourceSpec, ...]:
+    """`spec.source` (one) or `spec.sources` (several, e.g. Pods and Instances in one backend).
+
+    The schema enforces exactly one of the two; this repeats it for objects stored before.
+    An instance that two sources select takes the first one's weight.
+    """
+    single, several = spec.get("source"), spec.get("sources")
+    if (single is None) == (several is None):
+        raise InvalidSpec("set exactly one of spec.source and spec.sources")
+    if single is not None:
+        return (_parse_source(single, "spec.source"),)
+    if not isinstance(several, list) or not several:
+        raise InvalidSpec("spec.sources must list at least one source")
+    return tuple(_parse_source(item, f"spec.sources[{i}]") for i, item in enumerate(several))
+
+
+def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    backend = spec.get("backend") or {}
+    sources = parse_sources(spec)
+    if backend.get("type") != "HAProxy" and any(s.weight is not None for s in sources):
+        raise InvalidSpec("spec.sources[].weight needs an HAProxy backend: EndpointSlices have no weights")
+    if backend.get("type") == "HAProxy":  # every member has a weight there: unset is HAProxy's default
+        sources = tuple(s if s.weight is not None else replace(s, weight=DEFAULT_WEIGHT) for s in sources)
     common: dict[str, Any] = {
         "namespace": meta.get("namespace") or "", "name": meta.get("name") or "",
         "uid": meta.get("uid") or "", "generation": int(meta.get("generation") or 0),
-        "created": meta.get("creationTimestamp") or "", "kind": kind, "selector": selector,
+        "created": meta.get("creationTimestamp") or "", "sources": sources,
         "port": int(spec.get("port") or 0), "backend_type": backend.get("type"),
         "deregistration_delay": int(spec.get("deregistrationDelaySeconds", 30)),
-        "deleting": bool(meta.get("deletionTimestamp")),
+        "deleting": bool(meta.get("deletionTimestamp")), "cluster_id": cluster_id,
     }
     if backend.get("type") == "HAProxy":
         ha = backend.get("haproxy") or {}

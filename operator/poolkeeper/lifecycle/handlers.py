@@ -107,8 +107,10 @@ class LifecycleHandlers:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder, queue: Any, *,
                  handlers_dir: Path, allowed_cidrs: tuple[str, ...] | None, workers: int | None,
                  outbox_namespace: str, metrics: Any = None, handler_kubeconfig: str | None = None,
-                 http_connections: int = 100, http_namespace_concurrency: int | None = None) -> None:
+                 http_connections: int = 100, http_namespace_concurrency: int | None = None,
+                 cluster_id: str = "") -> None:
         self.store, self.api, self.status, self.events, self.queue = store, api, status, events, queue
+        self.cluster_id = cluster_id  # member names in outbox records carry it
         self.outbox_namespace = outbox_namespace
         self.unloaded: dict[Key, dict[str, Any]] = {}  # handlers whose outbox could not be read: retried
         self.handlers_dir, self.metrics = handlers_dir, metrics
@@ -185,7 +187,8 @@ class LifecycleHandlers:
         pool = self.store.pools.get((spec.namespace, spec.pool)) or {}
         source = (pool.get("spec") or {}).get("source") or {}
         return Scope(handler_uid=spec.uid, namespace=spec.namespace, pool=spec.pool,
-                     pool_uid=(pool.get("metadata") or {}).get("uid"), kind=source.get("kind"))
+                     pool_uid=(pool.get("metadata") or {}).get("uid"), kind=source.get("kind"),
+                     cluster_id=self.cluster_id)
 
     async def _load(self, key: Key, spec: HandlerSpec, body: dict[str, Any], outbox: Outbox) -> bool:
         """Load and check the outbox; False (and retried later) when the API server can't be read."""
@@ -262,9 +265,10 @@ class LifecycleHandlers:
         runtimes = self._handlers_for(spec)
         if not runtimes:
             return
-        one, _ = desired_members(namespace=spec.namespace, pool=spec.name, kind=spec.kind, selector=spec.selector,
+        one, _ = desired_members(namespace=spec.namespace, pool=spec.name, sources=spec.sources,
                                  port=spec.port, instances=[instance], policy=policy,
-                                 variant=spec.variant if spec.backend_type == "HAProxy" else "")
+                                 variant=spec.variant if spec.backend_type == "HAProxy" else "",
+                                 cluster_id=spec.cluster_id)
         heard = self.heard.get(spec.key)
         if heard is not None:
             heard.members.pop(instance.uid, None)

@@ -39,7 +39,8 @@ class Scope:
     namespace: str
     pool: str
     pool_uid: str | None = None  # None while the pool is not known (yet)
-    kind: str | None = None  # the pool's source kind, when known
+    kind: str | None = None  # the pool's source kind, when known (None too for a pool of several sources)
+    cluster_id: str = ""  # the operator's --cluster-id, part of every member name
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,8 @@ def _check_member(member: Any, scope: Scope, instance_uid: str) -> str | None:
     """A member name is derived from pool and instance: one naming another pool's server is refused."""
     if not isinstance(member, str):
         return "member is not a string"
-    if member and not member.startswith(member_name(scope.namespace, scope.pool, instance_uid)):
+    own = member_name(scope.namespace, scope.pool, instance_uid, cluster_id=scope.cluster_id)
+    if member and not member.startswith(own):
         return f"member {member!r} is not this pool's server for the instance"
     return None
 
