@@ -58,6 +58,7 @@ from bench_operator import (
     log,
     ms,
     now_rfc3339,
+    percentile,
     pod_body,
     pod_path,
     pool_body,
@@ -83,6 +84,7 @@ POOL, SERVICE = "pk", "svc"  # the pool's pods are labelled app=pk, the Service'
 POLL_PREFIX = "poll-"
 TARGET_ES_RATIO, TARGET_WATCH_RATIO = 0.5, 2.0
 TARGET_BURST_S, TARGET_BIG_S, TARGET_RATE, SUSTAINED_P99_S = 2.0, 5.0, 500.0, 0.050
+UV_RATE = 10.0  # the user-visible pool: few pods, so traffic reaches a newly ready one soon
 CONTROL = ("kube-apiserver", "etcd", "kube-controller-manager")
 VARIANTS = {"plain": "no health checks, no handler",
             "checks": "health checks (the CRD's defaults: every 2 s, rise 2, fall 3)",
@@ -182,9 +184,8 @@ async def _watch(kubeconfig: str, path: str, slices: bool, started: EventType, s
         pods = {pod for m in members.values() for pod in m} | set(state)
         for pod in pods:
             ready = any(m.get(pod, False) for m in members.values())
-            if state.get(pod) != ready:
-                if pod in state:
-                    changes.append((at, pod, 0 if ready else 1))
+            if state.get(pod) != ready:  # the listing's states too: the start of every pod's timeline
+                changes.append((at, pod, 0 if ready else 1))
                 state[pod] = ready
 
     listing = await kube.get(path)
@@ -463,6 +464,7 @@ class Run:
     poll_lists: int = 0
     pk_flips: list[Flip] = field(default_factory=list, repr=False)  # for the figures the servers report later
     end: float = 0.0
+    rtt: list[float] = field(default_factory=list, repr=False)  # PATCH sent -> answered
 
 
 async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins: bool) -> list[tuple[Flip, Flip]]:
@@ -500,19 +502,22 @@ async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins:
 
 
 async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess, cluster: Cluster, rig: Rig,
-                      variant: str, transitions: int, args: argparse.Namespace, *, peers: bool = True,
-                      traffic: bool = False) -> Run:
+                      variant: str, transitions: int, args: argparse.Namespace, *, twins: bool = True,
+                      poller: bool = False, traffic: bool = False) -> Run:
+    """One run: flips at rig.rate, each path seen by its own process; twins adds the EndpointSlice and
+    bare-watch paths, poller the polling peer, traffic the load through HAProxy (user-visible figure)."""
     sock = str(haproxy.admin_socket)
     config = str(cluster.kubeconfig)
+    pk_pods = labelled(pod_path(rig.namespace), POOL)
     helpers: dict[str, Helper] = {"poolkeeper observer": Observer(sock, rig.backend, pool_prefix(rig.namespace, POOL),
                                                                   args.poll_period)}
-    if peers:
+    if twins:
         helpers["EndpointSlice watcher"] = Child("slice-watcher", watcher_main, config, slices_path(rig.namespace),
                                                  True)
-        helpers["bare pod watcher"] = Child("pod-watcher", watcher_main, config,
-                                            labelled(pod_path(rig.namespace), POOL), False)
-        helpers["polling peer"] = Child("poller", poller_main, config, labelled(pod_path(rig.namespace), POOL), sock,
-                                        rig.poll_backend, args.port, 1.0)
+        helpers["bare pod watcher"] = Child("pod-watcher", watcher_main, config, pk_pods, False)
+    if poller:
+        helpers["polling peer"] = Child("poller", poller_main, config, pk_pods, sock, rig.poll_backend, args.port,
+                                        1.0)
         helpers["polling peer observer"] = Observer(sock, rig.poll_backend, POLL_PREFIX, 0.005)
     if traffic:
         helpers["traffic"] = Child("traffic", traffic_main, haproxy.frontend_url(rig.backend), args.traffic_rate)
@@ -524,8 +529,9 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
         pids = {"operator": operator.pid, **{c: cluster.state["pids"][c] for c in CONTROL}}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         wall = time.monotonic()
-        log(f"latency {variant} at {rig.rate:g}/s: {transitions} transitions over {len(rig.servers)} twin pairs")
-        pairs = await send_flips(kube, rig, transitions, rig.rate, peers)
+        log(f"latency {variant} at {rig.rate:g}/s: {transitions} transitions over {len(rig.servers)} pods"
+            + (" and their twins" if twins else ""))
+        pairs = await send_flips(kube, rig, transitions, rig.rate, twins)
         await asyncio.sleep(args.settle)
         end = time.monotonic()
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
@@ -534,24 +540,39 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     finally:
         for helper in helpers.values():
             helper.kill()
+    await restore(kube, rig)
     pk_flips = [pk for pk, _ in pairs]
     sent = [f.sent for f in pk_flips]
     paths = {"poolkeeper": path_figures("poolkeeper", pk_flips, results["poolkeeper observer"]["changes"], end)}
-    if peers:
+    if twins:
         paths["EndpointSlice controller"] = path_figures("EndpointSlice controller", [svc for _, svc in pairs],
                                                          results["EndpointSlice watcher"]["changes"], end)
         paths["bare watch"] = path_figures("bare watch", [replace(f, server=f.pod) for f in pk_flips],
                                            results["bare pod watcher"]["changes"], end)
+    if poller:
         paths["polling peer (1 s)"] = path_figures(
             "polling peer (1 s)", [replace(f, server=POLL_PREFIX + f.pod) for f in pk_flips],
             results["polling peer observer"]["changes"], end)
     cpu.update({name: r["cpu"] for name, r in results.items()})
     run = Run(variant, rig.rate, len(pk_flips), (len(sent) - 1) / (max(sent) - min(sent)), paths, cpu,
-              end - wall, poll_lists=results.get("polling peer", {}).get("lists", 0), pk_flips=pk_flips, end=end)
+              end - wall, poll_lists=results.get("polling peer", {}).get("lists", 0), pk_flips=pk_flips, end=end,
+              rtt=[f.answered - f.sent for f in pk_flips if not f.error])
     run.traffic = results.get("traffic", {})
     log("  " + "; ".join(f"{p.name} p50 {ms(p.pct(50))} p99 {ms(p.pct(99))}" for p in paths.values())
-        + f"; achieved {run.achieved:.0f}/s")
+        + f"; achieved {run.achieved:.0f}/s; PATCH sent → answered p50 {ms(percentile(run.rtt, 50))} p99 "
+        f"{ms(percentile(run.rtt, 99))}")
     return run
+
+
+async def restore(kube: Kube, rig: Rig) -> None:
+    """Every pod of the rig ready again, so the next run starts from the same place."""
+    queue = [*rig.servers, *(rig.twins.values())]
+
+    async def worker() -> None:
+        while queue:
+            name = queue.pop()
+            await kube.patch_status(pod_path(rig.namespace, name), {"status": {"conditions": readiness(True)}})
+    await asyncio.gather(*(worker() for _ in range(16)))
 
 
 def attach_servers(runs: list[Run], rigs: dict[float, Rig], served: dict[str, Any]) -> None:
@@ -586,7 +607,7 @@ async def sustained(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProce
     for rate in args.rates:
         rig_at = replace(rig, rate=rate)
         run = await latency_run(kube, haproxy, operator, cluster, rig_at, "plain", int(rate * args.step_seconds),
-                                args, peers=False)
+                                args, twins=False)
         steps.append(run)
         p99 = run.paths["poolkeeper"].pct(99)
         if p99[1] or p99[0] >= SUSTAINED_P99_S or run.achieved < 0.95 * rate:
@@ -726,8 +747,9 @@ def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def render(env: dict[str, str], runs: list[Run], steps: list[Run], burst: dict[str, Any], big: dict[str, Any],
-           args: argparse.Namespace, load: tuple[tuple[float, ...], tuple[float, ...]], elapsed: float) -> str:
+def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list[Run], burst: dict[str, Any],
+           big: dict[str, Any], args: argparse.Namespace, load: tuple[tuple[float, ...], tuple[float, ...]],
+           elapsed: float) -> str:
     latency = ["| Variant | Rate (achieved) | Path | p50 | p90 | p99 | max | timed | not seen in window | "
                "negative |", "|---|---|---|---|---|---|---|---|---|---|"]
     targets = ["| Variant | Rate | poolkeeper p99 | EndpointSlice p99 | ratio (target ≤ 0.5) | bare watch p99 | "
@@ -746,23 +768,22 @@ def render(env: dict[str, str], runs: list[Run], steps: list[Run], burst: dict[s
         targets.append(f"| {run.variant} | {run.rate:g}/s | {ms(pk)} | {ms(es)} | {es_ratio:.2f} "
                        f"({met(es_ratio <= TARGET_ES_RATIO)}) | {ms(bare)} | {bare_ratio:.2f} "
                        f"({met(bare_ratio <= TARGET_WATCH_RATIO)}) | {met(ok)} |")
+    for run in [*runs, *uv_runs]:
         cpu.append(f"| {run.variant} | {run.rate:g}/s | {run.wall:.0f} s | "
                    + ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()) + " |")
-        if run.user_visible:
-            uv = run.user_visible
-            extra.append(f"- **User-visible, {run.variant} at {run.rate:g}/s**: Ready write sent → first request "
-                         f"that pod's server answered through HAProxy: p50 {ms(censored_percentile(uv, 50))}, p90 "
-                         f"{ms(censored_percentile(uv, 90))}, p99 {ms(censored_percentile(uv, 99))}, max "
-                         f"{ms(censored_percentile(uv, 100))} ({len(uv)} Ready writes; traffic "
-                         f"{run.traffic['ok']:,} requests answered, {run.traffic['failed']} failed, at up to "
-                         f"{args.traffic_rate:g}/s over {args.size50} pods of which about half are ready, so a "
-                         f"newly ready server waits on average ~{args.size50 / 2 / args.traffic_rate * 1000:.0f} ms "
-                         "for its turn).")
         if run.handler:
             h = run.handler
-            extra.append(f"- **Handler, {run.variant} at {run.rate:g}/s**: Ready write sent → `up` event POSTed "
-                         f"to the receiver: p50 {ms(censored_percentile(h, 50))}, p99 "
-                         f"{ms(censored_percentile(h, 99))}, max {ms(censored_percentile(h, 100))} ({len(h)}).")
+            extra.append(f"- HTTP LifecycleHandler at {run.rate:g}/s: Ready write sent → `up` event POSTed to the "
+                         f"receiver: p50 {ms(censored_percentile(h, 50))}, p99 {ms(censored_percentile(h, 99))}, "
+                         f"max {ms(censored_percentile(h, 100))} ({len(h)} events).")
+    visible = ["| Variant | Ready write → HAProxy server in rotation, p50 / p99 | Ready write → first request answered "
+               "by that pod, p50 | p90 | p99 | max | Requests answered / failed |", "|---|---|---|---|---|---|---|"]
+    for run in uv_runs:
+        uv, pk_path = run.user_visible, run.paths["poolkeeper"]
+        visible.append(f"| {run.variant} | {ms(pk_path.pct(50))} / {ms(pk_path.pct(99))} | "
+                       f"{ms(censored_percentile(uv, 50))} | {ms(censored_percentile(uv, 90))} | "
+                       f"{ms(censored_percentile(uv, 99))} | {ms(censored_percentile(uv, 100))} | "
+                       f"{run.traffic['ok']:,} / {run.traffic['failed']} |")
     best = max((s.rate for s in steps if not s.paths["poolkeeper"].pct(99)[1]
                 and s.paths["poolkeeper"].pct(99)[0] < SUSTAINED_P99_S and s.achieved >= 0.95 * s.rate), default=0.0)
     step_text = "; ".join(f"{s.rate:g}/s (achieved {s.achieved:.0f}/s): p99 {ms(s.paths['poolkeeper'].pct(99))}, "
@@ -800,6 +821,14 @@ def render(env: dict[str, str], runs: list[Run], steps: list[Run], burst: dict[s
         "### Targets", "",
         *targets, "",
         *burst_rows, "",
+        "### User-visible: a pod's Ready write → the first request HAProxy sends it", "",
+        f"A pool of {args.size_uv} pods with real HTTP servers on their addresses, {args.transitions_uv} transitions "
+        f"at {UV_RATE:g}/s (so the Ready writes are {2 * args.size_uv / UV_RATE:g} s apart per pod), traffic through "
+        f"HAProxy at up to {args.traffic_rate:g} requests/s (`poolkeeper_dev.traffic.LoadGenerator`, 8 keep-alive "
+        "connections, its own process). With about half the pods ready, round robin reaches a newly ready server "
+        f"after ~{args.size_uv / 2 / args.traffic_rate * 1000:.0f} ms on average: that wait is part of this figure.",
+        "",
+        *visible, "",
         "### Every path", "",
         *latency, "",
         *extra,
@@ -830,9 +859,11 @@ def render(env: dict[str, str], runs: list[Run], steps: list[Run], burst: dict[s
         "lower bound (`≥`, column *not seen in window*). Samples below zero would be left out of the percentiles "
         "and counted (*negative*); a window starts at the send, so none can occur. Percentiles are nearest-rank.",
         f"- Variants: {'; '.join(f'*{k}*: {v}' for k, v in VARIANTS.items())}.",
-        f"- User-visible: real HTTP servers on every pk pod's address (one process), traffic through HAProxy's "
-        f"frontend from `poolkeeper_dev.traffic.LoadGenerator` (8 keep-alive connections, up to "
-        f"{args.traffic_rate:g} requests/s, its own process) in the 50/s runs.",
+        "- Every pk pod's address has a real HTTP server (one process for all, `servers_main`), so health checks "
+        "pass and traffic is answered; the HTTP LifecycleHandler posts to a receiver in the same process.",
+        f"- The polling peer runs in the 50/s runs only: with {args.size50} pairs each pod is written every "
+        f"{2 * args.size50 / 50:g} s, longer than its 1 s period plus a list; at 500/s the windows are "
+        f"{2 * args.size500 / 500 * 1000:.0f} ms, which a 1 s poller cannot resolve.",
         "- Not measured here: kube-proxy (no node in this control plane), so the EndpointSlice figure stops at the "
         "slice, before any data path would change.",
         "",
@@ -856,7 +887,8 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         await asyncio.to_thread(operator.start, False)
         await asyncio.to_thread(operator.wait_ready, 60.0)
         rigs = {50.0: await make_rig(kube, 50.0, 0, args.size50, args.port),
-                500.0: await make_rig(kube, 500.0, 1, args.size500, args.port)}
+                500.0: await make_rig(kube, 500.0, 1, args.size500, args.port),
+                UV_RATE: await make_rig(kube, UV_RATE, 2, args.size_uv, args.port)}
         receiver_port = free_port()
         servers = Child("pod-servers", servers_main, [ip for rig in rigs.values() for ip in rig.ips.values()],
                         args.port, receiver_port)
@@ -864,21 +896,25 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         receiver = f"http://127.0.0.1:{receiver_port}/events"
         client = HAProxyClient(haproxy.admin_endpoint)
         runs: list[Run] = []
+        uv_runs: list[Run] = []
         try:
             for variant in VARIANTS:
                 for rate, rig in rigs.items():
                     await set_variant(kube, rig, variant, receiver)
                     await settled(kube, client, rig, variant == "checks")
+                    if rate == UV_RATE:
+                        uv_runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant,
+                                                         args.transitions_uv, args, twins=False, traffic=True))
+                        continue
                     transitions = args.transitions50 if rate == 50.0 else args.transitions500
-                    run = await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
-                                            traffic=rate == 50.0)
-                    runs.append(run)
+                    runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
+                                                  poller=rate == 50.0))
             for rig in rigs.values():
                 await set_variant(kube, rig, "plain", receiver)
                 await settled(kube, client, rig, False)
         finally:
             await client.close()
-        attach_servers(runs, rigs, await asyncio.to_thread(servers.stop))
+        attach_servers([*runs, *uv_runs], rigs, await asyncio.to_thread(servers.stop))
         steps = await sustained(kube, haproxy, operator, cluster, rigs[500.0], args)
         burst = await bursts(kube, haproxy, args)
         big = await big_backend(kube, haproxy, args)
@@ -886,14 +922,17 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         if servers is not None:
             servers.kill()
         await kube.close()
-    return render(env, runs, steps, burst, big, args, (load_start, os.getloadavg()), time.monotonic() - started)
+    load = (load_start, os.getloadavg())
+    return render(env, runs, uv_runs, steps, burst, big, args, load, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/pk-sidebyside"), help="control plane folder (wiped)")
-    parser.add_argument("--size50", type=int, default=20, help="twin pairs flipped at 50/s")
+    parser.add_argument("--size50", type=int, default=100, help="twin pairs flipped at 50/s")
     parser.add_argument("--size500", type=int, default=100, help="twin pairs flipped at 500/s")
+    parser.add_argument("--size-uv", type=int, default=10, help="pods of the user-visible pool (with traffic)")
+    parser.add_argument("--transitions-uv", type=int, default=200)
     parser.add_argument("--transitions50", type=int, default=1000)
     parser.add_argument("--transitions500", type=int, default=5000)
     parser.add_argument("--poll-period", type=float, default=0.001, help="poolkeeper's HAProxy observer period (s)")
@@ -908,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run to try the script (writes nothing)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.transitions50, args.transitions500, args.step_seconds = 150, 600, 2.0
+        args.transitions50, args.transitions500, args.transitions_uv, args.step_seconds = 150, 600, 40, 2.0
         args.rates, args.burst, args.big, args.no_write = [250.0, 500.0], 200, 1000, True
     args.port = free_port()
     started, load_start = time.monotonic(), os.getloadavg()
