@@ -84,6 +84,7 @@ POOL, SERVICE = "pk", "svc"  # the pool's pods are labelled app=pk, the Service'
 POLL_PREFIX = "poll-"
 TARGET_ES_RATIO, TARGET_WATCH_RATIO = 0.5, 2.0
 TARGET_BURST_S, TARGET_BIG_S, TARGET_RATE, SUSTAINED_P99_S = 2.0, 5.0, 500.0, 0.050
+RATES = (50.0, 500.0)
 UV_RATE = 10.0  # the user-visible pool: few pods, so traffic reaches a newly ready one soon
 CONTROL = ("kube-apiserver", "etcd", "kube-controller-manager")
 VARIANTS = {"plain": "no health checks, no handler",
@@ -315,13 +316,19 @@ def traffic_main(url: str, rate: float, started: EventType, stop: EventType, con
 # ----------------------------------------------------------------------------- the twin sets
 @dataclass
 class Rig:
-    """One rate's twins: a namespace with a TargetPool on `backend` and a Service, and their pods."""
+    """One variant's twins at one rate: a namespace with a TargetPool on `backend` and a Service, and their pods.
 
+    Each variant has its own pool from the start: changing a pool's health check replaces its servers one by
+    one (each drained for the pool's deregistration delay), which would still be under way during a run.
+    """
+
+    variant: str
     rate: float
     namespace: str
     backend: str
     poll_backend: str
-    servers: dict[str, str] = field(default_factory=dict)  # pk pod -> poolkeeper's server name
+    uids: dict[str, str] = field(default_factory=dict)  # pk pod -> uid
+    servers: dict[str, str] = field(default_factory=dict)  # pk pod -> poolkeeper's server name (read from HAProxy)
     ips: dict[str, str] = field(default_factory=dict)  # pk pod -> address
     twins: dict[str, str] = field(default_factory=dict)  # pk pod -> svc pod
 
@@ -362,50 +369,58 @@ def targeted_pool(namespace: str, name: str, app: str, backend: str, port: int) 
     return pool_path(namespace), body
 
 
-async def make_rig(kube: Kube, rate: float, index: int, size: int, port: int) -> Rig:
-    rig = Rig(rate, f"sbs-{int(rate)}", f"be_r{int(rate)}", f"be_poll{int(rate)}")
+def rig_names(variant: str, rate: float) -> tuple[str, str, str]:
+    """Namespace, poolkeeper's HAProxy backend and the polling peer's, of one rig."""
+    return f"sbs-{variant}-{int(rate)}", f"be_{variant}{int(rate)}", f"be_poll_{variant}{int(rate)}"
+
+
+async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int, port: int, receiver: str) -> Rig:
+    rig = Rig(variant, rate, *rig_names(variant, rate))
     await create_namespace(kube, rig.namespace)
     await kube.create(f"/api/v1/namespaces/{rig.namespace}/services", {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE},
         "spec": {"selector": {"app": SERVICE}, "ports": [{"port": 80, "targetPort": port, "protocol": "TCP"}]}})
-    await kube.create(*targeted_pool(rig.namespace, POOL, POOL, rig.backend, port))
-    doc_net = ("198.51.100", "203.0.113")[index % 2]
+    path, pool = targeted_pool(rig.namespace, POOL, POOL, rig.backend, port)
+    if variant == "checks":
+        pool["spec"]["backend"]["haproxy"]["healthCheck"] = {"intervalSeconds": 2, "rise": 2, "fall": 3}
+    await kube.create(path, pool)
+    if variant == "handler":
+        await kube.create(f"{GROUP_PATH}/namespaces/{rig.namespace}/lifecyclehandlers", {
+            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LifecycleHandler", "metadata": {"name": "audit"},
+            "spec": {"poolRef": {"name": POOL}, "events": ["up", "draining", "down"],
+                     "function": {"type": "HTTP", "http": {"url": receiver}}}})
+    doc_net = ("198.51.100", "203.0.113")[index % 2]  # the svc twins' addresses repeat across namespaces
     specs = []
     for i in range(size):
         pk, svc = f"pk-{i:03d}", f"svc-{i:03d}"
-        rig.ips[pk], rig.twins[pk] = f"127.{20 + index}.0.{i + 1}", svc
+        rig.ips[pk], rig.twins[pk] = f"127.{20 + index}.{i // 250}.{i % 250 + 1}", svc
         specs.append((rig.namespace, pk, {"app": POOL}, rig.ips[pk], True))
-        specs.append((rig.namespace, svc, {"app": SERVICE}, f"{doc_net}.{i + 1}", True))
-    uids = await create_pods(kube, specs)
-    rig.servers = {pk: member_name(rig.namespace, POOL, uids[pk]) for pk in rig.ips}
+        specs.append((rig.namespace, svc, {"app": SERVICE}, f"{doc_net}.{i % 250 + 1}", True))
+    rig.uids = {pk: uid for pk, uid in (await create_pods(kube, specs)).items() if pk in rig.ips}
     return rig
 
 
-async def settled(kube: Kube, client: HAProxyClient, rig: Rig, checks: bool) -> None:
-    """Every pk server in rotation (and UP when checks run), every svc pod ready in the slices."""
-    size = len(rig.servers)
+async def settled(kube: Kube, client: HAProxyClient, rig: Rig) -> None:
+    """Wait until every pk server is in rotation (UP with checks on), with nothing else in the backend, and
+    every svc pod ready in the slices; then learn the servers' names (a health check adds a suffix)."""
+    size = len(rig.uids)
+    checks = rig.variant == "checks"
+    bases = {member_name(rig.namespace, POOL, uid): pod for pod, uid in rig.uids.items()}
 
     async def done() -> bool:
         (answer,) = await client.execute([f"show servers state {rig.backend}"])
-        rows = [line.split(" ") for line in answer.split("\n") if len(line.split(" ")) > 6]
+        rows = [line.split(" ") for line in answer.split("\n") if len(line.split(" ")) > 13]
         mine = [r for r in rows if r[3].startswith(pool_prefix(rig.namespace, POOL))]
-        up = [r for r in mine if in_rotation(int(r[6])) and (not checks or r[5] == "2")]
-        return len(up) == size and await ready_in_slices(kube, rig.namespace) == size
-    await wait_until(done, 120, f"{size} servers in rotation and {size} ready endpoints in {rig.namespace}", 0.2)
-
-
-async def set_variant(kube: Kube, rig: Rig, variant: str, receiver: str) -> None:
-    check = {"intervalSeconds": 2, "rise": 2, "fall": 3} if variant == "checks" else None
-    await kube.call("PATCH", pool_path(rig.namespace, POOL), {"spec": {"backend": {"haproxy": {"healthCheck": check}}}},
-                    content_type="application/merge-patch+json")
-    handlers = f"{GROUP_PATH}/namespaces/{rig.namespace}/lifecyclehandlers"
-    if variant == "handler":
-        await kube.call("POST", handlers, {
-            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LifecycleHandler", "metadata": {"name": "audit"},
-            "spec": {"poolRef": {"name": POOL}, "events": ["up", "draining", "down"],
-                     "function": {"type": "HTTP", "http": {"url": receiver}}}}, ok=(201, 409))
-    else:
-        await kube.call("DELETE", f"{handlers}/audit", ok=(200, 202, 404))
+        up = [r for r in mine if in_rotation(int(r[6])) and (not checks or (r[5] == "2" and int(r[13]) & 0x04))]
+        if len(up) != size or len(mine) != size or await ready_in_slices(kube, rig.namespace) != size:
+            return False
+        rig.servers = {}
+        for name in (r[3] for r in up):
+            base = name if name in bases else name.rsplit("-", 1)[0]  # without the health-check variant
+            if base in bases:
+                rig.servers[bases[base]] = name
+        return len(rig.servers) == size
+    await wait_until(done, 180, f"{size} servers in rotation and {size} ready endpoints in {rig.namespace}", 0.25)
 
 
 # ----------------------------------------------------------------------------- one latency run
@@ -558,6 +573,8 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
               end - wall, poll_lists=results.get("polling peer", {}).get("lists", 0), pk_flips=pk_flips, end=end,
               rtt=[f.answered - f.sent for f in pk_flips if not f.error])
     run.traffic = results.get("traffic", {})
+    if run.traffic.get("failed"):
+        log(f"  traffic: {run.traffic['failed']} requests failed, e.g. {run.traffic['failures'][:3]}")
     log("  " + "; ".join(f"{p.name} p50 {ms(p.pct(50))} p99 {ms(p.pct(99))}" for p in paths.values())
         + f"; achieved {run.achieved:.0f}/s; PATCH sent → answered p50 {ms(percentile(run.rtt, 50))} p99 "
         f"{ms(percentile(run.rtt, 99))}")
@@ -575,7 +592,7 @@ async def restore(kube: Kube, rig: Rig) -> None:
     await asyncio.gather(*(worker() for _ in range(16)))
 
 
-def attach_servers(runs: list[Run], rigs: dict[float, Rig], served: dict[str, Any]) -> None:
+def attach_servers(runs: list[Run], rigs: dict[tuple[str, float], Rig], served: dict[str, Any]) -> None:
     """Fill in the user-visible and handler figures once the servers process has reported."""
     hits: dict[str, list[float]] = served["hits"]
     deliveries: list[tuple[float, str, str]] = served["deliveries"]
@@ -586,7 +603,7 @@ def attach_servers(runs: list[Run], rigs: dict[float, Rig], served: dict[str, An
         return flip.ready
 
     for run in runs:
-        rig = rigs[run.rate]
+        rig = rigs[run.variant, run.rate]
 
         def served_at(flip: Flip, rig: Rig = rig) -> list[float]:
             return hits.get(rig.ips[flip.pod], [])
@@ -862,8 +879,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "- Every pk pod's address has a real HTTP server (one process for all, `servers_main`), so health checks "
         "pass and traffic is answered; the HTTP LifecycleHandler posts to a receiver in the same process.",
         f"- The polling peer runs in the 50/s runs only: with {args.size50} pairs each pod is written every "
-        f"{2 * args.size50 / 50:g} s, longer than its 1 s period plus a list; at 500/s the windows are "
-        f"{2 * args.size500 / 500 * 1000:.0f} ms, which a 1 s poller cannot resolve.",
+        f"{args.size50 / 50:g} s, longer than its 1 s period plus a list; at 500/s the windows are "
+        f"{args.size500 / 500 * 1000:.0f} ms, which a 1 s poller cannot resolve.",
         "- Not measured here: kube-proxy (no node in this control plane), so the EndpointSlice figure stops at the "
         "slice, before any data path would change.",
         "",
@@ -886,36 +903,35 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
                 {"name": b} for b in haproxy.backends]}, "allowedTargetCIDRs": ["127.0.0.0/8"]}})
         await asyncio.to_thread(operator.start, False)
         await asyncio.to_thread(operator.wait_ready, 60.0)
-        rigs = {50.0: await make_rig(kube, 50.0, 0, args.size50, args.port),
-                500.0: await make_rig(kube, 500.0, 1, args.size500, args.port),
-                UV_RATE: await make_rig(kube, UV_RATE, 2, args.size_uv, args.port)}
         receiver_port = free_port()
+        receiver = f"http://127.0.0.1:{receiver_port}/events"
+        sizes = {50.0: args.size50, 500.0: args.size500, UV_RATE: args.size_uv}
+        rigs: dict[tuple[str, float], Rig] = {}
+        for variant in VARIANTS:
+            for rate, size in sizes.items():
+                log(f"rig {variant} at {rate:g}/s: {size} pods" + ("" if rate == UV_RATE else " and their twins"))
+                rigs[variant, rate] = await make_rig(kube, variant, rate, len(rigs), size, args.port, receiver)
         servers = Child("pod-servers", servers_main, [ip for rig in rigs.values() for ip in rig.ips.values()],
                         args.port, receiver_port)
         servers.start()
-        receiver = f"http://127.0.0.1:{receiver_port}/events"
         client = HAProxyClient(haproxy.admin_endpoint)
         runs: list[Run] = []
         uv_runs: list[Run] = []
         try:
-            for variant in VARIANTS:
-                for rate, rig in rigs.items():
-                    await set_variant(kube, rig, variant, receiver)
-                    await settled(kube, client, rig, variant == "checks")
-                    if rate == UV_RATE:
-                        uv_runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant,
-                                                         args.transitions_uv, args, twins=False, traffic=True))
-                        continue
-                    transitions = args.transitions50 if rate == 50.0 else args.transitions500
-                    runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
-                                                  poller=rate == 50.0))
-            for rig in rigs.values():
-                await set_variant(kube, rig, "plain", receiver)
-                await settled(kube, client, rig, False)
+            for (variant, rate), rig in rigs.items():
+                await settled(kube, client, rig)
+                if rate == UV_RATE:
+                    uv_runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant,
+                                                     args.transitions_uv, args, twins=False, traffic=True))
+                    continue
+                transitions = args.transitions50 if rate == 50.0 else args.transitions500
+                runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
+                                              poller=rate == 50.0))
+            await settled(kube, client, rigs["plain", 500.0])
         finally:
             await client.close()
         attach_servers([*runs, *uv_runs], rigs, await asyncio.to_thread(servers.stop))
-        steps = await sustained(kube, haproxy, operator, cluster, rigs[500.0], args)
+        steps = await sustained(kube, haproxy, operator, cluster, rigs["plain", 500.0], args)
         burst = await bursts(kube, haproxy, args)
         big = await big_backend(kube, haproxy, args)
     finally:
@@ -930,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/pk-sidebyside"), help="control plane folder (wiped)")
     parser.add_argument("--size50", type=int, default=100, help="twin pairs flipped at 50/s")
-    parser.add_argument("--size500", type=int, default=100, help="twin pairs flipped at 500/s")
+    parser.add_argument("--size500", type=int, default=200, help="twin pairs flipped at 500/s")
     parser.add_argument("--size-uv", type=int, default=10, help="pods of the user-visible pool (with traffic)")
     parser.add_argument("--transitions-uv", type=int, default=200)
     parser.add_argument("--transitions50", type=int, default=1000)
@@ -954,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dir = args.dir.resolve()
     fresh_cluster_dir(args.dir)
     cluster = Cluster(args.dir)
-    backends = ["be_r50", "be_r500", "be_poll50", "be_poll500", "be_burst", "be_big"]
+    backends = [*(b for variant in VARIANTS for rate in (*RATES, UV_RATE) for b in rig_names(variant, rate)[1:]),
+                "be_burst", "be_big"]
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=backends)
     operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", extra_args=("--http-allowed-cidrs",
                                                                                    "127.0.0.0/8"))
