@@ -31,6 +31,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -400,10 +401,12 @@ async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int,
     return rig
 
 
-async def settled(kube: Kube, client: HAProxyClient, rig: Rig) -> None:
-    """Wait until every pk server is in rotation (UP with checks on), with nothing else in the backend, and
-    every svc pod ready in the slices; then learn the servers' names (a health check adds a suffix)."""
+async def settled(kube: Kube, client: HAProxyClient, rig: Rig, *, rest: bool = True) -> None:
+    """Wait until every pk pod has a server (UP with checks on), nothing else is in the backend, and the pods
+    ready (all, or those ready at rest) are in rotation and ready in the slices; then learn the servers'
+    names (a health check adds a suffix)."""
     size = len(rig.uids)
+    serving = sum(at_rest(pod) for pod in rig.uids) if rest else size
     checks = rig.variant == "checks"
     bases = {member_name(rig.namespace, POOL, uid): pod for pod, uid in rig.uids.items()}
 
@@ -411,16 +414,39 @@ async def settled(kube: Kube, client: HAProxyClient, rig: Rig) -> None:
         (answer,) = await client.execute([f"show servers state {rig.backend}"])
         rows = [line.split(" ") for line in answer.split("\n") if len(line.split(" ")) > 13]
         mine = [r for r in rows if r[3].startswith(pool_prefix(rig.namespace, POOL))]
-        up = [r for r in mine if in_rotation(int(r[6])) and (not checks or (r[5] == "2" and int(r[13]) & 0x04))]
-        if len(up) != size or len(mine) != size or await ready_in_slices(kube, rig.namespace) != size:
+        healthy = [r for r in mine if not checks or (r[5] == "2" and int(r[13]) & 0x04)]
+        up = [r for r in healthy if in_rotation(int(r[6]))]
+        if len(mine) != size or len(healthy) != size or len(up) != serving:
+            return False
+        if await ready_in_slices(kube, rig.namespace) != serving:
             return False
         rig.servers = {}
-        for name in (r[3] for r in up):
+        for name in (r[3] for r in mine):
             base = name if name in bases else name.rsplit("-", 1)[0]  # without the health-check variant
             if base in bases:
                 rig.servers[bases[base]] = name
         return len(rig.servers) == size
-    await wait_until(done, 180, f"{size} servers in rotation and {size} ready endpoints in {rig.namespace}", 0.25)
+    await wait_until(done, 180, f"{serving} of {size} servers in rotation and {serving} ready endpoints in "
+                     f"{rig.namespace}", 0.25)
+
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+async def api_writes(kube: Kube) -> dict[str, float]:
+    """The API server's own count of write requests so far, by verb and resource (`apiserver_request_total`)."""
+    async with kube.session.get(f"{kube.server}/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if labels.get("verb") in WRITES:
+            key = f"{labels['verb']} {labels.get('resource', '?')}" + (
+                f"/{labels['subresource']}" if labels.get("subresource") else "")
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 # ----------------------------------------------------------------------------- one latency run
@@ -480,12 +506,13 @@ class Run:
     pk_flips: list[Flip] = field(default_factory=list, repr=False)  # for the figures the servers report later
     end: float = 0.0
     rtt: list[float] = field(default_factory=list, repr=False)  # PATCH sent -> answered
+    writes: dict[str, float] = field(default_factory=dict)  # API server writes during the run, by verb and resource
 
 
 async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins: bool) -> list[tuple[Flip, Flip]]:
     """Flip pk pods (and their svc twins at the same instant) round-robin at `rate`/s; both writes are timed."""
     names = sorted(rig.servers)
-    state = dict.fromkeys(names, True)
+    state = {name: at_rest(name) for name in names}
     out: list[tuple[Flip, Flip]] = []
     tasks = []
     loop = asyncio.get_running_loop()
@@ -543,6 +570,7 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
         await asyncio.sleep(1.5)  # the poller has filled its backend, watches are connected
         pids = {"operator": operator.pid, **{c: cluster.state["pids"][c] for c in CONTROL}}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        writes_before = await api_writes(kube)
         wall = time.monotonic()
         log(f"latency {variant} at {rig.rate:g}/s: {transitions} transitions over {len(rig.servers)} pods"
             + (" and their twins" if twins else ""))
@@ -550,6 +578,7 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
         await asyncio.sleep(args.settle)
         end = time.monotonic()
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        writes = {k: v - writes_before.get(k, 0.0) for k, v in (await api_writes(kube)).items()}
         for name, helper in helpers.items():
             results[name] = await asyncio.to_thread(helper.stop)
     finally:
@@ -571,7 +600,8 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     cpu.update({name: r["cpu"] for name, r in results.items()})
     run = Run(variant, rig.rate, len(pk_flips), (len(sent) - 1) / (max(sent) - min(sent)), paths, cpu,
               end - wall, poll_lists=results.get("polling peer", {}).get("lists", 0), pk_flips=pk_flips, end=end,
-              rtt=[f.answered - f.sent for f in pk_flips if not f.error])
+              rtt=[f.answered - f.sent for f in pk_flips if not f.error],
+              writes={k: v for k, v in sorted(writes.items(), key=lambda kv: -kv[1]) if v >= 1})
     run.traffic = results.get("traffic", {})
     if run.traffic.get("failed"):
         log(f"  traffic: {run.traffic['failed']} requests failed, e.g. {run.traffic['failures'][:3]}")
@@ -581,14 +611,21 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     return run
 
 
+def at_rest(pod: str) -> bool:
+    """Between runs even-numbered pods are ready and odd ones not: flipping them in turn keeps about half of
+    a pool serving (flipping all-ready pods in turn would empty it), and every server stays registered."""
+    return int(pod.rsplit("-", 1)[1]) % 2 == 0
+
+
 async def restore(kube: Kube, rig: Rig) -> None:
-    """Every pod of the rig ready again, so the next run starts from the same place."""
-    queue = [*rig.servers, *(rig.twins.values())]
+    """Every pod of the rig back to its state at rest, so the next run starts from the same place."""
+    queue = [*rig.uids, *(rig.twins.values())]
 
     async def worker() -> None:
         while queue:
             name = queue.pop()
-            await kube.patch_status(pod_path(rig.namespace, name), {"status": {"conditions": readiness(True)}})
+            body = {"status": {"conditions": readiness(at_rest(name))}}
+            await kube.patch_status(pod_path(rig.namespace, name), body)
     await asyncio.gather(*(worker() for _ in range(16)))
 
 
@@ -621,15 +658,23 @@ async def sustained(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProce
                     args: argparse.Namespace) -> list[Run]:
     """poolkeeper alone (no peers, no traffic): step the rate up until p99 >= 50 ms or the sender falls behind."""
     steps = []
-    for rate in args.rates:
-        rig_at = replace(rig, rate=rate)
-        run = await latency_run(kube, haproxy, operator, cluster, rig_at, "plain", int(rate * args.step_seconds),
-                                args, twins=False)
-        steps.append(run)
-        p99 = run.paths["poolkeeper"].pct(99)
-        if p99[1] or p99[0] >= SUSTAINED_P99_S or run.achieved < 0.95 * rate:
-            break
+    client = HAProxyClient(haproxy.admin_endpoint)
+    try:
+        for rate in args.rates:
+            await settled(kube, client, rig)
+            run = await latency_run(kube, haproxy, operator, cluster, replace(rig, rate=rate), "plain",
+                                    int(rate * args.step_seconds), args, twins=False)
+            steps.append(run)
+            if not sustained_ok(run):
+                break
+    finally:
+        await client.close()
     return steps
+
+
+def sustained_ok(run: Run) -> bool:
+    p99 = run.paths["poolkeeper"].pct(99)
+    return not p99[1] and p99[0] < SUSTAINED_P99_S and run.achieved >= 0.95 * run.rate
 
 
 def replay(changes: list[tuple[float, str, int]], prefix: str, count: int, up: bool) -> float | None:
@@ -779,12 +824,21 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
             latency.append(f"| {run.variant} | {run.rate:g}/s ({run.achieved:.0f}/s) | {p.name} | {ms(p.pct(50))} | "
                            f"{ms(p.pct(90))} | {ms(p.pct(99))} | {ms(p.pct(100))} | {len(p.samples)} | "
                            f"{p.censored} | {p.negative} |")
+        rtt = run.rtt or [float("nan")]
+        latency.append(f"| {run.variant} | {run.rate:g}/s ({run.achieved:.0f}/s) | (the pk PATCH answered) | "
+                       f"{ms(percentile(rtt, 50))} | {ms(percentile(rtt, 90))} | {ms(percentile(rtt, 99))} | "
+                       f"{ms(max(rtt))} | {len(run.rtt)} | | |")
         pk, es, bare = (run.paths[k].pct(99) for k in ("poolkeeper", "EndpointSlice controller", "bare watch"))
         es_ratio, bare_ratio = pk[0] / es[0], pk[0] / bare[0]
         ok = not pk[1] and es_ratio <= TARGET_ES_RATIO and bare_ratio <= TARGET_WATCH_RATIO
         targets.append(f"| {run.variant} | {run.rate:g}/s | {ms(pk)} | {ms(es)} | {es_ratio:.2f} "
                        f"({met(es_ratio <= TARGET_ES_RATIO)}) | {ms(bare)} | {bare_ratio:.2f} "
                        f"({met(bare_ratio <= TARGET_WATCH_RATIO)}) | {met(ok)} |")
+    writes = []
+    for run in [*runs, *uv_runs, *steps]:
+        flips = run.flips * (2 if run.rate in RATES and run in runs else 1)
+        writes.append(f"- {run.variant} at {run.rate:g}/s ({flips:,} pod status writes sent): "
+                      + ", ".join(f"{k} {v / flips:.2f}" for k, v in run.writes.items()) + ".")
     for run in [*runs, *uv_runs]:
         cpu.append(f"| {run.variant} | {run.rate:g}/s | {run.wall:.0f} s | "
                    + ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()) + " |")
@@ -801,8 +855,7 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
                        f"{ms(censored_percentile(uv, 50))} | {ms(censored_percentile(uv, 90))} | "
                        f"{ms(censored_percentile(uv, 99))} | {ms(censored_percentile(uv, 100))} | "
                        f"{run.traffic['ok']:,} / {run.traffic['failed']} |")
-    best = max((s.rate for s in steps if not s.paths["poolkeeper"].pct(99)[1]
-                and s.paths["poolkeeper"].pct(99)[0] < SUSTAINED_P99_S and s.achieved >= 0.95 * s.rate), default=0.0)
+    best = max((s.rate for s in steps if sustained_ok(s)), default=0.0)
     step_text = "; ".join(f"{s.rate:g}/s (achieved {s.achieved:.0f}/s): p99 {ms(s.paths['poolkeeper'].pct(99))}, "
                           f"operator CPU {s.cpu['operator']:.1f} s over {s.wall:.0f} s" for s in steps)
     up, up_ok = figure(burst.get("up"), TARGET_BURST_S)
@@ -858,6 +911,11 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "`show info` once a second to notice a restart).", "",
         "### CPU", "",
         *cpu, "",
+        "### API server writes per pod status write sent", "",
+        "From the API server's `apiserver_request_total` before and after each run: every write any client made "
+        "(the benchmark's PATCHes; kube-controller-manager's EndpointSlices and Endpoints; the operator's pool "
+        "status, Events and outbox), divided by the status writes the benchmark sent.", "",
+        *writes, "",
         "The operator's figure is its process only; the EndpointSlice controller runs inside kube-controller-manager "
         "(with its other controllers, at `--kube-api-qps=200`), whose CPU is shown whole. The observers are the "
         "benchmark's own processes (HAProxy pollers at 1 ms for poolkeeper and 5 ms for the peer, two watches, the "
@@ -918,6 +976,9 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         runs: list[Run] = []
         uv_runs: list[Run] = []
         try:
+            for rig in rigs.values():  # every server registered first, then half of them not ready
+                await settled(kube, client, rig, rest=False)
+                await restore(kube, rig)
             for (variant, rate), rig in rigs.items():
                 await settled(kube, client, rig)
                 if rate == UV_RATE:
@@ -955,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds observed after the last write")
     parser.add_argument("--traffic-rate", type=float, default=400.0, help="HTTP requests/s through HAProxy")
     parser.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")],
-                        default=[250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0], help="sustained-rate steps")
+                        default=[50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0], help="sustained-rate steps")
     parser.add_argument("--step-seconds", type=float, default=8.0)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--big", type=int, default=10_000)
@@ -964,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.transitions50, args.transitions500, args.transitions_uv, args.step_seconds = 150, 600, 40, 2.0
-        args.rates, args.burst, args.big, args.no_write = [250.0, 500.0], 200, 1000, True
+        args.rates, args.burst, args.big, args.no_write = [50.0, 250.0, 500.0], 200, 1000, True
     args.port = free_port()
     started, load_start = time.monotonic(), os.getloadavg()
     args.dir = args.dir.resolve()
