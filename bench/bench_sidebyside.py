@@ -402,9 +402,11 @@ async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int,
 
 
 async def settled(kube: Kube, client: HAProxyClient, rig: Rig, *, rest: bool = True) -> None:
-    """Wait until every pk pod has a server (UP with checks on), nothing else is in the backend, and the pods
-    ready (all, or those ready at rest) are in rotation and ready in the slices; then learn the servers'
-    names (a health check adds a suffix)."""
+    """Wait until the pk pods that should serve (all, or those ready at rest) are in rotation (and UP with
+    checks on) and ready in the slices, and nothing else is in rotation; then learn the servers' names.
+
+    A pod that is not ready loses its server once drained (no sessions): it is added again when ready.
+    """
     size = len(rig.uids)
     serving = sum(at_rest(pod) for pod in rig.uids) if rest else size
     checks = rig.variant == "checks"
@@ -414,18 +416,15 @@ async def settled(kube: Kube, client: HAProxyClient, rig: Rig, *, rest: bool = T
         (answer,) = await client.execute([f"show servers state {rig.backend}"])
         rows = [line.split(" ") for line in answer.split("\n") if len(line.split(" ")) > 13]
         mine = [r for r in rows if r[3].startswith(pool_prefix(rig.namespace, POOL))]
-        healthy = [r for r in mine if not checks or (r[5] == "2" and int(r[13]) & 0x04)]
-        up = [r for r in healthy if in_rotation(int(r[6]))]
-        if len(mine) != size or len(healthy) != size or len(up) != serving:
+        up = [r for r in mine if in_rotation(int(r[6])) and (not checks or (r[5] == "2" and int(r[13]) & 0x04))]
+        if len(up) != serving or sum(in_rotation(int(r[6])) for r in mine) != serving:
             return False
         if await ready_in_slices(kube, rig.namespace) != serving:
             return False
-        rig.servers = {}
-        for name in (r[3] for r in mine):
-            base = name if name in bases else name.rsplit("-", 1)[0]  # without the health-check variant
-            if base in bases:
-                rig.servers[bases[base]] = name
-        return len(rig.servers) == size
+        suffix = next(name[len(base):] for name in (r[3] for r in up) for base in [name.rsplit("-", 1)[0], name]
+                      if base in bases)  # the health-check variant's, or none
+        rig.servers = {pod: base + suffix for base, pod in bases.items()}
+        return True
     await wait_until(done, 180, f"{serving} of {size} servers in rotation and {serving} ready endpoints in "
                      f"{rig.namespace}", 0.25)
 

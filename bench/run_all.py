@@ -64,9 +64,13 @@ def section_of(document: str, heading: str) -> str | None:
 
 
 def replace_section(document: str, heading: str, section: str) -> str:
-    """`document` with its `heading` section replaced by `section` (added at the end when missing)."""
+    """`document` with its `heading` section replaced by `section` (when missing: added before the lifecycle
+    section, where compose_document puts it, or at the end)."""
     current = section_of(document, heading)
     if current is None:
+        following = section_of(document, LIFECYCLE_HEADING)
+        if following is not None:
+            return document.replace(following.strip(), f"{section.strip()}\n\n{following.strip()}", 1)
         return document.rstrip("\n") + "\n\n" + section.strip() + "\n"
     return document.replace(current.strip(), section.strip(), 1)
 
