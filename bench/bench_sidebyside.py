@@ -289,6 +289,8 @@ async def _serve(addresses: list[str], port: int, receiver_port: int, started: E
                 await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
             pass
+        except asyncio.CancelledError:  # the process is stopping: end quietly (asyncio logs a cancelled callback)
+            pass
         finally:
             writer.close()
 
