@@ -27,6 +27,7 @@ FUNCTIONS_HEADING = "## Handler functions"
 OPERATOR_HEADING = "## Operator end to end"
 LIFECYCLE_HEADING = "## Lifecycle handlers end to end"
 ROLLOUT_HEADING = "## Rollouts on a real node"
+SIDEBYSIDE_HEADING = "## Side by side: poolkeeper, the EndpointSlice controller, a bare watch and a poller"
 
 
 def haproxy_section(table: str) -> str:
@@ -62,18 +63,33 @@ def section_of(document: str, heading: str) -> str | None:
     return None
 
 
-def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "", rollout: str = "") -> str:
+def replace_section(document: str, heading: str, section: str) -> str:
+    """`document` with its `heading` section replaced by `section` (when missing: added before the lifecycle
+    section, where compose_document puts it, or at the end)."""
+    current = section_of(document, heading)
+    if current is None:
+        following = section_of(document, LIFECYCLE_HEADING)
+        if following is not None:
+            return document.replace(following.strip(), f"{section.strip()}\n\n{following.strip()}", 1)
+        return document.rstrip("\n") + "\n\n" + section.strip() + "\n"
+    return document.replace(current.strip(), section.strip(), 1)
+
+
+def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "", rollout: str = "",
+                     sidebyside: str = "") -> str:
     """docs/benchmarks.md: how to run, then the operator, HAProxy and handler-function sections."""
     return "\n".join([
         "# Benchmarks", "",
         "Numbers measured on a development machine by `make bench` "
         "(`.venv/bin/python bench/run_all.py`), which runs `bench/bench_haproxy.py`, "
-        "`bench/bench_functions.py`, `bench/bench_operator.py`, `bench/bench_lifecycle.py` and "
+        "`bench/bench_functions.py`, `bench/bench_operator.py`, `bench/bench_sidebyside.py`, "
+        "`bench/bench_lifecycle.py` and "
         "`bench/bench_rollout.py` in sequence "
         "and rewrites this file. "
         "Each script can also be run on its own; `bench_operator.py` starts and stops its own "
         "control plane (etcd, kube-apiserver, kube-controller-manager), HAProxy and operator.", "",
         operator.strip(), "",
+        sidebyside.strip(), "",
         lifecycle.strip(), "",
         rollout.strip(), "",
         haproxy.strip(), "",
@@ -123,6 +139,11 @@ def main() -> int:
             OPERATOR_HEADING, "bench_operator.py", code or 1, err)
         if code or not out.strip():
             failures.append("bench_operator.py")
+        code, out, err = run_script("bench_sidebyside.py", ["--no-write"])
+        sidebyside = out if code == 0 and out.strip() else failed_section(
+            SIDEBYSIDE_HEADING, "bench_sidebyside.py", code or 1, err)
+        if code or not out.strip():
+            failures.append("bench_sidebyside.py")
         code, out, err = run_script("bench_lifecycle.py", ["--out", str(Path(scratch) / "lifecycle.md")])
         lifecycle = out if code == 0 and out.strip() else failed_section(
             LIFECYCLE_HEADING, "bench_lifecycle.py", code or 1, err)
@@ -134,7 +155,7 @@ def main() -> int:
         if code or not out.strip():
             failures.append("bench_rollout.py")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    document = compose_document(operator, haproxy, functions, lifecycle, rollout)
+    document = compose_document(operator, haproxy, functions, lifecycle, rollout, sidebyside)
     DOC.write_text(document)
     print(document)
     print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)
