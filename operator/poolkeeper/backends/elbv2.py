@@ -26,6 +26,9 @@ from poolkeeper.core.elbv2 import NOT_REGISTERED, Target, TargetHealth, member_o
 from poolkeeper.core.model import Action, ActualMember, AddMember, Admin, RemoveMember, SetAdmin
 
 CHECK_TTL = 60.0  # seconds a target group's type and tags stay checked
+# DescribeTargetHealth is eventually consistent: a target registered this recently and not listed
+# yet is still ours (taken as just registered), not forgotten.
+SETTLE_SECONDS = 30.0
 FATAL = ("Throttled", "AWSUnreachable", "AWSSupportNotInstalled")  # the whole reconcile fails, not one action
 
 Persist = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -38,6 +41,8 @@ class OwnedTargets:
     persist: Persist
     targets: dict[tuple[str, str, int], Target] = field(default_factory=dict)  # (arn, id, port) -> target
     parked: set[tuple[str, str]] = field(default_factory=set)  # (arn, name): owned, deregistered while held
+    registered_at: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (arn, id, port) -> clock
+    clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_status(cls, raw: Any, persist: Persist) -> OwnedTargets:
@@ -61,11 +66,17 @@ class OwnedTargets:
         before = self.rows()
         for t in forget:
             self.targets.pop((arn, t.id, t.port), None)
+            self.registered_at.pop((arn, t.id, t.port), None)
             self.parked.discard((arn, t.name))
         for t in add:
             self.targets[(arn, t.id, t.port)] = t
         if self.rows() != before:
             await self.persist(self.rows())
+
+    def settling(self, arn: str, target: Target) -> bool:
+        """Registered so recently that DescribeTargetHealth may not list it yet."""
+        at = self.registered_at.get((arn, target.id, target.port))
+        return at is not None and self.clock() - at < SETTLE_SECONDS
 
 
 class ELBv2Backend:
@@ -91,6 +102,8 @@ class ELBv2Backend:
                 members[name] = member_of(target, found)
             elif (self.arn, name) in self.owned.parked:
                 members[name] = ActualMember(name, target.id, target.port, Admin.MAINT, "", 0)
+            elif self.owned.settling(self.arn, target):
+                members[name] = member_of(target, TargetHealth("initial"))
             else:
                 gone.append(target)  # deregistration finished (or someone removed it): no longer ours
         await self.owned.change(self.arn, forget=gone)
@@ -122,6 +135,11 @@ class ELBv2Backend:
         await self.owned.change(self.arn, add=own)  # owned before registered
         failed = {**await self._call(self.client.deregister, deregister),
                   **await self._call(self.client.register, register)}
+        for target in deregister.values():
+            self.owned.registered_at.pop((self.arn, target.id, target.port), None)
+        for name, target in register.items():
+            if name not in failed:
+                self.owned.registered_at[(self.arn, target.id, target.port)] = self.owned.clock()
         await self.owned.change(self.arn, forget=[t for t in forget if t.name not in failed])
         return [r if r is not None else ActionResult(a, a.name not in failed, failed.get(a.name, ""))
                 for a, r in zip(actions, results, strict=True)]
