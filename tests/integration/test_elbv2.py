@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from poolkeeper.aws.elbv2_client import ELBv2Client
 from poolkeeper_dev.operator_process import OperatorProcess
 from support.aws import DUMMY_KEYS, REGION, MotoServer, ThrottlingProxy, emulator
 from support.kube import condition, create, delete, get, pod_pool, wait_for
@@ -49,7 +51,8 @@ def lbs(custom: client.CustomObjectsApi) -> Iterator[list[str]]:
             custom.delete_cluster_custom_object(**LBS, name=name)
 
 
-def target_group(aws: tuple[MotoServer, ThrottlingProxy], tags: dict[str, str] | None = None) -> str:
+def target_group(aws: tuple[MotoServer, ThrottlingProxy], tags: dict[str, str] | None = None,
+                 target_type: str = "ip") -> str:
     ec2 = boto3.client("ec2", endpoint_url=aws[0].url, region_name=REGION, aws_access_key_id="admin",
                        aws_secret_access_key="admin")
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
@@ -57,7 +60,7 @@ def target_group(aws: tuple[MotoServer, ThrottlingProxy], tags: dict[str, str] |
                        aws_secret_access_key="admin")
     extra = {"Tags": [{"Key": k, "Value": v} for k, v in tags.items()]} if tags else {}
     group = elb.create_target_group(Name=f"web-{uuid.uuid4().hex[:8]}", Protocol="HTTP", Port=80, VpcId=vpc,
-                                    TargetType="ip", **extra)
+                                    TargetType=target_type, **extra)
     arn: str = group["TargetGroups"][0]["TargetGroupArn"]
     elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": FOREIGN[0], "Port": FOREIGN[1]}])
     return arn
@@ -195,16 +198,19 @@ def test_refused_target_groups_are_never_touched(
     theirs = target_group(aws, tags={"elbv2.k8s.aws/cluster": "prod"})
     other_team = target_group(aws)
     unlisted = target_group(aws)
+    instances = target_group(aws, target_type="instance")
     secret = credentials(core, namespace, "refusal-key")
     lb = make_lb(custom, lbs, proxy, [
         {"arn": theirs},
         {"arn": other_team, "allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"team": "x"}}}},
+        {"arn": instances},
     ], secret)
     fleet = workloads("db")
     fleet.add("db-0")
     cases = {"theirs": (theirs, "TargetGroupNotOwned", "elbv2.k8s.aws/cluster"),
              "team": (other_team, "NotAllowed", "spec.elbv2.targetGroups"),
-             "unlisted": (unlisted, "NotAllowed", "does not list target group")}
+             "unlisted": (unlisted, "NotAllowed", "does not list target group"),
+             "types": (instances, "TargetTypeMismatch", "has target type instance")}
     for pool, (arn, _, _) in cases.items():
         create(custom, namespace, "targetpools", pod_pool(pool, app="db", port=fleet.port,
                                                            backend=elb_backend(lb, arn)))
@@ -212,3 +218,45 @@ def test_refused_target_groups_are_never_touched(
         cond = synced(custom, namespace, pool, reason)
         assert words in cond["message"], cond
         assert set(registered(elbv2, arn)) == {FOREIGN}  # nothing registered, nothing deregistered
+
+
+async def test_without_a_secret_the_default_credential_chain_signs(
+        aws: tuple[MotoServer, ThrottlingProxy], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentialsSecretRef: the pod's own identity (here the environment's keys) signs."""
+    arn = target_group(aws)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "pod-identity-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance metadata service
+    client = ELBv2Client(REGION, aws[1].url)
+    try:
+        await client.check([arn])
+    finally:
+        await client.close()
+    assert "pod-identity-key" in aws[1].access_keys
+
+
+ARN = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef"
+
+
+@pytest.mark.parametrize(("kind", "spec", "message"), [
+    ("LoadBalancer", {"type": "ELBv2"}, "spec.elbv2 must be set when type is ELBv2, and only then"),
+    ("LoadBalancer", {"type": "ELBv2", "elbv2": {"region": "us-east-1", "targetGroups": [{"arn": "web"}]}},
+     "spec.elbv2.targetGroups[].arn must be a target group ARN"),
+    ("LoadBalancer", {"type": "ELBv2", "elbv2": {"region": "us-east-1", "endpointURL": "ftp://x"}},
+     "spec.elbv2.endpointURL must be an http:// or https:// URL"),
+    ("TargetPool", {"type": "ELBv2"}, "spec.backend.elbv2 must be set when type is ELBv2, and only then"),
+    ("TargetPool", {"type": "ELBv2", "elbv2": {"loadBalancerRef": {"name": "aws"}, "targetGroupARN": ARN,
+                                               "targetType": "instance"}}, 'Unsupported value: "instance"'),
+])
+def test_invalid_elbv2_specs_are_rejected(namespace: str, custom: client.CustomObjectsApi, kind: str,
+                                          spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(ApiException) as refused:
+        if kind == "LoadBalancer":
+            custom.create_cluster_custom_object(**LBS, body={
+                "apiVersion": "poolkeeper.dev/v1alpha1", "kind": kind, "metadata": {"name": "bad-elbv2"},
+                "spec": spec})
+        else:
+            create(custom, namespace, "targetpools", pod_pool("bad", app="x", backend=spec))
+    assert message in json.loads(refused.value.body)["message"], refused.value.body
