@@ -181,14 +181,13 @@ def test_throttling_is_retried_with_backoff_and_reported_only_when_persistent(
     assert condition(get(custom, namespace, "targetpools", "api"), "Synced")["reason"] == "Synced"
 
     proxy.throttle("DescribeTargetHealth", 1000)  # persistent: every attempt of every reconcile
-    custom.patch_namespaced_custom_object("poolkeeper.dev", "v1alpha1", namespace, "targetpools", "api",
-                                          {"metadata": {"annotations": {"test/poke": "1"}}})
-    cond = synced(custom, namespace, "api", "Throttled", timeout=60)
+    fleet.add("api-2")  # a new pod makes the pool reconcile while the API throttles
+    cond = synced(custom, namespace, "api", "Throttled", timeout=90)
     assert "Throttling" in cond["message"]
-    proxy.throttle("DescribeTargetHealth", 0)
-    custom.patch_namespaced_custom_object("poolkeeper.dev", "v1alpha1", namespace, "targetpools", "api",
-                                          {"metadata": {"annotations": {"test/poke": "2"}}})
-    synced(custom, namespace, "api", "Synced", timeout=60)
+    proxy.throttle("DescribeTargetHealth", 0)  # the work queue's backoff retries; now it goes through
+    wait_for(lambda: get(custom, namespace, "targetpools", "api").get("status", {}).get("active") == 3, 90,
+             "the new pod registered once throttling stopped")
+    assert condition(get(custom, namespace, "targetpools", "api"), "Synced")["reason"] == "Synced"
 
 
 def test_refused_target_groups_are_never_touched(

@@ -219,8 +219,8 @@ class PoolController:
         found = self._lb_spec(spec)
         if found is None:
             return ("LoadBalancerNotFound",
-                    self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} of type "
-                    f"{spec.backend_type} does not exist")
+                    self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
+                    + (" with type ELBv2" if spec.backend_type == "ELBv2" else ""))
         why = backend_refusal(found, spec.backend, spec.namespace, self.store.namespace_labels.get(spec.namespace))
         return ("NotAllowed", why) if why is not None else None
 
