@@ -108,6 +108,8 @@ def test_targets_follow_pods_health_and_gates_and_only_own_targets_leave(
     lb = make_lb(custom, lbs, proxy, [{"arn": arn}], credentials(core, namespace, "pool-key"))
     wait_for(lambda: (c := condition(custom.get_cluster_custom_object(**LBS, name=lb), "Reachable")) and
              c.get("status") == "True", 20, "LoadBalancer Reachable")
+    accepted = condition(custom.get_cluster_custom_object(**LBS, name=lb), "Accepted")
+    assert (accepted["status"], accepted["reason"]) == ("True", "TargetGroupsListed")
     gate = "poolkeeper.dev/web"
     fleet = workloads("web", gates=(gate,))
     ips = [fleet.add(f"web-{i}") for i in range(3)]
@@ -128,6 +130,8 @@ def test_targets_follow_pods_health_and_gates_and_only_own_targets_leave(
     # one batched RegisterTargets for the three pods, signed with the Secret's key
     assert proxy.targets_per_call["RegisterTargets"][0] == 3
     assert "pool-key" in proxy.access_keys
+    wait_for(lambda: custom.get_cluster_custom_object(**LBS, name=lb).get("status", {}).get("pools") == 1, 20,
+             "the LoadBalancer counts its pool")
 
     def gate_true(pod: str) -> bool:
         obj = core.read_namespaced_pod(name=pod, namespace=namespace)

@@ -612,5 +612,6 @@ class PoolController:
         except ApiError as exc:
             if exc.status not in (404, 409, 422):
                 raise
+        self.elbv2.forget(spec.uid)
         self.report.note(body, "Finalized", f"all members removed from {spec.backend_text}")
         return Outcome()
