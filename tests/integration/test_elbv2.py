@@ -167,6 +167,39 @@ def test_targets_follow_pods_health_and_gates_and_only_own_targets_leave(
                                                               "targetpools")["items"], 30, "pool gone")
 
 
+def test_instance_targets_are_ec2_instance_ids(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
+        aws: tuple[MotoServer, ThrottlingProxy], elbv2: Any, lbs: list[str]) -> None:
+    ec2 = boto3.client("ec2", endpoint_url=aws[0].url, region_name=REGION, aws_access_key_id="admin",
+                       aws_secret_access_key="admin")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    vm = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    arn = target_group(aws, target_type="instance")
+    lb = make_lb(custom, lbs, aws[1], [{"arn": arn}], credentials(core, namespace, "instance-key"))
+    for name, address, spec in (("vm-1", "127.9.0.1", {"ec2InstanceID": vm}), ("vm-2", "127.9.0.2", {})):
+        create(custom, namespace, "instances", {"kind": "Instance", "metadata": {"name": name, "labels": {"app": "vm"}},
+                                                "spec": {"address": address, **spec}})
+        custom.patch_namespaced_custom_object_status("poolkeeper.dev", "v1alpha1", namespace, "instances", name,
+                                                     {"status": {"state": "running"}})
+    backend = elb_backend(lb, arn)
+    backend["elbv2"]["targetType"] = "instance"
+    create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "vms"}, "spec": {
+        "source": {"kind": "Instance", "selector": {"matchLabels": {"app": "vm"}}}, "port": 8080,
+        "backend": backend, "deregistrationDelaySeconds": 5}})
+
+    def members() -> dict[str, dict[str, Any]]:
+        status = get(custom, namespace, "targetpools", "vms").get("status", {})
+        return {m["instance"]: m for m in status.get("members") or []}
+
+    wait_for(lambda: members().get(f"Instance/{namespace}/vm-1", {}).get("state") == "Active", 30, "vm-1 Active")
+    assert (vm, 8080) in registered(elbv2, arn)
+    held = members()[f"Instance/{namespace}/vm-2"]
+    assert held["state"] == "Held" and "has no EC2 instance id (spec.ec2InstanceID)" in held["reason"]
+    assert set(registered(elbv2, arn)) == {(vm, 8080), FOREIGN}
+    delete(custom, namespace, "targetpools", "vms")
+    wait_for(lambda: set(registered(elbv2, arn)) == {FOREIGN}, 30, "the instance deregistered with its pool")
+
+
 def test_throttling_is_retried_with_backoff_and_reported_only_when_persistent(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi, core: client.CoreV1Api,
         workloads: Workloads, aws: tuple[MotoServer, ThrottlingProxy], elbv2: Any, lbs: list[str]) -> None:
@@ -251,7 +284,7 @@ ARN = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/01234
      "spec.elbv2.endpointURL must be an http:// or https:// URL"),
     ("TargetPool", {"type": "ELBv2"}, "spec.backend.elbv2 must be set when type is ELBv2, and only then"),
     ("TargetPool", {"type": "ELBv2", "elbv2": {"loadBalancerRef": {"name": "aws"}, "targetGroupARN": ARN,
-                                               "targetType": "instance"}}, 'Unsupported value: "instance"'),
+                                               "targetType": "lambda"}}, 'Unsupported value: "lambda"'),
 ])
 def test_invalid_elbv2_specs_are_rejected(namespace: str, custom: client.CustomObjectsApi, kind: str,
                                           spec: dict[str, Any], message: str) -> None:

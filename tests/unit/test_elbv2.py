@@ -11,9 +11,18 @@ from typing import Any
 import pytest
 
 from poolkeeper.backends.elbv2 import ELBv2Backend, OwnedTargets
-from poolkeeper.core.elbv2 import NOT_REGISTERED, Target, TargetHealth, member_of, ownership_refusal
-from poolkeeper.core.model import AddMember, Admin, Placement, RemoveMember, SetAdmin
+from poolkeeper.core.elbv2 import (
+    NOT_REGISTERED,
+    Target,
+    TargetHealth,
+    ec2_instance_id,
+    instance_id_refusal,
+    member_of,
+    ownership_refusal,
+)
+from poolkeeper.core.model import AddMember, Admin, InstanceState, Phase, Placement, RemoveMember, SetAdmin
 from poolkeeper.core.poolspec import backend_refusal, parse_load_balancer, parse_pool
+from poolkeeper.sources.convert import node_state
 
 ARN = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef"
 
@@ -133,6 +142,34 @@ async def test_a_held_member_stays_owned_but_out_of_the_group() -> None:
     assert (await pool.read_members())["pk-a"].admin is Admin.MAINT
     await pool.apply([SetAdmin("pk-a", Admin.DRAIN)])  # released: registered, health checks begin
     assert group.state == {("10.0.0.1", 80): "initial"}
+
+
+@pytest.mark.parametrize(("provider_id", "ec2_id"), [
+    ("aws:///us-east-1a/i-0123456789abcdef0", "i-0123456789abcdef0"), ("aws:///i-01234567", "i-01234567"),
+    ("gce://project/zone/vm", ""), ("aws:///us-east-1a/not-an-id", ""), ("", ""),
+])
+def test_ec2_instance_ids_come_from_aws_provider_ids(provider_id: str, ec2_id: str) -> None:
+    assert ec2_instance_id(provider_id) == ec2_id
+    node = node_state({"metadata": {"name": "n", "uid": "u"}, "spec": {"providerID": provider_id},
+                       "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                                  "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
+    assert node.ec2_id == ec2_id
+    assert (instance_id_refusal("Node", ec2_id) is None) is bool(ec2_id)
+    assert "is no EC2 instance" in (instance_id_refusal("Pod", "") or "")
+
+
+async def test_instance_targets_are_registered_by_instance_id_and_read_back_by_address() -> None:
+    group, persisted = TargetGroup(), []
+
+    async def persist(rows: list[dict[str, Any]]) -> None:
+        persisted.append(rows)
+    pool = ELBv2Backend(group, ARN, OwnedTargets.from_status([], persist), "instance")  # type: ignore[arg-type]
+    vm = InstanceState("Instance", "ns", "vm", "uid", "10.0.0.5", {}, Phase.UP, "", ec2_id="i-0123456789abcdef0")
+    await pool.apply([AddMember("pk-vm", "10.0.0.5", 80, vm)])
+    assert group.state == {("i-0123456789abcdef0", 80): "initial"}
+    assert persisted[-1][0]["address"] == "10.0.0.5"
+    restarted = ELBv2Backend(group, ARN, OwnedTargets.from_status(persisted[-1], persist), "instance")  # type: ignore[arg-type]
+    assert (await restarted.read_members())["pk-vm"].address == "10.0.0.5"  # the planner sees no address change
 
 
 def test_elbv2_specs_parse_and_tenancy_uses_the_target_group_list() -> None:

@@ -52,14 +52,17 @@ class OwnedTargets:
             if isinstance(item, Mapping) and all(isinstance(item.get(k), str) for k in fields):
                 port = item.get("port")
                 if isinstance(port, int):
-                    owned.targets[(item["targetGroupARN"], item["id"], port)] = Target(item["name"], item["id"], port)
+                    address = item.get("address") if isinstance(item.get("address"), str) else ""
+                    owned.targets[(item["targetGroupARN"], item["id"], port)] = Target(
+                        item["name"], item["id"], port, str(address or ""))
         return owned
 
     def of(self, arn: str) -> dict[str, Target]:
         return {t.name: t for (group, _, _), t in self.targets.items() if group == arn}
 
     def rows(self) -> list[dict[str, Any]]:
-        return [{"targetGroupARN": arn, "name": t.name, "id": t.id, "port": t.port}
+        return [{"targetGroupARN": arn, "name": t.name, "id": t.id, "port": t.port,
+                 **({"address": t.address} if t.address else {})}
                 for (arn, _, _), t in sorted(self.targets.items())]
 
     async def change(self, arn: str, add: Sequence[Target] = (), forget: Sequence[Target] = ()) -> None:
@@ -82,8 +85,8 @@ class OwnedTargets:
 class ELBv2Backend:
     """The pool's own targets in target group `arn`."""
 
-    def __init__(self, client: ELBv2Client, arn: str, owned: OwnedTargets) -> None:
-        self.client, self.arn, self.owned = client, arn, owned
+    def __init__(self, client: ELBv2Client, arn: str, owned: OwnedTargets, target_type: str = "ip") -> None:
+        self.client, self.arn, self.owned, self.target_type = client, arn, owned, target_type
         self._health: dict[str, TargetHealth] = {}  # by member name, from the last read
 
     async def read_members(self) -> dict[str, ActualMember]:
@@ -101,7 +104,7 @@ class ELBv2Backend:
                 self._health[name] = found
                 members[name] = member_of(target, found)
             elif (self.arn, name) in self.owned.parked:
-                members[name] = ActualMember(name, target.id, target.port, Admin.MAINT, "", 0)
+                members[name] = ActualMember(name, target.member_address, target.port, Admin.MAINT, "", 0)
             elif self.owned.settling(self.arn, target):
                 members[name] = member_of(target, TargetHealth("initial"))
             else:
@@ -123,7 +126,7 @@ class ELBv2Backend:
                 if action.name in foreign:
                     results[i] = ActionResult(action, False, foreign[action.name])
                     continue
-                register[action.name] = mine[action.name] = Target(action.name, action.address, action.port)
+                register[action.name] = mine[action.name] = self._target(action)
                 own.append(register[action.name])
                 self.owned.parked.discard((self.arn, action.name))
             elif action.name not in mine:
@@ -140,9 +143,17 @@ class ELBv2Backend:
         for name, target in register.items():
             if name not in failed:
                 self.owned.registered_at[(self.arn, target.id, target.port)] = self.owned.clock()
-        await self.owned.change(self.arn, forget=[t for t in forget if t.name not in failed])
+        kept = {(t.id, t.port) for t in own}  # e.g. an instance at a new address: the same target again
+        await self.owned.change(self.arn, forget=[t for t in forget if t.name not in failed
+                                                  and (t.id, t.port) not in kept])
         return [r if r is not None else ActionResult(a, a.name not in failed, failed.get(a.name, ""))
                 for a, r in zip(actions, results, strict=True)]
+
+    def _target(self, action: AddMember) -> Target:
+        if self.target_type == "instance":
+            ec2_id = action.instance.ec2_id if action.instance is not None else ""
+            return Target(action.name, ec2_id, action.port, action.address)
+        return Target(action.name, action.address, action.port)
 
     def _set_admin(self, action: SetAdmin, target: Target, register: dict[str, Target],
                    deregister: dict[str, Target]) -> None:
@@ -174,7 +185,7 @@ class ELBv2Backend:
     async def _foreign(self, adds: Sequence[AddMember], mine: Mapping[str, Target]) -> dict[str, str]:
         """Targets to add that are registered already but not by this pool: refused, left alone."""
         ours = {(t.id, t.port) for t in mine.values()}
-        fresh = [Target(a.name, a.address, a.port) for a in adds if (a.address, a.port) not in ours]
+        fresh = [t for t in map(self._target, adds) if (t.id, t.port) not in ours]
         health = await self.client.health(self.arn, fresh) if fresh else {}
         return {t.name: (f"target {t.id}:{t.port} is already registered in target group {self.arn} and "
                          "poolkeeper did not register it; it is left alone")

@@ -40,6 +40,7 @@ from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
 from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, build_index, endpointslice_claim, haproxy_claim
 from poolkeeper.core.conditions import Condition
+from poolkeeper.core.elbv2 import instance_id_refusal
 from poolkeeper.core.model import (
     ActualMember,
     DesiredMember,
@@ -351,6 +352,12 @@ class PoolController:
             instances=self._candidates(spec), policy=policy, held=holds.held,
             variant=spec.variant if haproxy else "",
         )
+        if spec.target_type == "instance":  # ELBv2 registers EC2 instances: members need an instance id
+            for name, member in list(desired.items()):
+                why = instance_id_refusal(member.instance.kind, member.instance.ec2_id)
+                if why is not None:
+                    refused.append(Refusal(member.instance, why))
+                    del desired[name]
         # HAProxy fixes a server's address when adding it: a new address or port takes the member's
         # other name, so old and new serve side by side (EndpointSlices rewrite an endpoint in place)
         return Wanted(settle_names(desired, actual) if haproxy else desired, refused, holds)
@@ -443,7 +450,8 @@ class PoolController:
 
     def _elbv2_targets(self, spec: PoolSpec, client: Any, arn: str) -> ELBv2Backend:
         status = (self.store.pools.get(spec.key) or {}).get("status") or {}
-        return ELBv2Backend(client, arn, self.elbv2.owned(spec.namespace, spec.name, spec.uid, status))
+        return ELBv2Backend(client, arn, self.elbv2.owned(spec.namespace, spec.name, spec.uid, status),
+                            spec.target_type or "ip")
 
     async def _write_elbv2_targets(self, namespace: str, name: str, rows: list[dict[str, Any]]) -> None:
         """status.elbv2Targets, written at once (not coalesced): it must be stored before a target is registered."""

@@ -3,6 +3,7 @@ target group, and batching. No I/O (backends/elbv2.py and aws/ do the calls)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -17,15 +18,37 @@ OWNER_TAG = "poolkeeper.dev/owner"
 FOREIGN_TAGS = ("elbv2.k8s.aws/cluster", "ingress.k8s.aws/stack", "service.k8s.aws/stack")
 
 T = TypeVar("T")
+_PROVIDER_ID = re.compile(r"^aws://(?:/[^/]*)?/(i-[0-9a-f]{8,17})$")
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One target this pool registered: its member name, Id (an IP address) and port."""
+    """One target this pool registered: its member name, Id (an IP address, or an EC2 instance
+    id for targetType instance), port, and the member's address (the planner compares it)."""
 
     name: str
     id: str
     port: int
+    address: str = ""
+
+    @property
+    def member_address(self) -> str:
+        return self.address or self.id
+
+
+def ec2_instance_id(provider_id: str) -> str:
+    """`aws:///us-east-1a/i-0abc...` (a Node's spec.providerID) -> `i-0abc...`; "" otherwise."""
+    match = _PROVIDER_ID.match(provider_id.strip())
+    return match.group(1) if match else ""
+
+
+def instance_id_refusal(kind: str, ec2_id: str) -> str | None:
+    """Why a member cannot be an `instance` target: it has no EC2 instance id."""
+    if ec2_id:
+        return None
+    where = {"Node": "spec.providerID aws:///ZONE/i-...", "Instance": "spec.ec2InstanceID"}.get(kind)
+    return ("the target group registers EC2 instances (targetType instance) and this "
+            + (f"{kind} has no EC2 instance id ({where})" if where else f"{kind} is no EC2 instance"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +72,9 @@ def member_of(target: Target, health: TargetHealth) -> ActualMember:
     unhealthy, unused, unavailable: registered, waiting for health checks (Registering).
     """
     if health.state == "healthy":
-        return ActualMember(target.name, target.id, target.port, Admin.READY, HEALTHY, 0)
+        return ActualMember(target.name, target.member_address, target.port, Admin.READY, HEALTHY, 0)
     sessions = 1 if health.state == "draining" else 0
-    return ActualMember(target.name, target.id, target.port, Admin.DRAIN, health.state, sessions)
+    return ActualMember(target.name, target.member_address, target.port, Admin.DRAIN, health.state, sessions)
 
 
 def ownership_refusal(arn: str, tags: Mapping[str, str], cluster_id: str = "") -> str | None:

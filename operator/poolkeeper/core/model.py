@@ -46,6 +46,7 @@ class InstanceState:
     phase: Phase
     reason: str
     gates: Mapping[str, str] = field(default_factory=dict)  # our readiness gates -> their status now
+    ec2_id: str = ""  # the EC2 instance id (a Node's spec.providerID, an Instance's spec.ec2InstanceID)
 
     @property
     def ref(self) -> str:
