@@ -225,6 +225,8 @@ def test_throttling_is_retried_with_backoff_and_reported_only_when_persistent(
     wait_for(lambda: get(custom, namespace, "targetpools", "api").get("status", {}).get("active") == 3, 90,
              "the new pod registered once throttling stopped")
     assert condition(get(custom, namespace, "targetpools", "api"), "Synced")["reason"] == "Synced"
+    delete(custom, namespace, "targetpools", "api")  # while the emulator runs: its finalizer deregisters
+    wait_for(lambda: set(registered(elbv2, arn)) == {FOREIGN}, 30, "the pool's targets deregistered")
 
 
 def test_refused_target_groups_are_never_touched(
