@@ -485,7 +485,7 @@ def pool_event(kind: str, obj: dict[str, Any]) -> None:
     for peer in peers | set(rt.pools.claim_peers(key)):  # a pool appearing or leaving settles conflicts
         rt.queue.add(peer)
     for spec in specs:  # keep each LoadBalancer's `pools` count current
-        if spec.backend_type == "HAProxy":
+        if spec.backend_type in ("HAProxy", "ELBv2"):
             rt.lbs.publish(spec.load_balancer)
 
 

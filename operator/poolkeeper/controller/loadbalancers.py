@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from poolkeeper import aws
+from poolkeeper.aws.elbv2_client import ELBv2Client
 from poolkeeper.backends.haproxy_client import HAProxyBusy, HAProxyClient, HAProxyUnreachable, TLSFiles
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.lbprocess import ProcessChange, ProcessIdentity, identity_of, probe_delay, process_change
@@ -59,6 +61,10 @@ class LoadBalancers:
         # clients of LoadBalancers deleted or made invalid: pools still drain their own servers there
         self._retired: dict[str, HAProxyClient] = {}
         self._bodies: dict[str, dict[str, Any]] = {}
+        # LoadBalancers of type ELBv2: one AWS client each (no probe loop: every pool call is a check)
+        self._elbv2: dict[str, tuple[LoadBalancerSpec, ELBv2Client]] = {}
+        self._elbv2_retired: dict[str, ELBv2Client] = {}
+        self._elbv2_reachable: dict[str, Condition] = {}
         self._tls_dir = tempfile.mkdtemp(prefix="poolkeeper-tls-")
 
     # ----- the watch calls these
@@ -72,6 +78,11 @@ class LoadBalancers:
             self._write_status(name, Condition("Reachable", False, "InvalidSpec", str(exc)))
             self.events.post(body, "InvalidSpec", str(exc), warning=True)
             return
+        if spec.type == "ELBv2":
+            await self._retire(name)
+            await self._upsert_elbv2(name, body, spec)
+            return
+        await self._retire_elbv2(name)
         entry = self._entries.get(name)
         if entry is not None and entry.spec == spec:
             return
@@ -95,6 +106,7 @@ class LoadBalancers:
     async def remove(self, name: str) -> None:
         self._bodies.pop(name, None)
         await self._retire(name)
+        await self._retire_elbv2(name)
         self.status.forget(self._status_path(name))
         for key in self.pools_using(name):
             self.enqueue(key)
@@ -113,6 +125,71 @@ class LoadBalancers:
         self._retired[name] = entry.client  # before any await: a pool must always find one
         if previous is not None:
             await previous.close()
+
+    # ----- ELBv2
+    async def _upsert_elbv2(self, name: str, body: dict[str, Any], spec: LoadBalancerSpec) -> None:
+        current = self._elbv2.get(name)
+        if current is not None and current[0] == spec:
+            return  # (a rotated credentials Secret is read when the LoadBalancer changes next)
+        try:
+            credentials = await self._aws_credentials(spec)
+        except InvalidSpec as exc:
+            await self._retire_elbv2(name)
+            self._write_status(name, Condition("Reachable", False, "CredentialsSecretInvalid", str(exc)))
+            self.events.post(body, "CredentialsSecretInvalid", str(exc), warning=True)
+            return
+        client = ELBv2Client(spec.region, spec.endpoint_url, credentials)
+        self._elbv2[name] = (spec, client)  # before any await: pools always find a client
+        for stale in (current[1] if current else None, self._elbv2_retired.pop(name, None)):
+            if stale is not None:
+                await stale.close()
+        if not aws.installed():
+            reason, message = aws.NOT_INSTALLED
+            reachable = Condition("Reachable", False, reason, message)
+        else:
+            try:
+                await client.check([g.name for g in spec.backends])
+                reachable = Condition("Reachable", True, "APIAnswered",
+                                      f"Elastic Load Balancing in {spec.region} answered; listed target groups exist")
+            except aws.AWSError as exc:
+                reachable = Condition("Reachable", False, exc.reason, str(exc))
+        self._elbv2_reachable[name] = reachable
+        self._write_status(name, reachable, accepted=_accepted(spec))
+        self._notify_pools(name)
+
+    async def _aws_credentials(self, spec: LoadBalancerSpec) -> tuple[str, str] | None:
+        """The access key pair from spec.elbv2.credentialsSecretRef; None: the pod's own identity."""
+        if spec.credentials_secret is None:
+            return None
+        namespace, secret_name = spec.credentials_secret
+        secret = await self.api.get_or_none(resource_path("v1", "secrets", namespace, secret_name))
+        if secret is None:
+            raise InvalidSpec(f"credentials Secret {namespace}/{secret_name} not found")
+        data = secret.get("data") or {}
+        keys = ("aws_access_key_id", "aws_secret_access_key")
+        missing = [k for k in keys if not data.get(k)]
+        if missing:
+            raise InvalidSpec(f"credentials Secret {namespace}/{secret_name} has no {' or '.join(missing)}")
+        key_id, key = (base64.b64decode(data[k]).decode().strip() for k in keys)
+        return key_id, key
+
+    async def _retire_elbv2(self, name: str) -> None:
+        """Keep the AWS client of a LoadBalancer that may no longer be used, for cleanup only."""
+        entry = self._elbv2.pop(name, None)
+        if entry is None:
+            return
+        previous = self._elbv2_retired.get(name)
+        self._elbv2_retired[name] = entry[1]
+        if previous is not None:
+            await previous.close()
+
+    def elbv2(self, name: str) -> tuple[LoadBalancerSpec, ELBv2Client] | None:
+        return self._elbv2.get(name)
+
+    def elbv2_for_cleanup(self, name: str) -> ELBv2Client | None:
+        """The AWS client of the LoadBalancer even if it was deleted: pools deregister their own targets."""
+        entry = self._elbv2.get(name)
+        return entry[1] if entry else self._elbv2_retired.get(name)
 
     async def _tls_files(self, spec: LoadBalancerSpec) -> TLSFiles | None:
         assert spec.tls_secret is not None
@@ -148,7 +225,7 @@ class LoadBalancers:
 
     def invalid(self, name: str) -> str | None:
         """Why a LoadBalancer that exists cannot be used, or None."""
-        if name in self._bodies and name not in self._entries:
+        if name in self._bodies and name not in self._entries and name not in self._elbv2:
             return f"LoadBalancer {name} has an invalid spec"
         return None
 
@@ -205,6 +282,9 @@ class LoadBalancers:
             self.enqueue(key)
 
     def publish(self, name: str) -> None:
+        if name in self._elbv2:
+            self._write_status(name, self._elbv2_reachable.get(name), accepted=_accepted(self._elbv2[name][0]))
+            return
         entry = self._entries.get(name)
         if entry is None:
             return
@@ -214,14 +294,18 @@ class LoadBalancers:
             cond = Condition("Reachable", False, "RuntimeAPIUnreachable", entry.error or "not checked yet")
         self._write_status(name, cond, version=entry.version, accepted=_accepted(entry.spec))
 
-    def _write_status(self, name: str, cond: Condition, version: str = "", accepted: Condition | None = None) -> None:
+    def _write_status(self, name: str, cond: Condition | None, version: str = "",
+                      accepted: Condition | None = None) -> None:
+        """Accepted and Reachable (None: not known yet)."""
         body = self._bodies.get(name) or {}
         meta = body.get("metadata") or {}
         previous = (body.get("status") or {}).get("conditions")
         if accepted is None:
+            assert cond is not None
             accepted = Condition("Accepted", False, cond.reason, cond.message)
         status: dict[str, Any] = {
-            "conditions": merge_conditions(previous, [accepted, cond], meta.get("generation"), now_rfc3339()),
+            "conditions": merge_conditions(previous, [accepted, *([cond] if cond else [])], meta.get("generation"),
+                                           now_rfc3339()),
             "pools": len(self.pools_using(name)), "observedGeneration": meta.get("generation"),
         }
         if version:
@@ -261,6 +345,11 @@ class LoadBalancers:
         for client in self._retired.values():
             await client.close()
         self._retired.clear()
+        for name in list(self._elbv2):
+            await self._retire_elbv2(name)
+        for aws_client in self._elbv2_retired.values():
+            await aws_client.close()
+        self._elbv2_retired.clear()
 
     def reachable(self, name: str) -> bool | None:
         entry = self._entries.get(name)
@@ -269,6 +358,15 @@ class LoadBalancers:
 
 def _accepted(spec: LoadBalancerSpec) -> Condition:
     """Whether the spec lets poolkeeper drive anything: it drives only the backends listed."""
+    if spec.type == "ELBv2":
+        if not aws.installed():
+            return Condition("Accepted", False, *aws.NOT_INSTALLED)
+        if not spec.backends:
+            return Condition("Accepted", False, "NoTargetGroupsListed",
+                             "spec.elbv2.targetGroups lists no target group, so no TargetPool may fill any; list "
+                             "the target groups poolkeeper may manage (and for which namespaces)")
+        return Condition("Accepted", True, "TargetGroupsListed",
+                         f"TargetPools may fill target groups: {', '.join(g.name for g in spec.backends)}")
     if not spec.backends:
         return Condition("Accepted", False, "NoBackendsListed",
                          "spec.haproxy.backends lists no backend, so no TargetPool may drive this load balancer; "

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
+from poolkeeper.aws import AWSError
 from poolkeeper.backends import ActionResult, Backend
+from poolkeeper.backends.elbv2 import ELBv2Backend, ELBv2Backends
 from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProblem
 from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
@@ -38,6 +40,7 @@ from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
 from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, build_index, endpointslice_claim, haproxy_claim
 from poolkeeper.core.conditions import Condition
+from poolkeeper.core.elbv2 import instance_id_refusal
 from poolkeeper.core.model import (
     ActualMember,
     DesiredMember,
@@ -48,9 +51,9 @@ from poolkeeper.core.model import (
     Plan,
 )
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate
-from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, backend_refusal, parse_pool
+from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, PoolSpec, backend_refusal, parse_pool
 from poolkeeper.core.tenancy import NodeSourcePolicy, node_source_refusal
-from poolkeeper.kube.api import JSON_PATCH, ApiError, KubeApi, resource_path
+from poolkeeper.kube.api import JSON_PATCH, MERGE, ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.errors import OutboxError
@@ -60,7 +63,9 @@ FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
 FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions
-BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError)
+BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError, AWSError)
+# ELBv2 target groups poolkeeper must not touch at all (AWSError reasons that block the pool)
+ELBV2_BLOCKED = ("TargetGroupNotOwned", "TargetTypeMismatch", "AWSSupportNotInstalled")
 # Refusals after which the pool's own servers leave the backend it may no longer drive.
 REVOKED = ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed", "NodeSourceNotAllowed")
 
@@ -162,6 +167,7 @@ class PoolController:
         self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
         self._claims: ClaimIndex | None = None  # rebuilt after a pool, LoadBalancer or Namespace changed
         self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
+        self.elbv2 = ELBv2Backends(self._write_elbv2_targets, cluster_id=cluster_id)
 
     # ----- specs, cached per resourceVersion
     def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
@@ -185,10 +191,15 @@ class PoolController:
     def address_policy(self, spec: PoolSpec) -> AddressPolicy:
         """The address policy of the pool's members: its LoadBalancer's allowedTargetCIDRs, or
         for EndpointSlices the operator's --endpointslice-allowed-cidrs."""
-        if spec.backend_type != "HAProxy":
+        if spec.backend_type == "EndpointSlice":
             return self.endpointslice_policy
-        found = self.lbs.get(spec.load_balancer)
-        return AddressPolicy(found[0].allowed_cidrs if found else None, LB_ALLOWANCE)
+        found = self._lb_spec(spec)
+        return AddressPolicy(found.allowed_cidrs if found else None, LB_ALLOWANCE)
+
+    def _lb_spec(self, spec: PoolSpec) -> LoadBalancerSpec | None:
+        """The LoadBalancer of an HAProxy or ELBv2 pool, if it exists with that type."""
+        found = self.lbs.elbv2(spec.load_balancer) if spec.backend_type == "ELBv2" else self.lbs.get(spec.load_balancer)
+        return found[0] if found else None
 
     def source_refusal(self, spec: PoolSpec) -> str | None:
         """Why the pool's source may not feed its backend at all (core.addresses.source_refusal)."""
@@ -210,17 +221,20 @@ class PoolController:
         why = self.source_refusal(spec)
         if why is not None:
             return ("SourceNotAllowed", why)
-        if spec.backend_type != "HAProxy":
+        if spec.backend_type == "EndpointSlice":
             return None
-        found = self.lbs.get(spec.load_balancer)
+        found = self._lb_spec(spec)
         if found is None:
             return ("LoadBalancerNotFound",
-                    self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist")
-        why = backend_refusal(found[0], spec.backend, spec.namespace, self.store.namespace_labels.get(spec.namespace))
+                    self.lbs.invalid(spec.load_balancer) or f"LoadBalancer {spec.load_balancer} does not exist"
+                    + (" with type ELBv2" if spec.backend_type == "ELBv2" else ""))
+        why = backend_refusal(found, spec.backend, spec.namespace, self.store.namespace_labels.get(spec.namespace))
         return ("NotAllowed", why) if why is not None else None
 
     def claim_of(self, spec: PoolSpec) -> ClaimKey | None:
         """What the pool would own exclusively: endpoint + backend, or namespace + Service."""
+        if spec.backend_type == "ELBv2":
+            return ("ELBv2", spec.backend, "")  # a target group ARN names it in every account and region
         if spec.backend_type != "HAProxy":
             return endpointslice_claim(spec.namespace, spec.service)
         found = self.lbs.get(spec.load_balancer)
@@ -247,7 +261,7 @@ class PoolController:
         return self.claims().others(mine.claim, key) if mine else []
 
     def pools_using_lb(self, lb: str) -> list[Key]:
-        return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
+        return [s.key for s in self.valid_specs() if s.backend_type in ("HAProxy", "ELBv2") and s.load_balancer == lb]
 
     # ----- the reconcile, step by step
     async def reconcile(self, key: Key) -> Outcome:
@@ -344,6 +358,12 @@ class PoolController:
             instances=self._candidates(spec), policy=policy, held=holds.held,
             variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id,
         )
+        if spec.target_type == "instance":  # ELBv2 registers EC2 instances: members need an instance id
+            for name, member in list(desired.items()):
+                why = instance_id_refusal(member.instance.kind, member.instance.ec2_id)
+                if why is not None:
+                    refused.append(Refusal(member.instance, why))
+                    del desired[name]
         # HAProxy fixes a server's address when adding it: a new address or port takes the member's
         # other name, so old and new serve side by side (EndpointSlices rewrite an endpoint in place)
         return Wanted(settle_names(desired, actual) if haproxy else desired, refused, holds)
@@ -352,7 +372,7 @@ class PoolController:
               since: Mapping[str, float]) -> Plan:
         return plan_pool(desired=wanted.members, actual=actual, draining_since=since, now=self.clock(),
                          deregistration_delay=spec.deregistration_delay,
-                         health_checks=spec.health_check is not None, keep=wanted.holds.keep)
+                         health_checks=spec.checks_health, keep=wanted.holds.keep)
 
     def _candidates(self, spec: PoolSpec) -> list[Any]:
         return [inst for kind in spec.kinds
@@ -405,6 +425,8 @@ class PoolController:
                 cached.invalidate()
                 raise Blocked(exc.reason, str(exc), backoff=True) from exc
             return cached, self.endpointslice_policy
+        if spec.backend_type == "ELBv2":
+            return await self._elbv2_backend(spec)
         found = self.lbs.get(spec.load_balancer)
         assert found is not None  # refusal() said it exists
         lb, client = found
@@ -416,6 +438,31 @@ class PoolController:
             return pool, AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
         except BackendMissing as exc:
             raise Blocked("BackendNotFound", str(exc)) from exc
+
+    async def _elbv2_backend(self, spec: PoolSpec) -> tuple[Backend, AddressPolicy]:
+        """The pool's own targets in its target group, once the group is checked to be ours to fill."""
+        found = self.lbs.elbv2(spec.load_balancer)
+        assert found is not None  # refusal() said it exists
+        lb, client = found
+        try:
+            refused = await self.elbv2.refusal(client, spec.backend, spec.target_type)
+        except AWSError as exc:
+            if exc.reason in ELBV2_BLOCKED:
+                raise Blocked(exc.reason, str(exc), event=True) from exc
+            raise
+        if refused is not None:
+            raise Blocked(*refused, event=True)
+        return self._elbv2_targets(spec, client, spec.backend), AddressPolicy(lb.allowed_cidrs, LB_ALLOWANCE)
+
+    def _elbv2_targets(self, spec: PoolSpec, client: Any, arn: str) -> ELBv2Backend:
+        status = (self.store.pools.get(spec.key) or {}).get("status") or {}
+        return ELBv2Backend(client, arn, self.elbv2.owned(spec.namespace, spec.name, spec.uid, status),
+                            spec.target_type or "ip")
+
+    async def _write_elbv2_targets(self, namespace: str, name: str, rows: list[dict[str, Any]]) -> None:
+        """status.elbv2Targets, written at once (not coalesced): it must be stored before a target is registered."""
+        await self.api.patch(resource_path(API_VERSION, "targetpools", namespace, name, "status"),
+                             {"status": {"elbv2Targets": rows}}, MERGE)
 
     def _slices(self, spec: PoolSpec, service: str | None = None) -> EndpointSliceBackend:
         """The pool's slices for its Service (cached), or for another Service it used before (fresh)."""
@@ -440,6 +487,9 @@ class PoolController:
     def _own_servers(self, spec: PoolSpec, where: Placement) -> Backend | None:
         """The pool's own servers (its name prefix) in one backend, reachable even after the
         LoadBalancer was deleted or lost its permission: for draining them, never for adding."""
+        if where.type == "ELBv2":
+            aws_client = self.lbs.elbv2_for_cleanup(where.load_balancer)
+            return self._elbv2_targets(spec, aws_client, where.backend) if aws_client is not None else None
         client = self.lbs.client_for_cleanup(where.load_balancer)
         try:
             return self.haproxy_pool(client, where.backend, spec.prefix, None) if client is not None else None
@@ -532,6 +582,8 @@ class PoolController:
 
     def _backend_failed(self, body: dict[str, Any], spec: PoolSpec, memory: PoolMemory, exc: Exception) -> Outcome:
         reason = "BackendNotFound" if isinstance(exc, BackendMissing) else "BackendUnreachable"
+        if isinstance(exc, AWSError):
+            reason = exc.reason  # Throttled (after botocore's retries with backoff), AWSUnreachable, ...
         message = f"{spec.backend_text}: {exc}"
         if memory.failing != reason:
             self.report.warn(body, reason, message)
@@ -574,5 +626,6 @@ class PoolController:
         except ApiError as exc:
             if exc.status not in (404, 409, 422):
                 raise
+        self.elbv2.forget(spec.uid)
         self.report.note(body, "Finalized", f"all members removed from {spec.backend_text}")
         return Outcome()

@@ -46,6 +46,7 @@ class InstanceState:
     phase: Phase
     reason: str
     gates: Mapping[str, str] = field(default_factory=dict)  # our readiness gates -> their status now
+    ec2_id: str = ""  # the EC2 instance id (a Node's spec.providerID, an Instance's spec.ec2InstanceID)
 
     @property
     def ref(self) -> str:
@@ -146,12 +147,14 @@ class Placement:
     EndpointSlices. A pool moved elsewhere keeps the old placement in `status.placements`
     until its servers there are drained and gone, so a restart in between still finds them."""
 
-    type: str  # HAProxy | EndpointSlice
+    type: str  # HAProxy | EndpointSlice | ELBv2
     load_balancer: str = ""
-    backend: str = ""
+    backend: str = ""  # the HAProxy backend, or the ELBv2 target group's ARN
     service: str = ""
 
     def to_status(self) -> dict[str, str]:
+        if self.type == "ELBv2":
+            return {"type": self.type, "loadBalancer": self.load_balancer, "targetGroupARN": self.backend}
         if self.type == "HAProxy":
             return {"type": self.type, "loadBalancer": self.load_balancer, "backend": self.backend}
         return {"type": self.type, "service": self.service}
@@ -161,9 +164,11 @@ class Placement:
         """A status entry as written by to_status; anything else (hand-edited status) is None."""
         if not isinstance(raw, Mapping):
             return None
-        fields = {k: raw.get(k) for k in ("type", "loadBalancer", "backend", "service")}
+        fields = {k: raw.get(k) for k in ("type", "loadBalancer", "backend", "service", "targetGroupARN")}
         if not all(isinstance(v, str | None) for v in fields.values()):
             return None
+        if fields["type"] == "ELBv2" and fields["loadBalancer"] and fields["targetGroupARN"]:
+            return cls("ELBv2", load_balancer=str(fields["loadBalancer"]), backend=str(fields["targetGroupARN"]))
         if fields["type"] == "HAProxy" and fields["loadBalancer"] and fields["backend"]:
             return cls("HAProxy", load_balancer=str(fields["loadBalancer"]), backend=str(fields["backend"]))
         if fields["type"] == "EndpointSlice" and fields["service"]:
@@ -171,6 +176,8 @@ class Placement:
         return None
 
     def __str__(self) -> str:
+        if self.type == "ELBv2":
+            return f"LoadBalancer {self.load_balancer}, target group {self.backend}"
         if self.type == "HAProxy":
             return f"LoadBalancer {self.load_balancer}, backend {self.backend}"
         return f"Service {self.service}"

@@ -49,14 +49,15 @@ class PoolSpec:
     created: str
     sources: tuple[SourceSpec, ...]
     port: int
-    backend_type: str  # HAProxy | EndpointSlice
+    backend_type: str  # HAProxy | EndpointSlice | ELBv2
     load_balancer: str = ""
-    backend: str = ""
+    backend: str = ""  # HAProxy backend section, or ELBv2 target group ARN
     health_check: HealthCheck | None = None
     service: str = ""
     deregistration_delay: int = 30
     deleting: bool = False
     cluster_id: str = ""  # the operator's --cluster-id: which servers of a shared backend are its own
+    target_type: str = ""  # ELBv2: ip
 
     @property
     def key(self) -> tuple[str, str]:
@@ -89,15 +90,21 @@ class PoolSpec:
     @property
     def placement(self) -> Placement:
         """Where the spec wants the pool's servers now."""
-        if self.backend_type == "HAProxy":
-            return Placement("HAProxy", load_balancer=self.load_balancer, backend=self.backend)
+        if self.backend_type in ("HAProxy", "ELBv2"):
+            return Placement(self.backend_type, load_balancer=self.load_balancer, backend=self.backend)
         return Placement("EndpointSlice", service=self.service)
 
     @property
     def backend_text(self) -> str:
-        if self.backend_type == "HAProxy":
-            return f"LoadBalancer {self.load_balancer}, backend {self.backend}"
+        if self.backend_type in ("HAProxy", "ELBv2"):
+            return str(self.placement)
         return f"Service {self.namespace}/{self.service}"
+
+    @property
+    def checks_health(self) -> bool:
+        """Whether members wait for a passing health check before they count as in rotation
+        (an ELBv2 target group always checks its targets)."""
+        return self.health_check is not None or self.backend_type == "ELBv2"
 
 
 def _parse_source(raw: Any, where: str) -> SourceSpec:
@@ -159,7 +166,17 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
                         backend=ha.get("backend", ""), health_check=check)
     if backend.get("type") == "EndpointSlice":
         return PoolSpec(**common, service=(backend.get("endpointSlice") or {}).get("serviceName", ""))
-    raise InvalidSpec(f"spec.backend.type {backend.get('type')!r} is not HAProxy or EndpointSlice")
+    if backend.get("type") == "ELBv2":
+        return _parse_elbv2_pool(common, backend.get("elbv2") or {})
+    raise InvalidSpec(f"spec.backend.type {backend.get('type')!r} is not HAProxy, EndpointSlice or ELBv2")
+
+
+def _parse_elbv2_pool(common: dict[str, Any], elb: Mapping[str, Any]) -> PoolSpec:
+    arn = str(elb.get("targetGroupARN") or "")
+    if not arn:
+        raise InvalidSpec("spec.backend.elbv2.targetGroupARN is required")
+    return PoolSpec(**common, load_balancer=(elb.get("loadBalancerRef") or {}).get("name", ""), backend=arn,
+                    target_type=str(elb.get("targetType") or "ip"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +209,15 @@ class LoadBalancerSpec:
     allowed_from: str  # All | Selector: the default for backends that do not set their own
     allowed_selector: LabelSelector
     allowed_cidrs: tuple[Network, ...] | None
-    backends: tuple[BackendGrant, ...] = ()  # none listed: no backend may be driven
+    backends: tuple[BackendGrant, ...] = ()  # none listed: no backend may be driven (ELBv2: target group ARNs)
+    region: str = ""  # ELBv2
+    endpoint_url: str = ""  # ELBv2: "" for the region's own endpoint
+    credentials_secret: tuple[str, str] | None = None  # ELBv2: None for the pod's own identity
+
+    @property
+    def backends_field(self) -> str:
+        """Where the admin lists what pools may drive, for messages."""
+        return "spec.elbv2.targetGroups" if self.type == "ELBv2" else "spec.haproxy.backends"
 
     @property
     def default_policy(self) -> NamespacePolicy:
@@ -210,8 +235,42 @@ def _namespace_policy(raw: Mapping[str, Any], where: str) -> NamespacePolicy:
     return NamespacePolicy(raw.get("from") or "All", selector)
 
 
+def _grants(items: Any, key: str, where: str) -> tuple[BackendGrant, ...]:
+    """The admin's list of backends (or target groups) and, per item, which namespaces may use it."""
+    grants = []
+    for i, item in enumerate(items or []):
+        raw = item.get("allowedNamespaces")
+        grants.append(BackendGrant(str(item.get(key) or ""),
+                                   _namespace_policy(raw, f"{where}[{i}].allowedNamespaces") if raw else None))
+    names = [g.name for g in grants]
+    if len(set(names)) != len(names) or not all(names):
+        raise InvalidSpec(f"{where}: each item must have a {key}, listed once")
+    return tuple(grants)
+
+
+def _parse_elbv2_lb(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> LoadBalancerSpec:
+    elb = spec.get("elbv2") or {}
+    default = _namespace_policy(spec.get("allowedNamespaces") or {}, "spec.allowedNamespaces")
+    try:
+        cidrs = parse_cidrs(spec.get("allowedTargetCIDRs"))
+    except ValueError as exc:
+        raise InvalidSpec(str(exc)) from exc
+    secret = elb.get("credentialsSecretRef")
+    if not elb.get("region"):
+        raise InvalidSpec("spec.elbv2.region is required")
+    return LoadBalancerSpec(
+        name=meta.get("name") or "", type="ELBv2", endpoint="", tls_secret=None,
+        allowed_from=default.from_, allowed_selector=default.selector, allowed_cidrs=cidrs,
+        backends=_grants(elb.get("targetGroups"), "arn", "spec.elbv2.targetGroups"),
+        region=str(elb["region"]), endpoint_url=str(elb.get("endpointURL") or ""),
+        credentials_secret=(secret.get("namespace", ""), secret.get("name", "")) if secret else None,
+    )
+
+
 def parse_load_balancer(obj: Mapping[str, Any]) -> LoadBalancerSpec:
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    if spec.get("type") == "ELBv2":
+        return _parse_elbv2_lb(meta, spec)
     ha = spec.get("haproxy") or {}
     secret = (ha.get("tls") or {}).get("secretRef")
     default = _namespace_policy(spec.get("allowedNamespaces") or {}, "spec.allowedNamespaces")
@@ -219,19 +278,12 @@ def parse_load_balancer(obj: Mapping[str, Any]) -> LoadBalancerSpec:
         cidrs = parse_cidrs(spec.get("allowedTargetCIDRs"))
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
-    grants = []
-    for i, item in enumerate(ha.get("backends") or []):
-        raw = item.get("allowedNamespaces")
-        where = f"spec.haproxy.backends[{i}].allowedNamespaces"
-        grants.append(BackendGrant(str(item.get("name") or ""), _namespace_policy(raw, where) if raw else None))
-    names = [g.name for g in grants]
-    if len(set(names)) != len(names) or not all(names):
-        raise InvalidSpec("spec.haproxy.backends: each backend must have a name, listed once")
+    grants = _grants(ha.get("backends"), "name", "spec.haproxy.backends")
     return LoadBalancerSpec(
         name=meta.get("name") or "", type=spec.get("type") or "HAProxy", endpoint=ha.get("endpoint") or "",
         tls_secret=(secret.get("namespace", ""), secret.get("name", "")) if secret else None,
         allowed_from=default.from_, allowed_selector=default.selector, allowed_cidrs=cidrs,
-        backends=tuple(grants),
+        backends=grants,
     )
 
 
@@ -244,15 +296,15 @@ def backend_refusal(lb: LoadBalancerSpec, backend: str, namespace: str,
                     namespace_labels: Mapping[str, str] | None) -> str | None:
     """Why a pool in `namespace` may not drive `backend` of `lb`, or None if it may."""
     grant = lb.grant(backend)
+    field, what = lb.backends_field, ("target group" if lb.type == "ELBv2" else "backend")
     if grant is None:
         if not lb.backends:
-            return (f"LoadBalancer {lb.name} lists no backends in spec.haproxy.backends, so poolkeeper may drive "
-                    f"none of them (backend {backend} is not listed)")
-        return f"LoadBalancer {lb.name} does not list backend {backend} in spec.haproxy.backends"
+            return (f"LoadBalancer {lb.name} lists no {what}s in {field}, so poolkeeper may drive "
+                    f"none of them ({what} {backend} is not listed)")
+        return f"LoadBalancer {lb.name} does not list {what} {backend} in {field}"
     policy = grant.allowed or lb.default_policy
     if not policy.allows(namespace_labels):
-        where = (f"spec.haproxy.backends[{backend}].allowedNamespaces" if grant.allowed
-                 else "spec.allowedNamespaces")
-        return (f"LoadBalancer {lb.name} does not allow pools from namespace {namespace} to drive backend "
+        where = f"{field}[{backend}].allowedNamespaces" if grant.allowed else "spec.allowedNamespaces"
+        return (f"LoadBalancer {lb.name} does not allow pools from namespace {namespace} to drive {what} "
                 f"{backend} ({where})")
     return None

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from poolkeeper.core.elbv2 import ec2_instance_id
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.selectors import LabelSelector, Requirement, SelectorError
 
@@ -121,7 +122,8 @@ def node_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
         phase, reason = Phase.DRAINING, "node cordoned"
     else:
         phase, reason = Phase.UP, "node ready"
-    return InstanceState("Node", "", name, uid, address, labels, phase, reason)
+    return InstanceState("Node", "", name, uid, address, labels, phase, reason,
+                         ec2_id=ec2_instance_id(str(spec.get("providerID") or "")))
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -157,4 +159,5 @@ def instance_state(obj: Mapping[str, Any], *, heartbeat_fresh: bool = True, dele
         phase, reason = Phase.DRAINING, "instance stopping"
     else:
         phase, reason = Phase.DOWN, f"instance {state}"
-    return InstanceState("Instance", namespace, name, uid, address, labels, phase, reason)
+    return InstanceState("Instance", namespace, name, uid, address, labels, phase, reason,
+                         ec2_id=str(spec.get("ec2InstanceID") or ""))
