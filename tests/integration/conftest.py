@@ -99,6 +99,15 @@ def running_operator(operator: OperatorProcess) -> OperatorProcess:
 
 
 @pytest.fixture()
+def without_session_operator(operator: OperatorProcess) -> OperatorProcess:
+    """For tests that run their own operators on their namespace: the session's cluster-wide operator
+    would act there too (and deliver to their receivers), so it is stopped; `running_operator`
+    starts it again for the tests after."""
+    operator.stop()
+    return operator
+
+
+@pytest.fixture()
 def workloads(kubelet: FakeKubelet, namespace: str) -> Iterator[Workloads]:
     """Make pods backed by real HTTP servers in the test's namespace; their servers stop afterwards."""
     made: list[Workload] = []

@@ -31,7 +31,8 @@ def answers(proc: OperatorProcess, probe: str) -> str | None:
 
 
 def test_one_leader_and_a_standby_that_takes_over(
-        cluster: Cluster, namespace: str, tmp_path: Path, api_client: client.ApiClient) -> None:
+        cluster: Cluster, namespace: str, tmp_path: Path, api_client: client.ApiClient,
+        without_session_operator: OperatorProcess) -> None:
     # The replicas only watch this (empty) namespace, so they leave the other tests' pools alone.
     args = ("--leader-elect", "--leader-elect-namespace", namespace, "--namespace", namespace)
     first = OperatorProcess(cluster.kubeconfig, tmp_path / "a", extra_args=args).start()
@@ -67,7 +68,8 @@ def lease_holder(coordination: client.CoordinationV1Api, namespace: str) -> str:
 
 def test_a_paused_leader_never_acts_after_the_standby_took_over(
         cluster: Cluster, namespace: str, tmp_path: Path, api_client: client.ApiClient,
-        custom: client.CustomObjectsApi, workloads: Workloads, receiver: Receiver) -> None:
+        custom: client.CustomObjectsApi, workloads: Workloads, receiver: Receiver,
+        without_session_operator: OperatorProcess) -> None:
     """SIGSTOP the leader for longer than the Lease: the standby takes over and acts; on SIGCONT the
     old leader must see from its monotonic clock that its renew deadline passed, and do nothing (no
     HAProxy change, no status, no Event, no handler delivery) before it stops, with work waiting."""

@@ -149,9 +149,11 @@ def test_operator_killed_during_churn_converges_without_duplicates(
     names = [name for m in registered for name in re.findall(r" as (pk-[0-9a-f]+-[0-9a-f]+)", m)]
     # each server registered once (an Event in flight when the process was killed may be lost)
     assert len(names) == len(set(names)) >= 7, registered
-    reconciles = {labels: value for labels, value in re.findall(
-        r'^poolkeeper_reconciles_total\{result="(\w+)"\} ([0-9.e+]+)$', running_operator.metrics(), re.M)}
-    assert float(reconciles.get("ok", 0)) > 0 and float(reconciles.get("error", 0)) == 0, reconciles
+    # the restarted operator applied what it found (the session operator also serves other tests'
+    # pools, some failing on purpose, so its error count says nothing about this one)
+    metrics = running_operator.metrics()
+    applied = re.search(r"^poolkeeper_event_to_backend_seconds_count ([0-9.e+]+)$", metrics, re.M)
+    assert applied is not None and float(applied.group(1)) > 0, metrics[:2000]
 
 
 def test_faults_are_contained_to_their_own_pool(
