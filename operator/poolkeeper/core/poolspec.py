@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
+from poolkeeper.core.ec2 import Ec2Source, parse_source
 from poolkeeper.core.model import Placement
 from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
@@ -44,6 +45,7 @@ class PoolSpec:
     service: str = ""
     deregistration_delay: int = 30
     deleting: bool = False
+    ec2: Ec2Source | None = None  # kind EC2: where the instances and their state changes come from
 
     @property
     def key(self) -> tuple[str, str]:
@@ -85,15 +87,18 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
     except SelectorError as exc:
         raise InvalidSpec(f"spec.source.selector: {exc}") from exc
     kind = source.get("kind")
-    if kind not in ("Pod", "Node", "Instance"):
-        raise InvalidSpec(f"spec.source.kind {kind!r} is not Pod, Node or Instance")
+    if kind not in ("Pod", "Node", "Instance", "EC2"):
+        raise InvalidSpec(f"spec.source.kind {kind!r} is not Pod, Node, Instance or EC2")
+    ec2 = _ec2_source(source) if kind == "EC2" else None
+    if ec2 is not None:
+        selector = LabelSelector.parse({"matchLabels": ec2.tag_map})
     common: dict[str, Any] = {
         "namespace": meta.get("namespace") or "", "name": meta.get("name") or "",
         "uid": meta.get("uid") or "", "generation": int(meta.get("generation") or 0),
         "created": meta.get("creationTimestamp") or "", "kind": kind, "selector": selector,
         "port": int(spec.get("port") or 0), "backend_type": backend.get("type"),
         "deregistration_delay": int(spec.get("deregistrationDelaySeconds", 30)),
-        "deleting": bool(meta.get("deletionTimestamp")),
+        "deleting": bool(meta.get("deletionTimestamp")), "ec2": ec2,
     }
     if backend.get("type") == "HAProxy":
         ha = backend.get("haproxy") or {}
@@ -106,6 +111,14 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
     if backend.get("type") == "EndpointSlice":
         return PoolSpec(**common, service=(backend.get("endpointSlice") or {}).get("serviceName", ""))
     raise InvalidSpec(f"spec.backend.type {backend.get('type')!r} is not HAProxy or EndpointSlice")
+
+
+def _ec2_source(source: Mapping[str, Any]) -> Ec2Source:
+    """`spec.source.ec2`; its tags become the pool's selector over the instances' tags."""
+    try:
+        return parse_source(source.get("ec2") or {})
+    except (ValueError, SelectorError) as exc:
+        raise InvalidSpec(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
