@@ -4,9 +4,9 @@ InstanceState records, and EventBridge messages (as delivered to SQS) as state c
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from poolkeeper.core.model import InstanceState, Phase
