@@ -10,10 +10,13 @@ moto does not route EventBridge events: the test sends them to the queue in Even
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ import pytest
 from kubernetes import client
 from test_lifecycle import handler, http
 
+from poolkeeper.core.ec2 import Ec2Source
+from poolkeeper.sources.ec2 import Ec2Feed
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
@@ -217,3 +222,48 @@ def test_ec2_sources_need_own_credentials_unless_the_admin_allows_the_namespace(
                       .get("reason") == "EC2CredentialsNotFound" and c, 20, "missing Secret reported")
     assert synced["status"] == "False" and f"Secret {namespace}/missing not found" in synced["message"]
     assert haproxy_servers(haproxy, "web") == {}
+
+
+async def test_feed_orders_events_and_relists_against_moto(moto: str) -> None:
+    """The SQS consumer alone, on the emulator: a late (older) event is dropped, a terminated
+    instance leaves, and the re-list (the safety net) catches a change no event told."""
+    ec2, sqs = aws_client("ec2", moto), aws_client("sqs", moto)
+    queue = sqs.create_queue(QueueName=f"ec2-feed-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    app = f"feed-{uuid.uuid4().hex[:5]}"
+    one, two = launch(ec2, {"app": app}), launch(ec2, {"app": app})
+    applied: list[tuple[str, str, bool]] = []
+    source = Ec2Source(region=REGION, queue_url=queue, tags=(("app", app),), endpoint_url=moto,
+                       credentials_secret="aws")
+
+    async def read_secret(namespace: str, name: str) -> dict[str, Any]:
+        return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in CREDENTIALS.items()}}
+    feed = Ec2Feed(("team", "feed"), source, apply=lambda s, gone: applied.append((s.name, s.phase.value, gone)),
+                   read_secret=read_secret, changed=lambda key: None, relist_seconds=3, wait_seconds=1)
+    task = asyncio.create_task(feed.run())
+
+    async def until(what: tuple[str, str, bool]) -> None:
+        for _ in range(200):
+            if what in applied:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{what} never applied: {applied}")
+    try:
+        await until((one, "up", False))
+        await until((two, "up", False))
+        assert feed.listed and feed.problem is None
+        # a termination, and an older event delivered after a newer one (the re-list may run in
+        # between: it agrees with the events, as the emulator has the instance terminated too)
+        await asyncio.to_thread(ec2.terminate_instances, InstanceIds=[two])
+        now = datetime.now(UTC)
+        for state, at in (("shutting-down", now), ("running", now - timedelta(seconds=30)),
+                          ("terminated", now + timedelta(seconds=1))):
+            await asyncio.to_thread(sqs.send_message, QueueUrl=queue, MessageBody=ec2_state_change(two, state, at))
+        await until((two, "down", True))
+        assert (two, "up", False) not in applied[applied.index((two, "up", False)) + 1:]
+        # no event for this one: the re-list finds it stopped
+        await asyncio.to_thread(ec2.stop_instances, InstanceIds=[one])
+        await until((one, "down", False))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
