@@ -40,6 +40,10 @@ class SourceProblem(Exception):
         self.reason = reason
 
 
+class NotVisibleYet(Exception):
+    """An event named an instance DescribeInstances does not know yet."""
+
+
 class Ec2Feed:
     """The instances of one pool's EC2 source, kept current in the store."""
 
@@ -135,7 +139,12 @@ class Ec2Feed:
                     log.warning("pool %s/%s: message %s on %s is not an EC2 state-change event; left in the queue",
                                 *self.key, message.get("MessageId"), self.source.queue_url)
                 continue
-            await self._state_change(ec2, change.instance_id, change.state, change.time)
+            try:
+                await self._state_change(ec2, change.instance_id, change.state, change.time)
+            except NotVisibleYet:  # eventual consistency: the message comes back after its visibility timeout
+                log.info("pool %s/%s: instance %s not described yet; its event is retried", *self.key,
+                         change.instance_id)
+                continue
             await sqs.delete_message(QueueUrl=self.source.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
     async def _state_change(self, ec2: Any, instance_id: str, state: str, at: float) -> None:
@@ -159,7 +168,12 @@ class Ec2Feed:
 
     async def _describe(self, ec2: Any, instance_id: str, state: str) -> InstanceState | None:
         """An instance we have not listed (launched since): its tags and address, if it is ours."""
-        reply = await ec2.describe_instances(InstanceIds=[instance_id])
+        try:
+            reply = await ec2.describe_instances(InstanceIds=[instance_id])
+        except Exception as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "InvalidInstanceID.NotFound":
+                raise NotVisibleYet(instance_id) from exc
+            raise
         for reservation in reply.get("Reservations") or []:
             for raw in reservation.get("Instances") or []:
                 record = instance_record(raw, self.namespace, self.source, state)
