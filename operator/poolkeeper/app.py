@@ -84,6 +84,7 @@ class OperatorOptions:
     http_connections: int = 100  # HTTP handler deliveries in flight, all namespaces together
     http_namespace_concurrency: int | None = None  # ... of one namespace (default: a quarter of the above)
     ec2_source_namespaces: NodeSourcePolicy | None = None  # None: no namespace may use the operator's AWS identity
+    lifecycle_heartbeat_seconds: float = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits
 
 
 @dataclass
@@ -221,8 +222,13 @@ def _start_ec2(rt: Runtime) -> Ec2Feeds:
     async def read_secret(namespace: str, name: str) -> Any:
         assert rt.api is not None
         return await rt.api.get_or_none(resource_path("v1", "secrets", namespace, name))
+    def member_state(key: Key, ref: str) -> str | None:
+        memory = rt.pools.memory.get(key) if rt.pools is not None else None
+        report = memory.reports.get(ref) if memory is not None else None
+        return str(report.state) if report is not None else None
     return Ec2Feeds(apply=lambda state, gone: _apply_instance(rt, state, gone), read_secret=read_secret,
-                    changed=rt.queue.add)
+                    changed=rt.queue.add, member_state=member_state,
+                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds)
 
 
 def _sync_ec2(rt: Runtime) -> None:

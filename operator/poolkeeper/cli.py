@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         handler_credentials=args.handler_credentials, http_connections=args.http_connections,
         http_namespace_concurrency=args.http_namespace_concurrency,
         ec2_source_namespaces=args.ec2_source_namespaces,
+        lifecycle_heartbeat_seconds=args.lifecycle_heartbeat_seconds,
     ))
 
 
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="namespaces whose EC2-source TargetPools may use the operator's own AWS identity or "
                           "set endpointURL: names, a namespace label selector, or '*'; default: none (such pools "
                           "need credentialsSecretRef, else Synced=False EC2SourceNotAllowed)")
+    run.add_argument("--lifecycle-heartbeat-seconds", type=_positive, default=60,
+                     help="while an Auto Scaling lifecycle hook waits for an EC2 pool (registration, draining, "
+                          "blocking handlers), send RecordLifecycleActionHeartbeat this often (default 60; keep "
+                          "it below the hook's heartbeat timeout)")
     run.add_argument("--handler-credentials", choices=("none", "operator"), default="none",
                      help="what Python handler functions may authenticate as: none (default: no token, no "
                           "kubeconfig, KUBECONFIG=/dev/null) or operator (the operator's own identity, e.g. for "

@@ -32,7 +32,7 @@ from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.ports import free_port
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
-from support.aws import CREDENTIALS, REGION, ec2_state_change, moto_server
+from support.aws import CREDENTIALS, REGION, ec2_state_change, lifecycle_message, moto_server, record_lifecycle_actions
 from support.aws import client as aws_client
 from support.kube import condition, create, events_for, get, wait_for
 from support.pools import LOOPBACK_TARGETS, ha_backend, haproxy_servers, load_balancer, members
@@ -57,7 +57,8 @@ def ec2_operator(operator: OperatorProcess, cluster: Cluster, handlers_dir: Path
     operator.kill()
     proc = OperatorProcess(cluster.kubeconfig, tmp_path / "ec2-operator", handlers_dir=handlers_dir,
                            extra_args=("--http-allowed-cidrs", "127.0.0.0/8",
-                                       "--ec2-source-namespaces", f"{ALLOW_LABEL}=allowed"))
+                                       "--ec2-source-namespaces", f"{ALLOW_LABEL}=allowed",
+                                       "--lifecycle-heartbeat-seconds", "1"))
     try:
         proc.start()
     except RuntimeError as exc:
@@ -283,3 +284,64 @@ async def test_feed_orders_events_and_relists_against_moto(moto: str) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_auto_scaling_hooks_wait_for_registration_and_draining(
+        ec2_operator: OperatorProcess, moto: str, namespace: str, core: client.CoreV1Api,
+        custom: client.CustomObjectsApi, haproxy: HAProxyProcess, lb_name: str, receiver: Receiver) -> None:
+    calls = record_lifecycle_actions()
+    ec2, sqs, asg = aws_client("ec2", moto), aws_client("sqs", moto), aws_client("autoscaling", moto)
+    queue = sqs.create_queue(QueueName=f"asg-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    app, port, subnet = f"asg-{uuid.uuid4().hex[:5]}", free_port(), 200 + next(_hosts) % 50
+    group = f"group-{app}"
+    launch_token, terminate_token = str(uuid.uuid4()), str(uuid.uuid4())  # AWS's are UUIDs too
+    ec2.create_launch_template(LaunchTemplateName=group, LaunchTemplateData={"ImageId": "ami-12c6146b",
+                                                                             "InstanceType": "t3.micro"})
+    asg.create_auto_scaling_group(AutoScalingGroupName=group, MinSize=0, MaxSize=3, DesiredCapacity=0,
+                                  LaunchTemplate={"LaunchTemplateName": group}, AvailabilityZones=["us-east-1a"],
+                                  Tags=[{"Key": "app", "Value": app, "PropagateAtLaunch": True}])
+    for transition in ("LAUNCHING", "TERMINATING"):
+        asg.put_lifecycle_hook(AutoScalingGroupName=group, LifecycleHookName=transition.lower(),
+                               LifecycleTransition=f"autoscaling:EC2_INSTANCE_{transition}", HeartbeatTimeout=30)
+    allow_ec2(core, namespace)
+    credentials_secret(core, namespace)
+    create(custom, namespace, "targetpools", ec2_pool("web", {
+        "endpointURL": moto, "credentialsSecretRef": {"name": "aws"}, "tags": {"app": app}, "queueURL": queue,
+        "addressTag": ADDRESS_TAG}, ha_backend(lb_name, "web"), port))
+    wait_for(lambda: condition(get(custom, namespace, "targetpools", "web"), "Ready").get("reason") == "NoMembers",
+             30, "pool listed, no members")
+    asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=1)  # scale out
+    instance_id = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])[
+        "AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
+    address = f"127.{subnet}.0.1"
+    server = start_backend(address, port)
+    try:
+        ec2.create_tags(Resources=[instance_id], Tags=[{"Key": ADDRESS_TAG, "Value": address}])
+        sqs.send_message(QueueUrl=queue, MessageBody=lifecycle_message(group, "launching", "LAUNCHING",
+                                                                       instance_id, launch_token))
+        ref = f"EC2/{namespace}/{instance_id}"
+        done = wait_for(lambda: [c for c in calls if c.get("LifecycleActionToken") == launch_token], 30,
+                        "the launch hook completed")
+        assert members(custom, namespace, "web")[ref]["state"] == "Active"  # registered before it went on
+        assert done == [{"Action": "CompleteLifecycleAction", "AutoScalingGroupName": group,
+                         "LifecycleHookName": "launching", "LifecycleActionToken": launch_token,
+                         "InstanceId": instance_id, "LifecycleActionResult": "CONTINUE"}]
+        assert haproxy_servers(haproxy, "web") != {}
+        # scale in: drained from the pool, a blocking draining handler (4 s) runs, heartbeats meanwhile
+        create(custom, namespace, "lifecyclehandlers", handler(
+            "slow", "web", http(receiver.url(f"/slow-{instance_id}")), events=["draining"], blocking=True,
+            timeoutSeconds=20))
+        wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "slow"), "Ready").get("status")
+                 == "True", 20, "handler ready")
+        sqs.send_message(QueueUrl=queue, MessageBody=lifecycle_message(group, "terminating", "TERMINATING",
+                                                                       instance_id, terminate_token))
+        ended = wait_for(lambda: [c for c in calls if c.get("LifecycleActionToken") == terminate_token
+                                  and c["Action"] == "CompleteLifecycleAction"], 40, "the termination hook completed")
+        assert ended[0]["LifecycleActionResult"] == "CONTINUE"
+        assert ref not in members(custom, namespace, "web") and haproxy_servers(haproxy, "web") == {}
+        assert any(c["Action"] == "RecordLifecycleActionHeartbeat" and
+                   c["LifecycleActionToken"] == terminate_token for c in calls)
+        assert [r.data["to"] for r in receiver.on(f"/slow-{instance_id}")] == ["draining"]
+        wait_for(lambda: queue_depth(sqs, queue) == 0, 20, "hook messages deleted once completed")
+    finally:
+        server.stop()

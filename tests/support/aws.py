@@ -49,3 +49,35 @@ def ec2_state_change(instance_id: str, state: str, at: datetime | None = None) -
         "source": "aws.ec2", "account": "123456789012", "time": when, "region": REGION,
         "resources": [f"arn:aws:ec2:{REGION}:123456789012:instance/{instance_id}"],
         "detail": {"instance-id": instance_id, "state": state}})
+
+
+def record_lifecycle_actions() -> list[dict[str, str]]:
+    """moto 5 implements PutLifecycleHook but not CompleteLifecycleAction nor
+    RecordLifecycleActionHeartbeat: the smallest handler for those two calls only, added to this
+    process's emulator, which records what it receives (and answers with an empty result)."""
+    from moto.autoscaling.responses import AutoScalingResponse
+    from moto.core.responses import EmptyResult
+
+    calls: list[dict[str, str]] = []
+    keys = ("AutoScalingGroupName", "LifecycleHookName", "LifecycleActionToken", "InstanceId",
+            "LifecycleActionResult")
+
+    def recorder(action: str) -> Any:
+        def respond(self: Any) -> Any:
+            calls.append({"Action": action, **{k: self._get_param(k) for k in keys if self._get_param(k)}})
+            return EmptyResult()
+        return respond
+    AutoScalingResponse.complete_lifecycle_action = recorder("CompleteLifecycleAction")  # type: ignore[attr-defined]
+    AutoScalingResponse.record_lifecycle_action_heartbeat = recorder(  # type: ignore[attr-defined]
+        "RecordLifecycleActionHeartbeat")
+    return calls
+
+
+def lifecycle_message(group: str, hook: str, transition: str, instance_id: str, token: str) -> str:
+    """What a lifecycle hook sends to its SQS target (moto does not send it)."""
+    return json.dumps({
+        "Origin": "EC2", "Destination": "AutoScalingGroup", "Service": "AWS Auto Scaling",
+        "Time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "AccountId": "123456789012",
+        "LifecycleTransition": f"autoscaling:EC2_INSTANCE_{transition}", "RequestId": f"req-{token}",
+        "AutoScalingGroupName": group, "LifecycleHookName": hook, "EC2InstanceId": instance_id,
+        "LifecycleActionToken": token})

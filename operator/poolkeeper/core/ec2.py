@@ -126,3 +126,49 @@ def _epoch(value: Any) -> float:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return 0.0
+
+
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+_LIFECYCLE_DETAIL_TYPES = ("EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action")
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleAction:
+    """An Auto Scaling lifecycle hook waiting for us (Pending:Wait or Terminating:Wait)."""
+
+    transition: str  # LAUNCHING | TERMINATING
+    group: str
+    hook: str
+    instance_id: str
+    token: str
+
+
+def parse_lifecycle(body: str) -> LifecycleAction | None:
+    """A lifecycle hook message, sent by the hook straight to SQS or through EventBridge; else None
+    (test notifications included)."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    if event.get("source") == "aws.autoscaling" and event.get("detail-type") in _LIFECYCLE_DETAIL_TYPES:
+        event = event.get("detail")
+        if not isinstance(event, dict):
+            return None
+    fields = [event.get(k) for k in ("LifecycleTransition", "AutoScalingGroupName", "LifecycleHookName",
+                                     "EC2InstanceId", "LifecycleActionToken")]
+    if fields[0] not in (LAUNCHING, TERMINATING) or not all(isinstance(f, str) and f for f in fields):
+        return None
+    return LifecycleAction(*(str(f) for f in fields))
+
+
+def lifecycle_result(transition: str, member: str | None) -> str | None:
+    """How to complete a hook given the instance's row in the pool (`status.members[].state`, None
+    when it has none): CONTINUE or ABANDON, or None to wait (heartbeating). A launch goes on once the
+    member is Active, and is abandoned when it is Held (a blocking `up` handler gave up, or its
+    address is refused); a termination goes on once the member is drained and gone."""
+    if transition == LAUNCHING:
+        return {"Active": "CONTINUE", "Held": "ABANDON"}.get(member or "")
+    return "CONTINUE" if member is None else None

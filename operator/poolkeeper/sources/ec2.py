@@ -18,7 +18,17 @@ from dataclasses import replace
 from typing import Any
 
 from poolkeeper.aws import client as aws
-from poolkeeper.core.ec2 import Ec2Source, instance_record, parse_message, with_state
+from poolkeeper.core.ec2 import (
+    LAUNCHING,
+    TERMINATING,
+    Ec2Source,
+    LifecycleAction,
+    instance_record,
+    lifecycle_result,
+    parse_lifecycle,
+    parse_message,
+    with_state,
+)
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 
@@ -27,6 +37,8 @@ log = logging.getLogger("poolkeeper.ec2")
 Key = tuple[str, str]
 Apply = Callable[[InstanceState, bool], None]  # (state, gone): into the store, pools queued
 ReadSecret = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]  # (namespace, name) -> Secret or None
+MemberState = Callable[[Key, str], str | None]  # (pool, instance ref) -> its status.members state, None: no row
+HEARTBEAT_SECONDS = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits for us
 RELIST_SECONDS = 300.0
 WAIT_SECONDS = 20  # SQS long polling, its maximum
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -48,11 +60,16 @@ class Ec2Feed:
     """The instances of one pool's EC2 source, kept current in the store."""
 
     def __init__(self, key: Key, source: Ec2Source, *, apply: Apply, read_secret: ReadSecret,
-                 changed: Callable[[Key], None], relist_seconds: float = RELIST_SECONDS,
-                 wait_seconds: int = WAIT_SECONDS) -> None:
+                 changed: Callable[[Key], None], member_state: MemberState = lambda key, ref: None,
+                 relist_seconds: float = RELIST_SECONDS, wait_seconds: int = WAIT_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.key, self.source = key, source
-        self.apply, self.read_secret, self.changed = apply, read_secret, changed
+        self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
         self.relist_seconds, self.wait_seconds = relist_seconds, wait_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        # lifecycle hooks waiting for us, by token: (action, receipt handle of its message, last heartbeat)
+        self.actions: dict[str, tuple[LifecycleAction, str, float]] = {}
+        self.terminating: set[str] = set()  # instances Auto Scaling terminates: draining, whatever EC2 says
         self.known: dict[str, InstanceState] = {}  # instance id -> what the store has from this feed
         self.event_times: dict[str, float] = {}  # instance id -> time of the last event applied
         self.listed = False  # a first DescribeInstances is complete: the pool may act on its instances
@@ -105,8 +122,8 @@ class Ec2Feed:
             raise SourceProblem(*aws.NOT_INSTALLED)
         creds = await self._credentials()
         src = self.source
-        async with aws.clients(("ec2", "sqs"), src.region, src.endpoint_url, creds,
-                               read_timeout=self.wait_seconds + 20) as (ec2, sqs):
+        async with aws.clients(("ec2", "sqs", "autoscaling"), src.region, src.endpoint_url, creds,
+                               read_timeout=self.wait_seconds + 20) as (ec2, sqs, asg):
             while True:
                 await self._relist(ec2)
                 if self.problem is not None or not self.listed:
@@ -114,7 +131,9 @@ class Ec2Feed:
                     self.changed(self.key)
                 due = time.monotonic() + self.relist_seconds
                 while (left := due - time.monotonic()) > 0:
-                    await self._receive(ec2, sqs, min(self.wait_seconds, max(1, int(left))))
+                    wait = 1 if self.actions else self.wait_seconds  # hooks waiting: look at them often
+                    await self._receive(ec2, sqs, min(wait, max(1, int(left))))
+                    await self._progress(sqs, asg)
 
     async def _relist(self, ec2: Any) -> None:
         listed: dict[str, InstanceState] = {}
@@ -133,6 +152,10 @@ class Ec2Feed:
                                           WaitTimeSeconds=wait)
         for message in reply.get("Messages") or []:
             change = parse_message(str(message.get("Body") or ""))
+            action = parse_lifecycle(str(message.get("Body") or "")) if change is None else None
+            if action is not None:  # deleted once completed: a restart meanwhile receives it again
+                await self._lifecycle(ec2, action, str(message["ReceiptHandle"]))
+                continue
             if change is None:  # not ours to judge: left for the queue's redrive policy, said once
                 if message.get("MessageId") not in self.warned:
                     self.warned.add(str(message.get("MessageId")))
@@ -181,13 +204,54 @@ class Ec2Feed:
                     return record
         return None
 
+    async def _lifecycle(self, ec2: Any, action: LifecycleAction, receipt: str) -> None:
+        """A hook to complete once the pool is done with the instance: registered and Active (launch),
+        or drained and removed (termination)."""
+        if action.token in self.actions:  # delivered again (visibility timeout): keep the newest receipt
+            self.actions[action.token] = (action, receipt, self.actions[action.token][2])
+            return
+        if action.instance_id not in self.known:
+            with contextlib.suppress(NotVisibleYet):
+                found = await self._describe(ec2, action.instance_id, "")
+                if found is not None:
+                    self._put(found)
+        if action.transition == TERMINATING and action.instance_id in self.known:
+            self.terminating.add(action.instance_id)
+            self._put(self.known[action.instance_id])
+        log.info("pool %s/%s: lifecycle hook %s of %s for %s waits for the pool", *self.key, action.hook,
+                 action.group, action.instance_id)
+        self.actions[action.token] = (action, receipt, time.monotonic())
+
+    async def _progress(self, sqs: Any, asg: Any) -> None:
+        """Complete the hooks whose instance the pool is done with; heartbeat the others."""
+        for token, (action, receipt, beat) in list(self.actions.items()):
+            ref = f"EC2/{self.namespace}/{action.instance_id}"
+            if action.transition == LAUNCHING and action.instance_id not in self.known:
+                result: str | None = "CONTINUE"  # not one of the pool's instances: none of its business
+            else:
+                result = lifecycle_result(action.transition, self.member_state(self.key, ref))
+            ids = {"AutoScalingGroupName": action.group, "LifecycleHookName": action.hook,
+                   "LifecycleActionToken": action.token, "InstanceId": action.instance_id}
+            if result is not None:
+                await asg.complete_lifecycle_action(LifecycleActionResult=result, **ids)
+                await sqs.delete_message(QueueUrl=self.source.queue_url, ReceiptHandle=receipt)
+                del self.actions[token]
+                log.info("pool %s/%s: completed lifecycle hook %s for %s with %s", *self.key, action.hook,
+                         action.instance_id, result)
+            elif time.monotonic() - beat >= self.heartbeat_seconds:
+                await asg.record_lifecycle_action_heartbeat(**ids)
+                self.actions[token] = (action, receipt, time.monotonic())
+
     def _put(self, record: InstanceState) -> None:
+        if record.name in self.terminating and record.phase is Phase.UP:
+            record = replace(record, phase=Phase.DRAINING, reason="Auto Scaling terminates the instance")
         self.known[record.name] = record
         self.apply(record, False)
 
     def _gone(self, instance_id: str, reason: str) -> None:
         record = self.known.pop(instance_id, None)
         self.event_times.pop(instance_id, None)
+        self.terminating.discard(instance_id)
         if record is not None:
             self.apply(replace(record, phase=Phase.DOWN, reason=reason), True)
 
@@ -196,9 +260,10 @@ class Ec2Feeds:
     """A feed per EC2 pool: started, restarted when its source changes, stopped with the pool."""
 
     def __init__(self, *, apply: Apply, read_secret: ReadSecret, changed: Callable[[Key], None],
-                 relist_seconds: float = RELIST_SECONDS) -> None:
-        self.apply, self.read_secret, self.changed = apply, read_secret, changed
-        self.relist_seconds = relist_seconds
+                 member_state: MemberState = lambda key, ref: None, relist_seconds: float = RELIST_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+        self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
+        self.relist_seconds, self.heartbeat_seconds = relist_seconds, heartbeat_seconds
         self.feeds: dict[Key, tuple[Ec2Feed, asyncio.Task[None]]] = {}
 
     def sync(self, specs: Iterable[PoolSpec]) -> None:
@@ -210,7 +275,8 @@ class Ec2Feeds:
         for key, source in wanted.items():
             if source is not None and key not in self.feeds:
                 feed = Ec2Feed(key, source, apply=self.apply, read_secret=self.read_secret, changed=self.changed,
-                               relist_seconds=self.relist_seconds)
+                               member_state=self.member_state, relist_seconds=self.relist_seconds,
+                               heartbeat_seconds=self.heartbeat_seconds)
                 task = asyncio.get_running_loop().create_task(feed.run(), name=f"ec2-feed/{key[0]}/{key[1]}")
                 self.feeds[key] = (feed, task)
 
