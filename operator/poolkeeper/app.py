@@ -227,8 +227,15 @@ def _start_ec2(rt: Runtime) -> Ec2Feeds:
         report = memory.reports.get(ref) if memory is not None else None
         return str(report.state) if report is not None else None
     return Ec2Feeds(apply=lambda state, gone: _apply_instance(rt, state, gone), read_secret=read_secret,
-                    changed=rt.queue.add, member_state=member_state,
+                    changed=rt.queue.add, member_state=member_state, post=functools.partial(_post_event, rt),
                     heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds)
+
+
+def _post_event(rt: Runtime, key: Key, reason: str, message: str, warning: bool) -> None:
+    """A Kubernetes Event on the pool (EC2 feeds: lifecycle hooks waiting, completed, failing)."""
+    body = rt.store.pools.get(key)
+    if body is not None and rt.pools is not None:
+        (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
 
 
 def _sync_ec2(rt: Runtime) -> None:

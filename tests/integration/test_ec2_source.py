@@ -343,5 +343,8 @@ def test_auto_scaling_hooks_wait_for_registration_and_draining(
                    c["LifecycleActionToken"] == terminate_token for c in calls)
         assert [r.data["to"] for r in receiver.on(f"/slow-{instance_id}")] == ["draining"]
         wait_for(lambda: queue_depth(sqs, queue) == 0, 20, "hook messages deleted once completed")
+        said = [m for r, m in events_for(core, namespace, "web") if r == "LifecycleActionCompleted"]
+        assert len(said) == 2 and all(m.endswith(": CONTINUE") and instance_id in m for m in said)
+        assert any(r == "LifecycleActionWaiting" for r, _ in events_for(core, namespace, "web"))
     finally:
         server.stop()

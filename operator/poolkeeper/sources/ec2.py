@@ -38,6 +38,7 @@ Key = tuple[str, str]
 Apply = Callable[[InstanceState, bool], None]  # (state, gone): into the store, pools queued
 ReadSecret = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]  # (namespace, name) -> Secret or None
 MemberState = Callable[[Key, str], str | None]  # (pool, instance ref) -> its status.members state, None: no row
+PostEvent = Callable[[Key, str, str, bool], None]  # (pool, reason, message, warning): a Kubernetes Event
 HEARTBEAT_SECONDS = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits for us
 RELIST_SECONDS = 300.0
 WAIT_SECONDS = 20  # SQS long polling, its maximum
@@ -61,9 +62,10 @@ class Ec2Feed:
 
     def __init__(self, key: Key, source: Ec2Source, *, apply: Apply, read_secret: ReadSecret,
                  changed: Callable[[Key], None], member_state: MemberState = lambda key, ref: None,
+                 post: PostEvent = lambda key, reason, message, warning: None,
                  relist_seconds: float = RELIST_SECONDS, wait_seconds: int = WAIT_SECONDS,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
-        self.key, self.source = key, source
+        self.key, self.source, self.post = key, source, post
         self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
         self.relist_seconds, self.wait_seconds = relist_seconds, wait_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -218,8 +220,9 @@ class Ec2Feed:
         if action.transition == TERMINATING and action.instance_id in self.known:
             self.terminating.add(action.instance_id)
             self._put(self.known[action.instance_id])
-        log.info("pool %s/%s: lifecycle hook %s of %s for %s waits for the pool", *self.key, action.hook,
-                 action.group, action.instance_id)
+        what = "registered and Active" if action.transition == LAUNCHING else "drained and removed"
+        self.post(self.key, "LifecycleActionWaiting", f"Auto Scaling group {action.group}, hook {action.hook}: "
+                  f"instance {action.instance_id} waits until it is {what}", False)
         self.actions[action.token] = (action, receipt, time.monotonic())
 
     async def _progress(self, sqs: Any, asg: Any) -> None:
@@ -232,15 +235,21 @@ class Ec2Feed:
                 result = lifecycle_result(action.transition, self.member_state(self.key, ref))
             ids = {"AutoScalingGroupName": action.group, "LifecycleHookName": action.hook,
                    "LifecycleActionToken": action.token, "InstanceId": action.instance_id}
-            if result is not None:
-                await asg.complete_lifecycle_action(LifecycleActionResult=result, **ids)
-                await sqs.delete_message(QueueUrl=self.source.queue_url, ReceiptHandle=receipt)
-                del self.actions[token]
-                log.info("pool %s/%s: completed lifecycle hook %s for %s with %s", *self.key, action.hook,
-                         action.instance_id, result)
-            elif time.monotonic() - beat >= self.heartbeat_seconds:
-                await asg.record_lifecycle_action_heartbeat(**ids)
-                self.actions[token] = (action, receipt, time.monotonic())
+            what = f"Auto Scaling group {action.group}, hook {action.hook}, instance {action.instance_id}"
+            try:
+                if result is not None:
+                    await asg.complete_lifecycle_action(LifecycleActionResult=result, **ids)
+                    del self.actions[token]
+                    self.post(self.key, "LifecycleActionCompleted", f"{what}: {result}", result != "CONTINUE")
+                    await sqs.delete_message(QueueUrl=self.source.queue_url, ReceiptHandle=receipt)
+                elif time.monotonic() - beat >= self.heartbeat_seconds:
+                    await asg.record_lifecycle_action_heartbeat(**ids)
+                    self.actions[token] = (action, receipt, time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # said, then retried with the session: a hook never times out unseen
+                self.post(self.key, "LifecycleActionFailed", f"{what}: {type(exc).__name__}: {exc}", True)
+                raise
 
     def _put(self, record: InstanceState) -> None:
         if record.name in self.terminating and record.phase is Phase.UP:
@@ -260,9 +269,11 @@ class Ec2Feeds:
     """A feed per EC2 pool: started, restarted when its source changes, stopped with the pool."""
 
     def __init__(self, *, apply: Apply, read_secret: ReadSecret, changed: Callable[[Key], None],
-                 member_state: MemberState = lambda key, ref: None, relist_seconds: float = RELIST_SECONDS,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+                 member_state: MemberState = lambda key, ref: None,
+                 post: PostEvent = lambda key, reason, message, warning: None,
+                 relist_seconds: float = RELIST_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
+        self.post = post
         self.relist_seconds, self.heartbeat_seconds = relist_seconds, heartbeat_seconds
         self.feeds: dict[Key, tuple[Ec2Feed, asyncio.Task[None]]] = {}
 
@@ -275,7 +286,7 @@ class Ec2Feeds:
         for key, source in wanted.items():
             if source is not None and key not in self.feeds:
                 feed = Ec2Feed(key, source, apply=self.apply, read_secret=self.read_secret, changed=self.changed,
-                               member_state=self.member_state, relist_seconds=self.relist_seconds,
+                               member_state=self.member_state, post=self.post, relist_seconds=self.relist_seconds,
                                heartbeat_seconds=self.heartbeat_seconds)
                 task = asyncio.get_running_loop().create_task(feed.run(), name=f"ec2-feed/{key[0]}/{key[1]}")
                 self.feeds[key] = (feed, task)
