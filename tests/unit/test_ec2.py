@@ -10,7 +10,18 @@ from typing import Any
 import pytest
 
 from poolkeeper.aws import client as aws
-from poolkeeper.core.ec2 import Ec2Source, instance_record, parse_message, phase_of, with_state
+from poolkeeper.core.ec2 import (
+    LAUNCHING,
+    TERMINATING,
+    Ec2Source,
+    LifecycleAction,
+    instance_record,
+    lifecycle_result,
+    parse_lifecycle,
+    parse_message,
+    phase_of,
+    with_state,
+)
 from poolkeeper.core.model import Phase
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, parse_pool
 from poolkeeper.core.tenancy import ec2_source_refusal, parse_ec2_source_namespaces
@@ -146,3 +157,31 @@ def test_without_the_aws_extra_pools_say_so(monkeypatch: pytest.MonkeyPatch) -> 
     feeds = Ec2Feeds(apply=lambda state, gone: None, read_secret=lambda n, m: asyncio.sleep(0), changed=print)
     assert feeds.block(spec) == aws.NOT_INSTALLED
     assert aws.NOT_INSTALLED[0] == "AWSSupportNotInstalled"
+
+
+def hook_body(transition: str = "autoscaling:EC2_INSTANCE_LAUNCHING", **over: Any) -> dict[str, Any]:
+    body = {"Service": "AWS Auto Scaling", "LifecycleTransition": transition, "AutoScalingGroupName": "g",
+            "LifecycleHookName": "h", "EC2InstanceId": "i-1", "LifecycleActionToken": "t"}
+    body.update(over)
+    return body
+
+
+def test_parse_lifecycle_reads_direct_and_eventbridge_hook_messages() -> None:
+    direct = parse_lifecycle(json.dumps(hook_body()))
+    assert direct == LifecycleAction(LAUNCHING, "g", "h", "i-1", "t")
+    bridged = parse_lifecycle(json.dumps({"source": "aws.autoscaling",
+                                          "detail-type": "EC2 Instance-terminate Lifecycle Action",
+                                          "detail": hook_body("autoscaling:EC2_INSTANCE_TERMINATING")}))
+    assert bridged is not None and bridged.transition == TERMINATING
+    assert parse_lifecycle(json.dumps({"Event": "autoscaling:TEST_NOTIFICATION"})) is None
+    assert parse_lifecycle(json.dumps(hook_body(LifecycleActionToken=""))) is None
+    assert parse_lifecycle(json.dumps(hook_body("autoscaling:EC2_INSTANCE_LAUNCH"))) is None
+    assert parse_lifecycle("{") is None and parse_lifecycle(event()) is None
+
+
+@pytest.mark.parametrize(("transition", "member", "result"), [
+    (LAUNCHING, None, None), (LAUNCHING, "Registering", None), (LAUNCHING, "Active", "CONTINUE"),
+    (LAUNCHING, "Held", "ABANDON"), (TERMINATING, "Active", None), (TERMINATING, "Draining", None),
+    (TERMINATING, "Held", None), (TERMINATING, None, "CONTINUE")])
+def test_lifecycle_result(transition: str, member: str | None, result: str | None) -> None:
+    assert lifecycle_result(transition, member) == result
