@@ -346,5 +346,25 @@ def test_auto_scaling_hooks_wait_for_registration_and_draining(
         said = [m for r, m in events_for(core, namespace, "web") if r == "LifecycleActionCompleted"]
         assert len(said) == 2 and all(m.endswith(": CONTINUE") and instance_id in m for m in said)
         assert any(r == "LifecycleActionWaiting" for r, _ in events_for(core, namespace, "web"))
+
+        # a blocking `up` handler that abandons: the launch is abandoned too
+        create(custom, namespace, "lifecyclehandlers", handler(
+            "veto", "web", http(receiver.url("/always-500")), events=["up"], blocking=True, onFailure="Abandon",
+            retry={"maxAttempts": 1}))
+        wait_for(lambda: condition(get(custom, namespace, "lifecyclehandlers", "veto"), "Ready").get("status")
+                 == "True", 20, "veto ready")
+        asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=2)
+        vetoed = next(i["InstanceId"] for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])[
+            "AutoScalingGroups"][0]["Instances"] if i["InstanceId"] != instance_id)
+        ec2.create_tags(Resources=[vetoed], Tags=[{"Key": ADDRESS_TAG, "Value": f"127.{subnet}.0.2"}])
+        abandon_token = str(uuid.uuid4())
+        sqs.send_message(QueueUrl=queue, MessageBody=lifecycle_message(group, "launching", "LAUNCHING",
+                                                                       vetoed, abandon_token))
+        abandoned = wait_for(lambda: [c for c in calls if c.get("LifecycleActionToken") == abandon_token], 30,
+                             "the vetoed launch completed")
+        assert [c["LifecycleActionResult"] for c in abandoned] == ["ABANDON"]
+        assert members(custom, namespace, "web")[f"EC2/{namespace}/{vetoed}"]["state"] == "Held"
+        assert any(r == "LifecycleActionCompleted" and m.endswith(": ABANDON")
+                   for r, m in events_for(core, namespace, "web"))
     finally:
         server.stop()
