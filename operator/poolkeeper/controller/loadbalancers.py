@@ -43,6 +43,12 @@ class _Entry:
 
 
 class LoadBalancers:
+    def _may_act(self) -> bool:
+        """HAProxy writes are fenced like API writes (kube/api.py may_write): a replica that no
+        longer leads sends no runtime command."""
+        may_write = self.api.may_write if self.api is not None else None
+        return may_write is None or may_write()
+
     def __init__(self, api: KubeApi, status: StatusWriter, events: EventRecorder,
                  pools_using: Callable[[str], list[tuple[str, str]]], enqueue: Callable[[tuple[str, str]], None],
                  interval: float = 1.0, probe_timeout: float = PROBE_TIMEOUT) -> None:
@@ -79,7 +85,7 @@ class LoadBalancers:
             self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
             return
         old = self._entries.get(name)
-        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls, may_act=self.api.may_write))
+        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls, may_act=self._may_act))
         retired = self._retired.pop(name, None)
         for stale in (old.client if old else None, retired):
             if stale is not None:

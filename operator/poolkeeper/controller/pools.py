@@ -82,9 +82,13 @@ class Outcome:
 class Blocked(Exception):
     """The pool cannot be synced for a reason a person must fix; goes into `Synced`."""
 
-    def __init__(self, reason: str, message: str, retry: float | None = RESYNC_SECONDS, event: bool = False) -> None:
+    def __init__(self, reason: str, message: str, retry: float | None = RESYNC_SECONDS, event: bool = False,
+                 backoff: bool = False) -> None:
         super().__init__(message)
         self.reason, self.retry, self.event = reason, retry, event
+        # backoff: retried through the queue's rate limiter (5 ms doubling to 30 s), for what is
+        # usually fixed moments later by the same `kubectl apply` (a Service created after its pool)
+        self.backoff = backoff
 
 
 @dataclass
@@ -421,7 +425,7 @@ class PoolController:
                 await cached.check_service()
             except ServiceProblem as exc:
                 cached.invalidate()
-                raise Blocked(exc.reason, str(exc)) from exc
+                raise Blocked(exc.reason, str(exc), backoff=True) from exc
             return cached, self.endpointslice_policy
         found = self.lbs.get(spec.load_balancer)
         assert found is not None  # refusal() said it exists
@@ -544,7 +548,7 @@ class PoolController:
             message += f"; draining and removing its {remaining} own server(s)"
         memory.reports = {r.instance: r for r in reports if r.instance}
         self._publish(body, spec, memory, reports, Condition("Synced", False, blocked.reason, message))
-        if remaining < 0:
+        if remaining < 0 or (blocked.backoff and not remaining):
             return Outcome(failed=True)
         return Outcome(WATCH_SECONDS if remaining else blocked.retry)
 
