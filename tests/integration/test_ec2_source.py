@@ -156,6 +156,7 @@ def test_ec2_instances_follow_state_change_events_through_haproxy(
             wait_for(lambda: f"EC2/{namespace}/{third}" in active(), 30, "the launched instance Active")
             # a stop: draining (out of rotation at once, as HAProxy counts no session left), then down
             # once stopped; its server stops only after that
+            ec2.stop_instances(InstanceIds=[first])  # the emulator agrees with the events it does not send
             sqs.send_message(QueueUrl=queue, MessageBody=ec2_state_change(first, "stopping"))
             wait_for(lambda: "draining" in heard(first), 20, "stopping instance draining")
             sqs.send_message(QueueUrl=queue, MessageBody=ec2_state_change(first, "stopped"))
@@ -163,6 +164,7 @@ def test_ec2_instances_follow_state_change_events_through_haproxy(
                      "stopped instance removed")
             servers.pop(f"127.{subnet}.0.1").stop()
             # a termination straight away
+            ec2.terminate_instances(InstanceIds=[second])
             sqs.send_message(QueueUrl=queue, MessageBody=ec2_state_change(second, "shutting-down"))
             sqs.send_message(QueueUrl=queue, MessageBody=ec2_state_change(second, "terminated"))
             wait_for(lambda: set(members(custom, namespace, "web")) == {f"EC2/{namespace}/{third}"}, 40,
@@ -188,6 +190,25 @@ def test_ec2_instances_follow_state_change_events_through_haproxy(
         assert sample["instance"]["address"].startswith(f"127.{subnet}.0.")
         reasons = [r for r, _ in events_for(core, namespace, "web")]
         assert "Registered" in reasons and "Deregistered" in reasons
+        # a restart that cannot list (its Secret is gone meanwhile): the pool acts on nothing until it
+        # has listed, so the member never leaves rotation; once it can, it is in sync again
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=2, rate=100).start(duration=90)
+        try:
+            wait_for(lambda: load.snapshot().ok >= 20, 10, "traffic flowing before the restart")
+            ec2_operator.kill()
+            core.delete_namespaced_secret(name="aws", namespace=namespace)
+            ec2_operator.start()
+            wait_for(lambda: condition(get(custom, namespace, "targetpools", "web"), "Synced").get("reason")
+                     == "EC2CredentialsNotFound", 30, "the missing Secret said")
+            served = load.snapshot().ok
+            wait_for(lambda: load.snapshot().ok >= served + 200, 20, "still serving while not listed")
+            credentials_secret(core, namespace)
+            wait_for(lambda: condition(get(custom, namespace, "targetpools", "web"), "Synced").get("reason")
+                     == "Synced", 30, "synced again once it could list")
+        finally:
+            report = load.stop()
+        assert report.failed == 0, report.failures
+        assert set(haproxy_servers(haproxy, "web").values()) == {f"127.{subnet}.0.3:{port}"}
     finally:
         for server in servers.values():
             server.stop()

@@ -77,13 +77,13 @@ class Ec2Feed:
         self.listed = False  # a first DescribeInstances is complete: the pool may act on its instances
         self.problem: tuple[str, str] | None = None
         self.warned: set[str] = set()  # message ids of messages we do not handle, warned about once
+        self.failures = 0  # sessions failed in a row: the backoff before the next one
 
     @property
     def namespace(self) -> str:
         return self.key[0]
 
     async def run(self) -> None:
-        attempt = 0
         while True:
             try:
                 await self._session()
@@ -95,8 +95,8 @@ class Ec2Feed:
                 self._trouble("EC2SourceUnavailable", f"{type(exc).__name__}: {exc}")
             if self.problem is not None and self.problem[0] == aws.NOT_INSTALLED[0]:
                 return
-            await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
-            attempt += 1
+            await asyncio.sleep(BACKOFF[min(self.failures, len(BACKOFF) - 1)])
+            self.failures += 1
 
     def _trouble(self, reason: str, message: str) -> None:
         log.warning("EC2 source of pool %s/%s: %s", *self.key, message)
@@ -128,6 +128,7 @@ class Ec2Feed:
                                read_timeout=self.wait_seconds + 20) as (ec2, sqs, asg):
             while True:
                 await self._relist(ec2)
+                self.failures = 0
                 if self.problem is not None or not self.listed:
                     self.listed, self.problem = True, None
                     self.changed(self.key)
