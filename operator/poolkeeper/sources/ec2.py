@@ -157,7 +157,8 @@ class Ec2Feed:
             change = parse_message(str(message.get("Body") or ""))
             action = parse_lifecycle(str(message.get("Body") or "")) if change is None else None
             if action is not None:  # deleted once completed: a restart meanwhile receives it again
-                await self._lifecycle(ec2, action, str(message["ReceiptHandle"]))
+                with contextlib.suppress(NotVisibleYet):  # not described yet: the message comes back
+                    await self._lifecycle(ec2, action, str(message["ReceiptHandle"]))
                 continue
             if change is None:  # not ours to judge: left for the queue's redrive policy, said once
                 if message.get("MessageId") not in self.warned:
@@ -214,10 +215,9 @@ class Ec2Feed:
             self.actions[action.token] = (action, receipt, self.actions[action.token][2])
             return
         if action.instance_id not in self.known:
-            with contextlib.suppress(NotVisibleYet):
-                found = await self._describe(ec2, action.instance_id, "")
-                if found is not None:
-                    self._put(found)
+            found = await self._describe(ec2, action.instance_id, "")
+            if found is not None:
+                self._put(found)
         if action.transition == TERMINATING and action.instance_id in self.known:
             self.terminating.add(action.instance_id)
             self._put(self.known[action.instance_id])
