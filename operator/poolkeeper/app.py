@@ -38,7 +38,7 @@ from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, AddressPolicy, Ne
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.selectors import LabelSelector, SelectorError
-from poolkeeper.core.tenancy import NodeSourcePolicy
+from poolkeeper.core.tenancy import NodeSourcePolicy, parse_ec2_source_namespaces
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
 from poolkeeper.kube.events import EventRecorder
@@ -57,6 +57,7 @@ from poolkeeper.sources.convert import (
     parse_time,
     pod_state,
 )
+from poolkeeper.sources.ec2 import Ec2Feeds
 
 log = logging.getLogger("poolkeeper")
 
@@ -83,6 +84,8 @@ class OperatorOptions:
     http_connections: int = 100  # HTTP handler deliveries in flight, all namespaces together
     http_namespace_concurrency: int | None = None  # ... of one namespace (default: a quarter of the above)
     cluster_id: str = ""  # owner of this operator's servers in shared backends; "": today's names (core.naming)
+    ec2_source_namespaces: NodeSourcePolicy | None = None  # None: no namespace may use the operator's AWS identity
+    lifecycle_heartbeat_seconds: float = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Runtime:
     pools: PoolController | None = None
     lbs: LoadBalancers | None = None
     lifecycle: LifecycleHandlers | None = None
+    ec2: Ec2Feeds | None = None  # one SQS consumer per EC2 pool
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     event_times: dict[Key, float] = field(default_factory=dict)
     drain_times: dict[Key, float] = field(default_factory=dict)  # first event of a member starting to drain
@@ -159,6 +163,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
                                                                  ENDPOINTSLICE_ALLOWANCE),
                               allow_external_sources=rt.options.endpointslice_allow_external_sources,
                               node_sources=rt.options.node_source_namespaces, cluster_id=rt.options.cluster_id)
+    rt.pools.ec2_sources = rt.options.ec2_source_namespaces or parse_ec2_source_namespaces(None)
+    rt.ec2 = _start_ec2(rt)
+    rt.pools.source_block = rt.ec2.block
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
@@ -213,12 +220,42 @@ def _start_lifecycle(rt: Runtime, status: StatusWriter, events: EventRecorder) -
                              cluster_id=rt.options.cluster_id)
 
 
+def _start_ec2(rt: Runtime) -> Ec2Feeds:
+    async def read_secret(namespace: str, name: str) -> Any:
+        assert rt.api is not None
+        return await rt.api.get_or_none(resource_path("v1", "secrets", namespace, name))
+    def member_state(key: Key, ref: str) -> str | None:
+        memory = rt.pools.memory.get(key) if rt.pools is not None else None
+        report = memory.reports.get(ref) if memory is not None else None
+        return str(report.state) if report is not None else None
+    return Ec2Feeds(apply=lambda state, gone: _apply_instance(rt, state, gone), read_secret=read_secret,
+                    changed=rt.queue.add, member_state=member_state, post=functools.partial(_post_event, rt),
+                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds)
+
+
+def _post_event(rt: Runtime, key: Key, reason: str, message: str, warning: bool) -> None:
+    """A Kubernetes Event on the pool (EC2 feeds: lifecycle hooks waiting, completed, failing)."""
+    body = rt.store.pools.get(key)
+    if body is not None and rt.pools is not None:
+        (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
+
+
+def _sync_ec2(rt: Runtime) -> None:
+    """One feed for each EC2 pool its namespace may have (the others are refused, and read nothing)."""
+    if rt.ec2 is None or rt.pools is None:
+        return
+    pools = rt.pools
+    rt.ec2.sync(s for s in pools.valid_specs() if s.ec2 is not None and pools.ec2_refusal(s) is None)
+
+
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     rt = runtime()
     for task in rt.tasks:
         task.cancel()
     await asyncio.gather(*rt.tasks, return_exceptions=True)
+    if rt.ec2 is not None:
+        await rt.ec2.close()
     rt.queue.shutdown()
     if rt.lifecycle is not None:
         await rt.lifecycle.close()
@@ -294,7 +331,7 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
             if (rt.lifecycle is not None and acting(rt) and rt.pools.source_refusal(spec) is None
-                    and rt.pools.node_source_refusal(spec) is None):
+                    and rt.pools.node_source_refusal(spec) is None and rt.pools.ec2_refusal(spec) is None):
                 rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 
 
@@ -435,6 +472,7 @@ async def _initial_sync(rt: Runtime) -> None:
     log.info("initial sync: %d instances, %d pools in %.2fs", rt.store.instance_count(), len(rt.store.pools),
              time.monotonic() - started)
     rt.listed = True
+    _sync_ec2(rt)
     for informer in informers.all():
         rt.tasks.append(asyncio.create_task(informer.run(), name=f"informer{informer.path}"))
     for key in rt.store.pools:
@@ -480,6 +518,7 @@ def pool_event(kind: str, obj: dict[str, Any]) -> None:
             return  # our own status write coming back
     rt.queue.add(key)
     rt.pools.invalidate_claims()
+    _sync_ec2(rt)
     after = rt.pools.spec(key)
     specs = [s for s in (before, after) if isinstance(s, PoolSpec)]
     for peer in peers | set(rt.pools.claim_peers(key)):  # a pool appearing or leaving settles conflicts
@@ -520,6 +559,7 @@ def namespace_event(kind: str, obj: dict[str, Any]) -> None:
     labels = dict(meta.get("labels") or {})
     if rt.store.namespace_labels.get(meta["name"]) != labels:
         rt.store.namespace_labels[meta["name"]] = labels  # the claim index still has the old labels
+        _sync_ec2(rt)
         if rt.pools is not None:
             _requeue_with_peers(rt, [k for k in list(rt.store.pools) if k[0] == meta["name"]])
 

@@ -23,6 +23,8 @@ def _run(args: argparse.Namespace) -> int:
         outbox_namespace=args.outbox_namespace, node_source_namespaces=args.node_source_namespaces,
         handler_credentials=args.handler_credentials, http_connections=args.http_connections,
         http_namespace_concurrency=args.http_namespace_concurrency, cluster_id=args.cluster_id,
+        ec2_source_namespaces=args.ec2_source_namespaces,
+        lifecycle_heartbeat_seconds=args.lifecycle_heartbeat_seconds,
     ))
 
 
@@ -87,6 +89,15 @@ def _cluster_id(value: str) -> str:
     return value
 
 
+def _ec2_source_namespaces(value: str) -> Any:
+    from poolkeeper.core.tenancy import parse_ec2_source_namespaces
+
+    try:
+        return parse_ec2_source_namespaces(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -118,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="namespaces whose TargetPools may select Nodes: a comma list of names or a namespace "
                           "label selector (e.g. 'poolkeeper.dev/node-sources=allowed'); default: every namespace. "
                           "Other pools with Node sources show Synced=False NodeSourceNotAllowed")
+    run.add_argument("--ec2-source-namespaces", type=_ec2_source_namespaces, default=None,
+                     help="namespaces whose EC2-source TargetPools may use the operator's own AWS identity or "
+                          "set endpointURL: names, a namespace label selector, or '*'; default: none (such pools "
+                          "need credentialsSecretRef, else Synced=False EC2SourceNotAllowed)")
+    run.add_argument("--lifecycle-heartbeat-seconds", type=_positive, default=60,
+                     help="while an Auto Scaling lifecycle hook waits for an EC2 pool (registration, draining, "
+                          "blocking handlers), send RecordLifecycleActionHeartbeat this often (default 60; keep "
+                          "it below the hook's heartbeat timeout)")
     run.add_argument("--handler-credentials", choices=("none", "operator"), default="none",
                      help="what Python handler functions may authenticate as: none (default: no token, no "
                           "kubeconfig, KUBECONFIG=/dev/null) or operator (the operator's own identity, e.g. for "

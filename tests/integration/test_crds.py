@@ -235,6 +235,9 @@ VALID_VARIANTS: list[tuple[str, str, Mutation]] = [
     ("tp-endpointslice", "TargetPool", setting(
         spec__backend={"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}})),
     ("tp-zero-delay", "TargetPool", setting(spec__deregistrationDelaySeconds=0)),
+    ("tp-ec2", "TargetPool", setting(spec__source={"kind": "EC2", "ec2": {
+        "region": "eu-west-1", "tags": {"app": "web"}, "queueURL": "https://sqs.eu-west-1.amazonaws.com/1/q",
+        "credentialsSecretRef": {"name": "aws"}, "endpointURL": "http://127.0.0.1:5000", "addressTag": "addr"}})),
     ("inst-ipv6", "Instance", setting(spec__address="2001:db8::10", spec__heartbeatTimeoutSeconds=5)),
     ("lh-http-blocking", "LifecycleHandler", setting(
         spec__function={"type": "HTTP", "http": {"url": "https://hooks.example.com/pool",
@@ -271,6 +274,17 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
      "spec.source.selector is required when kind is Pod or Instance"),
     ("tp-instance-without-selector", "TargetPool", setting(spec__source={"kind": "Instance"}),
      "spec.source.selector is required when kind is Pod or Instance"),
+    ("tp-ec2-without-ec2", "TargetPool", setting(spec__source={"kind": "EC2"}),
+     "an EC2 source selects instances with spec.source.ec2.tags"),
+    ("tp-ec2-with-selector", "TargetPool", setting(spec__source__kind="EC2", spec__source__ec2={
+        "region": "us-east-1", "tags": {"app": "web"}, "queueURL": "https://sqs/q"}),
+     "(set spec.source.ec2, not spec.source.selector)"),
+    ("tp-ec2-no-tags", "TargetPool", setting(spec__source={"kind": "EC2", "ec2": {
+        "region": "us-east-1", "tags": {}, "queueURL": "https://sqs/q"}}),
+     "spec.source.ec2.tags in body should have at least 1 properties"),
+    ("tp-ec2-region", "TargetPool", setting(spec__source={"kind": "EC2", "ec2": {
+        "region": "Mars", "tags": {"a": "b"}, "queueURL": "https://sqs/q"}}),
+     "spec.source.ec2.region in body should match"),
     ("tp-in-without-values", "TargetPool",
      setting(spec__source__selector={"matchExpressions": [{"key": "app", "operator": "In"}]}),
      "matchExpressions values must be non-empty when operator is In or NotIn"),

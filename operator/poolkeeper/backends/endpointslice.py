@@ -113,7 +113,7 @@ class EndpointSliceBackend:
     def _endpoint(address: str, admin: Admin, inst: InstanceState | None) -> dict[str, Any]:
         """An endpoint; the instance (from the AddMember) gives its targetRef and nodeName."""
         ep: dict[str, Any] = {"addresses": [address], "conditions": _conditions(admin)}
-        if inst is not None:
+        if inst is not None and inst.kind != "EC2":  # an EC2 instance is no Kubernetes object to refer to
             ref: dict[str, Any] = {"kind": inst.kind, "name": inst.name, "uid": inst.uid}
             if inst.namespace:
                 ref["namespace"] = inst.namespace

@@ -52,7 +52,12 @@ from poolkeeper.core.model import (
 )
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, PoolSpec, backend_refusal, parse_pool
-from poolkeeper.core.tenancy import NodeSourcePolicy, node_source_refusal
+from poolkeeper.core.tenancy import (
+    NodeSourcePolicy,
+    ec2_source_refusal,
+    node_source_refusal,
+    parse_ec2_source_namespaces,
+)
 from poolkeeper.kube.api import JSON_PATCH, MERGE, ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
@@ -67,7 +72,8 @@ BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, Api
 # ELBv2 target groups poolkeeper must not touch at all (AWSError reasons that block the pool)
 ELBV2_BLOCKED = ("TargetGroupNotOwned", "TargetTypeMismatch", "AWSSupportNotInstalled")
 # Refusals after which the pool's own servers leave the backend it may no longer drive.
-REVOKED = ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed", "NodeSourceNotAllowed")
+REVOKED = ("NotAllowed", "Conflict", "LoadBalancerNotFound", "SourceNotAllowed", "NodeSourceNotAllowed",
+           "EC2SourceNotAllowed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +174,9 @@ class PoolController:
         self._claims: ClaimIndex | None = None  # rebuilt after a pool, LoadBalancer or Namespace changed
         self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
         self.elbv2 = ELBv2Backends(self._write_elbv2_targets, cluster_id=cluster_id)
+        self.ec2_sources = parse_ec2_source_namespaces(None)  # --ec2-source-namespaces; unset: none
+        # (reason, message) while an EC2 pool's instances are not listed yet (sources.ec2.Ec2Feeds.block)
+        self.source_block: Callable[[PoolSpec], tuple[str, str] | None] = lambda spec: None
 
     # ----- specs, cached per resourceVersion
     def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
@@ -212,6 +221,14 @@ class PoolController:
         return next((why for kind in spec.kinds if (why := node_source_refusal(
             kind, spec.namespace, labels, self.node_sources)) is not None), None)
 
+    def ec2_refusal(self, spec: PoolSpec) -> str | None:
+        """Why the pool's namespace may not have its EC2 source (core.tenancy.ec2_source_refusal)."""
+        if spec.ec2 is None:
+            return None
+        return ec2_source_refusal(spec.namespace, self.store.namespace_labels.get(spec.namespace),
+                                  own_credentials=bool(spec.ec2.credentials_secret),
+                                  endpoint_url=spec.ec2.endpoint_url, policy=self.ec2_sources)
+
     # ----- claims: who may drive which backend
     def refusal(self, spec: PoolSpec) -> tuple[str, str] | None:
         """(reason, message) if the pool may not drive its backend at all, whoever else wants it."""
@@ -221,6 +238,9 @@ class PoolController:
         why = self.source_refusal(spec)
         if why is not None:
             return ("SourceNotAllowed", why)
+        why = self.ec2_refusal(spec)
+        if why is not None:
+            return ("EC2SourceNotAllowed", why)
         if spec.backend_type == "EndpointSlice":
             return None
         found = self._lb_spec(spec)
@@ -402,7 +422,11 @@ class PoolController:
         if refused is not None:
             reason, message = refused
             raise Blocked(reason, message, retry=None if reason == "SourceNotAllowed" else RESYNC_SECONDS,
-                          event=reason in ("SourceNotAllowed", "NotAllowed", "NodeSourceNotAllowed"))
+                          event=reason in ("SourceNotAllowed", "NotAllowed", "NodeSourceNotAllowed",
+                                           "EC2SourceNotAllowed"))
+        waiting = self.source_block(spec)
+        if waiting is not None:  # never listed yet: acting now would take every member for gone
+            raise Blocked(*waiting, event=waiting[0] != "EC2SourceNotListed")
         claim = self.claim_of(spec)
         assert claim is not None  # refusal() said the LoadBalancer exists
         mine = Claimant(spec.key, spec.created, claim, not spec.deleting)

@@ -18,7 +18,7 @@ Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped obje
 @dataclass
 class Store:
     instances: dict[str, dict[str, dict[str, InstanceState]]] = field(
-        default_factory=lambda: {"Pod": {}, "Node": {}, "Instance": {}})
+        default_factory=lambda: {"Pod": {}, "Node": {}, "Instance": {}, "EC2": {}})
     pools: dict[Key, dict[str, Any]] = field(default_factory=dict)
     load_balancers: dict[str, dict[str, Any]] = field(default_factory=dict)
     handlers: dict[Key, dict[str, Any]] = field(default_factory=dict)

@@ -139,7 +139,7 @@ def refusal(address: str | IPAddress | None, allowed: Sequence[Network] | None,
     return None
 
 
-EXTERNAL_SOURCES = frozenset({"Instance", "Node"})
+EXTERNAL_SOURCES = frozenset({"Instance", "Node", "EC2"})
 
 
 def source_refusal(kind: str, backend_type: str, backend_text: str, *, allow_external: bool) -> str | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
+from poolkeeper.core.ec2 import Ec2Source, parse_source
 from poolkeeper.core.model import Placement
 from poolkeeper.core.naming import legacy_pool_prefix, pool_prefix
 from poolkeeper.core.selectors import LabelSelector, SelectorError
@@ -58,6 +59,7 @@ class PoolSpec:
     deleting: bool = False
     cluster_id: str = ""  # the operator's --cluster-id: which servers of a shared backend are its own
     target_type: str = ""  # ELBv2: ip
+    ec2: Ec2Source | None = None  # kind EC2: where the instances and their state changes come from
 
     @property
     def key(self) -> tuple[str, str]:
@@ -115,8 +117,10 @@ def _parse_source(raw: Any, where: str) -> SourceSpec:
     except SelectorError as exc:
         raise InvalidSpec(f"{where}.selector: {exc}") from exc
     kind = raw.get("kind")
-    if kind not in ("Pod", "Node", "Instance"):
-        raise InvalidSpec(f"{where}.kind {kind!r} is not Pod, Node or Instance")
+    if kind not in ("Pod", "Node", "Instance", "EC2"):
+        raise InvalidSpec(f"{where}.kind {kind!r} is not Pod, Node, Instance or EC2")
+    if kind == "EC2":  # its tags are the selector over the instances' tags
+        selector = LabelSelector.parse({"matchLabels": _ec2_source(raw).tag_map})
     weight = raw.get("weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)
                                or not 0 <= weight <= MAX_WEIGHT):
@@ -144,6 +148,9 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     backend = spec.get("backend") or {}
     sources = parse_sources(spec)
+    if len(sources) > 1 and any(s.kind == "EC2" for s in sources):
+        raise InvalidSpec("an EC2 source has a queue of its own: use spec.source, not spec.sources")
+    ec2 = _ec2_source(spec.get("source") or {}) if sources[0].kind == "EC2" else None
     if backend.get("type") != "HAProxy" and any(s.weight is not None for s in sources):
         raise InvalidSpec("spec.sources[].weight needs an HAProxy backend: EndpointSlices have no weights")
     if backend.get("type") == "HAProxy":  # every member has a weight there: unset is HAProxy's default
@@ -154,7 +161,7 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
         "created": meta.get("creationTimestamp") or "", "sources": sources,
         "port": int(spec.get("port") or 0), "backend_type": backend.get("type"),
         "deregistration_delay": int(spec.get("deregistrationDelaySeconds", 30)),
-        "deleting": bool(meta.get("deletionTimestamp")), "cluster_id": cluster_id,
+        "deleting": bool(meta.get("deletionTimestamp")), "cluster_id": cluster_id, "ec2": ec2,
     }
     if backend.get("type") == "HAProxy":
         ha = backend.get("haproxy") or {}
@@ -177,6 +184,14 @@ def _parse_elbv2_pool(common: dict[str, Any], elb: Mapping[str, Any]) -> PoolSpe
         raise InvalidSpec("spec.backend.elbv2.targetGroupARN is required")
     return PoolSpec(**common, load_balancer=(elb.get("loadBalancerRef") or {}).get("name", ""), backend=arn,
                     target_type=str(elb.get("targetType") or "ip"))
+
+
+def _ec2_source(source: Mapping[str, Any]) -> Ec2Source:
+    """`spec.source.ec2`; its tags become the pool's selector over the instances' tags."""
+    try:
+        return parse_source(source.get("ec2") or {})
+    except (ValueError, SelectorError) as exc:
+        raise InvalidSpec(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)

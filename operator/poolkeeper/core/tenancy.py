@@ -112,3 +112,33 @@ def http_slots_per_namespace(connections: int, requested: int | None = None) -> 
     (`--http-namespace-concurrency`) capped below the total, by default a quarter of it."""
     wanted = requested if requested is not None else connections // 4
     return max(1, min(wanted, connections - 1)) if connections > 1 else 1
+
+
+def parse_ec2_source_namespaces(text: str | None) -> NodeSourcePolicy:
+    """`--ec2-source-namespaces`: as --node-source-namespaces, but unset means no namespace (the
+    operator's AWS identity is lent to nobody until an admin says so); `*` means every namespace."""
+    if text is None or not text.strip():
+        return NodeSourcePolicy(names=frozenset(), text="")
+    return parse_node_source_namespaces(text) or NodeSourcePolicy(text="*")
+
+
+def ec2_source_refusal(namespace: str, namespace_labels: Mapping[str, str] | None, *, own_credentials: bool,
+                       endpoint_url: str, policy: NodeSourcePolicy) -> str | None:
+    """Why a pool in `namespace` may not have this EC2 source, or None.
+
+    A Secret of the pool's own namespace carries the tenant's own AWS identity: it can only read
+    what that identity may. Without one the operator would read queues and instances with its own
+    identity, and an `endpointURL` makes the operator connect wherever the tenant says (and send its
+    signed requests there): both only for namespaces the admin lists in --ec2-source-namespaces.
+    """
+    if policy.allows(namespace, namespace_labels):
+        return None
+    listed = f"--ec2-source-namespaces={policy.text}" if policy.text else "--ec2-source-namespaces (unset)"
+    if not own_credentials:
+        return (f"namespace {namespace} may not use the operator's own AWS identity: set "
+                f"spec.source.ec2.credentialsSecretRef to a Secret of this namespace, or ask an admin to "
+                f"add the namespace to {listed}")
+    if endpoint_url:
+        return (f"namespace {namespace} may not set spec.source.ec2.endpointURL: only namespaces matching "
+                f"{listed} may point the operator at another AWS endpoint")
+    return None

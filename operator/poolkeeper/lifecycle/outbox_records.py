@@ -25,7 +25,7 @@ MAX_CONTAINERS = 50_000
 MAX_PENDING = 2_000  # undelivered events; a healthy outbox has a handful
 MAX_ANNOUNCED = 5_000  # instances the handler was told about (about 250 bytes each)
 MAX_NAME = 253
-KINDS = frozenset({"Pod", "Node", "Instance"})
+KINDS = frozenset({"Pod", "Node", "Instance", "EC2"})
 STATES = frozenset({NONE, UP, DRAINING, DOWN})
 PENDING_KEYS = frozenset({"event", "event_type", "instance_uid", "member", "pool", "attempts", "order", "blocking",
                           "seq"})
