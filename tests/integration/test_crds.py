@@ -18,7 +18,8 @@ import yaml
 
 from poolkeeper_dev import Cluster
 
-pytestmark = pytest.mark.cluster
+# The session operator would reconcile these objects and rewrite the status the tests write.
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("without_session_operator")]
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
