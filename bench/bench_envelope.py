@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -105,6 +106,12 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def counter_total(text: str, name: str) -> float:
+    """The sum over labels of one Prometheus counter in a /metrics answer."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
 
 
 def process_cpu() -> float:
@@ -262,6 +269,14 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
     """Readiness flips of the first SMALL pools' pods at args.rate; CPU of the operator and of us."""
     pods = [m for m in lay.members if m[2] in {p for _, p, _ in lay.pools[:SMALL]}]
     state = {m[1]: True for m in pods}
+    spy = None
+    if args.py_spy:  # a sampling profile of the operator over the flips (collapsed stacks, flamegraph.pl's input)
+        spy = await asyncio.create_subprocess_exec(
+            args.py_spy, "record", "-p", str(operator.pid), "-r", "250", "--format", "raw",
+            "-o", str(args.dir / f"profile-{label.replace(' ', '-')}.txt"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(1.0)
+    metrics0 = await asyncio.to_thread(operator.metrics)
     cpu0, own0, wall0 = cpu_seconds(operator.pid), process_cpu(), time.monotonic()
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.1
@@ -298,11 +313,18 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
     finally:
         await client.close()
     cpu, own, wall = cpu_seconds(operator.pid) - cpu0, process_cpu() - own0, time.monotonic() - wall0
+    metrics1 = await asyncio.to_thread(operator.metrics)
+    counts = {name: counter_total(metrics1, f"poolkeeper_{name}_total")
+              - counter_total(metrics0, f"poolkeeper_{name}_total") for name in ("reconciles", "backend_actions")}
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        await asyncio.wait_for(spy.wait(), 30)
     total = args.transitions + sum(1 for v in state.values() if not v)
     log(f"{label}: {total} transitions in {sent:.1f} s, operator CPU {cpu:.2f} s "
-        f"({cpu / total * 1000:.2f} s per 1,000), benchmark CPU {own:.2f} s, {errors} write errors")
+        f"({cpu / total * 1000:.2f} s per 1,000), benchmark CPU {own:.2f} s, {errors} write errors, "
+        f"{counts['reconciles']:.0f} reconciles, {counts['backend_actions']:.0f} HAProxy actions")
     return {"transitions": total, "cpu": cpu, "per_1000": cpu / total * 1000, "own_cpu": own, "wall": wall,
-            "sent_in": sent, "errors": errors}
+            "sent_in": sent, "errors": errors, **counts}
 
 
 async def wipe_status(kube: Kube, pools: Sequence[tuple[str, str, str]], concurrency: int) -> None:
@@ -445,6 +467,10 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         f"- Operator memory: VmRSS {out['memory_before_cold'].get('VmRSS', 0) / 1000:.0f} MB before the cold start, "
         f"{out['memory_after_cold'].get('VmRSS', 0) / 1000:.0f} MB after it; HTTP handler calls received: "
         f"{out['hook_calls']}.",
+        f"- Per transition: {small['reconciles'] / small['transitions']:.2f} reconciles and "
+        f"{small['backend_actions'] / small['transitions']:.2f} HAProxy actions at 10 pools, "
+        f"{large['reconciles'] / large['transitions']:.2f} and {large['backend_actions'] / large['transitions']:.2f} "
+        f"at {len(lay.pools):,} pools (from the operator's metrics).",
         "- Transitions: readiness flips (status PATCHes) of the pods of the first 10 pools, paced; CPU is the "
         "operator's utime + stime from /proc from the first write until HAProxy shows every server back in "
         "rotation. Memory is sampled every 0.5 s over the whole run (both operator processes).",
@@ -475,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=48, help="API requests in flight while populating")
     parser.add_argument("--idle", type=float, default=35.0)
     parser.add_argument("--cold-poll", type=float, default=0.25)
+    parser.add_argument("--py-spy", default=None, help="path of py-spy: profile the operator during the flips")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="a small run to try the script (not for the docs)")
     args = parser.parse_args(argv)
