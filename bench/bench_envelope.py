@@ -74,6 +74,7 @@ DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- envelope:begin -->", "<!-- envelope:end -->"
 LABEL = "bench.poolkeeper.dev/set"
 SMALL = 10  # pools in the "10 pools" measurement
+LB_BACKENDS = 64  # a LoadBalancer lists at most 64 backends (CRD): pools j use LoadBalancer j // 64
 TARGET_MB, TARGET_COLD_S, TARGET_CPU_S, TARGET_RATIO = 250.0, 15.0, 1.0, 1.5
 
 
@@ -223,8 +224,9 @@ async def populate(kube: Kube, lay: Layout, args: argparse.Namespace) -> dict[st
 async def create_pools(kube: Kube, pools: Sequence[tuple[str, str, str]], concurrency: int) -> float:
     async def one(item: tuple[str, str, str]) -> None:
         namespace, pool, backend = item
-        await kube.call("POST", pool_path(namespace), pool_body(pool, pool, backend, {LABEL: "envelope"}),
-                        ok=(201, 409))
+        body = pool_body(pool, pool, backend, {LABEL: "envelope"})
+        body["spec"]["backend"]["haproxy"]["loadBalancerRef"]["name"] = f"{LB_NAME}-{int(pool[5:]) // LB_BACKENDS}"
+        await kube.call("POST", pool_path(namespace), body, ok=(201, 409))
     return await run_many(pools, one, concurrency, "TargetPools created")
 
 
@@ -358,10 +360,13 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
     runner, hook_url, calls = await hook_server()
     out: dict[str, Any] = {"hook_url": hook_url}
     try:
-        await kube.create(f"{GROUP_PATH}/loadbalancers", {
-            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": LB_NAME},
-            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
-                {"name": b} for b in haproxy.backends]}, "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+        for index in range(0, len(haproxy.backends), LB_BACKENDS):  # one HAProxy, several LoadBalancer objects
+            await kube.create(f"{GROUP_PATH}/loadbalancers", {
+                "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer",
+                "metadata": {"name": f"{LB_NAME}-{index // LB_BACKENDS}"},
+                "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
+                    {"name": b} for b in haproxy.backends[index:index + LB_BACKENDS]]},
+                    "allowedTargetCIDRs": ["127.0.0.0/8"]}})
         out["populate"] = await populate(kube, lay, args)
         await create_pools(kube, lay.pools[:SMALL], args.concurrency)
         await create_handlers(kube, lay, args, hook_url)
@@ -446,7 +451,9 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         f"TargetPools of {args.pool_size} over {len(lay.namespaces)} namespaces, {len(lay.fillers):,} that no pool "
         f"selects, created unscheduled: objects only), {len(lay.nodes):,} Node objects, {args.handlers} "
         f"LifecycleHandlers ({(args.handlers + 1) // 2} Python, {args.handlers // 2} HTTP) on pools that are not "
-        f"flipped, one HAProxy with {len(lay.pools):,} backends. A fresh control plane with its own etcd. "
+        f"flipped, one HAProxy with {len(lay.pools):,} backends "
+        f"(behind {-(-len(lay.pools) // LB_BACKENDS)} LoadBalancer objects of at most 64 backends each). "
+        "A fresh control plane with its own etcd. "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs shared with the API server, etcd and other "
         f"work on the machine (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end). "
         f"Whole run {total / 60:.1f} min.",
@@ -506,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run to try the script (not for the docs)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.pods, args.nodes, args.pools, args.namespaces, args.handlers = 2_000, 100, 40, 8, 10
+        args.pods, args.nodes, args.pools, args.namespaces, args.handlers = 2_000, 100, 80, 8, 10
         args.transitions, args.idle = 300, 5.0
         args.no_write = True
     if args.pools < SMALL:
