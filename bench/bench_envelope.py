@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
@@ -62,6 +61,7 @@ from bench_operator import (
     servers_in_rotation,
     wait_until,
 )
+from run_all import ENVELOPE_HEADING, section_of
 
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
@@ -71,7 +71,6 @@ from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- envelope:begin -->", "<!-- envelope:end -->"
 LABEL = "bench.poolkeeper.dev/set"
 SMALL = 10  # pools in the "10 pools" measurement
 LB_BACKENDS = 64  # a LoadBalancer lists at most 64 backends (CRD): pools j use LoadBalancer j // 64
@@ -444,8 +443,7 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
                 f"{len(lay.pools):,} pools, {out['idle']['own']:.2f} s while idle, {out['cold']['own']:.2f} s during "
                 f"the cold start (it lists every pool every {args.cold_poll:g} s)")
     return "\n".join([
-        BEGIN,
-        "## The envelope: one replica in a big cluster",
+        ENVELOPE_HEADING,
         "",
         f"`bench/bench_envelope.py` at {size}: {pods:,} pods ({len(lay.members):,} Ready in {len(lay.pools):,} "
         f"TargetPools of {args.pool_size} over {len(lay.namespaces)} namespaces, {len(lay.fillers):,} that no pool "
@@ -481,16 +479,16 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         "- Transitions: readiness flips (status PATCHes) of the pods of the first 10 pools, paced; CPU is the "
         "operator's utime + stime from /proc from the first write until HAProxy shows every server back in "
         "rotation. Memory is sampled every 0.5 s over the whole run (both operator processes).",
-        END,
         "",
     ])
 
 
 def write_document(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    """Replace (or append) this section of docs/benchmarks.md; the other sections stay as they are."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    old = section_of(text, ENVELOPE_HEADING)
+    text = text.replace(old.strip(), section.strip()) if old else text.rstrip("\n") + "\n\n" + section
+    DOC.write_text(text.rstrip("\n") + "\n")
     log(f"wrote {DOC.relative_to(REPO)}")
 
 
@@ -545,7 +543,14 @@ def main(argv: list[str] | None = None) -> int:
             kubelet.close()
         handlers.mkdir(parents=True, exist_ok=True)
         (handlers / "envelope.py").write_text("def handle(event, context):\n    return None\n")
-        haproxy.start(timeout=60.0)
+        for attempt in range(5):  # one frontend port per backend: one may be taken meanwhile (free_port races)
+            try:
+                haproxy.start(timeout=60.0)
+                break
+            except RuntimeError as exc:
+                if attempt == 4 or "Address already in use" not in str(exc):
+                    raise
+                haproxy = HAProxyProcess(args.dir / "haproxy", backends=haproxy.backends)
         out = asyncio.run(phases(cluster, haproxy, operator, sampler, lay, args))
         api_cpu = {name: cpu_seconds(pid) for name, pid in cluster.state["pids"].items()
                    if name in ("kube-apiserver", "etcd")}
