@@ -77,6 +77,14 @@ LB_BACKENDS = 64  # a LoadBalancer lists at most 64 backends (CRD): pools j use 
 TARGET_MB, TARGET_COLD_S, TARGET_CPU_S, TARGET_RATIO = 250.0, 15.0, 1.0, 1.5
 
 
+class ManyBackendsHAProxy(HAProxyProcess):
+    """One frontend listener per backend: 1,000 of them use up HAProxy's default connection
+    budget, and its admin socket then accepts nothing (a bench artifact): raise maxconn."""
+
+    def _render(self) -> str:
+        return super()._render().replace("global\n", "global\n    maxconn 20000\n", 1)
+
+
 @dataclass
 class Layout:
     namespaces: list[str]
@@ -523,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         Cluster(args.dir).down()
         shutil.rmtree(args.dir)
     cluster = Cluster(args.dir)
-    haproxy = HAProxyProcess(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
+    haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
     handlers = args.dir / "handlers"
     operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", handlers_dir=handlers,
                                extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
@@ -550,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as exc:
                 if attempt == 4 or "Address already in use" not in str(exc):
                     raise
-                haproxy = HAProxyProcess(args.dir / "haproxy", backends=haproxy.backends)
+                haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=haproxy.backends)
         out = asyncio.run(phases(cluster, haproxy, operator, sampler, lay, args))
         api_cpu = {name: cpu_seconds(pid) for name, pid in cluster.state["pids"].items()
                    if name in ("kube-apiserver", "etcd")}
