@@ -82,7 +82,7 @@ class ManyBackendsHAProxy(HAProxyProcess):
     budget, and its admin socket then accepts nothing (a bench artifact): raise maxconn."""
 
     def _render(self) -> str:
-        return super()._render().replace("global\n", "global\n    maxconn 20000\n", 1)
+        return super()._render().replace("global\n", "global\n    maxconn 8000\n", 1)
 
 
 @dataclass
