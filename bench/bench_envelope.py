@@ -78,11 +78,12 @@ TARGET_MB, TARGET_COLD_S, TARGET_CPU_S, TARGET_RATIO = 250.0, 15.0, 1.0, 1.5
 
 
 class ManyBackendsHAProxy(HAProxyProcess):
-    """One frontend listener per backend: 1,000 of them use up HAProxy's default connection
-    budget, and its admin socket then accepts nothing (a bench artifact): raise maxconn."""
+    """1,000 frontend listeners need a higher maxconn than HAProxy derives by default, and 16
+    LoadBalancer objects on one HAProxy hold 16 runtime-API connections: more than the stats
+    socket's default limit of 10 (`stats maxconn`), beyond which sessions are refused."""
 
     def _render(self) -> str:
-        return super()._render().replace("global\n", "global\n    maxconn 8000\n", 1)
+        return super()._render().replace("global\n", "global\n    maxconn 8000\n    stats maxconn 200\n", 1)
 
 
 @dataclass
