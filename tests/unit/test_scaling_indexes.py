@@ -56,3 +56,16 @@ def test_pools_are_found_by_source_kind_and_namespace_without_a_scan() -> None:
     del store.pools[("a", "nodes")]
     assert list(store.pools_for_kind("Pod")) == [] and list(store.pools_for_kind("Node")) == []
     assert store.pools.by_scope == {"Instance": {"a": {("a", "web")}}, "Pod": {}, "Node": {}}
+
+
+def test_the_pool_spec_version_moves_on_spec_changes_only() -> None:
+    store = Store()
+    store.pools[("a", "web")] = {"spec": {"port": 1}}
+    version = store.pools.spec_version
+    store.pools[("a", "web")] = {"spec": {"port": 1}, "status": {"active": 3}}  # our own status write
+    assert store.pools.spec_version == version
+    store.pools[("a", "web")] = {"spec": {"port": 2}}
+    assert store.pools.spec_version > version
+    version = store.pools.spec_version
+    store.pools.pop(("a", "web"))
+    assert store.pools.spec_version > version

@@ -159,6 +159,7 @@ class PoolController:
         self._claims = LiveClaims()  # kept current per pool; rebuilt after a LoadBalancer or Namespace changed
         self._claims_stale = True
         self._claims_dirty: set[Key] = set()
+        self._by_lb: tuple[int, dict[str, list[Key]]] = (-1, {})  # (store.pools.spec_version, LB -> pools)
         self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
 
     # ----- specs, cached per resourceVersion
@@ -253,7 +254,15 @@ class PoolController:
         return self.claims().others(mine.claim, key) if mine else []
 
     def pools_using_lb(self, lb: str) -> list[Key]:
-        return [s.key for s in self.valid_specs() if s.backend_type == "HAProxy" and s.load_balancer == lb]
+        """Asked every second per LoadBalancer (its status counts them): answered from an index
+        rebuilt only when a pool came, went or changed its spec, not by parsing every pool."""
+        if self._by_lb[0] != self.store.pools.spec_version:
+            by_lb: dict[str, list[Key]] = {}
+            for spec in self.valid_specs():
+                if spec.backend_type == "HAProxy":
+                    by_lb.setdefault(spec.load_balancer, []).append(spec.key)
+            self._by_lb = (self.store.pools.spec_version, by_lb)
+        return list(self._by_lb[1].get(lb, ()))
 
     # ----- the reconcile, step by step
     async def reconcile(self, key: Key) -> Outcome:

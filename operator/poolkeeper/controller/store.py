@@ -27,6 +27,7 @@ class PoolBodies(dict[Key, dict[str, Any]]):
     def __init__(self) -> None:
         super().__init__()
         self.by_scope: dict[Any, dict[str, set[Key]]] = {}  # kind -> namespace -> keys
+        self.spec_version = 0  # moves when a pool comes, goes or its spec changes (not on status writes)
 
     def _unindex(self, key: Key) -> None:
         body = super().get(key)
@@ -40,19 +41,25 @@ class PoolBodies(dict[Key, dict[str, Any]]):
                 del scopes[key[0]]
 
     def __setitem__(self, key: Key, body: dict[str, Any]) -> None:
+        old = super().get(key)
+        if old is None or old.get("spec") != body.get("spec"):
+            self.spec_version += 1
         self._unindex(key)
         super().__setitem__(key, body)
         self.by_scope.setdefault(_source_kind(body), {}).setdefault(key[0], set()).add(key)
 
     def __delitem__(self, key: Key) -> None:
+        self.spec_version += 1
         self._unindex(key)
         super().__delitem__(key)
 
     def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
+        self.spec_version += 1
         self._unindex(key)
         return super().pop(key, *default)
 
     def clear(self) -> None:
+        self.spec_version += 1
         self.by_scope.clear()
         super().clear()
 
