@@ -1,6 +1,7 @@
 """Run every benchmark in sequence and write docs/benchmarks.md (operator section first).
 
     .venv/bin/python bench/run_all.py        # what `make bench` runs
+    .venv/bin/python bench/run_all.py --envelope   # also bench_envelope.py (up to 30 min; not in CI)
 
 Each script runs as a subprocess with this interpreter; its markdown table is what it prints on
 stdout (progress goes to stderr, which is passed through). A script that fails is reported in
@@ -28,6 +29,7 @@ OPERATOR_HEADING = "## Operator end to end"
 LIFECYCLE_HEADING = "## Lifecycle handlers end to end"
 ROLLOUT_HEADING = "## Rollouts on a real node"
 SIDEBYSIDE_HEADING = "## Side by side: poolkeeper, the EndpointSlice controller, a bare watch and a poller"
+ENVELOPE_HEADING = "## The envelope: one replica in a big cluster"
 
 
 def haproxy_section(table: str) -> str:
@@ -76,7 +78,7 @@ def replace_section(document: str, heading: str, section: str) -> str:
 
 
 def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str = "", rollout: str = "",
-                     sidebyside: str = "") -> str:
+                     sidebyside: str = "", envelope: str = "") -> str:
     """docs/benchmarks.md: how to run, then the operator, HAProxy and handler-function sections."""
     return "\n".join([
         "# Benchmarks", "",
@@ -94,6 +96,7 @@ def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str
         rollout.strip(), "",
         haproxy.strip(), "",
         functions.strip(), "",
+        *([envelope.strip(), ""] if envelope.strip() else []),
     ])
 
 
@@ -154,8 +157,16 @@ def main() -> int:
             ROLLOUT_HEADING, "bench_rollout.py", code or 1, err)
         if code or not out.strip():
             failures.append("bench_rollout.py")
+    # the envelope takes up to 30 minutes: only with --envelope; else its last section is kept
+    envelope = section_of(DOC.read_text(), ENVELOPE_HEADING) or "" if DOC.exists() else ""
+    if "--envelope" in sys.argv[1:]:
+        code, out, err = run_script("bench_envelope.py", ["--no-write"])
+        envelope = out if code == 0 and out.strip() else failed_section(
+            ENVELOPE_HEADING, "bench_envelope.py", code or 1, err)
+        if code or not out.strip():
+            failures.append("bench_envelope.py")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    document = compose_document(operator, haproxy, functions, lifecycle, rollout, sidebyside)
+    document = compose_document(operator, haproxy, functions, lifecycle, rollout, sidebyside, envelope)
     DOC.write_text(document)
     print(document)
     print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)

@@ -305,12 +305,20 @@ async def _worker(rt: Runtime) -> None:
         log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
 
 
-async def _resync(rt: Runtime) -> None:
-    """Every pool at least every RESYNC_SECONDS, whatever happened: repairs drift nobody told us about."""
+async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30) -> None:
+    """Every pool at least every `period`, whatever happened: repairs drift nobody told us about.
+
+    Spread over the period in `slices` (1,000 pools: about 33 a second, not 1,000 at once, which
+    would stall the transitions queued behind them), and only pools with nothing scheduled: most
+    pools already look again RESYNC_SECONDS after their last reconcile (Outcome.after).
+    """
     while True:
-        await asyncio.sleep(RESYNC_SECONDS)
-        for key in list(rt.store.pools):
-            rt.queue.add(key)
+        keys = list(rt.store.pools)
+        for index in range(slices):
+            await asyncio.sleep(period / slices)
+            for key in keys[index::slices]:
+                if key in rt.store.pools and not rt.queue.scheduled(key):
+                    rt.queue.add(key)
 
 
 # ---------------------------------------------------------------- instances
@@ -318,7 +326,7 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
     """Queue every pool of this kind whose selector matches the instance now or before."""
     assert rt.pools is not None
     now = time.monotonic()
-    for key, _ in rt.store.pools_for_kind(state.kind):
+    for key, _ in rt.store.pools_for_kind(state.kind, None if state.kind == "Node" else state.namespace):
         spec = rt.pools.spec(key)
         if not isinstance(spec, PoolSpec):
             continue
@@ -517,7 +525,7 @@ def pool_event(kind: str, obj: dict[str, Any]) -> None:
                 previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
             return  # our own status write coming back
     rt.queue.add(key)
-    rt.pools.invalidate_claims()
+    rt.pools.invalidate_claims(key)  # only this pool changed: only its claims are decided again
     _sync_ec2(rt)
     after = rt.pools.spec(key)
     specs = [s for s in (before, after) if isinstance(s, PoolSpec)]
@@ -543,10 +551,13 @@ async def load_balancer_event(kind: str, obj: dict[str, Any]) -> None:
     rt = runtime()
     assert rt.lbs is not None and rt.pools is not None
     name = obj["metadata"]["name"]
+    previous = rt.lbs.body(name)
     if kind == "DELETED":
         await rt.lbs.remove(name)
     else:
         await rt.lbs.upsert(obj)
+        if previous is not None and previous.get("spec") == obj.get("spec"):
+            return  # our own status write coming back (its `pools` count): no pool's permission changed
     _requeue_with_peers(rt, rt.pools.pools_using_lb(name))
 
 

@@ -68,3 +68,20 @@ def test_a_key_is_queued_once_and_requeued_if_it_changed_while_processed() -> No
         assert await asyncio.wait_for(queue.get(), 1.0) == "a"
 
     asyncio.run(scenario())
+
+
+def test_scheduled_says_whether_a_key_will_be_processed_without_a_resync() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        assert not queue.scheduled("a")
+        queue.add_after("a", 30.0)  # a pool's own next look (Outcome.after)
+        assert queue.scheduled("a")
+        queue.add("b")
+        assert queue.scheduled("b")
+        key = await queue.get()
+        assert queue.scheduled(key)  # being processed
+        queue.done(key)
+        assert not queue.scheduled("b")
+        queue.shutdown()
+
+    asyncio.run(scenario())

@@ -27,6 +27,7 @@ from poolkeeper.backends.elbv2 import ELBv2Backend, ELBv2Backends
 from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProblem
 from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
+from poolkeeper.controller.claimindex import LiveClaims
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.readiness import ReadinessGates, gate_type
 from poolkeeper.controller.report import (
@@ -38,7 +39,7 @@ from poolkeeper.controller.report import (
 )
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, LB_ALLOWANCE, AddressPolicy, source_refusal
-from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, build_index, endpointslice_claim, haproxy_claim
+from poolkeeper.core.claims import Claimant, ClaimIndex, ClaimKey, endpointslice_claim, haproxy_claim
 from poolkeeper.core.conditions import Condition
 from poolkeeper.core.elbv2 import instance_id_refusal
 from poolkeeper.core.model import (
@@ -171,7 +172,10 @@ class PoolController:
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
         self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
-        self._claims: ClaimIndex | None = None  # rebuilt after a pool, LoadBalancer or Namespace changed
+        self._claims = LiveClaims()  # kept current per pool; rebuilt after a LoadBalancer or Namespace changed
+        self._claims_stale = True
+        self._claims_dirty: set[Key] = set()
+        self._by_lb: tuple[int, dict[str, list[Key]]] = (-1, {})  # (store.pools.spec_version, LB -> pools)
         self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
         self.elbv2 = ELBv2Backends(self._write_elbv2_targets, cluster_id=cluster_id)
         self.ec2_sources = parse_ec2_source_namespaces(None)  # --ec2-source-namespaces; unset: none
@@ -260,20 +264,29 @@ class PoolController:
         found = self.lbs.get(spec.load_balancer)
         return haproxy_claim(found[0].endpoint, spec.backend) if found else None
 
-    def claims(self) -> ClaimIndex:
-        if self._claims is None:
-            claimants = []
-            for key in list(self.store.pools):
-                spec = self.spec(key)
-                if isinstance(spec, PoolSpec) and (claim := self.claim_of(spec)) is not None:
-                    eligible = not spec.deleting and self.refusal(spec) is None
-                    claimants.append(Claimant(spec.key, spec.created, claim, eligible))
-            self._claims = build_index(claimants)
-        return self._claims
+    def _claimant(self, key: Key) -> Claimant | None:
+        spec = self.spec(key)
+        if isinstance(spec, PoolSpec) and (claim := self.claim_of(spec)) is not None:
+            return Claimant(spec.key, spec.created, claim, not spec.deleting and self.refusal(spec) is None)
+        return None
 
-    def invalidate_claims(self) -> None:
-        """Call when a pool, a LoadBalancer or a Namespace's labels changed."""
-        self._claims = None
+    def claims(self) -> ClaimIndex:
+        if self._claims_stale:
+            self._claims.reset(c for key in list(self.store.pools) if (c := self._claimant(key)) is not None)
+            self._claims_stale = False
+            self._claims_dirty.clear()
+        while self._claims_dirty:
+            key = self._claims_dirty.pop()
+            self._claims.put(key, self._claimant(key))
+        return self._claims.index
+
+    def invalidate_claims(self, *keys: Key) -> None:
+        """Call with the pool's key when one pool changed (only its claims are decided again),
+        without keys when a LoadBalancer or a Namespace's labels changed (everything is)."""
+        if keys:
+            self._claims_dirty.update(keys)
+        else:
+            self._claims_stale = True
 
     def claim_peers(self, key: Key) -> list[Key]:
         """The other pools wanting the same backend as `key` (they may win or lose with it)."""
@@ -281,7 +294,15 @@ class PoolController:
         return self.claims().others(mine.claim, key) if mine else []
 
     def pools_using_lb(self, lb: str) -> list[Key]:
-        return [s.key for s in self.valid_specs() if s.backend_type in ("HAProxy", "ELBv2") and s.load_balancer == lb]
+        """Asked every second per LoadBalancer (its status counts them): answered from an index
+        rebuilt only when a pool came, went or changed its spec, not by parsing every pool."""
+        if self._by_lb[0] != self.store.pools.spec_version:
+            by_lb: dict[str, list[Key]] = {}
+            for spec in self.valid_specs():
+                if spec.backend_type in ("HAProxy", "ELBv2"):
+                    by_lb.setdefault(spec.load_balancer, []).append(spec.key)
+            self._by_lb = (self.store.pools.spec_version, by_lb)
+        return list(self._by_lb[1].get(lb, ()))
 
     # ----- the reconcile, step by step
     async def reconcile(self, key: Key) -> Outcome:

@@ -86,6 +86,10 @@ class WorkQueue(Generic[K]):
     def num_requeues(self, key: K) -> int:
         return self._failures.get(key, 0)
 
+    def scheduled(self, key: K) -> bool:
+        """Whether the key is queued, being processed, or has a timer that will queue it."""
+        return key in self._dirty or key in self._processing or key in self._timers
+
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)
