@@ -27,7 +27,7 @@ import aiohttp
 
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
-from poolkeeper.core.transitions import Transition, supersede
+from poolkeeper.core.transitions import NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
 from poolkeeper.functions.pool import FunctionPool
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
@@ -209,7 +209,9 @@ class HandlerRuntime:
             queue = self.queues[uid]
             while queue:
                 event_id = queue[0]
-                await self._durable()
+                record = self.outbox.pending.get(event_id)
+                if record is not None and record.from_state == NONE:
+                    await self._durable()
                 if event_id in self.outbox.pending:
                     try:
                         await self._deliver(event_id)
@@ -225,8 +227,15 @@ class HandlerRuntime:
 
     async def _durable(self) -> None:
         """Wait until the outbox that says this event is owed is written (one write serves every
-        delivery of the moment): an event sent before would be lost, were the operator to die and
-        the instance to go before the restart, with the `down` that must follow it."""
+        delivery of the moment).
+
+        Only an instance's first event waits (from `none`): sent before its record is durable, a
+        crash followed by the instance going away would leave the handler told `up` and never
+        `down`, since a restarted operator would know nothing of it. Later events need not wait:
+        the restart re-derives what follows the last durable state, with the same ids, so the
+        handler hears at least once whatever the instance is by then. Waiting on every event
+        serialised deliveries behind ConfigMap writes (dispatch p50 went from ~1 ms to ~0.7 s at
+        200 transitions/s on a loaded machine)."""
         delay = 0.5
         while True:
             try:
