@@ -171,7 +171,7 @@ def test_ec2_instances_follow_state_change_events_through_haproxy(
                      "terminated instance removed")
         finally:
             report = load.stop()
-        assert report.total > 200, report
+        assert report.total >= 100, report  # on a quiet machine the whole sequence takes about a second
         assert report.failed == 0, report.failures
         assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
         assert set(haproxy_servers(haproxy, "web").values()) == {f"127.{subnet}.0.3:{port}"}
