@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from poolkeeper_dev import Cluster
+from support.kube import install_crds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,9 +27,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         started = Cluster(root).up()
     except Exception as exc:
         pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
-    started.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-    started.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper",
-                        "--timeout=60s")
+    install_crds(started)
     yield started
     if not reuse:
         started.down()

@@ -34,7 +34,7 @@ from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
 from support.aws import CREDENTIALS, REGION, ec2_state_change, lifecycle_message, moto_server, record_lifecycle_actions
 from support.aws import client as aws_client
-from support.kube import condition, create, events_for, get, wait_for
+from support.kube import condition, create, events_for, get, started, wait_for
 from support.pools import LOOPBACK_TARGETS, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 
@@ -59,11 +59,7 @@ def ec2_operator(operator: OperatorProcess, cluster: Cluster, handlers_dir: Path
                            extra_args=("--http-allowed-cidrs", "127.0.0.0/8",
                                        "--ec2-source-namespaces", f"{ALLOW_LABEL}=allowed",
                                        "--lifecycle-heartbeat-seconds", "1"))
-    try:
-        proc.start()
-    except RuntimeError as exc:
-        pytest.fail(f"the operator could not start: {exc}", pytrace=False)
-    yield proc
+    yield started(proc)
     proc.stop()
 
 

@@ -29,13 +29,13 @@ from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.credentials import SERVICE_ACCOUNT_DIR_ENV, load_credentials
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
+from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.pki import ensure_pki
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 from poolkeeper_dev.workload import Workload
-from support.kube import api_client_for, condition, create, get, namespace_name, pod_pool, wait_for
+from support.kube import api_client_for, condition, control_plane, create, get, namespace_name, pod_pool, wait_for
 from support.pools import (
     LOOPBACK_TARGETS,
     ha_backend,
@@ -53,19 +53,8 @@ OUTAGE = 8.0  # seconds the component stays down
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A control plane these tests may kill: never the session's."""
-    root = tmp_path_factory.mktemp("faults-cluster")
-    try:
-        started = Cluster(root).up()
-    except Exception as exc:
-        pytest.fail(f"the local control plane could not start: {exc}", pytrace=False)
-    try:
-        started.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        started.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(started)
-        yield started
-    finally:
-        started.down()
+    with control_plane(tmp_path_factory.mktemp("faults-cluster")) as own:
+        yield own
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from kubernetes.client.exceptions import ApiException
 from poolkeeper.agent import report_heartbeat
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
+from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
-from support.kube import api_client_for, create, delete, events_for, get, wait_for
+from support.kube import api_client_for, control_plane, create, delete, events_for, get, started, wait_for
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, load_balancer, members, servers_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,30 +164,15 @@ def test_weight_shift_moves_a_service_from_vms_to_pods_without_a_failed_request(
 @pytest.fixture(scope="module")
 def other_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A second control plane: the other cluster sharing the backend."""
-    root = tmp_path_factory.mktemp("other-cluster")
-    try:
-        started = Cluster(root).up()
-    except Exception as exc:
-        pytest.fail(f"the second control plane could not start: {exc}", pytrace=False)
-    try:
-        started.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        started.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(started)
-        yield started
-    finally:
-        started.down()
+    with control_plane(tmp_path_factory.mktemp("other-cluster"), "the second control plane") as other:
+        yield other
 
 
 @pytest.fixture(scope="module")
 def other_operator(other_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(other_cluster.kubeconfig, tmp_path_factory.mktemp("other-operator"),
                            extra_args=("--cluster-id", "east-2"))
-    try:
-        proc.start()
-    except RuntimeError as exc:
-        pytest.fail(f"the second operator could not start: {exc}", pytrace=False)
-    yield proc
+    yield started(proc, "the second operator")
     proc.stop()
 
 

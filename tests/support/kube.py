@@ -10,10 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
+
+REPO = Path(__file__).resolve().parents[2]
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
 T = TypeVar("T")
@@ -100,3 +104,33 @@ def token_kubeconfig(cluster: Cluster, folder: Path, account: str, namespace: st
     path = folder / f"{namespace}-{account}.kubeconfig"
     path.write_text(json.dumps(config_text))
     return path
+
+
+@contextmanager
+def control_plane(root: Path, what: str = "the local control plane") -> Iterator[Cluster]:
+    """A control plane of the tests' own in `root`, with poolkeeper's CRDs established and its
+    namespace made; stopped afterwards. One that cannot start FAILS the test (never skips)."""
+    try:
+        started = Cluster(root).up()
+    except Exception as exc:
+        pytest.fail(f"{what} could not start: {exc}", pytrace=False)
+    try:
+        install_crds(started)
+        ensure_system_namespace(started)
+        yield started
+    finally:
+        started.down()
+
+
+def install_crds(cluster: Cluster) -> None:
+    cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
+    cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper",
+                        "--timeout=60s")
+
+
+def started(proc: OperatorProcess, what: str = "the operator") -> OperatorProcess:
+    """`proc` started and ready, or the test FAILS with its log tail."""
+    try:
+        return proc.start()
+    except RuntimeError as exc:
+        pytest.fail(f"{what} could not start: {exc}", pytrace=False)
