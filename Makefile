@@ -7,6 +7,7 @@ DEMO_SECONDS ?= 0
 PYTEST_ARGS ?=
 
 NODE ?=
+AWS ?=
 
 .PHONY: all venv binaries image test test-unit test-integration lint duplicates demo demo-down bench clean
 
@@ -51,7 +52,7 @@ lint: venv
 	$(BIN)/mypy
 
 demo: need-demo $(if $(NODE),need-node need-image,) venv binaries
-	$(BIN)/python -m poolkeeper_dev.demo up --dir $(DEMO_DIR) --seconds $(DEMO_SECONDS) $(if $(NODE),--node,)
+	$(BIN)/python -m poolkeeper_dev.demo up --dir $(DEMO_DIR) --seconds $(DEMO_SECONDS) $(if $(NODE),--node,) $(if $(AWS),--aws,)
 
 demo-down: venv
 	$(BIN)/python -m poolkeeper_dev.demo down --dir $(DEMO_DIR)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,7 +58,7 @@ class Demo:
         self.state_file = self.root / "demo.json"
 
     # ----------------------------------------------------------- start
-    def start(self) -> None:
+    def start(self, operator_args: tuple[str, ...] = ()) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.stop_operator()
         _say("starting the local control plane (the first run builds it from Go: several minutes)")
@@ -69,20 +70,28 @@ class Demo:
         self._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)  # an earlier run's
         self.haproxy.start()
         _say(f"HAProxy {self.haproxy.frontend_url('web')} (admin socket {self.haproxy.admin_socket})")
-        self._start_operator()
+        self._start_operator(operator_args)
 
-    def _start_operator(self) -> None:
+    def _start_operator(self, extra: tuple[str, ...] = ()) -> None:
         port = free_port()
         log = open(self.root / "operator.log", "ab")  # noqa: SIM115 - handed to the child
         env = dict(os.environ, POOLKEEPER_AUDIT_LOG=str(self.root / "audit.log"))
         proc = subprocess.Popen(
             [sys.executable, "-m", "poolkeeper", "run", "--kubeconfig", str(self.cluster.kubeconfig),
-             "--metrics-port", str(port), "--metrics-address", "127.0.0.1", "--handlers-dir", str(REPO / "handlers")],
+             "--metrics-port", str(port), "--metrics-address", "127.0.0.1", "--handlers-dir", str(REPO / "handlers"),
+             *extra],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
-        self.state_file.write_text(json.dumps({"operator_pid": proc.pid, "metrics_port": port,
-                                               "haproxy_pid": self.haproxy.pid}))
+        self.record(operator_pid=proc.pid, metrics_port=port, haproxy_pid=self.haproxy.pid)
         _say(f"operator pid {proc.pid}, metrics http://127.0.0.1:{port}/metrics, log {self.root / 'operator.log'}")
+
+    def record(self, **pids: int | None) -> None:
+        """Note what `up` started in the state file, for `down` (and the next `up`)."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        self.state_file.write_text(json.dumps({**state, **pids}))
 
     def _stop_recorded(self, key: str, marker: bytes, group: bool) -> None:
         """Stop a process `up` recorded, if that pid still runs what we started (never a reused pid)."""
@@ -108,6 +117,7 @@ class Demo:
 
     def down(self) -> None:
         self.stop_operator()
+        self._stop_recorded("emulator_pid", b"poolkeeper_dev.aws_emulator", group=False)  # `up --aws`
         self._stop_recorded("haproxy_pid", str(self.haproxy.config).encode(), group=False)
         self.haproxy.stop()
         stopped = self.cluster.down()
@@ -239,6 +249,7 @@ class LiveView:
         self.transitions = 0
         self.tty = sys.stdout.isatty()
         self._last_render = 0.0
+        self.extra: Callable[[], list[str]] = list  # more lines under the members (the AWS demo's group)
 
     def pool(self) -> dict[str, Any]:
         return cast(dict[str, Any], self.custom.get_namespaced_custom_object(
@@ -284,6 +295,7 @@ class LiveView:
         for m in status.get("members") or []:
             lines.append(f"{m['instance'].split('/')[-1]:<22} {m['address'] + ':' + str(m['port']):<18} "
                          f"{m['state']:<12} {m.get('health', ''):<9} {m.get('reason', '')}")
+        lines += self.extra()
         if report is not None:
             rate = report.total / report.elapsed if report.elapsed else 0.0
             lines += ["", f"requests: {report.ok} served, {report.failed} failed ({rate:.0f}/s)"]
@@ -301,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0, help="run this long, then summarise (0: until Ctrl-C)")
     parser.add_argument("--node", action="store_true",
                         help="real Deployment rollouts on a real node, the operator deployed from its image")
+    parser.add_argument("--aws", action="store_true",
+                        help="an Auto Scaling group scaling out and in against an AWS emulator, the pool following it")
     args = parser.parse_args(argv)
     demo = Demo(Path(args.dir))
     try:
@@ -311,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             from poolkeeper_dev.demo_node import NodeDemo
 
             return NodeDemo(demo).run(args.seconds)
+        if args.aws:
+            from poolkeeper_dev.demo_aws import AwsDemo
+
+            return AwsDemo(Path(args.dir)).run(args.seconds)
         return demo.run(args.seconds)
     except (DemoError, RuntimeError, OSError, ApiException) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)

@@ -230,7 +230,7 @@ def _start_ec2(rt: Runtime) -> Ec2Feeds:
         return str(report.state) if report is not None else None
     return Ec2Feeds(apply=lambda state, gone: _apply_instance(rt, state, gone), read_secret=read_secret,
                     changed=rt.queue.add, member_state=member_state, post=functools.partial(_post_event, rt),
-                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds)
+                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds, may_act=lambda: acting(rt))
 
 
 def _post_event(rt: Runtime, key: Key, reason: str, message: str, warning: bool) -> None:

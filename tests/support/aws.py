@@ -9,22 +9,31 @@ each call carried, so tests can check credentials and batching. Never reaches th
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from moto.server import ThreadedMotoServer
 
+# EC2, SQS and Auto Scaling (tests/integration/test_ec2_source.py): shared with the demo
+from poolkeeper_dev.aws_emulator import (
+    CREDENTIALS,
+    REGION,
+    client,
+    ec2_state_change,
+    lifecycle_message,
+    moto_server,
+    record_lifecycle_actions,
+)
 from poolkeeper_dev.ports import free_port
 
-REGION = "us-east-1"
+__all__ = ["CREDENTIALS", "DUMMY_KEYS", "REGION", "MotoServer", "ThrottlingProxy", "client", "ec2_state_change",
+           "emulator", "lifecycle_message", "moto_server", "record_lifecycle_actions"]
+
 DUMMY_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
 THROTTLED = (b'<ErrorResponse xmlns="http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/"><Error>'
              b"<Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>"
@@ -127,71 +136,3 @@ def emulator() -> Iterator[tuple[MotoServer, ThrottlingProxy]]:
     finally:
         proxy.stop()
         moto.stop()
-
-# ----- EC2, SQS and Auto Scaling (tests/integration/test_ec2_source.py)
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """A fresh moto server on 127.0.0.1; yields its endpoint URL. It must start, or the test fails."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-def client(service: str, endpoint: str) -> Any:
-    """A boto3 client for the emulator, with its dummy credentials."""
-    import boto3
-
-    return boto3.client(service, region_name=REGION, endpoint_url=endpoint,
-                        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
-
-
-def ec2_state_change(instance_id: str, state: str, at: datetime | None = None) -> str:
-    """An "EC2 Instance State-change Notification" as EventBridge delivers it to an SQS queue."""
-    when = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return json.dumps({
-        "version": "0", "id": f"evt-{instance_id}-{state}", "detail-type": "EC2 Instance State-change Notification",
-        "source": "aws.ec2", "account": "123456789012", "time": when, "region": REGION,
-        "resources": [f"arn:aws:ec2:{REGION}:123456789012:instance/{instance_id}"],
-        "detail": {"instance-id": instance_id, "state": state}})
-
-
-def record_lifecycle_actions() -> list[dict[str, str]]:
-    """moto 5 implements PutLifecycleHook but not CompleteLifecycleAction nor
-    RecordLifecycleActionHeartbeat: the smallest handler for those two calls only, added to this
-    process's emulator, which records what it receives (and answers with an empty result)."""
-    from moto.autoscaling.responses import AutoScalingResponse
-    from moto.core.responses import EmptyResult
-
-    calls: list[dict[str, str]] = []
-    keys = ("AutoScalingGroupName", "LifecycleHookName", "LifecycleActionToken", "InstanceId",
-            "LifecycleActionResult")
-
-    def recorder(action: str) -> Any:
-        def respond(self: Any) -> Any:
-            calls.append({"Action": action, **{k: self._get_param(k) for k in keys if self._get_param(k)}})
-            return EmptyResult()
-        return respond
-    AutoScalingResponse.complete_lifecycle_action = recorder("CompleteLifecycleAction")  # type: ignore[attr-defined]
-    AutoScalingResponse.record_lifecycle_action_heartbeat = recorder(  # type: ignore[attr-defined]
-        "RecordLifecycleActionHeartbeat")
-    return calls
-
-
-def lifecycle_message(group: str, hook: str, transition: str, instance_id: str, token: str) -> str:
-    """What a lifecycle hook sends to its SQS target (moto does not send it)."""
-    return json.dumps({
-        "Origin": "EC2", "Destination": "AutoScalingGroup", "Service": "AWS Auto Scaling",
-        "Time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "AccountId": "123456789012",
-        "LifecycleTransition": f"autoscaling:EC2_INSTANCE_{transition}", "RequestId": f"req-{token}",
-        "AutoScalingGroupName": group, "LifecycleHookName": hook, "EC2InstanceId": instance_id,
-        "LifecycleActionToken": token})

@@ -22,6 +22,7 @@ from poolkeeper.core.ec2 import (
     phase_of,
     with_state,
 )
+from poolkeeper.core.elbv2 import instance_id_refusal
 from poolkeeper.core.model import Phase
 from poolkeeper.core.poolspec import InvalidSpec, PoolSpec, parse_pool
 from poolkeeper.core.tenancy import ec2_source_refusal, parse_ec2_source_namespaces
@@ -84,6 +85,12 @@ def test_with_state_keeps_the_instance_and_changes_the_phase() -> None:
     stopping = with_state(record, "stopping")
     assert stopping.phase is Phase.DRAINING and stopping.reason == "instance stopping"
     assert stopping.address == record.address and stopping.labels == record.labels
+
+
+def test_an_ec2_record_carries_its_instance_id_for_elbv2_instance_targets() -> None:
+    record = instance_record(raw(instance_id="i-0abc"), "team", SOURCE)
+    assert record.ec2_id == "i-0abc" and with_state(record, "stopping").ec2_id == "i-0abc"
+    assert instance_id_refusal(record.kind, record.ec2_id) is None  # registered by id, not refused
 
 
 def event(**over: Any) -> str:

@@ -205,3 +205,59 @@ def test_no_cluster_owns_another_clusters_names(ids: list[str], pools: list[tupl
         name = member_name(ns, pool, uid, "check:2:2:3", cluster_id=mine)
         assert name.startswith(cluster_prefix(mine)) and not name.startswith(cluster_prefix(other))
         assert instance_part(alternate_name(name)) == member_name(ns, pool, uid, cluster_id=mine)
+
+
+# ----- an EC2 source among others (issue 11: Pods and EC2 instances in one backend)
+def ec2_source(weight: int | None = None, **ec2: Any) -> dict[str, Any]:
+    return {"kind": "EC2", "ec2": {"region": "us-east-1", "queueURL": "https://sqs/q", "tags": {"app": "web"}, **ec2},
+            **({} if weight is None else {"weight": weight})}
+
+
+def test_an_ec2_source_is_one_of_several_with_its_own_weight() -> None:
+    pods = {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}, "weight": 64}
+    spec = parse_pool(body(sources=[pods, ec2_source(192, credentialsSecretRef={"name": "aws"})]))
+    assert isinstance(spec, PoolSpec)
+    assert [(s.kind, s.weight) for s in spec.sources] == [("Pod", 64), ("EC2", 192)]
+    assert spec.kinds == ("Pod", "EC2")
+    assert spec.ec2 is not None and spec.ec2.credentials_secret == "aws" and spec.ec2.tag_map == {"app": "web"}
+    assert spec.ec2_source is not None and spec.ec2_source.where == "spec.sources[1]"
+    assert spec.selects("EC2", {"app": "web", "Name": "vm"}) and spec.selects("Pod", {"app": "web"})
+    assert not spec.selects("EC2", {"app": "api"})
+    # the EC2 instances take the EC2 source's weight, the pods the Pod source's, in one backend
+    ec2 = replace(inst("i-0abc", kind="EC2", n=9), ec2_id="i-0abc")
+    desired, _ = desired_members(namespace="ns", pool="web", sources=spec.sources, port=80,
+                                 instances=[inst("p1", n=2), ec2], policy=LOOPBACK, held=frozenset(), variant="")
+    assert sorted((m.instance.kind, m.weight) for m in desired.values()) == [("EC2", 192), ("Pod", 64)]
+    # a pool without an EC2 source has none, whatever else it takes
+    assert parse_pool(body(sources=mixed())).ec2 is None
+
+
+def test_an_ec2_source_alone_still_works_as_spec_source() -> None:
+    spec = parse_pool(body(source=ec2_source()))
+    assert spec.ec2 is not None and spec.ec2_source is not None and spec.ec2_source.where == "spec.source"
+    assert [(s.kind, s.weight) for s in spec.sources] == [("EC2", 1)]
+
+
+@pytest.mark.parametrize(("sources", "message"), [
+    ([ec2_source(), ec2_source(tags={"app": "api"})], "at most one EC2 source"),
+    ([{"kind": "Pod", "selector": {}}, ec2_source(tags={})], "spec.sources[1].ec2.tags must select instances"),
+])
+def test_ec2_sources_that_cannot_work_are_refused_with_the_field_named(sources: list[Any], message: str) -> None:
+    with pytest.raises(InvalidSpec, match=re.escape(message)):
+        parse_pool(body(sources=sources))
+
+
+def test_ec2_weights_need_haproxy_as_every_weight_does() -> None:
+    elbv2 = {"type": "ELBv2", "elbv2": {"loadBalancerRef": {"name": "aws"}, "targetGroupARN": "arn:tg"}}
+    with pytest.raises(InvalidSpec, match="needs an HAProxy backend"):
+        parse_pool(body(elbv2, sources=[{"kind": "Pod", "selector": {}}, ec2_source(5)]))
+    spec = parse_pool(body(elbv2, sources=[{"kind": "Pod", "selector": {}}, ec2_source()]))
+    assert spec.ec2 is not None and [s.weight for s in spec.sources] == [None, None]
+
+
+def test_the_ec2_tenancy_message_names_the_source_where_it_is() -> None:
+    from poolkeeper.core.tenancy import ec2_source_refusal, parse_ec2_source_namespaces
+
+    why = ec2_source_refusal("ns", {}, own_credentials=False, endpoint_url="", where="spec.sources[1]",
+                             policy=parse_ec2_source_namespaces(None))
+    assert why is not None and "spec.sources[1].ec2.credentialsSecretRef" in why

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from poolkeeper.aws import fence
 
 NOT_INSTALLED = ("AWSSupportNotInstalled",
                  "this operator was installed without AWS support (pip install 'poolkeeper[aws]')")
@@ -37,8 +39,10 @@ class Credentials:
 
 @contextlib.asynccontextmanager
 async def clients(services: tuple[str, ...], region: str, endpoint_url: str,
-                  credentials: Credentials | None, read_timeout: float = 40.0) -> AsyncIterator[list[Any]]:
-    """One client per service, closed on exit; retries in botocore's standard mode (throttling backs off)."""
+                  credentials: Credentials | None, read_timeout: float = 40.0,
+                  may_act: Callable[[], bool] | None = None) -> AsyncIterator[list[Any]]:
+    """One client per service, closed on exit; retries in botocore's standard mode (throttling backs off);
+    the calls that change something are leader-fenced with `may_act` (poolkeeper.aws.fence)."""
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -54,4 +58,6 @@ async def clients(services: tuple[str, ...], region: str, endpoint_url: str,
         opened = [await stack.enter_async_context(session.create_client(
             service, region_name=region, endpoint_url=endpoint_url or None, config=config, **keys))
             for service in services]
+        for opened_client in opened:
+            fence(opened_client, may_act)
         yield opened

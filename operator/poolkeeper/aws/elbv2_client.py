@@ -7,10 +7,10 @@ a call still throttled after its attempts raises AWSError(reason="Throttled").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from poolkeeper.aws import NOT_INSTALLED, AWSError
+from poolkeeper.aws import NOT_INSTALLED, AWSError, fence
 from poolkeeper.core.elbv2 import Target, TargetHealth, batches
 
 THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
@@ -36,8 +36,9 @@ class ELBv2Client:
     """One account + region (+ endpoint); the aiobotocore client is opened at first use."""
 
     def __init__(self, region: str, endpoint_url: str = "", credentials: tuple[str, str] | None = None,
-                 attempts: int = ATTEMPTS) -> None:
+                 attempts: int = ATTEMPTS, may_act: Callable[[], bool] | None = None) -> None:
         self.region, self.endpoint_url, self.credentials, self.attempts = region, endpoint_url, credentials, attempts
+        self.may_act = may_act  # the leader fence of registrations (aws.fence); None: always
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
 
@@ -58,6 +59,7 @@ class ELBv2Client:
             kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = self.credentials
         stack = contextlib.AsyncExitStack()
         self._client = await stack.enter_async_context(get_session().create_client("elbv2", **kwargs))
+        fence(self._client, self.may_act)
         self._stack = stack
         return self._client
 

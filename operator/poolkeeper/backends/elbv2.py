@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from poolkeeper.aws import AWSError
+from poolkeeper.aws import NOT_LEADING, AWSError
 from poolkeeper.aws.elbv2_client import ELBv2Client
 from poolkeeper.backends import ActionResult
 from poolkeeper.backends.haproxy import BackendMissing
@@ -29,7 +29,8 @@ CHECK_TTL = 60.0  # seconds a target group's type and tags stay checked
 # DescribeTargetHealth is eventually consistent: a target registered this recently and not listed
 # yet is still ours (taken as just registered), not forgotten.
 SETTLE_SECONDS = 30.0
-FATAL = ("Throttled", "AWSUnreachable", "AWSSupportNotInstalled")  # the whole reconcile fails, not one action
+# the whole reconcile fails, not one action
+FATAL = ("Throttled", "AWSUnreachable", "AWSSupportNotInstalled", NOT_LEADING)
 
 Persist = Callable[[list[dict[str, Any]]], Awaitable[None]]
 

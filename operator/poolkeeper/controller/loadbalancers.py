@@ -46,8 +46,8 @@ class _Entry:
 
 class LoadBalancers:
     def _may_act(self) -> bool:
-        """HAProxy writes are fenced like API writes (kube/api.py may_write): a replica that no
-        longer leads sends no runtime command."""
+        """HAProxy and ELBv2 writes are fenced like API writes (kube/api.py may_write): a replica
+        that no longer leads sends no runtime command and registers no target."""
         may_write = self.api.may_write if self.api is not None else None
         return may_write is None or may_write()
 
@@ -138,7 +138,7 @@ class LoadBalancers:
             self._write_status(name, Condition("Reachable", False, "CredentialsSecretInvalid", str(exc)))
             self.events.post(body, "CredentialsSecretInvalid", str(exc), warning=True)
             return
-        client = ELBv2Client(spec.region, spec.endpoint_url, credentials)
+        client = ELBv2Client(spec.region, spec.endpoint_url, credentials, may_act=self._may_act)
         self._elbv2[name] = (spec, client)  # before any await: pools always find a client
         for stale in (current[1] if current else None, self._elbv2_retired.pop(name, None)):
             if stale is not None:

@@ -227,11 +227,12 @@ class PoolController:
 
     def ec2_refusal(self, spec: PoolSpec) -> str | None:
         """Why the pool's namespace may not have its EC2 source (core.tenancy.ec2_source_refusal)."""
-        if spec.ec2 is None:
+        source = spec.ec2_source
+        if source is None or source.ec2 is None:
             return None
         return ec2_source_refusal(spec.namespace, self.store.namespace_labels.get(spec.namespace),
-                                  own_credentials=bool(spec.ec2.credentials_secret),
-                                  endpoint_url=spec.ec2.endpoint_url, policy=self.ec2_sources)
+                                  own_credentials=bool(source.ec2.credentials_secret),
+                                  endpoint_url=source.ec2.endpoint_url, policy=self.ec2_sources, where=source.where)
 
     # ----- claims: who may drive which backend
     def refusal(self, spec: PoolSpec) -> tuple[str, str] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -49,11 +49,12 @@ class Ec2Source:
         return all(tags.get(k) == v for k, v in self.tags)
 
 
-def parse_source(raw: Mapping[str, Any]) -> Ec2Source:
-    """From the (schema-checked) `spec.source.ec2`; ValueError for what the schema cannot check."""
+def parse_source(raw: Mapping[str, Any], where: str = "spec.source.ec2") -> Ec2Source:
+    """From the (schema-checked) `spec.source.ec2` (or `spec.sources[i].ec2`); ValueError for what
+    the schema cannot check."""
     tags = raw.get("tags") or {}
     if not isinstance(tags, Mapping) or not tags:
-        raise ValueError("spec.source.ec2.tags must select instances by at least one tag")
+        raise ValueError(f"{where}.tags must select instances by at least one tag")
     secret = (raw.get("credentialsSecretRef") or {}).get("name") or ""
     return Ec2Source(region=str(raw.get("region") or ""), queue_url=str(raw.get("queueURL") or ""),
                      tags=tuple(sorted((str(k), str(v)) for k, v in tags.items())),
@@ -84,7 +85,7 @@ def instance_record(raw: Mapping[str, Any], namespace: str, source: Ec2Source,
         phase, reason = Phase.DOWN, ("instance has no tag " + source.address_tag if source.address_tag
                                      else "instance has no private IP")
     return InstanceState(KIND, namespace, instance_id, instance_id, str(address) if address else None,
-                         tags, phase, reason)
+                         tags, phase, reason, ec2_id=instance_id)  # an ELBv2 `instance` target as it is
 
 
 def with_state(record: InstanceState, state: str) -> InstanceState:
@@ -92,8 +93,7 @@ def with_state(record: InstanceState, state: str) -> InstanceState:
     phase, reason = phase_of(state)
     if not record.address and phase is not Phase.DOWN:
         return record
-    return InstanceState(record.kind, record.namespace, record.name, record.uid, record.address, record.labels,
-                         phase, reason)
+    return replace(record, phase=phase, reason=reason)
 
 
 @dataclass(frozen=True, slots=True)

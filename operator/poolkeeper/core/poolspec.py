@@ -7,7 +7,7 @@ evaluate, a CIDR list that doesn't parse) raises InvalidSpec and becomes a condi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
@@ -28,6 +28,9 @@ class HealthCheck:
     fall: int
 
 
+# one SQS consumer per pool: two EC2 sources would need two queues and say nothing more
+EC2_ONCE = ("a pool takes at most one EC2 source (it consumes and deletes its queue's messages): select "
+            "more instances with its tags, or use another pool")
 MAX_WEIGHT = 256  # HAProxy's `set server <b>/<s> weight` range is 0-256
 DEFAULT_WEIGHT = 1  # a dynamic server's weight in HAProxy: a source without one goes (back) to it
 
@@ -36,9 +39,11 @@ DEFAULT_WEIGHT = 1  # a dynamic server's weight in HAProxy: a source without one
 class SourceSpec:
     """One source of a pool's members: `spec.source`, or one entry of `spec.sources`."""
 
-    kind: str  # Pod | Node | Instance
-    selector: LabelSelector
+    kind: str  # Pod | Node | Instance | EC2
+    selector: LabelSelector  # EC2: its tags, over the instances' tags
     weight: int | None = None  # HAProxy weight of each of its members; None: the backend has no weights
+    ec2: Ec2Source | None = None  # kind EC2: where the instances and their state changes come from
+    where: str = field(default="spec.source", compare=False)  # its place in the spec, for messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,16 @@ class PoolSpec:
     deleting: bool = False
     cluster_id: str = ""  # the operator's --cluster-id: which servers of a shared backend are its own
     target_type: str = ""  # ELBv2: ip
-    ec2: Ec2Source | None = None  # kind EC2: where the instances and their state changes come from
+
+    @property
+    def ec2_source(self) -> SourceSpec | None:
+        """The pool's EC2 source (at most one: it consumes its own queue), alone or among others."""
+        return next((s for s in self.sources if s.ec2 is not None), None)
+
+    @property
+    def ec2(self) -> Ec2Source | None:
+        found = self.ec2_source
+        return found.ec2 if found is not None else None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -119,13 +133,14 @@ def _parse_source(raw: Any, where: str) -> SourceSpec:
     kind = raw.get("kind")
     if kind not in ("Pod", "Node", "Instance", "EC2"):
         raise InvalidSpec(f"{where}.kind {kind!r} is not Pod, Node, Instance or EC2")
-    if kind == "EC2":  # its tags are the selector over the instances' tags
-        selector = LabelSelector.parse({"matchLabels": _ec2_source(raw).tag_map})
+    ec2 = _ec2_source(raw, where) if kind == "EC2" else None
+    if ec2 is not None:  # its tags are the selector over the instances' tags
+        selector = LabelSelector.parse({"matchLabels": ec2.tag_map})
     weight = raw.get("weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int)
                                or not 0 <= weight <= MAX_WEIGHT):
         raise InvalidSpec(f"{where}.weight {weight!r} is not an integer from 0 to {MAX_WEIGHT}")
-    return SourceSpec(kind, selector, weight)
+    return SourceSpec(kind, selector, weight, ec2, where)
 
 
 def parse_sources(spec: Mapping[str, Any]) -> tuple[SourceSpec, ...]:
@@ -148,9 +163,8 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     backend = spec.get("backend") or {}
     sources = parse_sources(spec)
-    if len(sources) > 1 and any(s.kind == "EC2" for s in sources):
-        raise InvalidSpec("an EC2 source has a queue of its own: use spec.source, not spec.sources")
-    ec2 = _ec2_source(spec.get("source") or {}) if sources[0].kind == "EC2" else None
+    if sum(1 for s in sources if s.kind == "EC2") > 1:
+        raise InvalidSpec(EC2_ONCE)
     if backend.get("type") != "HAProxy" and any(s.weight is not None for s in sources):
         raise InvalidSpec("spec.sources[].weight needs an HAProxy backend: EndpointSlices have no weights")
     if backend.get("type") == "HAProxy":  # every member has a weight there: unset is HAProxy's default
@@ -161,7 +175,7 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
         "created": meta.get("creationTimestamp") or "", "sources": sources,
         "port": int(spec.get("port") or 0), "backend_type": backend.get("type"),
         "deregistration_delay": int(spec.get("deregistrationDelaySeconds", 30)),
-        "deleting": bool(meta.get("deletionTimestamp")), "cluster_id": cluster_id, "ec2": ec2,
+        "deleting": bool(meta.get("deletionTimestamp")), "cluster_id": cluster_id,
     }
     if backend.get("type") == "HAProxy":
         ha = backend.get("haproxy") or {}
@@ -186,10 +200,10 @@ def _parse_elbv2_pool(common: dict[str, Any], elb: Mapping[str, Any]) -> PoolSpe
                     target_type=str(elb.get("targetType") or "ip"))
 
 
-def _ec2_source(source: Mapping[str, Any]) -> Ec2Source:
-    """`spec.source.ec2`; its tags become the pool's selector over the instances' tags."""
+def _ec2_source(source: Mapping[str, Any], where: str) -> Ec2Source:
+    """`<where>.ec2` of an EC2 source; its tags become the source's selector over the instances' tags."""
     try:
-        return parse_source(source.get("ec2") or {})
+        return parse_source(source.get("ec2") or {}, f"{where}.ec2")
     except (ValueError, SelectorError) as exc:
         raise InvalidSpec(str(exc)) from exc
 

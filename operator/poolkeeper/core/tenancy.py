@@ -123,8 +123,9 @@ def parse_ec2_source_namespaces(text: str | None) -> NodeSourcePolicy:
 
 
 def ec2_source_refusal(namespace: str, namespace_labels: Mapping[str, str] | None, *, own_credentials: bool,
-                       endpoint_url: str, policy: NodeSourcePolicy) -> str | None:
-    """Why a pool in `namespace` may not have this EC2 source, or None.
+                       endpoint_url: str, policy: NodeSourcePolicy, where: str = "spec.source") -> str | None:
+    """Why a pool in `namespace` may not have this EC2 source (at `where`: spec.source or
+    spec.sources[i]), or None.
 
     A Secret of the pool's own namespace carries the tenant's own AWS identity: it can only read
     what that identity may. Without one the operator would read queues and instances with its own
@@ -136,9 +137,9 @@ def ec2_source_refusal(namespace: str, namespace_labels: Mapping[str, str] | Non
     listed = f"--ec2-source-namespaces={policy.text}" if policy.text else "--ec2-source-namespaces (unset)"
     if not own_credentials:
         return (f"namespace {namespace} may not use the operator's own AWS identity: set "
-                f"spec.source.ec2.credentialsSecretRef to a Secret of this namespace, or ask an admin to "
+                f"{where}.ec2.credentialsSecretRef to a Secret of this namespace, or ask an admin to "
                 f"add the namespace to {listed}")
     if endpoint_url:
-        return (f"namespace {namespace} may not set spec.source.ec2.endpointURL: only namespaces matching "
+        return (f"namespace {namespace} may not set {where}.ec2.endpointURL: only namespaces matching "
                 f"{listed} may point the operator at another AWS endpoint")
     return None

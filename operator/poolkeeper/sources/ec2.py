@@ -64,8 +64,9 @@ class Ec2Feed:
                  changed: Callable[[Key], None], member_state: MemberState = lambda key, ref: None,
                  post: PostEvent = lambda key, reason, message, warning: None,
                  relist_seconds: float = RELIST_SECONDS, wait_seconds: int = WAIT_SECONDS,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, may_act: Callable[[], bool] | None = None) -> None:
         self.key, self.source, self.post = key, source, post
+        self.may_act = may_act  # the leader fence of hooks and messages (poolkeeper.aws.fence); None: always
         self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
         self.relist_seconds, self.wait_seconds = relist_seconds, wait_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -125,7 +126,7 @@ class Ec2Feed:
         creds = await self._credentials()
         src = self.source
         async with aws.clients(("ec2", "sqs", "autoscaling"), src.region, src.endpoint_url, creds,
-                               read_timeout=self.wait_seconds + 20) as (ec2, sqs, asg):
+                               read_timeout=self.wait_seconds + 20, may_act=self.may_act) as (ec2, sqs, asg):
             while True:
                 await self._relist(ec2)
                 self.failures = 0
@@ -272,9 +273,10 @@ class Ec2Feeds:
     def __init__(self, *, apply: Apply, read_secret: ReadSecret, changed: Callable[[Key], None],
                  member_state: MemberState = lambda key, ref: None,
                  post: PostEvent = lambda key, reason, message, warning: None,
-                 relist_seconds: float = RELIST_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+                 relist_seconds: float = RELIST_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 may_act: Callable[[], bool] | None = None) -> None:
         self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
-        self.post = post
+        self.post, self.may_act = post, may_act
         self.relist_seconds, self.heartbeat_seconds = relist_seconds, heartbeat_seconds
         self.feeds: dict[Key, tuple[Ec2Feed, asyncio.Task[None]]] = {}
 
@@ -288,7 +290,7 @@ class Ec2Feeds:
             if source is not None and key not in self.feeds:
                 feed = Ec2Feed(key, source, apply=self.apply, read_secret=self.read_secret, changed=self.changed,
                                member_state=self.member_state, post=self.post, relist_seconds=self.relist_seconds,
-                               heartbeat_seconds=self.heartbeat_seconds)
+                               heartbeat_seconds=self.heartbeat_seconds, may_act=self.may_act)
                 task = asyncio.get_running_loop().create_task(feed.run(), name=f"ec2-feed/{key[0]}/{key[1]}")
                 self.feeds[key] = (feed, task)
 
