@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from test_lifecycle import handler, http
+from test_mixed_pools import TOLERANCE, servers
 
 from poolkeeper.core.ec2 import Ec2Source
 from poolkeeper.sources.ec2 import Ec2Feed
@@ -30,12 +31,12 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.ports import free_port
-from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
+from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch, backend_errors
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
 from support.aws import CREDENTIALS, REGION, ec2_state_change, lifecycle_message, moto_server, record_lifecycle_actions
 from support.aws import client as aws_client
 from support.kube import condition, create, events_for, get, started, wait_for
-from support.pools import LOOPBACK_TARGETS, ha_backend, haproxy_servers, load_balancer, members
+from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 
 ALLOW_LABEL = "poolkeeper.dev/ec2-sources"
@@ -385,3 +386,77 @@ def test_auto_scaling_hooks_wait_for_registration_and_draining(
                    for r, m in events_for(core, namespace, "web"))
     finally:
         server.stop()
+
+
+def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_without_a_failed_request(
+        ec2_operator: OperatorProcess, moto: str, namespace: str, core: client.CoreV1Api,
+        custom: client.CustomObjectsApi, haproxy: HAProxyProcess, lb_name: str, workloads: Workloads) -> None:
+    """The issue's own example: a service moves from EC2 instances to Pods in one HAProxy backend by
+    shifting the sources' weights, then the instances are terminated; every step under traffic."""
+    ec2, sqs = aws_client("ec2", moto), aws_client("sqs", moto)
+    queue = sqs.create_queue(QueueName=f"mixed-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    app, subnet = f"vms-{uuid.uuid4().hex[:5]}", 200 + next(_hosts) % 50
+    fleet = workloads("web")
+    pods = {f"{fleet.add(f'web-{i}')}:{fleet.port}" for i in range(2)}
+    vms: dict[str, HTTPBackend] = {}
+    for n in (1, 2):
+        backend = start_backend(f"127.{subnet}.0.{n}", fleet.port)  # the pool's one port, as on the pods
+        vms[launch(ec2, {"app": app, ADDRESS_TAG: backend.address})] = backend
+
+    def sources(ec2_weight: int, pod_weight: int) -> list[dict[str, Any]]:
+        return [{"kind": "EC2", "weight": ec2_weight, "ec2": {
+                    "region": REGION, "endpointURL": moto, "credentialsSecretRef": {"name": "aws"},
+                    "tags": {"app": app}, "queueURL": queue, "addressTag": ADDRESS_TAG}},
+                {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}, "weight": pod_weight}]
+
+    def weights() -> dict[str, str]:
+        """HAProxy's weight of each server, by address:port."""
+        return {address: weight for address, _, weight in servers(haproxy, "web").values()}
+    try:
+        allow_ec2(core, namespace)
+        credentials_secret(core, namespace)
+        create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "web"}, "spec": {
+            "sources": sources(256, 0), "port": fleet.port, "backend": ha_backend(lb_name, "web"),
+            "deregistrationDelaySeconds": 30}})
+        refs = {*(f"EC2/{namespace}/{i}" for i in vms), *(f"Pod/{namespace}/web-{i}" for i in range(2))}
+        wait_for(lambda: {r for r, m in members(custom, namespace, "web").items() if m["state"] == "Active"} == refs,
+                 30, "2 EC2 instances and 2 pods Active")
+        vm_servers = {f"{b.address}:{fleet.port}" for b in vms.values()}
+        assert set(weights()) == vm_servers | pods
+        names = set(servers(haproxy, "web"))
+        load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start(duration=120)
+        watch = ErrorWatch(haproxy.admin_endpoint, "web").start()
+        shares = []
+        try:
+            for ec2_weight, pod_weight in ((256, 0), (128, 128), (0, 256)):
+                custom.patch_namespaced_custom_object(
+                    group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools",
+                    name="web", body={"spec": {"sources": sources(ec2_weight, pod_weight)}})
+                want = {**dict.fromkeys(vm_servers, str(ec2_weight)), **dict.fromkeys(pods, str(pod_weight))}
+                wait_for(lambda w=want: weights() == w, 20, f"weights {ec2_weight}/{pod_weight} in HAProxy")  # type: ignore[misc]
+                before = load.snapshot()
+                wait_for(lambda b=before: load.snapshot().ok - b.ok >= 300, 30, "a window of traffic")  # type: ignore[misc]
+                window = load.snapshot().served_by - before.served_by
+                vm_share = sum(window[n] for n in vm_servers) / sum(window.values())
+                shares.append((ec2_weight, pod_weight, round(vm_share, 3)))
+                assert abs(vm_share - ec2_weight / (ec2_weight + pod_weight)) <= TOLERANCE, shares
+                assert set(servers(haproxy, "web")) == names  # weights change in place: no server re-added
+            # the move is done: the instances are terminated (their events), drained and removed
+            for instance_id in vms:
+                for state in ("shutting-down", "terminated"):
+                    sqs.send_message(QueueUrl=queue, MessageBody=ec2_state_change(instance_id, state))
+            wait_for(lambda: set(weights()) == pods, 40, "the EC2 instances' servers removed")
+            before = load.snapshot()
+            wait_for(lambda: load.snapshot().ok - before.ok >= 100, 10, "traffic after the instances left")
+        finally:
+            report = load.stop()
+            errors = watch.stop().errors()
+        assert report.failed == 0, report.failures
+        assert errors == NO_ERRORS, errors
+        assert report.total >= 3 * 300, report
+        assert {r: m.get("weight") for r, m in members(custom, namespace, "web").items()} == {
+            f"Pod/{namespace}/web-{i}": 256 for i in range(2)}
+        wait_for(lambda: queue_depth(sqs, queue) == 0, 20, "every message deleted once applied")
+    finally:
+        for backend in vms.values():
+            backend.stop()

@@ -60,6 +60,8 @@ def sources(vm_weight: int, pod_weight: int) -> list[dict[str, Any]]:
 SLICE_BACKEND = {"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}}
 HA_BACKEND = {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": "edge"}, "backend": "web"}}
 POD_SOURCE = {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}
+EC2 = {"region": "us-east-1", "tags": {"app": "web"}, "queueURL": "https://sqs.us-east-1.amazonaws.com/1/q"}
+EC2_SOURCE = {"kind": "EC2", "ec2": EC2}
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -72,7 +74,16 @@ POD_SOURCE = {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}}
     ({"sources": [{"kind": "Instance"}], "backend": HA_BACKEND},
      "spec.sources[].selector is required when kind is Pod or Instance"),
     ({"sources": [], "backend": HA_BACKEND}, "should have at least 1 items"),
-], ids=["both", "neither", "weight-endpointslice", "weight-range", "selector", "empty"])
+    ({"sources": [POD_SOURCE, EC2_SOURCE, {**EC2_SOURCE, "weight": 3}], "backend": HA_BACKEND},
+     "a pool takes at most one EC2 source"),
+    ({"sources": [POD_SOURCE, {**EC2_SOURCE, "selector": {}}], "backend": HA_BACKEND},
+     "an EC2 source selects instances with spec.sources[].ec2.tags"),
+    ({"sources": [{**POD_SOURCE, "ec2": EC2}], "backend": HA_BACKEND}, "spec.sources[].ec2 is only for kind EC2"),
+    ({"sources": [POD_SOURCE, {"kind": "EC2"}], "backend": HA_BACKEND}, "an EC2 source selects instances with"),
+    ({"sources": [POD_SOURCE, {**EC2_SOURCE, "ec2": {**EC2, "tags": {}}}], "backend": HA_BACKEND},
+     "should have at least 1 properties"),
+], ids=["both", "neither", "weight-endpointslice", "weight-range", "selector", "empty", "two-ec2", "ec2-selector",
+        "pod-with-ec2", "ec2-without-ec2", "ec2-no-tags"])
 def test_schema_refuses_bad_sources_with_a_human_message(
         namespace: str, custom: client.CustomObjectsApi, spec: dict[str, Any], message: str) -> None:
     with pytest.raises(ApiException) as refused:
@@ -88,6 +99,9 @@ def test_schema_accepts_sources_and_weights_where_they_apply(namespace: str, cus
     create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "slices"}, "spec": {
         "port": 80, "sources": [POD_SOURCE, {"kind": "Instance", "selector": {}}], "backend": SLICE_BACKEND}})
     assert get(custom, namespace, "targetpools", "weighted")["spec"]["sources"][1] == {"kind": "Node", "weight": 256}
+    create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": "vms-to-pods"}, "spec": {
+        "port": 80, "sources": [{**EC2_SOURCE, "weight": 192}, {**POD_SOURCE, "weight": 64}], "backend": HA_BACKEND}})
+    assert get(custom, namespace, "targetpools", "vms-to-pods")["spec"]["sources"][0] == {**EC2_SOURCE, "weight": 192}
 
 
 @pytest.fixture()
