@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         with lock, path.open("a") as out:
             out.write(json.dumps(call) + "\n")
     record_lifecycle_actions(append)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     with moto_server(args.port) as endpoint:
         print(f"aws emulator: {endpoint}", flush=True)
         threading.Event().wait()  # until a signal ends the process

@@ -97,7 +97,8 @@ class ScalingGroup:
 
     def scale_out(self) -> tuple[str, str]:
         """One more instance: its stand-in server, address tag, state changes and launch hook."""
-        (instance_id,) = self.instances() - self._desired(+1)
+        before = self._desired(+1)
+        (instance_id,) = self.instances() - before
         address = f"127.78.0.{next(self._hosts) % 250 + 1}"
         self.servers[instance_id] = start_backend(address, self.port)
         self.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": ADDRESS_TAG, "Value": address}])
