@@ -35,7 +35,7 @@ from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch, backend_errors
 from poolkeeper_dev.traffic import HTTPBackend, LoadGenerator, start_backend
 from support.aws import CREDENTIALS, REGION, ec2_state_change, lifecycle_message, moto_server, record_lifecycle_actions
 from support.aws import client as aws_client
-from support.kube import condition, create, events_for, get, started, wait_for
+from support.kube import condition, create, delete, events_for, get, started, wait_for
 from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
 from support.receiver import Receiver
 
@@ -460,3 +460,60 @@ def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_wit
     finally:
         for backend in vms.values():
             backend.stop()
+
+
+def test_pods_and_ec2_instances_in_one_elbv2_target_group(
+        ec2_operator: OperatorProcess, moto: str, namespace: str, core: client.CoreV1Api,
+        custom: client.CustomObjectsApi, workloads: Workloads) -> None:
+    """EC2 among the sources of an ELBv2 pool: an `ip` target group takes the instances' and the pods'
+    addresses; an `instance` one takes the instances by id, and a pod is Held (it is no EC2 instance)."""
+    ec2, sqs, elb = aws_client("ec2", moto), aws_client("sqs", moto), aws_client("elbv2", moto)
+    app, subnet = f"elb-{uuid.uuid4().hex[:5]}", 200 + next(_hosts) % 50
+    fleet = workloads("web")
+    pod_ip = fleet.add("web-0")
+    vm_address = f"127.{subnet}.0.1"
+    vm = launch(ec2, {"app": app, ADDRESS_TAG: vm_address})
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    arns = {kind: elb.create_target_group(Name=f"{kind}-{uuid.uuid4().hex[:8]}", Protocol="HTTP", Port=80, VpcId=vpc,
+                                          TargetType=kind)["TargetGroups"][0]["TargetGroupArn"]
+            for kind in ("ip", "instance")}
+    allow_ec2(core, namespace)
+    credentials_secret(core, namespace)
+    core.create_namespaced_secret(namespace=namespace, body={"metadata": {"name": "elb"}, "data": {
+        k.lower(): base64.b64encode(v.encode()).decode() for k, v in CREDENTIALS.items()}})
+    lb = f"elb-{uuid.uuid4().hex[:6]}"
+    custom.create_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers", body={
+        "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": lb},
+        "spec": {"type": "ELBv2", "allowedTargetCIDRs": LOOPBACK_TARGETS, "elbv2": {
+            "region": REGION, "endpointURL": moto, "credentialsSecretRef": {"namespace": namespace, "name": "elb"},
+            "targetGroups": [{"arn": arn} for arn in arns.values()]}}})
+    try:
+        for kind, arn in arns.items():
+            create(custom, namespace, "targetpools", {"kind": "TargetPool", "metadata": {"name": kind}, "spec": {
+                "sources": [{"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}},
+                            {"kind": "EC2", "ec2": {
+                                "region": REGION, "endpointURL": moto, "credentialsSecretRef": {"name": "aws"},
+                                "tags": {"app": app}, "addressTag": ADDRESS_TAG,
+                                "queueURL": sqs.create_queue(QueueName=f"{kind}-{app}")["QueueUrl"]}}],
+                "port": fleet.port, "deregistrationDelaySeconds": 5,
+                "backend": {"type": "ELBv2", "elbv2": {"loadBalancerRef": {"name": lb}, "targetGroupARN": arn,
+                                                       "targetType": kind}}}})
+
+        def targets(arn: str) -> set[tuple[str, int]]:
+            return {(d["Target"]["Id"], d["Target"]["Port"])
+                    for d in elb.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]}
+        pod, instance = f"Pod/{namespace}/web-0", f"EC2/{namespace}/{vm}"
+        wait_for(lambda: {r: m["state"] for r, m in members(custom, namespace, "ip").items()}
+                 == {pod: "Active", instance: "Active"}, 30, "the pod and the instance Active in the ip group")
+        assert targets(arns["ip"]) == {(pod_ip, fleet.port), (vm_address, fleet.port)}
+        wait_for(lambda: members(custom, namespace, "instance").get(instance, {}).get("state") == "Active", 30,
+                 "the instance Active in the instance group")
+        held = members(custom, namespace, "instance")[pod]
+        assert held["state"] == "Held" and "Pod is no EC2 instance" in held["reason"], held
+        assert targets(arns["instance"]) == {(vm, fleet.port)}
+        for kind in arns:
+            delete(custom, namespace, "targetpools", kind)
+        wait_for(lambda: all(not targets(arn) for arn in arns.values()), 30, "deregistered with their pools")
+    finally:
+        custom.delete_cluster_custom_object(group="poolkeeper.dev", version="v1alpha1", plural="loadbalancers",
+                                            name=lb)
