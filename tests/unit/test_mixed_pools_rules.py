@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,3 +262,14 @@ def test_the_ec2_tenancy_message_names_the_source_where_it_is() -> None:
     why = ec2_source_refusal("ns", {}, own_credentials=False, endpoint_url="", where="spec.sources[1]",
                              policy=parse_ec2_source_namespaces(None))
     assert why is not None and "spec.sources[1].ec2.credentialsSecretRef" in why
+
+
+def test_the_crd_takes_an_ec2_source_alike_in_source_and_in_sources() -> None:
+    """The CRD cannot share a schema between two places ($ref is not allowed): the copy must not drift."""
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests" / "crds" / "targetpools.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    item, single = spec["sources"]["items"], spec["source"]
+    assert item["properties"]["ec2"] == single["properties"]["ec2"]
+    assert "EC2" in item["properties"]["kind"]["enum"] and "EC2" in single["properties"]["kind"]["enum"]
