@@ -32,7 +32,7 @@ from poolkeeper_dev.operator_process import ensure_system_namespace
 from poolkeeper_dev.ports import free_port
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
 from poolkeeper_dev.standin_kubelet import FakeKubelet
-from poolkeeper_dev.traffic import LoadGenerator
+from poolkeeper_dev.traffic import LoadGenerator, LoadReport
 from poolkeeper_dev.workload import Workload
 
 GROUP, VERSION = "poolkeeper.dev", "v1alpha1"
@@ -191,28 +191,22 @@ class Demo:
         deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
         steps = itertools.cycle(["replace", "replace", "replace", "replace", "scale-up", "scale-up",
                                  "scale-down", "scale-down"])
-        interrupted = False
-        try:
-            while time.monotonic() < deadline:
-                step = next(steps)
-                if step == "scale-up" or (step == "replace" and live):
-                    new = f"web-{next(names)}"
-                    workload.add(new)
-                    view.note(f"{step}: started {new}")
-                    view.wait_gate(NAMESPACE, new, deadline)
-                    live.append(new)
-                if step in ("replace", "scale-down") and len(live) > 2:
-                    old = live.pop(0)
-                    workload.begin_termination(old)
-                    view.note(f"{step}: {old} terminating (draining)")
-                    view.wait_gone(old, deadline)
-                    workload.finish_termination(old)
-                view.render()
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            report = load.stop()
-            view.render(final=True)
+
+        def roll() -> None:
+            step = next(steps)
+            if step == "scale-up" or (step == "replace" and live):
+                new = f"web-{next(names)}"
+                workload.add(new)
+                view.note(f"{step}: started {new}")
+                view.wait_gate(NAMESPACE, new, deadline)
+                live.append(new)
+            if step in ("replace", "scale-down") and len(live) > 2:
+                old = live.pop(0)
+                workload.begin_termination(old)
+                view.note(f"{step}: {old} terminating (draining)")
+                view.wait_gone(old, deadline)
+                workload.finish_termination(old)
+        report, interrupted = view.drive(roll, until=lambda: time.monotonic() >= deadline)
         errors = backend_errors(self.haproxy.admin_endpoint, "web")  # retries 0: nothing hides a failure
         _say(f"summary: {report.ok} requests served, {report.failed} failed, {view.transitions} roll steps, "
              f"members now {len(live)}; HAProxy counters {errors}" + (" (interrupted)" if interrupted else ""))
@@ -257,6 +251,22 @@ class LiveView:
 
     def members(self) -> list[dict[str, Any]]:
         return list((self.pool().get("status") or {}).get("members") or [])
+
+    def drive(self, step: Callable[[], None], until: Callable[[], bool]) -> tuple[LoadReport, bool]:
+        """Take steps under traffic until `until` (or Ctrl-C), then stop the load: its report, and
+        whether it was interrupted."""
+        assert self.load is not None
+        interrupted = False
+        try:
+            while not until():
+                step()
+                self.render()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            report = self.load.stop()
+            self.render(final=True)
+        return report, interrupted
 
     def note(self, text: str) -> None:
         self.transitions += 1

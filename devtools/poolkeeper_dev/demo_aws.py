@@ -221,16 +221,8 @@ class AwsDemo(Demo):
         view.load = load
         deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
         steps = itertools.cycle(["scale-out", "scale-out", "scale-in", "scale-in"])
-        interrupted = False
-        try:
-            while time.monotonic() < deadline and not problems:
-                self._step(view, group, next(steps), problems)
-                view.render()
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            report = load.stop()
-            view.render(final=True)
+        report, interrupted = view.drive(lambda: self._step(view, group, next(steps), problems),
+                                         until=lambda: time.monotonic() >= deadline or bool(problems))
         errors = backend_errors(self.haproxy.admin_endpoint, "web")  # retries 0: nothing hides a failure
         problems += self._final_check(view, group)
         results = group.results()

@@ -17,10 +17,22 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def demo(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def down(folder: Path, pids: list[int]) -> None:
+    """`make demo-down`: every process `up` started stops."""
+    stopped = demo("down", "--dir", str(folder), timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not any(running(pid) for pid in pids)
+
+
 def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
-    up = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "up", "--dir", str(folder), "--seconds", "8"],
-                        capture_output=True, text=True, timeout=240, check=False)
+    up = demo("up", "--dir", str(folder), "--seconds", "8", timeout=240)
+    pids: list[int] = []
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         summary = next(line for line in up.stdout.splitlines() if line.startswith("demo: summary:"))
@@ -32,10 +44,7 @@ def test_demo_runs_unattended_and_demo_down_stops_everything(tmp_path: Path) -> 
         pids = [state["operator_pid"], state["haproxy_pid"]]
         assert all(running(pid) for pid in pids)
     finally:
-        down = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "down", "--dir", str(folder)],
-                              capture_output=True, text=True, timeout=120, check=False)
-    assert down.returncode == 0, down.stderr
-    assert not any(running(pid) for pid in pids)
+        down(folder, pids)
     cluster = json.loads((folder / "cluster" / "state.json").read_text())
     assert cluster["pids"] == {}
 
@@ -44,8 +53,7 @@ def test_aws_demo_scales_a_group_out_and_in_with_the_pool_following(tmp_path: Pa
     """`make demo AWS=1 DEMO_SECONDS=N`: the Auto Scaling group on the emulator scales out and in, every
     lifecycle hook is completed with CONTINUE by the operator, no request fails; `down` stops the emulator too."""
     folder = tmp_path / "demo-aws"
-    up = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "up", "--aws", "--dir", str(folder),
-                         "--seconds", "20"], capture_output=True, text=True, timeout=300, check=False)
+    up = demo("up", "--aws", "--dir", str(folder), "--seconds", "20", timeout=300)
     pids: list[int] = []
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -65,7 +73,4 @@ def test_aws_demo_scales_a_group_out_and_in_with_the_pool_following(tmp_path: Pa
         pids = [state["operator_pid"], state["haproxy_pid"], state["emulator_pid"]]
         assert all(running(pid) for pid in pids)
     finally:
-        down = subprocess.run([sys.executable, "-m", "poolkeeper_dev.demo", "down", "--dir", str(folder)],
-                              capture_output=True, text=True, timeout=120, check=False)
-    assert down.returncode == 0, down.stderr
-    assert not any(running(pid) for pid in pids)
+        down(folder, pids)
