@@ -228,7 +228,7 @@ class AwsDemo(Demo):
         results = group.results()
         outcomes = [results.get(token, "none") for token in group.hooks]
         launched = sum(1 for t, (kind, _) in group.hooks.items() if kind == "LAUNCHING" and results.get(t))
-        _say(f"summary: {report.ok} requests served, {report.failed} failed, {view.transitions} scale steps, "
+        _say(f"summary: {report.ok} requests served, {report.failed} failed, {len(group.hooks)} capacity changes, "
              f"lifecycle actions completed: {launched} launches and {len(outcomes) - launched - outcomes.count('none')}"
              f" terminations, {outcomes.count('CONTINUE')} of {len(outcomes)} with CONTINUE, "
              f"{group.heartbeats()} heartbeats; members now {len(view.members())}, group instances "
