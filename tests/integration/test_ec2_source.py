@@ -397,7 +397,7 @@ def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_wit
     queue = sqs.create_queue(QueueName=f"mixed-{uuid.uuid4().hex[:6]}")["QueueUrl"]
     app, subnet = f"vms-{uuid.uuid4().hex[:5]}", 200 + next(_hosts) % 50
     fleet = workloads("web")
-    pods = {f"{fleet.add(f'web-{i}')}:{fleet.port}" for i in range(2)}
+    pods = {fleet.add(f"web-{i}") for i in range(2)}
     vms: dict[str, HTTPBackend] = {}
     for n in (1, 2):
         backend = start_backend(f"127.{subnet}.0.{n}", fleet.port)  # the pool's one port, as on the pods
@@ -410,7 +410,7 @@ def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_wit
                 {"kind": "Pod", "selector": {"matchLabels": {"app": "web"}}, "weight": pod_weight}]
 
     def weights() -> dict[str, str]:
-        """HAProxy's weight of each server, by address:port."""
+        """HAProxy's weight of each server, by address."""
         return {address: weight for address, _, weight in servers(haproxy, "web").values()}
     try:
         allow_ec2(core, namespace)
@@ -421,7 +421,7 @@ def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_wit
         refs = {*(f"EC2/{namespace}/{i}" for i in vms), *(f"Pod/{namespace}/web-{i}" for i in range(2))}
         wait_for(lambda: {r for r, m in members(custom, namespace, "web").items() if m["state"] == "Active"} == refs,
                  30, "2 EC2 instances and 2 pods Active")
-        vm_servers = {f"{b.address}:{fleet.port}" for b in vms.values()}
+        vm_servers = {b.address for b in vms.values()}
         assert set(weights()) == vm_servers | pods
         names = set(servers(haproxy, "web"))
         load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=300).start(duration=120)
@@ -437,7 +437,7 @@ def test_pods_and_ec2_instances_in_one_backend_weight_moves_from_ec2_to_pods_wit
                 before = load.snapshot()
                 wait_for(lambda b=before: load.snapshot().ok - b.ok >= 300, 30, "a window of traffic")  # type: ignore[misc]
                 window = load.snapshot().served_by - before.served_by
-                vm_share = sum(window[n] for n in vm_servers) / sum(window.values())
+                vm_share = sum(window[f"{n}:{fleet.port}"] for n in vm_servers) / sum(window.values())
                 shares.append((ec2_weight, pod_weight, round(vm_share, 3)))
                 assert abs(vm_share - ec2_weight / (ec2_weight + pod_weight)) <= TOLERANCE, shares
                 assert set(servers(haproxy, "web")) == names  # weights change in place: no server re-added
