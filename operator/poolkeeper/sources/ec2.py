@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from poolkeeper import aws as aws_errors
+from poolkeeper.aws import NOT_LEADING
 from poolkeeper.aws import client as aws
 from poolkeeper.core.ec2 import (
     LAUNCHING,
@@ -251,7 +251,7 @@ class Ec2Feed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # said, then retried with the session: a hook never times out unseen
-                if getattr(exc, "reason", "") != aws_errors.NOT_LEADING:  # the next leader completes it
+                if getattr(exc, "reason", "") != NOT_LEADING:  # the next leader completes it
                     self.post(self.key, "LifecycleActionFailed", f"{what}: {type(exc).__name__}: {exc}", True)
                 raise
 
