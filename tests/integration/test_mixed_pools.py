@@ -69,7 +69,7 @@ EC2_SOURCE = {"kind": "EC2", "ec2": EC2}
      "set exactly one of spec.source (one source) and spec.sources"),
     ({"backend": HA_BACKEND}, "set exactly one of spec.source (one source) and spec.sources"),
     ({"sources": [{**POD_SOURCE, "weight": 2}], "backend": SLICE_BACKEND},
-     "spec.sources[].weight needs an HAProxy backend: EndpointSlices have no weights"),
+     "spec.sources[].weight needs an HAProxy backend: EndpointSlice and ELBv2 targets have no weights"),
     ({"sources": [{**POD_SOURCE, "weight": 257}], "backend": HA_BACKEND}, "less than or equal to 256"),
     ({"sources": [{"kind": "Instance"}], "backend": HA_BACKEND},
      "spec.sources[].selector is required when kind is Pod or Instance"),

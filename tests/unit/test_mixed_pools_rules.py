@@ -63,7 +63,7 @@ def test_bad_sources_are_refused_with_the_field_named(spec: dict[str, Any], mess
 
 
 def test_weights_are_refused_for_endpointslices_but_sources_are_not() -> None:
-    with pytest.raises(InvalidSpec, match="EndpointSlices have no weights"):
+    with pytest.raises(InvalidSpec, match="EndpointSlice and ELBv2 targets have no weights"):
         parse_pool(body(SLICES, sources=mixed(pods=1)))
     spec = parse_pool(body(SLICES, sources=mixed()))
     assert [s.weight for s in spec.sources] == [None, None]
