@@ -8,10 +8,6 @@ server "awaiting its first check" and the backend empty while Ready pods existed
 
 from __future__ import annotations
 
-import asyncio
-import csv
-import io
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,10 +17,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
-from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
+from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch, backend_errors
 from poolkeeper_dev.traffic import LoadGenerator
 from poolkeeper_dev.workload import Workload
 from support.kube import GROUP, VERSION, create, pod_pool, wait_for
@@ -42,64 +37,13 @@ CHECKS = {"intervalSeconds": 2, "rise": 2, "fall": 3}
 
 
 @pytest.fixture()
-def haproxy(tmp_path: Path) -> Iterator[HAProxyProcess]:
-    proc = HAProxyProcess(tmp_path / "haproxy", backends=("web",))
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture()
-def lb_name(custom: client.CustomObjectsApi, haproxy: HAProxyProcess) -> Iterator[str]:
+def edge(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
+    """A real HAProxy (retries 0, no redispatch) with backend `web`, and a LoadBalancer listing it."""
     name = f"flap-{uuid.uuid4().hex[:6]}"
-    load_balancer(custom, name, haproxy.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
-    yield name
-    custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)
-
-
-def in_rotation(status: str) -> bool:
-    """`show stat` status of a server HAProxy sends new requests to (`UP 1/3` is on its way down, still in)."""
-    return status == "UP" or status.startswith("UP ")
-
-
-@dataclass
-class RotationWatch:
-    """Samples HAProxy's poolkeeper servers every `interval` s on its own loop and connection; records
-    every sample in which no server was in rotation, with the time it was taken."""
-
-    endpoint: str
-    backend: str
-    interval: float = 0.02
-    samples: int = 0
-    empty_at: list[float] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> RotationWatch:
-        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="rotation-watch", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> RotationWatch:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        return self
-
-    async def _run(self) -> None:
-        haproxy = HAProxyClient(self.endpoint)
-        try:
-            while not self._stop.is_set():
-                taken = time.monotonic()
-                text = (await haproxy.execute([f"show stat {self.backend} 4 -1"]))[0]
-                rows = [r for r in csv.DictReader(io.StringIO(text.lstrip("# ")))
-                        if r["pxname"] == self.backend and r["svname"].startswith("pk-")]
-                self.samples += 1
-                if not any(in_rotation(r["status"]) for r in rows):
-                    self.empty_at.append(taken)
-                await asyncio.sleep(self.interval)
-        finally:
-            await haproxy.close()
+    with HAProxyProcess(tmp_path / "haproxy", backends=("web",)) as proc:
+        load_balancer(custom, name, proc.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
+        yield proc, name
+        custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)
 
 
 @dataclass
@@ -150,7 +94,8 @@ class Flapper:
 
 def test_fast_flapping_pods_never_empty_a_health_checked_backend(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str) -> None:
+        workloads: Workloads, edge: tuple[HAProxyProcess, str]) -> None:
+    haproxy, lb_name = edge
     fleet = workloads("web")
     pods = [f"web-{i}" for i in range(PODS)]
     for pod in pods:
@@ -163,7 +108,7 @@ def test_fast_flapping_pods_never_empty_a_health_checked_backend(
     assert len(servers_before) == PODS
 
     flapper = Flapper(fleet, pods)
-    watch = RotationWatch(haproxy.admin_endpoint, "web").start()
+    watch = ErrorWatch(haproxy.admin_endpoint, "web", interval=0.02).start()
     load = LoadGenerator(haproxy.frontend_url("web"), connections=8, rate=200).start(duration=FLAPPING + 30)
     try:
         flapper.run(FLAPPING)
@@ -179,6 +124,7 @@ def test_fast_flapping_pods_never_empty_a_health_checked_backend(
     assert report.total > FLAPPING * 200 * 0.8, report
     assert report.failed == 0, f"{report.failed} of {report.total} failed: {report.failures}"
     assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
+    assert watch.errors() == NO_ERRORS  # per server too, sampled all along
     served = {body.split(":")[0] for body in report.served_by}
     assert served == {fleet.ips[p] for p in pods}, served  # every pod took traffic between its flaps
     # the servers were kept (with their check state) all along: never removed and added again
