@@ -116,15 +116,19 @@ def test_fast_flapping_pods_never_empty_a_health_checked_backend(
     finally:
         report = load.stop()
         watch.stop()
-    assert flapper.flips >= FLAPPING * PODS / PERIOD * 2 * 0.8, flapper.flips  # several flips per second
-    assert watch.samples > FLAPPING / 0.1, watch.samples
-    # never an empty backend while some pod had been Ready for SETTLE s
     empty_while_ready = [(round(t, 3), ready) for t in watch.empty_at if (ready := flapper.settled_ready_at(t))]
-    assert not empty_while_ready, f"{len(empty_while_ready)} samples of {watch.samples}: {empty_while_ready[:10]}"
-    assert report.total > FLAPPING * 200 * 0.8, report
-    assert report.failed == 0, f"{report.failed} of {report.total} failed: {report.failures}"
-    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
-    assert watch.errors() == NO_ERRORS  # per server too, sampled all along
+    errors = backend_errors(haproxy.admin_endpoint, "web")
+    summary = (f"{flapper.flips} flips; requests {report.ok} ok, {report.failed} failed {report.failures[:3]}; "
+               f"HAProxy {errors}; {len(empty_while_ready)} of {watch.samples} samples with no server in rotation "
+               f"while a pod had been Ready {SETTLE} s: {empty_while_ready[:5]}")
+    print(summary)
+    assert flapper.flips >= FLAPPING * PODS / PERIOD * 2 * 0.8, summary  # several flips per second
+    assert watch.samples > FLAPPING / 0.1, summary
+    assert not empty_while_ready, summary  # never an empty backend while some pod had been Ready SETTLE s
+    assert report.total > FLAPPING * 200 * 0.8, summary
+    assert report.failed == 0, summary
+    assert errors == NO_ERRORS, summary
+    assert watch.errors() == NO_ERRORS, summary  # per server too, sampled all along
     served = {body.split(":")[0] for body in report.served_by}
     assert served == {fleet.ips[p] for p in pods}, served  # every pod took traffic between its flaps
     # the servers were kept (with their check state) all along: never removed and added again
