@@ -135,3 +135,44 @@ def test_fast_flapping_pods_never_empty_a_health_checked_backend(
     assert set(haproxy_servers(haproxy, "web")) == servers_before
     wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == PODS,
              10, f"{PODS} members Active again")
+
+
+def test_unready_past_the_delay_or_terminating_is_removed(
+        running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
+        workloads: Workloads, edge: tuple[HAProxyProcess, str]) -> None:
+    haproxy, lb_name = edge
+    fleet = workloads("web")
+    for pod in ("stays", "lingers", "leaves"):
+        fleet.add(pod)
+    delay = 6
+
+    def addresses() -> set[str]:
+        return {a.split(":")[0] for a in haproxy_servers(haproxy, "web").values()}
+
+    create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=delay,
+                                                       backend=ha_backend(lb_name, "web", healthCheck=CHECKS)))
+    wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
+             30, "3 members Active")
+    load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=100).start(duration=60)
+    try:
+        fleet.unready("lingers")
+        fleet.unready("leaves")
+        unready_at = time.monotonic()
+        row = wait_for(lambda: (m := members(custom, namespace, "web").get(f"Pod/{namespace}/lingers"))
+                       and m["state"] == "Draining" and m, 10, "kept as Draining")
+        assert row["reason"].startswith(f"pod not ready: out of rotation, its server and health checks kept for up "
+                                        f"to {delay} s"), row
+        fleet.begin_termination("leaves")  # unready and terminating: no reason to keep it
+        wait_for(lambda: fleet.ips["leaves"] not in addresses(), 3,
+                 "the terminating pod's server removed at once (no sessions)")
+        assert fleet.ips["lingers"] in addresses()
+        assert time.monotonic() - unready_at < delay, "checked within the delay"
+        wait_for(lambda: fleet.ips["lingers"] not in addresses(), delay + 5,
+                 "the unready pod's server removed after the delay")
+        assert time.monotonic() - unready_at >= delay - 0.5
+        assert f"Pod/{namespace}/lingers" not in members(custom, namespace, "web")
+    finally:
+        report = load.stop()
+    assert report.failed == 0 and report.ok > 100, report
+    assert backend_errors(haproxy.admin_endpoint, "web") == NO_ERRORS
+    assert {body.split(":")[0] for body in report.served_by} >= {fleet.ips["stays"]}
