@@ -395,9 +395,10 @@ class PoolController:
     def _desired(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
         holds = self.hooks.held(spec)
         haproxy = spec.backend_type == "HAProxy"
+        candidates = self._candidates(spec)
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
-            instances=self._candidates(spec), policy=policy, held=holds.held,
+            instances=candidates, policy=policy, held=holds.held,
             variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id,
         )
         if spec.target_type == "instance":  # ELBv2 registers EC2 instances: members need an instance id
@@ -413,7 +414,7 @@ class PoolController:
         # an unready pod's server stays, drained, its checks going on (ELBv2 has no drained-but-kept
         # target: draining one deregisters it)
         unready = unready_members(namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
-                                  instances=self._candidates(spec), policy=policy, variant=spec.variant,
+                                  instances=candidates, policy=policy, variant=spec.variant,
                                   cluster_id=spec.cluster_id) if spec.health_check is not None else {}
         return Wanted(settle_names(desired, actual), refused, holds, unready)
 
