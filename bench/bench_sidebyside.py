@@ -407,7 +407,8 @@ async def settled(kube: Kube, client: HAProxyClient, rig: Rig, *, rest: bool = T
     """Wait until the pk pods that should serve (all, or those ready at rest) are in rotation (and UP with
     checks on) and ready in the slices, and nothing else is in rotation; then learn the servers' names.
 
-    A pod that is not ready loses its server once drained (no sessions): it is added again when ready.
+    A pod that is not ready loses its server once drained (no sessions), with health checks once it has
+    been unready for the deregistration delay (30 s): it is added again when ready.
     """
     size = len(rig.uids)
     serving = sum(at_rest(pod) for pod in rig.uids) if rest else size

@@ -28,6 +28,7 @@ __all__ = [
     "TESTWEB_IMAGE",
     "ErrorWatch",
     "backend_errors",
+    "in_rotation",
     "show_stat",
     "wait_rollout",
     "web_deployment",
@@ -100,7 +101,8 @@ def backend_errors(endpoint: str, backend: str) -> dict[str, int]:
 
 @dataclass
 class ErrorWatch:
-    """Samples a backend's per-server error counters until stopped; keeps the highest seen per server."""
+    """Samples a backend's per-server error counters until stopped; keeps the highest seen per server,
+    and when (time.monotonic() before the read) a sample found no poolkeeper server in rotation."""
 
     endpoint: str
     backend: str
@@ -108,6 +110,7 @@ class ErrorWatch:
     servers: dict[str, dict[str, int]] = field(default_factory=dict)
     backend_totals: dict[str, int] = field(default_factory=dict)
     samples: int = 0
+    empty_at: list[float] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -129,11 +132,15 @@ class ErrorWatch:
             self._stop.wait(self.interval)
 
     def _sample(self) -> None:
+        taken = time.monotonic()
         try:
             rows = show_stat(self.endpoint)
         except (OSError, RuntimeError):
             return
         self.samples += 1
+        ours = [r for r in rows if r["pxname"] == self.backend and r["svname"].startswith(("pk-", "pk."))]
+        if not any(in_rotation(r["status"]) for r in ours):
+            self.empty_at.append(taken)
         for row in rows:
             if row["pxname"] != self.backend:
                 continue
@@ -149,6 +156,11 @@ class ErrorWatch:
         """Totals over every server seen, and the backend's own counters, whichever is higher."""
         summed = {name: sum(s[name] for s in self.servers.values()) for name in ERROR_COUNTERS}
         return {name: max(summed[name], self.backend_totals.get(name, 0)) for name in ERROR_COUNTERS}
+
+
+def in_rotation(status: str) -> bool:
+    """A `show stat` status HAProxy sends new requests to (`UP 1/3` is on its way down, still in)."""
+    return status in ("UP", "no check") or status.startswith("UP ")
 
 
 def server_status(endpoint: str, backend: str, address: str) -> str:

@@ -385,7 +385,7 @@ async def _pod_left_watch(rt: Runtime, obj: dict[str, Any]) -> None:
         _apply_instance(rt, pod_state(obj, deleted=True), True)
         return
     # told while still in the store, so handlers hear why; then forgotten: no event will update it
-    state = replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER)
+    state = replace(pod_state(obj), phase=Phase.DOWN, reason=LEFT_FILTER, unready=False)
     _apply_instance(rt, state, False)
     rt.store.drop_instance(state.kind, state.namespace, state.name)
 

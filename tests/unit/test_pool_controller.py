@@ -440,3 +440,47 @@ def test_readiness_gates_stay_true_while_the_pool_moves(world: World) -> None:
     assert set(admins(lb, "b2").values()) == {Admin.DRAIN}
     assert set(world.sinks.gates.values()) == {"Active"}, "serving in b1: the pods stay Ready"
     assert {m["state"] for m in world.sinks.status["members"]} == {"Registering"}, "status tells the truth"
+
+
+def unready(world: World, i: int, ready: bool = False) -> None:
+    """Pod web-i turns unready (alive, not terminating: InstanceState.unready) or Ready again."""
+    pod = world.store.get_instance("Pod", NS, f"web-{i}")
+    assert pod is not None
+    world.store.put_instance(replace(pod, phase=Phase.UP if ready else Phase.DOWN,
+                                     reason="pod ready" if ready else "pod not ready", unready=not ready))
+
+
+def test_an_unready_pod_keeps_its_checked_server_for_the_delay(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True), delay=30), "1")
+    world.settle()
+    before, flapped = dict(lb.in_backend("b1")), len(lb.log)
+    unready(world, 0)
+    world.settle(rounds=10)  # 10 s < deregistrationDelaySeconds, and no sessions
+    name = next(n for n, m in before.items() if m.address == "10.0.0.1")
+    assert admins(lb, "b1") == {name: Admin.DRAIN, **{n: Admin.READY for n in before if n != name}}
+    row = next(m for m in world.sinks.status["members"] if m["instance"] == f"Pod/{NS}/web-0")
+    assert row["state"] == "Draining" and row["reason"].startswith("pod not ready: out of rotation")
+    assert world.sinks.status["desired"] == 1 and world.sinks.status["active"] == 1
+    assert world.sinks.status["draining"] == 1
+    unready(world, 0, ready=True)
+    world.reconcile()
+    assert set(admins(lb, "b1").values()) == {Admin.READY}
+    assert not [a for _, a in lb.log[flapped:] if isinstance(a, AddMember | RemoveMember)], \
+        "the same server all along"
+    unready(world, 0)
+    world.settle(rounds=40)
+    assert name not in lb.in_backend("b1"), "unready past the delay: removed"
+    assert (("b1", RemoveMember(name, "not ready for longer than the deregistration delay", force=True))
+            in lb.log)
+
+
+def test_an_unready_pod_leaves_a_pool_without_checks_as_before(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1"), delay=30), "1")
+    world.settle()
+    unready(world, 0)
+    world.settle(rounds=3)
+    assert [m.address for m in lb.in_backend("b1").values()] == ["10.0.0.2"], "removed once idle"

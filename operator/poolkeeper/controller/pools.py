@@ -51,7 +51,7 @@ from poolkeeper.core.model import (
     Placement,
     Plan,
 )
-from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate
+from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate, unready_members
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, PoolSpec, backend_refusal, parse_pool
 from poolkeeper.core.tenancy import (
     NodeSourcePolicy,
@@ -149,6 +149,7 @@ class Wanted:
     members: dict[str, DesiredMember]
     refused: list[Refusal]
     holds: MemberHolds
+    unready: dict[str, DesiredMember] = field(default_factory=dict)  # servers kept while their pod is unready
 
     @property
     def serving(self) -> int:
@@ -395,9 +396,10 @@ class PoolController:
     def _desired(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
         holds = self.hooks.held(spec)
         haproxy = spec.backend_type == "HAProxy"
+        candidates = self._candidates(spec)
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
-            instances=self._candidates(spec), policy=policy, held=holds.held,
+            instances=candidates, policy=policy, held=holds.held,
             variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id,
         )
         if spec.target_type == "instance":  # ELBv2 registers EC2 instances: members need an instance id
@@ -408,13 +410,20 @@ class PoolController:
                     del desired[name]
         # HAProxy fixes a server's address when adding it: a new address or port takes the member's
         # other name, so old and new serve side by side (EndpointSlices rewrite an endpoint in place)
-        return Wanted(settle_names(desired, actual) if haproxy else desired, refused, holds)
+        if not haproxy:
+            return Wanted(desired, refused, holds)
+        # an unready pod's server stays, drained, its checks going on (ELBv2 has no drained-but-kept
+        # target: draining one deregisters it)
+        unready = unready_members(namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
+                                  instances=candidates, policy=policy, variant=spec.variant,
+                                  cluster_id=spec.cluster_id) if spec.health_check is not None else {}
+        return Wanted(settle_names(desired, actual), refused, holds, unready)
 
     def _plan(self, spec: PoolSpec, wanted: Wanted, actual: Mapping[str, ActualMember],
               since: Mapping[str, float]) -> Plan:
         return plan_pool(desired=wanted.members, actual=actual, draining_since=since, now=self.clock(),
                          deregistration_delay=spec.deregistration_delay,
-                         health_checks=spec.checks_health, keep=wanted.holds.keep)
+                         health_checks=spec.checks_health, keep=wanted.holds.keep, unready=wanted.unready)
 
     def _candidates(self, spec: PoolSpec) -> list[Any]:
         return [inst for kind in spec.kinds

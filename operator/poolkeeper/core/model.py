@@ -47,6 +47,10 @@ class InstanceState:
     reason: str
     gates: Mapping[str, str] = field(default_factory=dict)  # our readiness gates -> their status now
     ec2_id: str = ""  # the EC2 instance id (a Node's spec.providerID, an Instance's spec.ec2InstanceID)
+    # DOWN only because it is not ready: a pod that exists, is not terminating and keeps its address.
+    # A health-checked pool keeps its server for a while (core.planner.unready_members), since
+    # readiness that flaps comes back, and a server added afresh waits for its first check.
+    unready: bool = False
 
     @property
     def ref(self) -> str:

@@ -30,6 +30,7 @@ from poolkeeper.core.poolspec import SourceSpec
 
 HEALTHY = "UP"
 ADDRESS_CHANGED = "address changed"  # a removal that is no deregistration: the instance has another server
+UNREADY_TOO_LONG = "not ready for longer than the deregistration delay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,8 @@ def desired_members(
     desired: dict[str, DesiredMember] = {}
     refused: list[Refusal] = []
     for inst in instances:
-        source = next((s for s in sources if s.kind == inst.kind and s.selector.matches(inst.labels)), None)
+        source = _source(inst, sources, namespace)
         if source is None or inst.phase is Phase.DOWN:
-            continue
-        if inst.kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
             continue
         why = policy.refusal(inst.address)
         if why is not None:
@@ -76,6 +75,39 @@ def desired_members(
             serving=inst.phase is Phase.UP, held=name in held, weight=source.weight,
         )
     return desired, refused
+
+
+def unready_members(
+    *,
+    namespace: str,
+    pool: str,
+    sources: Sequence[SourceSpec],
+    port: int,
+    instances: Iterable[InstanceState],
+    policy: AddressPolicy = DEFAULT_POLICY,
+    variant: str = "",
+    cluster_id: str = "",
+) -> dict[str, DesiredMember]:
+    """Instances of the pool that are down only for want of readiness (InstanceState.unready), by name.
+
+    They are no members (handlers hear `down`, the pool does not count them): plan_pool keeps their
+    servers out of rotation for the deregistration delay, health checks running, so one that turns
+    Ready again is back in rotation at once instead of waiting for a first check as a new server.
+    An address the policy refuses is never kept.
+    """
+    out: dict[str, DesiredMember] = {}
+    for inst in instances:
+        if inst.unready and _source(inst, sources, namespace) is not None and policy.refusal(inst.address) is None:
+            name = member_name(namespace, pool, inst.uid, variant, cluster_id)
+            out[name] = DesiredMember(name=name, instance=inst, address=str(inst.address), port=port, serving=False)
+    return out
+
+
+def _source(inst: InstanceState, sources: Sequence[SourceSpec], namespace: str) -> SourceSpec | None:
+    """The first source selecting the instance, if the pool may have it at all."""
+    if inst.kind != "Node" and inst.namespace != namespace:  # Pods and Instances: the pool's namespace only
+        return None
+    return next((s for s in sources if s.kind == inst.kind and s.selector.matches(inst.labels)), None)
 
 
 def settle_names(desired: Mapping[str, DesiredMember],
@@ -124,10 +156,15 @@ def plan_pool(
     deregistration_delay: float,
     health_checks: bool,
     keep: frozenset[str] = frozenset(),
+    unready: Mapping[str, DesiredMember] | None = None,
 ) -> Plan:
     """Decide the actions that bring `actual` to `desired`, draining before every removal.
 
     Members in `keep` (a blocking draining hook still runs) drain but are not removed yet.
+    With health checks, the servers of `unready` instances (unready_members) drain but stay,
+    checks running, until they have been unready for the deregistration delay: readiness that
+    flaps comes back, and a server added afresh would wait for its first check while an empty
+    backend answers 503. Without health checks a server is back in one step: nothing to keep.
     """
     actions: list[Action] = []
     reports: list[MemberReport] = []
@@ -172,6 +209,17 @@ def plan_pool(
         started = draining_since.get(name, now)
         if have.admin is Admin.READY:
             actions.append(SetAdmin(name, Admin.DRAIN))
+        kept = _kept(name, have, unready) if health_checks and unready else None
+        if kept is not None:
+            if name not in keep and now - started >= deregistration_delay:
+                actions.append(RemoveMember(name, UNREADY_TOO_LONG, force=True))
+                continue
+            since[name] = started
+            reports.append(MemberReport(
+                name, kept.instance.ref, have.address, have.port, MemberState.DRAINING, have.health,
+                f"{kept.instance.reason or 'not ready'}: out of rotation, its server and health checks kept for "
+                f"up to {deregistration_delay:g} s in case it turns Ready again", have.weight))
+            continue
         if name not in keep and _drained(have, started, now, deregistration_delay, instance_serving=False):
             # a server replaced by one at the instance's new address: the instance stays registered
             moved = successor is not None and (have.address, have.port) != (desired[successor].address,
@@ -183,6 +231,12 @@ def plan_pool(
         reports.append(MemberReport(name, "", have.address, have.port, MemberState.DRAINING,
                                     have.health, "instance left the pool; draining", have.weight))
     return Plan(tuple(actions), tuple(reports), since)
+
+
+def _kept(name: str, have: ActualMember, unready: Mapping[str, DesiredMember]) -> DesiredMember | None:
+    """The unready instance a server stands for (under either of its names), if still at its address."""
+    want = unready.get(name) or unready.get(alternate_name(name))
+    return want if want is not None and not _moved(have, want) else None
 
 
 def _in_rotation(member: ActualMember | None) -> bool:

@@ -57,7 +57,11 @@ def pod_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
         phase, reason = Phase.DRAINING, "pod terminating"
     else:
         phase, reason = Phase.UP, "pod ready"
-    return InstanceState("Pod", namespace, name, uid, address, labels, phase, reason, gates)
+    # down only for want of readiness, which may come back: alive (not deleted, failed, done or
+    # terminating) and still at its address
+    unready = (not ready and not deleted and pod_phase not in ("Failed", "Succeeded") and not terminating
+               and address is not None)
+    return InstanceState("Pod", namespace, name, uid, address, labels, phase, reason, gates, unready=unready)
 
 
 LEFT_FILTER = "pod no longer matches the operator's --pod-label-selector"
