@@ -125,6 +125,8 @@ def main() -> int:
     parser.add_argument("--transitions", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-lifecycle.md"))
+    parser.add_argument("--operator-arg", action="append", default=[],
+                        help="an extra `poolkeeper run` argument, e.g. --operator-arg=--function-workers=4")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pk-bench-lifecycle-"))
     cluster = Cluster(work / "cluster").up()
@@ -144,7 +146,8 @@ def main() -> int:
             kubelet.create_pod(NAMESPACE, f"p-{i}", {"app": "web"})
             kubelet.set_ready(NAMESPACE, f"p-{i}", f"192.0.2.{i + 1}")
         operator = OperatorProcess(cluster.kubeconfig, work, handlers_dir=handlers,
-                                   extra_args=("--verbose",) if os.environ.get("BENCH_VERBOSE") else ()).start()
+                                   extra_args=(*args.operator_arg,
+                                               *(("--verbose",) if os.environ.get("BENCH_VERBOSE") else ()))).start()
         print(f"operator log: {operator.log_path}", file=sys.stderr, flush=True)
         manifests = [
             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
