@@ -8,8 +8,9 @@ written before the load-balancer action it describes, checked record by record w
 Writes are coalesced: callers that arrive while a write is in flight share the next one, so
 the outbox never caps throughput; and each record's JSON is kept from one write to the next
 (outbox_records.OutboxEncoder), so a write on the event loop costs what changed, not the
-backlog. It also never outgrows a ConfigMap: before a write whose JSON would pass BYTE_BUDGET, `shed` (the handler runtime) dead-letters the oldest non-blocking
-records, so a slow receiver costs its own events, never the pool's ability to write.
+backlog. It also never outgrows a ConfigMap: before a write whose JSON would pass BYTE_BUDGET,
+`shed` (the handler runtime) dead-letters the oldest non-blocking records, so a slow receiver
+costs its own events, never the pool's ability to write.
 """
 
 from __future__ import annotations
