@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,9 @@ def main() -> int:
     parser.add_argument("--transitions", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-lifecycle.md"))
+    parser.add_argument("--stuck-handler", action="store_true",
+                        help="add an HTTP LifecycleHandler on the same pool whose receiver accepts and never "
+                             "answers: its backlog fills to maxPendingEvents and its outbox is written all along")
     parser.add_argument("--operator-arg", action="append", default=[],
                         help="an extra `poolkeeper run` argument, e.g. --operator-arg=--function-workers=4")
     args = parser.parse_args()
@@ -140,6 +144,9 @@ def main() -> int:
         handlers.mkdir()
         out = work / "calls.jsonl"
         (handlers / "stamp.py").write_text(handler_source(out))
+        stuck = _never_answers() if args.stuck_handler else None
+        if stuck is not None:
+            args.operator_arg.append("--http-allowed-cidrs=127.0.0.0/8")
         kubelet = FakeKubelet(str(cluster.kubeconfig))
         kubelet.ensure_node()
         for i in range(PODS):
@@ -160,6 +167,12 @@ def main() -> int:
              "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"],
                       "function": {"type": "Python", "python": {"handler": "stamp.handle"}}, "maxConcurrency": 64}},
         ]
+        if stuck is not None:
+            manifests.append(
+                {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LifecycleHandler", "metadata": {"name": "stuck"},
+                 "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"], "timeoutSeconds": 900,
+                          "function": {"type": "HTTP",
+                                       "http": {"url": f"http://127.0.0.1:{stuck.getsockname()[1]}/hook"}}}})
         cluster.kubectl_run("apply", "-n", NAMESPACE, "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < PODS):
@@ -204,6 +217,8 @@ def main() -> int:
         ("answered -> operator recorded the transition", spread(split.to_operator)),
         ("operator recorded -> function entered (dispatch)", spread(split.dispatch)),
         ("operator CPU per 1,000 transitions", f"{cpu / len(acks) * 1000:.1f} s"),
+        ("a second handler on the pool, whose receiver never answers",
+         "yes (its backlog at maxPendingEvents)" if args.stuck_handler else "no"),
         ("load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -214,6 +229,14 @@ def main() -> int:
     print(text)
     Path(args.out).write_text(text)
     return 0
+
+
+def _never_answers() -> socket.socket:
+    """A listening socket that accepts connections (the kernel does) and never answers them."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    return listener
 
 
 def _cpu_seconds(operator: OperatorProcess) -> float:
