@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import time
 from collections import deque
@@ -166,7 +165,7 @@ class HandlerRuntime:
             if needed <= 0:
                 break
             gone.append(record)
-            needed -= len(json.dumps(record.to_wire(), separators=(",", ":"))) + 1
+            needed -= self.outbox.record_bytes(record)
         self._dead_letter_backlog(gone)
         return bool(gone)
 

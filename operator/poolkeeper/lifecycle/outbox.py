@@ -6,15 +6,16 @@ outbox steers deliveries and holds members out of rotation, so it must not live 
 written before the load-balancer action it describes, checked record by record when loaded
 (outbox_records.py), and deleted with its handler (ownerReferences cannot cross namespaces).
 Writes are coalesced: callers that arrive while a write is in flight share the next one, so
-the outbox never caps throughput. It also never outgrows a ConfigMap: before a write whose JSON
-would pass BYTE_BUDGET, `shed` (the handler runtime) dead-letters the oldest non-blocking
-records, so a slow receiver costs its own events, never the pool's ability to write.
+the outbox never caps throughput; and each record's JSON is kept from one write to the next
+(outbox_records.OutboxEncoder), so a write on the event loop costs what changed, not the
+backlog. It also never outgrows a ConfigMap: before a write whose JSON would pass BYTE_BUDGET,
+`shed` (the handler runtime) dead-letters the oldest non-blocking records, so a slow receiver
+costs its own events, never the pool's ability to write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from typing import Any
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.transitions import Announced
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
-from poolkeeper.lifecycle.outbox_records import AnnouncedEntry, PendingRecord, Scope, parse_outbox
+from poolkeeper.lifecycle.outbox_records import AnnouncedEntry, OutboxEncoder, PendingRecord, Scope, parse_outbox
 
 log = logging.getLogger(__name__)
 DATA_KEY = "outbox.json"
@@ -63,6 +64,7 @@ class Outbox:
         self.announced: dict[str, dict[str, AnnouncedEntry]] = {}  # pool uid -> instance uid -> entry
         self.pending: dict[str, PendingRecord] = {}  # event id -> delivery still owed
         self.shed: Shed | None = None
+        self.encoder = OutboxEncoder()
         self._version = 0
         self._saved = 0
         self._lock = asyncio.Lock()
@@ -103,11 +105,13 @@ class Outbox:
     def render(self) -> str:
         """The JSON kept in the ConfigMap, shed (see BYTE_BUDGET) until it fits."""
         while True:
-            text = json.dumps({"announced": {pool: {uid: e.to_wire() for uid, e in entries.items()}
-                                             for pool, entries in self.announced.items()},
-                               "pending": [r.to_wire() for r in self.pending.values()]}, separators=(",", ":"))
+            text = self.encoder.render(self.announced, self.pending)
             if len(text) <= BYTE_BUDGET or self.shed is None or not self.shed(len(text) - BYTE_BUDGET):
                 return text
+
+    def record_bytes(self, record: PendingRecord) -> int:
+        """What one pending record takes of the outbox's JSON (with its comma)."""
+        return len(self.encoder.pending_text(record)) + 1
 
     def touch(self) -> None:
         self._version += 1

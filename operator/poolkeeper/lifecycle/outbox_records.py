@@ -120,6 +120,61 @@ class Parsed:
     dropped: list[str] = field(default_factory=list)
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class OutboxEncoder:
+    """The outbox's JSON text, each record encoded once and kept until it changes.
+
+    A write re-encodes only the records that changed since the last one (records are frozen:
+    a change is a new object) and joins the rest, so writing a full outbox (up to 900 KiB) costs
+    one join instead of a json.dumps of everything on the event loop (about 60 ms for 1,000
+    pending events on the 2-core dev machine), every time any event is recorded or settled.
+    The text is exactly what json.dumps gives for {"announced": ..., "pending": [...]}.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[PendingRecord, str]] = {}
+        self._announced: dict[tuple[str, str], tuple[AnnouncedEntry, str]] = {}
+        self.encoded = 0  # records encoded rather than taken from the cache (for tests)
+
+    def pending_text(self, record: PendingRecord) -> str:
+        """The JSON of one pending record (its share of the outbox, less the comma)."""
+        cached = self._pending.get(record.event_id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        text = _dumps(record.to_wire())
+        self.encoded += 1
+        self._pending[record.event_id] = (record, text)
+        return text
+
+    def _announced_text(self, key: tuple[str, str], entry: AnnouncedEntry) -> str:
+        """`"instance uid":{entry}`: one announced entry with its key."""
+        cached = self._announced.get(key)
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        text = f"{_dumps(key[1])}:{_dumps(entry.to_wire())}"
+        self.encoded += 1
+        self._announced[key] = (entry, text)
+        return text
+
+    def render(self, announced: Mapping[str, Mapping[str, AnnouncedEntry]],
+               pending: Mapping[str, PendingRecord]) -> str:
+        """The outbox JSON; afterwards the cache holds only what this text holds."""
+        pools = []
+        for pool_uid, entries in announced.items():
+            parts = ",".join([self._announced_text((pool_uid, uid), e) for uid, e in entries.items()])
+            pools.append(f"{_dumps(pool_uid)}:{{{parts}}}")
+        records = [self.pending_text(r) for r in pending.values()]
+        if len(self._pending) > len(pending):
+            self._pending = {key: self._pending[key] for key in pending}
+        if len(self._announced) > sum(len(entries) for entries in announced.values()):
+            self._announced = {(p, uid): self._announced[(p, uid)] for p, entries in announced.items()
+                               for uid in entries}
+        return f'{{"announced":{{{",".join(pools)}}},"pending":[{",".join(records)}]}}'
+
+
 def instance_record(inst: InstanceState) -> dict[str, Any]:
     return {"kind": inst.kind, "namespace": inst.namespace, "name": inst.name, "uid": inst.uid,
             "address": inst.address, "labels": dict(inst.labels)}
