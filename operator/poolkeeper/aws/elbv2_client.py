@@ -7,7 +7,7 @@ a call still throttled after its attempts raises AWSError(reason="Throttled").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from poolkeeper.aws import NOT_INSTALLED, AWSError
@@ -15,6 +15,7 @@ from poolkeeper.core.elbv2 import Target, TargetHealth, batches
 
 THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
                             "RequestThrottled", "SlowDown"})
+WRITES = frozenset({"register_targets", "deregister_targets"})
 ATTEMPTS = 5  # per call, the first included (botocore standard mode: jittered backoff, at most 20 s apart)
 
 
@@ -36,8 +37,9 @@ class ELBv2Client:
     """One account + region (+ endpoint); the aiobotocore client is opened at first use."""
 
     def __init__(self, region: str, endpoint_url: str = "", credentials: tuple[str, str] | None = None,
-                 attempts: int = ATTEMPTS) -> None:
+                 attempts: int = ATTEMPTS, may_act: Callable[[], bool] | None = None) -> None:
         self.region, self.endpoint_url, self.credentials, self.attempts = region, endpoint_url, credentials, attempts
+        self.may_act = may_act  # fenced like HAProxy commands: None always; reads are never fenced
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
 
@@ -62,6 +64,8 @@ class ELBv2Client:
         return self._client
 
     async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+        if operation in WRITES and self.may_act is not None and not self.may_act():
+            raise AWSError("NotLeading", f"{operation} not sent: this replica no longer holds the pool's Lease")
         client = await self._open()
         try:
             answer: dict[str, Any] = await getattr(client, operation)(**params)
