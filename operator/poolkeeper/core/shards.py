@@ -10,8 +10,8 @@ Pure functions (no I/O); controller/shards.py runs the Leases and asks these.
 - Rendezvous (highest-random-weight) hashing: a key goes to the shard with the highest
   weight(key, shard). Changing the shard count from S to S+1 moves only the keys whose new
   shard wins, about 1/(S+1) of them; replicas coming and going move whole shards, never keys.
-- Each replica aims at ceil(S / live replicas) shards. Surplus is released at renewal (only
-  shards held at least a lease duration, so a takeover never ping-pongs); shards below target
+- Each replica aims at ceil(S / live replicas) shards. Surplus is released at renewal (not
+  within a lease duration of taking a shard, so a takeover never ping-pongs); shards below target
   are taken when free; a shard whose Lease went unchanged for a lease duration (its holder is
   dead, or nobody wanted it) is taken by anyone, whatever its share.
 """
@@ -87,15 +87,17 @@ class Round:
 
 
 def plan_round(views: Iterable[LeaseView], *, target: int, grace: float, order: Sequence[int]) -> Round:
-    """Renew what is ours, release the surplus above `target` (least preferred first, only what
-    was held at least `grace` seconds), take expired shards always and free ones up to `target`
+    """Renew what is ours, release the surplus above `target` (least preferred first, and only
+    once every shard held was held at least `grace` seconds), take expired shards always and free ones up to `target`
     (most preferred first). `order` is `preference(identity, shards)`."""
     rank = {shard: index for index, shard in enumerate(order)}
     by_rank = sorted(views, key=lambda v: rank.get(v.shard, len(rank)))
     mine = [v for v in by_rank if v.mine]
-    surplus = max(0, len(mine) - target)
-    releasable = [v for v in reversed(mine) if v.held_for >= grace]
-    release = {v.shard for v in releasable[:surplus]}
+    # Nothing is released within `grace` of taking a shard: after a takeover the live count may
+    # still include the dead replica, and what it releases would only come back a duration later.
+    settled = all(v.held_for >= grace for v in mine)
+    surplus = max(0, len(mine) - target) if settled else 0
+    release = {v.shard for v in list(reversed(mine))[:surplus]}
     renew = tuple(v.shard for v in mine if v.shard not in release)
     room = target - len(renew)
     acquire: list[int] = []
