@@ -257,7 +257,7 @@ class HandlerRuntime:
             if record is None:
                 return
             attempt = record.attempts + 1
-            if self.api.may_write is not None and not self.api.may_write():  # the pool's Lease (shard) is lost
+            if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():  # its shard is lost
                 raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
             async with self.semaphore:
                 self.in_flight.add(event_id)
