@@ -117,7 +117,8 @@ class Runtime:
     elector: LeaderElector | None = None
     shards: ShardManager | None = None  # --shards > 1
     shard_task: asyncio.Task[None] | None = None  # the shard Leases: stopped last, after the final writes
-    reloading: set[int] = field(default_factory=set)  # shards just acquired whose handlers are being reloaded
+    adopted: set[Key] = field(default_factory=set)  # with shards: pools this replica acts for, state reloaded
+    adopting: set[Key] = field(default_factory=set)  # ... their handlers' outboxes being loaded again
     standing_by: bool = False
     probe: Any = None
 
@@ -253,47 +254,57 @@ def _start_shards(rt: Runtime, shards: ShardManager) -> None:
 
 
 def _shard_acquired(rt: Runtime, shards: ShardManager, shard: int) -> None:
-    """A shard became ours: the last owner may have acted, so nothing remembered is trusted.
-
-    Its handlers' outboxes are loaded again (deliveries resume with the same ids) before its
-    pools are reconciled; the old runtimes' deliveries are cancelled now, before any of them can
-    write a stale outbox under the fence that just opened. Pools are read back from status and
-    from their backends (level-triggered), and LoadBalancers of the shard publish their status."""
-    assert rt.pools is not None and rt.lbs is not None
-    stale = []
-    if rt.lifecycle is not None:
-        for key, body in list(rt.store.handlers.items()):
-            pool = (key[0], str(((body.get("spec") or {}).get("poolRef") or {}).get("name") or ""))
-            if pool_shard(rt, shards, pool) == shard:
-                old = rt.lifecycle.runtimes.pop(key, None)
-                if old is not None:
-                    for task in old.workers.values():
-                        task.cancel()
-                rt.lifecycle.heard.pop(pool, None)
-                stale.append((key, body, old))
+    """A shard became ours: its LoadBalancers publish their status, and its pools are adopted."""
+    assert rt.lbs is not None
     for name in rt.lbs.names():
         if shard_of(load_balancer_shard_key(name), shards.shards) == shard:
             rt.lbs.status.forget(rt.lbs.status_path(name))
             rt.lbs.publish(name)
-    keys = [key for key in list(rt.store.pools) if pool_shard(rt, shards, key) == shard]
-    for key in keys:
+    _adopt(rt, [key for key in list(rt.store.pools) if pool_shard(rt, shards, key) == shard])
+
+
+def _adopt(rt: Runtime, keys: list[Key]) -> None:
+    """Pools that became ours (their shard was acquired, or a pool moved into a shard we hold): the
+    last owner may have acted, so nothing remembered about them is trusted.
+
+    Their handlers' outboxes are loaded again (deliveries resume with the same ids) before the
+    pools are reconciled; the old runtimes' deliveries are cancelled now, synchronously, before
+    any of them could write a stale outbox under the fence that just opened. The pools are read
+    back from their status and backends (level-triggered)."""
+    assert rt.pools is not None
+    wanted = set(keys) - rt.adopting
+    if not wanted:
+        return
+    stale: list[tuple[Key, dict[str, Any], Any]] = []
+    if rt.lifecycle is not None:
+        for key, body in list(rt.store.handlers.items()):
+            pool = (key[0], str(((body.get("spec") or {}).get("poolRef") or {}).get("name") or ""))
+            if pool in wanted:
+                old = rt.lifecycle.runtimes.pop(key, None)
+                if old is not None:
+                    for task in old.workers.values():
+                        task.cancel()
+                stale.append((key, body, old))
+        for pool in wanted:
+            rt.lifecycle.forget_pool(pool)
+    for key in wanted:
         rt.pools.memory.pop(key, None)
         rt.pools.status.forget(resource_path(API_VERSION, "targetpools", key[0], key[1], "status"))
-    rt.reloading.add(shard)
-    task = asyncio.get_running_loop().create_task(_reload_shard(rt, shard, stale, keys))
+    rt.adopting |= wanted
+    task = asyncio.get_running_loop().create_task(_reload_handlers(rt, stale, wanted))
     rt.pending.add(task)
     task.add_done_callback(rt.pending.discard)
 
 
-async def _reload_shard(rt: Runtime, shard: int, stale: list[tuple[Key, dict[str, Any], Any]],
-                        keys: list[Key]) -> None:
+async def _reload_handlers(rt: Runtime, stale: list[tuple[Key, dict[str, Any], Any]], keys: set[Key]) -> None:
     try:
         for key, body, old in stale:
             if old is not None:
                 await old.close()
             await _handler_changed(rt, key, body, deleted=False)
     finally:
-        rt.reloading.discard(shard)
+        rt.adopting -= keys
+        rt.adopted |= keys
         for key in keys:
             rt.queue.add(key)
 
@@ -370,6 +381,8 @@ async def cleanup(**_: Any) -> None:
     if rt.shard_task is not None:  # after the last writes: they are fenced by the shards still held
         rt.shard_task.cancel()
         await asyncio.gather(rt.shard_task, return_exceptions=True)
+    if rt.shards is not None:
+        await rt.shards.api.close()
     if rt.probe is not None:
         await rt.probe.cleanup()
     if rt.api is not None:
@@ -387,9 +400,10 @@ async def _worker(rt: Runtime) -> None:
             if not owns(rt, key):  # a lost Lease: never act again; another shard's pool: not ours
                 rt.event_times.pop(key, None)
                 rt.drain_times.pop(key, None)
+                rt.adopted.discard(key)
                 continue
-            if rt.shards is not None and pool_shard(rt, rt.shards, key) in rt.reloading:
-                rt.queue.add_after(key, 0.05)  # its handlers' outboxes first: blocking hooks gate it
+            if rt.shards is not None and key not in rt.adopted:
+                _adopt(rt, [key])  # its handlers' outboxes first (blocking hooks gate it); queued again after
                 continue
             with fence.fenced(pool_fence(rt, key)):
                 outcome = await rt.pools.reconcile(key)

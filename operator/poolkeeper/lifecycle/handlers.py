@@ -255,6 +255,15 @@ class LifecycleHandlers:
                     except Exception:
                         log.exception("re-checking handler %s failed", runtime.spec.name)
 
+    def forget_pool(self, key: Key) -> None:
+        """Another replica acted for the pool (shards): what its handlers were told and what holds
+        its members are read again from the outboxes, not taken from memory."""
+        self.heard.pop(key, None)
+        for pending in (self.gates.pending_up, self.gates.pending_drain):
+            for gate in [g for g in pending if g[0] == key]:
+                del pending[gate]
+        self.gates.abandoned = {g for g in self.gates.abandoned if g[0] != key}
+
     # ----- the pool reconcile calls these
     def _handlers_for(self, spec: PoolSpec) -> list[HandlerRuntime]:
         return [r for (ns, _), r in self.runtimes.items() if ns == spec.namespace and r.spec.pool == spec.name]
