@@ -7,7 +7,7 @@ A fresh control plane in --dir, one HAProxy with --pools backends behind one Loa
 checks, no handlers). Three setups get the same load, one after the other in one run, the
 setups alternating --repeat times:
 
-- `single`: `--shards 1` (today's single Lease), one replica;
+- `single`: `--shards 1`, one replica (without --leader-elect: a lone replica needs no Lease);
 - `S shards, 1 replica`: `--shards S`, one replica holding every shard;
 - `S shards, 2 replicas`: `--shards S`, two replicas holding about half each.
 
@@ -117,7 +117,7 @@ async def all_in_rotation(haproxy: HAProxyProcess, backends: Sequence[str], expe
 
 
 async def start_replicas(cluster: Cluster, setup: Setup, args: argparse.Namespace, index: int) -> list[OperatorProcess]:
-    extra = ("--leader-elect",) if setup.shards == 1 else ("--shards", str(setup.shards))
+    extra = () if setup.shards == 1 else ("--shards", str(setup.shards))  # one replica needs no Lease
     procs = [OperatorProcess(cluster.kubeconfig, args.dir / "logs" / f"{index}-{r}", extra_args=extra)
              for r in range(setup.replicas)]
     cores = os.cpu_count() or 1

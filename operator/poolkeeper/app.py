@@ -247,7 +247,10 @@ def _start_shards(rt: Runtime, shards: ShardManager) -> None:
         rt.metrics.shards_held.set(held)
         rt.metrics.leader.set(1 if held else 0)
         _sync_ec2(rt)
+    def lost(shard: int) -> None:  # its pools are adopted again (state reloaded) if they come back
+        rt.adopted.difference_update(k for k in list(rt.adopted) if pool_shard(rt, shards, k) == shard)
     shards.on_acquired = functools.partial(_shard_acquired, rt, shards)
+    shards.on_lost = lost
     shards.on_change = changed
     rt.metrics.shards.set(shards.shards)
     rt.shard_task = asyncio.create_task(shards.run(), name="shard-leases")
