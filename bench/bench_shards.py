@@ -28,7 +28,6 @@ import asyncio
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from bench_operator import (
     Kube,
     cpu_seconds,
     create_namespace,
+    fresh_cluster_dir,
     log,
     pod_body,
     pod_path,
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pools, args.transitions, args.repeat, args.no_write = 8, 300, 1, True
     started, load_start = time.monotonic(), os.getloadavg()[0]
     args.dir = args.dir.resolve()
-    if args.dir.exists():
-        Cluster(args.dir).down()
-        shutil.rmtree(args.dir)
+    fresh_cluster_dir(args.dir)
     cluster = Cluster(args.dir)
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=[f"be-{j:03d}" for j in range(args.pools)])
     runs: list[Run] = []
