@@ -281,16 +281,15 @@ def _adopt(rt: Runtime, keys: list[Key]) -> None:
     stale: list[tuple[Key, dict[str, Any], Any]] = []
     if rt.lifecycle is not None:
         for key, body in list(rt.store.handlers.items()):
-            pool = (key[0], str(((body.get("spec") or {}).get("poolRef") or {}).get("name") or ""))
-            if pool in wanted:
+            if _handler_pool(key, body) in wanted:
                 old = rt.lifecycle.runtimes.pop(key, None)
                 if old is not None:
                     for task in old.workers.values():
                         task.cancel()
                 stale.append((key, body, old))
-        for pool in wanted:
-            rt.lifecycle.forget_pool(pool)
     for key in wanted:
+        if rt.lifecycle is not None:
+            rt.lifecycle.forget_pool(key)
         rt.pools.memory.pop(key, None)
         rt.pools.status.forget(resource_path(API_VERSION, "targetpools", key[0], key[1], "status"))
     rt.adopting |= wanted
@@ -716,13 +715,17 @@ async def lifecycle_handler_event(kind: str, obj: dict[str, Any]) -> None:
     await _handler_changed(rt, key, obj, deleted=kind == "DELETED")
 
 
+def _handler_pool(key: Key, body: dict[str, Any]) -> Key:
+    """The pool a LifecycleHandler names (its own namespace)."""
+    return key[0], str(((body.get("spec") or {}).get("poolRef") or {}).get("name") or "")
+
+
 async def _handler_changed(rt: Runtime, key: Key, obj: dict[str, Any], *, deleted: bool) -> None:
     """One handler's trouble is logged and stays its own: never stops startup, other handlers or pools."""
     if rt.lifecycle is None:
         return
-    pool = str(((obj.get("spec") or {}).get("poolRef") or {}).get("name") or "")
     try:
-        with fence.fenced(pool_fence(rt, (key[0], pool))):  # its deliveries and outbox follow the pool
+        with fence.fenced(pool_fence(rt, _handler_pool(key, obj))):  # its deliveries and outbox follow the pool
             await rt.lifecycle.handler_changed(key, obj, deleted=deleted)
     except asyncio.CancelledError:
         raise
