@@ -352,7 +352,8 @@ def _post_event(rt: Runtime, key: Key, reason: str, message: str, warning: bool)
     """A Kubernetes Event on the pool (EC2 feeds: lifecycle hooks waiting, completed, failing)."""
     body = rt.store.pools.get(key)
     if body is not None and rt.pools is not None:
-        (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
+        with fence.fenced(pool_fence(rt, key)):  # (its feed runs outside any pool's reconcile)
+            (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
 
 
 def _sync_ec2(rt: Runtime) -> None:
