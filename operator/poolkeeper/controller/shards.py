@@ -55,11 +55,11 @@ class ShardManager:
             raise ValueError("sharding needs at least 2 shards (1 is the single Lease of --leader-elect)")
         self.api, self.namespace, self.base, self.shards, self.identity = api, namespace, base, shards, identity
         self.duration, self.retry, self.clock = duration, retry, clock
-        timing = {"duration": duration, "renew_deadline": renew_deadline, "retry": retry, "clock": clock}
-        self.electors = [LeaderElector(api, namespace=namespace, name=lease_name(base, i, shards), identity=identity,
-                                       labels={SHARD_LABEL: base}, **timing) for i in range(shards)]  # type: ignore[arg-type]
-        self.member = LeaderElector(api, namespace=namespace, name=member_name(base, identity), identity=identity,
-                                    labels={MEMBER_LABEL: base}, **timing)  # type: ignore[arg-type]
+        def elector(name: str, label: str) -> LeaderElector:
+            return LeaderElector(api, namespace=namespace, name=name, identity=identity, duration=duration,
+                                 renew_deadline=renew_deadline, retry=retry, clock=clock, labels={label: base})
+        self.electors = [elector(lease_name(base, i, shards), SHARD_LABEL) for i in range(shards)]
+        self.member = elector(member_name(base, identity), MEMBER_LABEL)
         self.order = preference(identity, shards)
         self.acquired_at: dict[int, float] = {}
         self.peers: dict[str, tuple[str, float]] = {}  # member Lease name -> (record, monotonic moment it changed)
