@@ -32,13 +32,16 @@ from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.controller.pools import RESYNC_SECONDS, Outcome, PoolController
 from poolkeeper.controller.queue import WorkQueue
 from poolkeeper.controller.readiness import ReadinessGates
+from poolkeeper.controller.shards import ShardManager
 from poolkeeper.controller.store import Key, Store
 from poolkeeper.core import heartbeats
 from poolkeeper.core.addresses import ENDPOINTSLICE_ALLOWANCE, AddressPolicy, Network
 from poolkeeper.core.model import InstanceState, Phase
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.core.selectors import LabelSelector, SelectorError
+from poolkeeper.core.shards import load_balancer_shard_key, pool_shard_key, shard_of
 from poolkeeper.core.tenancy import NodeSourcePolicy, parse_ec2_source_namespaces
+from poolkeeper.kube import fence
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
 from poolkeeper.kube.events import EventRecorder
@@ -86,6 +89,7 @@ class OperatorOptions:
     cluster_id: str = ""  # owner of this operator's servers in shared backends; "": today's names (core.naming)
     ec2_source_namespaces: NodeSourcePolicy | None = None  # None: no namespace may use the operator's AWS identity
     lifecycle_heartbeat_seconds: float = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits
+    shards: int = 1  # > 1: pools spread over this many shard Leases across replicas (controller/shards.py)
 
 
 @dataclass
@@ -111,6 +115,10 @@ class Runtime:
     ready: bool = False
     listed: bool = False  # the first list of every kind is done: events from now on are changes
     elector: LeaderElector | None = None
+    shards: ShardManager | None = None  # --shards > 1
+    shard_task: asyncio.Task[None] | None = None  # the shard Leases: stopped last, after the final writes
+    adopted: set[Key] = field(default_factory=set)  # with shards: pools this replica acts for, state reloaded
+    adopting: set[Key] = field(default_factory=set)  # ... their handlers' outboxes being loaded again
     standing_by: bool = False
     probe: Any = None
 
@@ -140,10 +148,16 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if rt.options.metrics_port and rt.probe is None:
         rt.probe = await start_probe_server(rt.metrics, lambda: _readiness(rt), rt.options.metrics_address,
                                             rt.options.metrics_port)
-    if rt.options.leader_elect:
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    if rt.options.shards > 1:
+        # Every replica lists and watches everything; each acts only for the shards it holds.
+        rt.shards = ShardManager(KubeApi(reload(), reload=reload, limit=2), namespace=rt.options.leader_namespace,
+                                 base=rt.options.leader_name, shards=rt.options.shards, identity=identity)
+        rt.api.may_write = rt.shards.may_write  # every write is fenced by the Lease of its shard
+    elif rt.options.leader_elect:
         # Its own client: renewals never wait behind the operator's requests, and are not gated.
         elector = LeaderElector(KubeApi(reload(), reload=reload, limit=2), namespace=rt.options.leader_namespace,
-                                name=rt.options.leader_name, identity=f"{socket.gethostname()}-{os.getpid()}")
+                                name=rt.options.leader_name, identity=identity)
         # A standby is Ready: it is doing its job (waiting to take over), so the Deployment counts
         # it as available and `kubectl rollout status` finishes. Who acts shows in the Lease and in
         # the poolkeeper_leader metric.
@@ -153,7 +167,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.elector = elector
         rt.api.may_write = elector.is_leading  # every write of a replica that no longer leads is refused
         rt.tasks.append(asyncio.create_task(_lead(rt, elector), name="leader-lease"))
-    rt.metrics.leader.set(1)
+    rt.metrics.leader.set(0 if rt.shards else 1)
     status = StatusWriter(rt.api)
     events = EventRecorder(rt.api)
     rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
@@ -169,12 +183,19 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.lifecycle = _start_lifecycle(rt, status, events)
     if rt.lifecycle is not None:
         rt.pools.hooks = rt.lifecycle
+        rt.lifecycle.fence_of = lambda namespace, pool: pool_fence(rt, (namespace, pool))
+    if rt.shards is not None:
+        shards = rt.shards
+        rt.lbs.fence_of = lambda name: (
+            lambda: shards.is_held(shard_of(load_balancer_shard_key(name), shards.shards)))
     await _initial_sync(rt)
     rt.pools.invalidate_claims()
     for index in range(max(1, rt.options.workers)):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
+    if rt.shards is not None:
+        _start_shards(rt, rt.shards)
     # The store and specs are long-lived: move them out of the young generations, so the
     # collector's pauses (the latency tail) do not keep rescanning them.
     gc.collect()
@@ -184,7 +205,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _readiness(rt: Runtime) -> str | None:
-    """What /readyz reports: "leading" once listed and reconciling, "standing by" while a standby, else None."""
+    """What /readyz reports: "leading" once listed and reconciling (with shards: which it holds),
+    "standing by" while a standby, else None."""
+    if rt.ready and rt.shards is not None:
+        return f"holding shards [{','.join(map(str, rt.shards.held()))}] of {rt.shards.shards}"
     if rt.ready:
         return "leading"
     return "standing by" if rt.standing_by else None
@@ -194,6 +218,97 @@ def acting(rt: Runtime) -> bool:
     """Whether this replica may act now: always without leader election, else while its Lease's
     renew deadline (monotonic) has not passed. Checked before every reconcile and every write."""
     return rt.elector is None or rt.elector.is_leading()
+
+
+def pool_shard(rt: Runtime, shards: ShardManager, key: Key) -> int:
+    """The pool's shard: by its claim key (pools wanting one backend share a shard), else its name."""
+    assert rt.pools is not None
+    spec = rt.pools.spec(key)
+    claim = rt.pools.claim_of(spec) if isinstance(spec, PoolSpec) else None
+    return shard_of(pool_shard_key(claim, *key), shards.shards)
+
+
+def owns(rt: Runtime, key: Key) -> bool:
+    """Whether this replica acts for the pool now: `acting` without shards, else while it holds
+    the pool's shard (looked up each time: a pool whose claim appears may move)."""
+    if rt.shards is None:
+        return acting(rt)
+    return rt.shards.is_held(pool_shard(rt, rt.shards, key))
+
+
+def pool_fence(rt: Runtime, key: Key) -> fence.Check | None:
+    """The fence of the pool's work (None without shards: the single Lease fences everything)."""
+    return None if rt.shards is None else lambda: owns(rt, key)
+
+
+def _start_shards(rt: Runtime, shards: ShardManager) -> None:
+    def changed() -> None:
+        held = len(shards.held())
+        rt.metrics.shards_held.set(held)
+        rt.metrics.leader.set(1 if held else 0)
+        _sync_ec2(rt)
+    def lost(shard: int) -> None:  # its pools are adopted again (state reloaded) if they come back
+        rt.adopted.difference_update(k for k in list(rt.adopted) if pool_shard(rt, shards, k) == shard)
+    shards.on_acquired = functools.partial(_shard_acquired, rt, shards)
+    shards.on_lost = lost
+    shards.on_change = changed
+    rt.metrics.shards.set(shards.shards)
+    rt.shard_task = asyncio.create_task(shards.run(), name="shard-leases")
+
+
+def _shard_acquired(rt: Runtime, shards: ShardManager, shard: int) -> None:
+    """A shard became ours: its LoadBalancers publish their status, and its pools are adopted."""
+    assert rt.lbs is not None
+    for name in rt.lbs.names():
+        if shard_of(load_balancer_shard_key(name), shards.shards) == shard:
+            rt.lbs.status.forget(rt.lbs.status_path(name))
+            rt.lbs.publish(name)
+    _adopt(rt, [key for key in list(rt.store.pools) if pool_shard(rt, shards, key) == shard])
+
+
+def _adopt(rt: Runtime, keys: list[Key]) -> None:
+    """Pools that became ours (their shard was acquired, or a pool moved into a shard we hold): the
+    last owner may have acted, so nothing remembered about them is trusted.
+
+    Their handlers' outboxes are loaded again (deliveries resume with the same ids) before the
+    pools are reconciled; the old runtimes' deliveries are cancelled now, synchronously, before
+    any of them could write a stale outbox under the fence that just opened. The pools are read
+    back from their status and backends (level-triggered)."""
+    assert rt.pools is not None
+    wanted = set(keys) - rt.adopting
+    if not wanted:
+        return
+    stale: list[tuple[Key, dict[str, Any], Any]] = []
+    if rt.lifecycle is not None:
+        for key, body in list(rt.store.handlers.items()):
+            if _handler_pool(key, body) in wanted:
+                old = rt.lifecycle.runtimes.pop(key, None)
+                if old is not None:
+                    for task in old.workers.values():
+                        task.cancel()
+                stale.append((key, body, old))
+    for key in wanted:
+        if rt.lifecycle is not None:
+            rt.lifecycle.forget_pool(key)
+        rt.pools.memory.pop(key, None)
+        rt.pools.status.forget(resource_path(API_VERSION, "targetpools", key[0], key[1], "status"))
+    rt.adopting |= wanted
+    task = asyncio.get_running_loop().create_task(_reload_handlers(rt, stale, wanted))
+    rt.pending.add(task)
+    task.add_done_callback(rt.pending.discard)
+
+
+async def _reload_handlers(rt: Runtime, stale: list[tuple[Key, dict[str, Any], Any]], keys: set[Key]) -> None:
+    try:
+        for key, body, old in stale:
+            if old is not None:
+                await old.close()
+            await _handler_changed(rt, key, body, deleted=False)
+    finally:
+        rt.adopting -= keys
+        rt.adopted |= keys
+        for key in keys:
+            rt.queue.add(key)
 
 
 async def _lead(rt: Runtime, elector: LeaderElector) -> None:
@@ -230,14 +345,15 @@ def _start_ec2(rt: Runtime) -> Ec2Feeds:
         return str(report.state) if report is not None else None
     return Ec2Feeds(apply=lambda state, gone: _apply_instance(rt, state, gone), read_secret=read_secret,
                     changed=rt.queue.add, member_state=member_state, post=functools.partial(_post_event, rt),
-                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds, may_act=lambda: acting(rt))
+                    heartbeat_seconds=rt.options.lifecycle_heartbeat_seconds, may_act=lambda key: owns(rt, key))
 
 
 def _post_event(rt: Runtime, key: Key, reason: str, message: str, warning: bool) -> None:
     """A Kubernetes Event on the pool (EC2 feeds: lifecycle hooks waiting, completed, failing)."""
     body = rt.store.pools.get(key)
     if body is not None and rt.pools is not None:
-        (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
+        with fence.fenced(pool_fence(rt, key)):  # (its feed runs outside any pool's reconcile)
+            (rt.pools.report.warn if warning else rt.pools.report.note)(body, reason, message)
 
 
 def _sync_ec2(rt: Runtime) -> None:
@@ -245,7 +361,8 @@ def _sync_ec2(rt: Runtime) -> None:
     if rt.ec2 is None or rt.pools is None:
         return
     pools = rt.pools
-    rt.ec2.sync(s for s in pools.valid_specs() if s.ec2 is not None and pools.ec2_refusal(s) is None)
+    rt.ec2.sync(s for s in pools.valid_specs()
+                if s.ec2 is not None and pools.ec2_refusal(s) is None and owns(rt, s.key))
 
 
 @kopf.on.cleanup()
@@ -264,6 +381,11 @@ async def cleanup(**_: Any) -> None:
     if rt.pools is not None:
         await rt.pools.status.flush()
         await rt.pools.events.flush()
+    if rt.shard_task is not None:  # after the last writes: they are fenced by the shards still held
+        rt.shard_task.cancel()
+        await asyncio.gather(rt.shard_task, return_exceptions=True)
+    if rt.shards is not None:
+        await rt.shards.api.close()
     if rt.probe is not None:
         await rt.probe.cleanup()
     if rt.api is not None:
@@ -278,9 +400,16 @@ async def _worker(rt: Runtime) -> None:
         key = await rt.queue.get()
         started = time.monotonic()
         try:
-            if not acting(rt):  # a lost Lease: never act again
+            if not owns(rt, key):  # a lost Lease: never act again; another shard's pool: not ours
+                rt.event_times.pop(key, None)
+                rt.drain_times.pop(key, None)
+                rt.adopted.discard(key)
                 continue
-            outcome = await rt.pools.reconcile(key)
+            if rt.shards is not None and key not in rt.adopted:
+                _adopt(rt, [key])  # its handlers' outboxes first (blocking hooks gate it); queued again after
+                continue
+            with fence.fenced(pool_fence(rt, key)):
+                outcome = await rt.pools.reconcile(key)
             rt.metrics.reconciles.labels(result="error" if outcome.failed else "ok").inc()
         except asyncio.CancelledError:
             raise
@@ -317,7 +446,7 @@ async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30)
         for index in range(slices):
             await asyncio.sleep(period / slices)
             for key in keys[index::slices]:
-                if key in rt.store.pools and not rt.queue.scheduled(key):
+                if key in rt.store.pools and not rt.queue.scheduled(key) and owns(rt, key):
                     rt.queue.add(key)
 
 
@@ -338,9 +467,10 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if (rt.lifecycle is not None and acting(rt) and rt.pools.source_refusal(spec) is None
+            if (rt.lifecycle is not None and owns(rt, key) and rt.pools.source_refusal(spec) is None
                     and rt.pools.node_source_refusal(spec) is None and rt.pools.ec2_refusal(spec) is None):
-                rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
+                with fence.fenced(pool_fence(rt, key)):
+                    rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
 
 
 def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
@@ -472,7 +602,8 @@ async def _initial_sync(rt: Runtime) -> None:
     if rt.lifecycle is not None:
         live = {str(lh["metadata"].get("uid")) for lh in rt.store.handlers.values()}
         try:
-            await rt.lifecycle.collect_orphans(live, rt.options.namespaces)
+            with fence.fenced(fence.always if rt.shards is not None else None):  # any replica may
+                await rt.lifecycle.collect_orphans(live, rt.options.namespaces)
         except Exception:
             log.exception("collecting outboxes of deleted LifecycleHandlers failed")
     started = time.monotonic()
@@ -585,12 +716,18 @@ async def lifecycle_handler_event(kind: str, obj: dict[str, Any]) -> None:
     await _handler_changed(rt, key, obj, deleted=kind == "DELETED")
 
 
+def _handler_pool(key: Key, body: dict[str, Any]) -> Key:
+    """The pool a LifecycleHandler names (its own namespace)."""
+    return key[0], str(((body.get("spec") or {}).get("poolRef") or {}).get("name") or "")
+
+
 async def _handler_changed(rt: Runtime, key: Key, obj: dict[str, Any], *, deleted: bool) -> None:
     """One handler's trouble is logged and stays its own: never stops startup, other handlers or pools."""
     if rt.lifecycle is None:
         return
     try:
-        await rt.lifecycle.handler_changed(key, obj, deleted=deleted)
+        with fence.fenced(pool_fence(rt, _handler_pool(key, obj))):  # its deliveries and outbox follow the pool
+            await rt.lifecycle.handler_changed(key, obj, deleted=deleted)
     except asyncio.CancelledError:
         raise
     except Exception:

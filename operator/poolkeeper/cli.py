@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         handler_credentials=args.handler_credentials, http_connections=args.http_connections,
         http_namespace_concurrency=args.http_namespace_concurrency, cluster_id=args.cluster_id,
         ec2_source_namespaces=args.ec2_source_namespaces,
-        lifecycle_heartbeat_seconds=args.lifecycle_heartbeat_seconds,
+        lifecycle_heartbeat_seconds=args.lifecycle_heartbeat_seconds, shards=args.shards,
     ))
 
 
@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes for Python handlers (default: max(2, CPUs))")
     run.add_argument("--leader-elect", action="store_true",
                      help="run as one of several replicas: only the holder of a Lease acts")
+    run.add_argument("--shards", type=_positive, default=1,
+                     help="spread the pools over this many shards, one Lease each (poolkeeper-shard-<i>), held "
+                          "by the replicas in about equal parts; the same on every replica. Default 1: one Lease "
+                          "(poolkeeper) and one acting replica, as --leader-elect. Above 1 implies leader election "
+                          "per shard")
     run.add_argument("--leader-elect-namespace", default=os.environ.get("POD_NAMESPACE") or "poolkeeper-system",
                      help="namespace of the Lease (default: $POD_NAMESPACE, else poolkeeper-system)")
     run.add_argument("--outbox-namespace", default=os.environ.get("POD_NAMESPACE") or "poolkeeper-system",

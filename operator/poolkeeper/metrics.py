@@ -33,6 +33,9 @@ class Metrics:
                              ["namespace", "pool"], registry=r)
         self.leader = Gauge("poolkeeper_leader", "1 while this replica acts (holds the Lease, or runs alone)",
                             registry=r)
+        self.shards_held = Gauge("poolkeeper_shards_held", "Shard Leases this replica holds (--shards > 1)",
+                                 registry=r)
+        self.shards = Gauge("poolkeeper_shards", "Shards the pools are spread over (--shards)", registry=r)
         self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
                                    ["result"], registry=r)
         self.dead_lettered = Counter("poolkeeper_handler_dead_lettered_total",

@@ -622,7 +622,7 @@ def test_rbac_has_no_wildcards_and_agent_is_narrow() -> None:
     outbox, lease = roles_here["poolkeeper-outbox"], roles_here["poolkeeper-leader-election"]
     assert outbox["metadata"]["namespace"] == lease["metadata"]["namespace"] == "poolkeeper-system"
     assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                               "verbs": ["get", "create", "update"]}]
+                               "verbs": ["get", "list", "create", "update", "delete"]}]  # shard Leases
     assert outbox["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
                                 "verbs": ["get", "list", "create", "update", "delete"]}]
 

@@ -23,6 +23,7 @@ from poolkeeper.backends.haproxy_client import HAProxyBusy, HAProxyClient, HAPro
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.lbprocess import ProcessChange, ProcessIdentity, identity_of, probe_delay, process_change
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, parse_load_balancer
+from poolkeeper.kube import fence
 from poolkeeper.kube.api import KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
@@ -66,6 +67,9 @@ class LoadBalancers:
         self._elbv2_retired: dict[str, ELBv2Client] = {}
         self._elbv2_reachable: dict[str, Condition] = {}
         self._tls_dir = tempfile.mkdtemp(prefix="poolkeeper-tls-")
+        # With shards: the fence of a LoadBalancer's own writes (status, Events), the Lease of the
+        # shard its name hashes to; None: the operator's single Lease, if any.
+        self.fence_of: Callable[[str], fence.Check | None] = lambda name: None
 
     # ----- the watch calls these
     async def upsert(self, body: dict[str, Any]) -> None:
@@ -76,7 +80,7 @@ class LoadBalancers:
         except InvalidSpec as exc:
             await self._retire(name)
             self._write_status(name, Condition("Reachable", False, "InvalidSpec", str(exc)))
-            self.events.post(body, "InvalidSpec", str(exc), warning=True)
+            self._post(name, "InvalidSpec", str(exc), warning=True)
             return
         if spec.type == "ELBv2":
             await self._retire(name)
@@ -93,7 +97,7 @@ class LoadBalancers:
         except InvalidSpec as exc:
             await self._retire(name)
             self._write_status(name, Condition("Reachable", False, "TLSSecretInvalid", str(exc)))
-            self.events.post(body, "TLSSecretInvalid", str(exc), warning=True)
+            self._post(name, "TLSSecretInvalid", str(exc), warning=True)
             return
         old = self._entries.get(name)
         self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls, may_act=self._may_act))
@@ -136,7 +140,7 @@ class LoadBalancers:
         except InvalidSpec as exc:
             await self._retire_elbv2(name)
             self._write_status(name, Condition("Reachable", False, "CredentialsSecretInvalid", str(exc)))
-            self.events.post(body, "CredentialsSecretInvalid", str(exc), warning=True)
+            self._post(name, "CredentialsSecretInvalid", str(exc), warning=True)
             return
         client = ELBv2Client(spec.region, spec.endpoint_url, credentials, may_act=self._may_act)
         self._elbv2[name] = (spec, client)  # before any await: pools always find a client
@@ -272,10 +276,16 @@ class LoadBalancers:
         self._post(name, change.value, message)
         self._notify_pools(name)
 
+    def _owned(self, name: str) -> fence.Check | None:
+        """The fence of the LoadBalancer's own writes; a replica not holding its shard skips them."""
+        return self.fence_of(name)
+
     def _post(self, name: str, reason: str, message: str, warning: bool = False) -> None:
         body = self._bodies.get(name)
-        if body:
-            self.events.post(body, reason, message, warning=warning)
+        check = self._owned(name)
+        if body and (check is None or check()):
+            with fence.fenced(check):
+                self.events.post(body, reason, message, warning=warning)
 
     def _notify_pools(self, name: str) -> None:
         for key in self.pools_using(name):
@@ -310,7 +320,17 @@ class LoadBalancers:
         }
         if version:
             status["version"] = version
-        self.status.submit(self._status_path(name), status)
+        check = self._owned(name)
+        if check is None or check():
+            with fence.fenced(check):
+                self.status.submit(self._status_path(name), status)
+
+    def names(self) -> list[str]:
+        """Every LoadBalancer the watch has shown (valid or not)."""
+        return list(self._bodies)
+
+    def status_path(self, name: str) -> str:
+        return self._status_path(name)
 
     @staticmethod
     def _status_path(name: str) -> str:

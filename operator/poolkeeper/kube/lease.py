@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 log = logging.getLogger(__name__)
 API = "coordination.k8s.io/v1"
 Clock = Callable[[], float]
+UNREAD: Any = object()  # try_acquire(lease=UNREAD): read the Lease first
 
 
 def _stamp(moment: datetime) -> str:
@@ -34,12 +35,12 @@ def _stamp(moment: datetime) -> str:
 class LeaderElector:
     def __init__(self, api: KubeApi, *, namespace: str, name: str, identity: str,
                  duration: float = 15.0, renew_deadline: float = 10.0, retry: float = 2.0,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, labels: Mapping[str, str] | None = None) -> None:
         if not retry < renew_deadline < duration:
             raise ValueError("leader election needs retry < renew deadline < lease duration")
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
         self.duration, self.renew_deadline, self.retry = duration, renew_deadline, retry
-        self.clock = clock
+        self.clock, self.labels = clock, dict(labels or {})
         self._deadline: float | None = None  # monotonic moment our right to act ends
         self._observed: tuple[str, float] | None = None  # (record we saw, monotonic moment it changed)
 
@@ -59,15 +60,18 @@ class LeaderElector:
             spec.update(acquireTime=now, leaseTransitions=transitions + (1 if current else 0))
         spec.update(holderIdentity=self.identity, leaseDurationSeconds=int(self.duration), renewTime=now)
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if self.labels:
+            meta["labels"] = {**(((current or {}).get("metadata") or {}).get("labels") or {}), **self.labels}
         if current:
             meta["resourceVersion"] = current["metadata"]["resourceVersion"]
         return {"apiVersion": API, "kind": "Lease", "metadata": meta, "spec": spec}
 
-    def _expired(self, lease: dict[str, Any]) -> bool:
-        """Whether another holder's Lease has gone unrenewed for its duration, as *we* observed it:
+    def _expired(self, lease: dict[str, Any] | None) -> bool:
+        """Whether a Lease (None: none yet) has gone unchanged for its duration, as *we* observed it:
         the clock starts when we first see a record, never from the timestamps written in it."""
-        spec = lease.get("spec") or {}
-        record = f"{spec.get('holderIdentity')}|{spec.get('renewTime')}|{lease['metadata'].get('resourceVersion')}"
+        spec = (lease or {}).get("spec") or {}
+        version = ((lease or {}).get("metadata") or {}).get("resourceVersion")
+        record = f"{spec.get('holderIdentity')}|{spec.get('renewTime')}|{version}"
         now = self.clock()
         if self._observed is None or self._observed[0] != record:
             self._observed = (record, now)
@@ -75,11 +79,23 @@ class LeaderElector:
         seconds = float(spec.get("leaseDurationSeconds") or self.duration)
         return now - self._observed[1] > seconds
 
-    async def try_acquire(self) -> bool:
-        """One attempt: take the Lease if it is free, expired, or already ours; renew it if ours."""
+    def expired(self, lease: dict[str, Any] | None) -> bool:
+        """Observe the Lease as read elsewhere (a list of every shard's Lease): True once it went
+        unchanged for a lease duration on our clock, whoever holds it (or nobody)."""
+        return self._expired(lease)
+
+    def resign(self) -> None:
+        """Stop acting at once (the Lease is somebody else's now, or about to be released)."""
+        self._deadline = None
+
+    async def try_acquire(self, lease: Any = UNREAD) -> bool:
+        """One attempt: take the Lease if it is free, expired, or already ours; renew it if ours.
+
+        `lease` is the Lease as just read (None: it does not exist), to save a GET."""
         started = self.clock()
         try:
-            lease = await self.api.get_or_none(self.path)
+            if lease is UNREAD:
+                lease = await self.api.get_or_none(self.path)
             if lease is None:
                 await self.api.create(resource_path(API, "leases", self.namespace), self._body(None))
             else:
@@ -124,6 +140,21 @@ class LeaderElector:
                 break
         self._deadline = None
         log.error("lost the Lease %s/%s: stopping so only one operator acts", self.namespace, self.name)
+
+    async def release(self) -> None:
+        """Give the Lease up (client-go's ReleaseOnCancel): stop acting first, then write it with
+        no holder, so another replica may take it at once instead of after a lease duration."""
+        self.resign()
+        try:
+            lease = await self.api.get_or_none(self.path)
+            spec = (lease or {}).get("spec") or {}
+            if lease is None or spec.get("holderIdentity") != self.identity:
+                return
+            body = self._body(lease)
+            body["spec"].update(holderIdentity="", leaseDurationSeconds=1)
+            await self.api.replace(self.path, body)
+        except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("releasing Lease %s/%s: %s (it expires by itself)", self.namespace, self.name, exc)
 
     def _remaining(self) -> float:
         return (self._deadline or 0.0) - self.clock()

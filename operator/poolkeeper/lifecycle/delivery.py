@@ -29,7 +29,7 @@ from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.transitions import NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
 from poolkeeper.functions.pool import FunctionPool
-from poolkeeper.kube.api import ApiError, KubeApi, resource_path
+from poolkeeper.kube.api import ApiError, KubeApi, NotLeading, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
 from poolkeeper.lifecycle.outbox import Outbox
@@ -256,6 +256,8 @@ class HandlerRuntime:
             if record is None:
                 return
             attempt = record.attempts + 1
+            if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():  # its shard is lost
+                raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
             async with self.semaphore:
                 self.in_flight.add(event_id)
                 try:

@@ -51,6 +51,7 @@ from poolkeeper.core.transitions import (
 )
 from poolkeeper.functions.http import make_http_session
 from poolkeeper.functions.pool import FunctionPool, default_size
+from poolkeeper.kube import fence
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
@@ -128,6 +129,8 @@ class LifecycleHandlers:
         self.heard: dict[Key, Heard] = {}
         self._started = False
         self._recheck: asyncio.Task[None] | None = None
+        # With shards: the fence of a handler's work, the Lease of its pool's shard (namespace, pool)
+        self.fence_of: Callable[[str, str], fence.Check | None] = lambda namespace, pool: None
 
     async def _ensure_started(self) -> None:
         if not self._started:
@@ -240,15 +243,26 @@ class LifecycleHandlers:
             await asyncio.sleep(RECHECK_SECONDS)
             for key, body in list(self.unloaded.items()):
                 try:
-                    await self.handler_changed(key, body, deleted=False)
+                    with fence.fenced(self.fence_of(key[0], parse_handler(body).pool)):
+                        await self.handler_changed(key, body, deleted=False)
                 except Exception:
                     log.exception("loading handler %s/%s failed", *key)
             for runtime in list(self.runtimes.values()):
                 if runtime.problem is not None:
                     try:
-                        await runtime.validate()
+                        with fence.fenced(self.fence_of(runtime.spec.namespace, runtime.spec.pool)):
+                            await runtime.validate()
                     except Exception:
                         log.exception("re-checking handler %s failed", runtime.spec.name)
+
+    def forget_pool(self, key: Key) -> None:
+        """Another replica acted for the pool (shards): what its handlers were told and what holds
+        its members are read again from the outboxes, not taken from memory."""
+        self.heard.pop(key, None)
+        for pending in (self.gates.pending_up, self.gates.pending_drain):
+            for gate in [g for g in pending if g[0] == key]:
+                del pending[gate]
+        self.gates.abandoned = {g for g in self.gates.abandoned if g[0] != key}
 
     # ----- the pool reconcile calls these
     def _handlers_for(self, spec: PoolSpec) -> list[HandlerRuntime]:
@@ -469,7 +483,8 @@ class LifecycleHandlers:
             self._recheck.cancel()
         for runtime in list(self.runtimes.values()):
             await runtime.close()
-            with contextlib.suppress(ApiError, OSError, TimeoutError):
+            with contextlib.suppress(ApiError, OSError, TimeoutError), \
+                    fence.fenced(self.fence_of(runtime.spec.namespace, runtime.spec.pool)):
                 await runtime.outbox.persist()  # a clean stop leaves nothing to re-deliver
         await self.http.close()
         await self.functions.close()

@@ -9,6 +9,7 @@ same store Pods and Instances go to, so the pool controller and lifecycle handle
 from __future__ import annotations
 
 import asyncio
+import functools
 import base64
 import contextlib
 import logging
@@ -276,9 +277,9 @@ class Ec2Feeds:
                  member_state: MemberState = lambda key, ref: None,
                  post: PostEvent = lambda key, reason, message, warning: None,
                  relist_seconds: float = RELIST_SECONDS, heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 may_act: Callable[[], bool] | None = None) -> None:
+                 may_act: Callable[[Key], bool] | None = None) -> None:
         self.apply, self.read_secret, self.changed, self.member_state = apply, read_secret, changed, member_state
-        self.post, self.may_act = post, may_act
+        self.post, self.may_act = post, may_act  # per pool: with shards, the Lease of the pool's shard
         self.relist_seconds, self.heartbeat_seconds = relist_seconds, heartbeat_seconds
         self.feeds: dict[Key, tuple[Ec2Feed, asyncio.Task[None]]] = {}
 
@@ -292,9 +293,13 @@ class Ec2Feeds:
             if source is not None and key not in self.feeds:
                 feed = Ec2Feed(key, source, apply=self.apply, read_secret=self.read_secret, changed=self.changed,
                                member_state=self.member_state, post=self.post, relist_seconds=self.relist_seconds,
-                               heartbeat_seconds=self.heartbeat_seconds, may_act=self.may_act)
+                               heartbeat_seconds=self.heartbeat_seconds, may_act=self._fence(key))
                 task = asyncio.get_running_loop().create_task(feed.run(), name=f"ec2-feed/{key[0]}/{key[1]}")
                 self.feeds[key] = (feed, task)
+
+    def _fence(self, key: Key) -> Callable[[], bool] | None:
+        may_act = self.may_act
+        return None if may_act is None else functools.partial(may_act, key)
 
     def block(self, spec: PoolSpec) -> tuple[str, str] | None:
         """Why an EC2 pool must not act on its instances yet (never listed), or None."""
