@@ -166,7 +166,8 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
     if sum(1 for s in sources if s.kind == "EC2") > 1:
         raise InvalidSpec(EC2_ONCE)
     if backend.get("type") != "HAProxy" and any(s.weight is not None for s in sources):
-        raise InvalidSpec("spec.sources[].weight needs an HAProxy backend: EndpointSlice and ELBv2 targets have no weights")
+        raise InvalidSpec("spec.sources[].weight needs an HAProxy backend: "
+                          "EndpointSlice and ELBv2 targets have no weights")
     if backend.get("type") == "HAProxy":  # every member has a weight there: unset is HAProxy's default
         sources = tuple(s if s.weight is not None else replace(s, weight=DEFAULT_WEIGHT) for s in sources)
     common: dict[str, Any] = {

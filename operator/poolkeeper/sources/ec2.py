@@ -9,9 +9,9 @@ same store Pods and Instances go to, so the pool controller and lifecycle handle
 from __future__ import annotations
 
 import asyncio
-import functools
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
