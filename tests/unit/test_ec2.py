@@ -31,8 +31,8 @@ from poolkeeper.sources.ec2 import Ec2Feeds
 SOURCE = Ec2Source(region="us-east-1", queue_url="https://sqs/q", tags=(("app", "web"),))
 
 
-def pool(ec2: dict[str, Any], namespace: str = "team") -> dict[str, Any]:
-    return {"metadata": {"namespace": namespace, "name": "web", "uid": "u1"}, "spec": {
+def pool(ec2: dict[str, Any], namespace: str = "team", name: str = "web") -> dict[str, Any]:
+    return {"metadata": {"namespace": namespace, "name": name, "uid": f"u-{name}"}, "spec": {
         "source": {"kind": "EC2", "ec2": ec2}, "port": 80,
         "backend": {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": "lb"}, "backend": "web"}}}}
 
@@ -192,3 +192,27 @@ def test_parse_lifecycle_reads_direct_and_eventbridge_hook_messages() -> None:
     (TERMINATING, "Held", None), (TERMINATING, None, "CONTINUE")])
 def test_lifecycle_result(transition: str, member: str | None, result: str | None) -> None:
     assert lifecycle_result(transition, member) == result
+
+
+async def test_each_feed_is_fenced_by_its_own_pool() -> None:
+    """With shards, a replica may hold one EC2 pool's shard and not another's: each feed's AWS
+    calls (aws.fence) ask about its own pool."""
+    held = {("team", "web")}
+
+    async def no_secret(namespace: str, name: str) -> None:
+        return None
+    feeds = Ec2Feeds(apply=lambda state, gone: None, read_secret=no_secret, changed=lambda key: None,
+                     may_act=lambda key: key in held)
+    source = {"region": "us-east-1", "queueURL": "https://sqs/q", "tags": {"app": "web"}}
+    specs = [parse_pool(pool(source, name=name)) for name in ("web", "api")]
+    assert all(isinstance(s, PoolSpec) for s in specs)
+    feeds.sync(s for s in specs if isinstance(s, PoolSpec))
+    try:
+        fences = {key: feed.may_act for key, (feed, _) in feeds.feeds.items()}
+        assert set(fences) == {("team", "web"), ("team", "api")}
+        assert all(f is not None for f in fences.values())
+        assert [key for key, f in fences.items() if f is not None and f()] == [("team", "web")]
+        held.clear()  # the shard is lost: the same feed stops acting at once
+        assert not any(f is not None and f() for f in fences.values())
+    finally:
+        await feeds.close()
