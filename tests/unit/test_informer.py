@@ -140,3 +140,30 @@ async def test_an_api_server_that_is_away_is_retried_with_backoff_and_nothing_is
     assert 2 <= api.lists - 1 <= 8, api.lists
     assert rec.seen == []  # no DELETE while the server is away
     assert informer.known.keys() == {"ns/a", "ns/b"}
+
+
+async def test_pages_are_handed_over_in_order_and_the_next_is_asked_for_meanwhile() -> None:
+    objects = [pod(f"p-{i}", f"u-{i}") for i in range(5)]
+    asked: list[str] = []
+    handed: list[tuple[str, str]] = []
+
+    class PagedApi:
+        async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+            token = (params or {}).get("continue", "")
+            asked.append(token or "first")
+            start = int(token or 0)
+            following = start + 2 if start + 2 < len(objects) else None
+            return {"kind": "PodList", "items": [dict(o) for o in objects[start:start + 2]],
+                    "metadata": {"resourceVersion": "100", **({"continue": str(following)} if following else {})}}
+
+    async def handle(kind: str, obj: dict[str, Any]) -> None:
+        handed.append((kind, obj["metadata"]["name"]))
+        if obj["metadata"]["name"] == "p-0":
+            await asyncio.sleep(0.01)  # while the first page is handed over, the second is fetched
+            assert asked == ["first", "2"]
+
+    informer = Informer(PagedApi(), "/api/v1/pods", handle)  # type: ignore[arg-type]
+    await informer.sync()
+    assert handed == [("ADDED", f"p-{i}") for i in range(5)]
+    assert asked == ["first", "2", "4"]
+    assert informer.resource_version == "100" and len(informer.known) == 5
