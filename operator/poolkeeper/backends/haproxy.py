@@ -42,6 +42,7 @@ _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers 
 STATE_COLUMNS = ("be_name", "srv_name", "srv_addr", "srv_port", "srv_op_state", "srv_admin_state", "srv_uweight",
                  "srv_check_state", "srv_check_health")
 _BACKEND, _NAME_COL, _ADDR, _PORT, _OP, _ADMIN, _UWEIGHT, _CHECK_STATE, _CHECK_HEALTH = range(len(STATE_COLUMNS))
+_LEGACY_REST = re.compile(LEGACY_INSTANCE)  # compiled once: a pattern per pool would thrash re's cache
 STAT_COLUMNS = ("pxname", "svname", "scur", "qcur", "check_status", "check_rise", "check_fall")
 
 
@@ -206,12 +207,16 @@ class HAProxyPool:
             raise ValueError("a pool needs a name prefix: without one it would own every server")
         self.client, self.backend, self.prefix, self.health_check = client, backend, prefix, health_check
         # servers named before 80-bit prefixes (core.naming.legacy_pool_prefix): only ever removed
-        self.legacy = re.compile(re.escape(legacy_prefix) + LEGACY_INSTANCE) if legacy_prefix else None
-        # how the pool's `show stat` lines start (with legacy servers, any line of the backend)
-        self._stat_line = f"{backend},{'' if legacy_prefix else prefix}"
+        self.legacy_prefix = legacy_prefix
+        # how the pool's `show stat` lines start (with legacy servers: what both prefixes start with)
+        common = next((i for i, (a, b) in enumerate(zip(prefix, legacy_prefix, strict=False)) if a != b),
+                      min(len(prefix), len(legacy_prefix))) if legacy_prefix else len(prefix)
+        self._stat_line = f"{backend},{prefix[:common]}"
 
     def owns(self, name: str) -> bool:
-        return name.startswith(self.prefix) or bool(self.legacy and self.legacy.fullmatch(name))
+        legacy = self.legacy_prefix
+        return name.startswith(self.prefix) or bool(
+            legacy and name.startswith(legacy) and _LEGACY_REST.fullmatch(name, len(legacy)))
 
     async def read_members(self) -> dict[str, ActualMember]:
         """Address, admin state, health and sessions of the pool's servers.
