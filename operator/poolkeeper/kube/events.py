@@ -7,7 +7,7 @@ different messages for one reason, further ones are combined into a single Event
 one PATCH each: the first occurrence is posted at once (what a person looking right now wants to
 see), the increments that follow are written together at most every FLUSH_SECONDS per Event, and
 within a per-object budget (BURST, then REFILL per second) shared by all of the object's Events.
-A busy pool thus costs about one Event write every two seconds, however many members change,
+A busy pool thus costs about one Event write every five seconds, however many members change,
 and no occurrence is dropped: a count only arrives later.
 """
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 REPEAT_WINDOW = 600.0  # repeats within this counted into one Event, and similar messages combined
 SIMILAR_LIMIT = 10  # different messages of one reason on one object before they are combined (client-go's)
 FLUSH_SECONDS = 5.0  # the count of one Event is written at most this often
-BURST, REFILL = 20.0, 0.5  # count updates per object: at once, then per second
+BURST, REFILL = 5.0, 0.2  # count updates per object: at once, then per second (one per 5 s)
 COMBINED = "(combined from similar events): "
 MESSAGE_LIMIT = 1024
 _KEEP = 5000  # series remembered before the expired ones are dropped
