@@ -108,6 +108,19 @@ async def test_watch_events_reach_an_async_handler_in_order() -> None:
     assert informer.resource_version == "170" and informer.known == {}
 
 
+async def test_events_split_across_chunks_or_sharing_one_are_each_handed_over_once() -> None:
+    api = FakeApi([])
+    rec = Recorder()
+    informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
+    await informer.sync()
+    stream = b"".join(event("ADDED", pod(f"p-{i}", str(i), str(200 + i))) for i in range(4))
+    cut = [7, 40, len(stream) // 2 + 3, len(stream) - 1]  # mid-line, several lines in one chunk, a last byte
+    api.scripts = [[stream[a:b] for a, b in zip([0, *cut], [*cut, len(stream)], strict=True)]]
+    await informer._watch()
+    assert rec.seen == [("ADDED", f"p-{i}", str(i)) for i in range(4)]
+    assert informer.resource_version == "203"
+
+
 async def run_for(informer: Informer, seconds: float) -> None:
     task = asyncio.create_task(informer.run())
     await asyncio.sleep(seconds)

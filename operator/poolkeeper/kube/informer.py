@@ -153,9 +153,11 @@ class Informer:
             async with self.api.stream(self.path, params, timeout) as resp:
                 buffer = b""
                 async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
+                    if b"\n" not in chunk:
+                        buffer += chunk
+                        continue
+                    *lines, buffer = (buffer + chunk).split(b"\n")  # once per chunk, not once per line
+                    for line in lines:
                         if line.strip():
                             await self._on_line(line)
         except ApiError as exc:
