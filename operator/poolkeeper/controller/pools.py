@@ -436,8 +436,8 @@ class PoolController:
                 due.append(key)
             else:
                 checks.append(key)
-        found = await asyncio.gather(*(self._still_settled(key) for key in checks))
-        return due + [key for key, same in zip(checks, found, strict=True) if not same]
+        found = await asyncio.gather(*(self._still_settled(key) for key in checks), return_exceptions=True)
+        return due + [key for key, same in zip(checks, found, strict=True) if same is not True]  # errors: reconcile
 
     async def _still_settled(self, key: Key) -> bool:
         memory = self.memory.get(key)
