@@ -438,15 +438,20 @@ async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30)
     """Every pool at least every `period`, whatever happened: repairs drift nobody told us about.
 
     Spread over the period in `slices` (1,000 pools: about 33 a second, not 1,000 at once, which
-    would stall the transitions queued behind them), and only pools with nothing scheduled: most
-    pools already look again RESYNC_SECONDS after their last reconcile (Outcome.after).
+    would stall the transitions queued behind them), and only pools with nothing scheduled: many
+    pools already look again RESYNC_SECONDS after their last reconcile (Outcome.after). Settled
+    pools are only re-read, in one round trip per HAProxy (PoolController.resync_due).
     """
     while True:
         keys = list(rt.store.pools)
         for index in range(slices):
             await asyncio.sleep(period / slices)
-            for key in keys[index::slices]:
-                if key in rt.store.pools and not rt.queue.scheduled(key) and owns(rt, key):
+            due = [key for key in keys[index::slices]
+                   if key in rt.store.pools and not rt.queue.scheduled(key) and owns(rt, key)]
+            if rt.pools is not None and due:  # settled pools whose servers are as they were: no reconcile
+                due = await rt.pools.resync_due(due, fence_of=lambda key: pool_fence(rt, key))
+            for key in due:
+                if not rt.queue.scheduled(key):
                     rt.queue.add(key)
 
 

@@ -108,6 +108,19 @@ async def test_watch_events_reach_an_async_handler_in_order() -> None:
     assert informer.resource_version == "170" and informer.known == {}
 
 
+async def test_events_split_across_chunks_or_sharing_one_are_each_handed_over_once() -> None:
+    api = FakeApi([])
+    rec = Recorder()
+    informer = Informer(api, "/api/v1/pods", rec)  # type: ignore[arg-type]
+    await informer.sync()
+    stream = b"".join(event("ADDED", pod(f"p-{i}", str(i), str(200 + i))) for i in range(4))
+    cut = [7, 40, len(stream) // 2 + 3, len(stream) - 1]  # mid-line, several lines in one chunk, a last byte
+    api.scripts = [[stream[a:b] for a, b in zip([0, *cut], [*cut, len(stream)], strict=True)]]
+    await informer._watch()
+    assert rec.seen == [("ADDED", f"p-{i}", str(i)) for i in range(4)]
+    assert informer.resource_version == "203"
+
+
 async def run_for(informer: Informer, seconds: float) -> None:
     task = asyncio.create_task(informer.run())
     await asyncio.sleep(seconds)
@@ -140,3 +153,30 @@ async def test_an_api_server_that_is_away_is_retried_with_backoff_and_nothing_is
     assert 2 <= api.lists - 1 <= 8, api.lists
     assert rec.seen == []  # no DELETE while the server is away
     assert informer.known.keys() == {"ns/a", "ns/b"}
+
+
+async def test_pages_are_handed_over_in_order_and_the_next_is_asked_for_meanwhile() -> None:
+    objects = [pod(f"p-{i}", f"u-{i}") for i in range(5)]
+    asked: list[str] = []
+    handed: list[tuple[str, str]] = []
+
+    class PagedApi:
+        async def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+            token = (params or {}).get("continue", "")
+            asked.append(token or "first")
+            start = int(token or 0)
+            following = start + 2 if start + 2 < len(objects) else None
+            return {"kind": "PodList", "items": [dict(o) for o in objects[start:start + 2]],
+                    "metadata": {"resourceVersion": "100", **({"continue": str(following)} if following else {})}}
+
+    async def handle(kind: str, obj: dict[str, Any]) -> None:
+        handed.append((kind, obj["metadata"]["name"]))
+        if obj["metadata"]["name"] == "p-0":
+            await asyncio.sleep(0.01)  # while the first page is handed over, the second is fetched
+            assert asked == ["first", "2"]
+
+    informer = Informer(PagedApi(), "/api/v1/pods", handle)  # type: ignore[arg-type]
+    await informer.sync()
+    assert handed == [("ADDED", f"p-{i}") for i in range(5)]
+    assert asked == ["first", "2", "4"]
+    assert informer.resource_version == "100" and len(informer.known) == 5

@@ -27,6 +27,7 @@ from poolkeeper.core.model import (
     Phase,
     RemoveMember,
     SetAdmin,
+    SetWeight,
 )
 from poolkeeper.core.poolspec import LoadBalancerSpec, parse_load_balancer
 from poolkeeper.core.selectors import LabelSelector
@@ -64,9 +65,12 @@ class FakePool:
             self.lb.log.append((self.backend, action))
             if isinstance(action, AddMember):
                 health = self.lb.health if self.check else ""
-                self.lb.servers[key] = ActualMember(action.name, action.address, action.port, Admin.MAINT, health, 0)
+                self.lb.servers[key] = ActualMember(action.name, action.address, action.port, Admin.MAINT, health, 0,
+                                                    action.weight)
             elif isinstance(action, SetAdmin):
                 self.lb.servers[key] = replace(self.lb.servers[key], admin=action.admin)
+            elif isinstance(action, SetWeight):
+                self.lb.servers[key] = replace(self.lb.servers[key], weight=action.weight)
             elif isinstance(action, RemoveMember):
                 have = self.lb.servers.get(key)
                 if have is not None and have.sessions and not action.force:
@@ -484,3 +488,53 @@ def test_an_unready_pod_leaves_a_pool_without_checks_as_before(world: World) -> 
     unready(world, 0)
     world.settle(rounds=3)
     assert [m.address for m in lb.in_backend("b1").values()] == ["10.0.0.2"], "removed once idle"
+
+
+def resync_due(world: World, name: str = "web") -> list[tuple[str, str]]:
+    return asyncio.run(world.controller.resync_due([(NS, name)]))
+
+
+def test_a_settled_pool_is_only_re_read_by_the_resync_while_its_servers_stay_as_they_were(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(3)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    assert world.settle() == Outcome(), "in place: no timer of its own, the periodic resync looks again"
+    statuses = len(world.sinks.statuses)
+    (first, *_) = sorted(lb.in_backend("b1"))
+    lb.servers[("b1", first)] = replace(lb.servers[("b1", first)], sessions=7)  # traffic changes nothing
+    assert resync_due(world) == []
+    assert len(world.sinks.statuses) == statuses, "a resync that found everything in place did nothing else"
+
+    lb.servers[("b1", first)] = replace(lb.servers[("b1", first)], admin=Admin.MAINT)  # someone else's change
+    assert resync_due(world) == [(NS, "web")]
+    world.settle()
+    assert set(admins(lb, "b1").values()) == {Admin.READY}, "the reconcile the resync asked for repaired it"
+    assert resync_due(world) == []
+
+
+def test_a_settled_pool_is_reconciled_in_full_every_so_often_and_after_any_change(world: World) -> None:
+    from poolkeeper.controller.pools import FULL_RESYNC_EVERY
+
+    world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    assert [resync_due(world) for _ in range(FULL_RESYNC_EVERY)] == [[]] * (FULL_RESYNC_EVERY - 1) + [[(NS, "web")]]
+    world.settle()
+    assert resync_due(world) == []
+    world.put_pool(pool_body(haproxy("edge", "b1"), port=9090), "2")  # a changed spec: never taken as settled
+    assert resync_due(world) == [(NS, "web")]
+    world.reconcile()  # the port change starts (new servers beside the old): not settled until done
+    assert resync_due(world) == [(NS, "web")]
+    world.settle()
+    assert resync_due(world) == []
+    world.lbs.delete("edge")
+    assert resync_due(world) == [(NS, "web")]
+
+
+def test_a_pool_whose_readiness_gates_disagree_is_not_settled(world: World) -> None:
+    world.lbs.add("edge", ["b1"])
+    world.pods(2, gate="False")  # the gate writes are recorded by the sinks, the pods still show False
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    assert resync_due(world) == [(NS, "web")], "a gate write that did not arrive is retried by the resync"

@@ -7,11 +7,12 @@ never touched. Every read and every plan is one round trip on the shared client.
 
 from __future__ import annotations
 
+import asyncio
 import csv
-import io
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Sequence
 
 from poolkeeper.backends import ActionResult
 from poolkeeper.backends.haproxy_client import HAProxyClient, HAProxyUnreachable
@@ -37,6 +38,12 @@ _BUSY = "Server still has connections attached to it, cannot remove it."
 _EXISTS = "Already exists"
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; ours are 36-41 long
 _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
+# The columns read, and where they are in a parsed `show servers state` row.
+STATE_COLUMNS = ("be_name", "srv_name", "srv_addr", "srv_port", "srv_op_state", "srv_admin_state", "srv_uweight",
+                 "srv_check_state", "srv_check_health")
+_BACKEND, _NAME_COL, _ADDR, _PORT, _OP, _ADMIN, _UWEIGHT, _CHECK_STATE, _CHECK_HEALTH = range(len(STATE_COLUMNS))
+_LEGACY_REST = re.compile(LEGACY_INSTANCE)  # compiled once: a pattern per pool would thrash re's cache
+STAT_COLUMNS = ("pxname", "svname", "scur", "qcur", "check_status", "check_rise", "check_fall")
 
 
 class BackendMissing(Exception):
@@ -109,14 +116,84 @@ def _result(action: Action, answers: Sequence[str]) -> ActionResult:
     return ActionResult(action, failed is None, failed or "")
 
 
-def _settle_add(result: ActionResult, row: Mapping[str, str] | None) -> ActionResult:
+def _settle_add(result: ActionResult, row: Sequence[str] | None) -> ActionResult:
     """An add refused because the name exists is done when the server there has the same address."""
     action = result.action
     if row is None or not isinstance(action, AddMember):
         return result
-    if _same_target(row["srv_addr"], int(row["srv_port"]), action.address, action.port):
+    if _same_target(row[_ADDR], int(row[_PORT]), action.address, action.port):
         return ActionResult(action, True, "already present")
-    return ActionResult(action, False, f"{result.message} (at {row['srv_addr']}:{row['srv_port']})")
+    return ActionResult(action, False, f"{result.message} (at {row[_ADDR]}:{row[_PORT]})")
+
+
+class BackendReads:
+    """The reads of one HAProxy's backends, batched: one round trip for every pool asking at once.
+
+    Pools reconciling at the same moment each need `show servers state` and `show stat` of
+    their backend. A read asked for while another is in flight waits for the next batch, which
+    is sent only after it was asked for: so an answer is never older than the asker's own last
+    write (level-triggered reconciles read after they applied). Pools of one backend share its
+    answer; each keeps only its own servers (by name prefix).
+    """
+
+    def __init__(self, client: HAProxyClient) -> None:
+        self.client = client
+        self._next: dict[str, asyncio.Future[tuple[str, str]]] = {}  # backend -> its answer in the next batch
+        self._sender: asyncio.Task[None] | None = None
+        self.batches = 0  # round trips sent (for tests and benchmarks)
+
+    async def read(self, backend: str) -> tuple[str, str]:
+        """(`show servers state <backend>`, `show stat <backend> 4 -1`), from a batch sent after this call."""
+        future = self._next.get(backend)
+        if future is None:
+            future = self._next[backend] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieved)
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send())
+        return await asyncio.shield(future)  # one asker cancelled does not cancel the others' read
+
+    async def _send(self) -> None:
+        try:
+            await asyncio.sleep(0)  # the workers that are ready to run ask within this turn of the loop
+            while self._next:
+                batch, self._next = self._next, {}
+                commands = [c for backend in batch for c in (f"show servers state {backend}",
+                                                             f"show stat {backend} 4 -1")]
+                self.batches += 1
+                try:
+                    answers = await self.client.execute(commands)
+                except Exception as exc:  # every asker of the batch sees the failure it would have had
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:
+                    for future in (*batch.values(), *self._next.values()):
+                        future.cancel()
+                    self._next = {}
+                    raise
+                for index, future in enumerate(batch.values()):
+                    if not future.done():
+                        future.set_result((answers[2 * index], answers[2 * index + 1]))
+        finally:
+            self._sender = None
+
+
+def _retrieved(future: asyncio.Future[tuple[str, str]]) -> None:
+    """Every asker may have been cancelled: a failed read is then dropped quietly."""
+    if not future.cancelled():
+        future.exception()
+
+
+_READS: weakref.WeakKeyDictionary[HAProxyClient, BackendReads] = weakref.WeakKeyDictionary()
+
+
+def backend_reads(client: HAProxyClient) -> BackendReads:
+    """The batched reader of one runtime-API client (one per LoadBalancer), made on first use."""
+    reads = _READS.get(client)
+    if reads is None:
+        reads = _READS[client] = BackendReads(client)
+    return reads
 
 
 class HAProxyPool:
@@ -130,42 +207,49 @@ class HAProxyPool:
             raise ValueError("a pool needs a name prefix: without one it would own every server")
         self.client, self.backend, self.prefix, self.health_check = client, backend, prefix, health_check
         # servers named before 80-bit prefixes (core.naming.legacy_pool_prefix): only ever removed
-        self.legacy = re.compile(re.escape(legacy_prefix) + LEGACY_INSTANCE) if legacy_prefix else None
+        self.legacy_prefix = legacy_prefix
+        # how the pool's `show stat` lines start (with legacy servers: what both prefixes start with)
+        common = next((i for i, (a, b) in enumerate(zip(prefix, legacy_prefix, strict=False)) if a != b),
+                      min(len(prefix), len(legacy_prefix))) if legacy_prefix else len(prefix)
+        self._stat_line = f"{backend},{prefix[:common]}"
 
     def owns(self, name: str) -> bool:
-        return name.startswith(self.prefix) or bool(self.legacy and self.legacy.fullmatch(name))
+        legacy = self.legacy_prefix
+        return name.startswith(self.prefix) or bool(
+            legacy and name.startswith(legacy) and _LEGACY_REST.fullmatch(name, len(legacy)))
 
     async def read_members(self) -> dict[str, ActualMember]:
-        """Address, admin state, health and sessions of the pool's servers, in one round trip.
+        """Address, admin state, health and sessions of the pool's servers.
 
         `show servers state` has the admin and operational state; `show stat` the sessions and
-        the check status as text.
+        the check status as text. Both come from this HAProxy's batched reader (BackendReads):
+        one round trip serves every pool of it that asks meanwhile, and is sent after this call.
         """
-        state, stat = await self.client.execute([self._show_state, f"show stat {self.backend} 4 -1"])
+        state, stat = await backend_reads(self.client).read(self.backend)
         rows = self._own_rows(state)  # first: it tells a missing backend
         stats = self._stat_rows(stat)
         members = {}
         for name, row in rows.items():
             if (counters := stats.get(name)) is None:
                 continue  # deleted between the two commands
-            admin_state = int(row["srv_admin_state"])
+            admin_state = int(row[_ADMIN])
             health = normalise_health(
-                op_state=int(row["srv_op_state"]), admin_state=admin_state,
-                check_state=int(row["srv_check_state"]), check_health=int(row["srv_check_health"]),
-                check_status=counters["check_status"], rise=_int(counters["check_rise"]),
-                fall=_int(counters["check_fall"]))
+                op_state=int(row[_OP]), admin_state=admin_state,
+                check_state=int(row[_CHECK_STATE]), check_health=int(row[_CHECK_HEALTH]),
+                check_status=counters[1], rise=_int(counters[2]), fall=_int(counters[3]))
             members[name] = ActualMember(
-                name=name, address=row["srv_addr"], port=int(row["srv_port"]), admin=_admin(admin_state),
-                health=health, sessions=_int(counters["scur"]) + _int(counters["qcur"]),
-                weight=int(row["srv_uweight"]))  # the weight `set server ... weight` sets
+                name=name, address=row[_ADDR], port=int(row[_PORT]), admin=_admin(admin_state),
+                health=health, sessions=counters[0],
+                weight=int(row[_UWEIGHT]))  # the weight `set server ... weight` sets
         return members
 
     @property
     def _show_state(self) -> str:
         return f"show servers state {self.backend}"
 
-    def _own_rows(self, state: str) -> dict[str, dict[str, str]]:
-        """The pool's rows of `show servers state` (a version line, a `# a b c` header, rows)."""
+    def _own_rows(self, state: str) -> dict[str, list[str]]:
+        """The pool's rows of `show servers state` (a version line, a `# a b c` header, rows),
+        as lists in the column order of STATE_COLUMNS."""
         lines = state.splitlines()
         if not lines or lines[0] != "1" or len(lines) < 2 or not lines[1].startswith("#"):
             if "find backend" in state:
@@ -173,16 +257,39 @@ class HAProxyPool:
             raise HAProxyUnreachable(
                 f"HAProxy at {self.client.endpoint} answered {state!r} to {self._show_state!r}")
         header = lines[1].lstrip("# ").split()
-        rows = (dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip())
-        return {row["srv_name"]: row for row in rows
-                if row.get("be_name") == self.backend and self.owns(row.get("srv_name", ""))}
+        try:
+            at = [header.index(column) for column in STATE_COLUMNS]
+        except ValueError:
+            raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {lines[1]!r}: "
+                                     f"a `show servers state` without {STATE_COLUMNS}") from None
+        width = max(at) + 1
+        rows = {}
+        for line in lines[2:]:
+            fields = line.split()
+            if len(fields) < width or fields[at[_BACKEND]] != self.backend or not self.owns(fields[at[_NAME_COL]]):
+                continue
+            rows[fields[at[_NAME_COL]]] = [fields[i] for i in at]
+        return rows
 
-    def _stat_rows(self, stat: str) -> dict[str, dict[str, str]]:
-        """The pool's rows of `show stat` CSV (sessions count current plus queued: `del` waits for both)."""
+    def _stat_rows(self, stat: str) -> dict[str, tuple[int, str, str, str]]:
+        """(current + queued sessions, check_status, check_rise, check_fall) of the pool's servers
+        in `show stat` CSV (`del` waits for both kinds of sessions). Only the pool's own lines
+        are parsed: the CSV has about a hundred columns."""
         if not stat.startswith("# "):
             raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered {stat[:200]!r} to 'show stat'")
-        return {row["svname"]: row for row in csv.DictReader(io.StringIO(stat[2:]))
-                if row.get("pxname") == self.backend and self.owns(row.get("svname") or "")}
+        header, _, body = stat[2:].partition("\n")
+        columns = header.split(",")
+        try:
+            px, sv, scur, qcur, status, rise, fall = (columns.index(c) for c in STAT_COLUMNS)
+        except ValueError:
+            raise HAProxyUnreachable(f"HAProxy at {self.client.endpoint} answered a `show stat` without "
+                                     f"{STAT_COLUMNS}") from None
+        ours = [line for line in body.split("\n") if line.startswith(self._stat_line)]
+        out = {}
+        for fields in csv.reader(ours):  # quoted fields (check descriptions) may hold commas
+            if len(fields) == len(columns) and fields[px] == self.backend and self.owns(fields[sv]):
+                out[fields[sv]] = (_int(fields[scur]) + _int(fields[qcur]), fields[status], fields[rise], fields[fall])
+        return out
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         """All actions in one round trip, in order; each result is judged on its own answers."""

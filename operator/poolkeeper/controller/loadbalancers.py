@@ -43,6 +43,7 @@ class _Entry:
     error: str = ""
     failures: int = 0  # probes in a row without an answer
     next_probe: float = 0.0  # loop time
+    published: tuple[bool | None, str, str] | None = None  # (reachable, version, error) last published
 
 
 class LoadBalancers:
@@ -264,7 +265,8 @@ class LoadBalancers:
                 self._post(name, "Reachable", "HAProxy runtime API answers again")
                 self._notify_pools(name)
         entry.next_probe = asyncio.get_running_loop().time() + probe_delay(entry.failures, self.interval)
-        self.publish(name)
+        if entry.published != (entry.reachable, entry.version, entry.error):
+            self.publish(name)  # a probe that found what the last one found writes nothing: idle stays idle
 
     def _process_changed(self, name: str, change: ProcessChange, previous: ProcessIdentity | None,
                          current: ProcessIdentity) -> None:
@@ -298,6 +300,7 @@ class LoadBalancers:
         entry = self._entries.get(name)
         if entry is None:
             return
+        entry.published = (entry.reachable, entry.version, entry.error)
         if entry.reachable:
             cond = Condition("Reachable", True, "RuntimeAPIAnswered", f"HAProxy {entry.version}")
         else:

@@ -14,6 +14,7 @@ add_rate_limited or forget.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
 from poolkeeper.backends.haproxy_client import HAProxyUnreachable
 from poolkeeper.controller.claimindex import LiveClaims
 from poolkeeper.controller.loadbalancers import LoadBalancers
-from poolkeeper.controller.readiness import ReadinessGates, gate_type
+from poolkeeper.controller.readiness import ReadinessGates, gate_type, wanted_gate
 from poolkeeper.controller.report import (
     PoolReport,
     Reporter,
@@ -44,6 +45,7 @@ from poolkeeper.core.conditions import Condition
 from poolkeeper.core.elbv2 import instance_id_refusal
 from poolkeeper.core.model import (
     ActualMember,
+    Admin,
     DesiredMember,
     MemberHolds,
     MemberReport,
@@ -59,6 +61,7 @@ from poolkeeper.core.tenancy import (
     node_source_refusal,
     parse_ec2_source_namespaces,
 )
+from poolkeeper.kube import fence
 from poolkeeper.kube.api import JSON_PATCH, MERGE, ApiError, KubeApi, resource_path
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.status import StatusWriter
@@ -67,6 +70,7 @@ from poolkeeper.lifecycle.errors import OutboxError
 log = logging.getLogger(__name__)
 FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
+FULL_RESYNC_EVERY = 10  # a settled pool's resync only re-reads its backend; every 10th is a full reconcile
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
 FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions
 BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError, AWSError)
@@ -109,9 +113,27 @@ class PoolMemory:
     blocked: str = ""  # the Blocked reason last reported with an Event
     failing: str = ""  # the backend failure last reported with an Event
     placements: list[Placement] | None = None  # where the pool's servers may be; None: not read from status yet
+    settled: Settled | None = None  # the last reconcile left everything in place; None: not (or not known)
+    verified: int = 0  # resyncs since then that found the backend as it was left
 
     def since(self, where: Placement) -> dict[str, float]:
         return self.draining.setdefault(where, {})
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a reconcile that changed nothing and left every member Active saw: the pool's
+    resync then only needs to see the same servers again (see PoolController.resync_due)."""
+
+    spec: PoolSpec
+    client: Any  # the LoadBalancer's runtime-API client (a new one: the LoadBalancer changed)
+    servers: dict[str, tuple[str, int, Admin, str, int | None]]
+
+
+def settled_view(actual: Mapping[str, ActualMember]) -> dict[str, tuple[str, int, Admin, str, int | None]]:
+    """What a plan depends on when every member is in rotation: not sessions (only draining
+    members wait for them), which change with every request."""
+    return {name: (m.address, m.port, m.admin, m.health, m.weight) for name, m in actual.items()}
 
 
 def placements_from_status(body: Mapping[str, Any]) -> list[Placement]:
@@ -316,6 +338,7 @@ class PoolController:
             return Outcome()
         spec = self.spec(key)
         memory = self.memory.setdefault(key, PoolMemory())
+        memory.settled = None  # set again by _settle if this reconcile leaves everything in place
         if memory.placements is None:
             memory.placements = placements_from_status(body)
         if isinstance(spec, InvalidSpec):
@@ -384,7 +407,63 @@ class PoolController:
             return Outcome(FOLLOW_UP_SECONDS)  # e.g. a member just drained may go once its sessions are counted
         if elsewhere or any(not r.ok for r in results) or any(r.state is not MemberState.ACTIVE for r in reports):
             return Outcome(WATCH_SECONDS)
-        return Outcome(RESYNC_SECONDS)
+        return self._settle(spec, memory, after)
+
+    def _settle(self, spec: PoolSpec, memory: PoolMemory, after: Mapping[str, ActualMember]) -> Outcome:
+        """Everything in place: an HAProxy pool is looked at again by the periodic resync, which
+        only re-reads its servers (resync_due) while they stay as `after` says (what was read,
+        with this reconcile's actions done; if HAProxy shows them otherwise, e.g. a default
+        weight, the resync simply reconciles once more)."""
+        found = self.lbs.get(spec.load_balancer) if spec.backend_type == "HAProxy" else None
+        gate = gate_type(spec.name)
+        if (found is None or memory.placements != [spec.placement]
+                or any(pod.gates.get(gate) != wanted_gate(memory.reports.get(pod.ref))[0]
+                       for pod in self._pods_with_gate(spec))):  # a gate write that failed is retried by resyncs
+            return Outcome(RESYNC_SECONDS)
+        memory.settled, memory.verified = Settled(spec, found[1], settled_view(after)), 0
+        return Outcome()
+
+    async def resync_due(self, keys: Sequence[Key],
+                         fence_of: Callable[[Key], fence.Check | None] = lambda key: None) -> list[Key]:
+        """The pools among `keys` that the periodic resync must reconcile.
+
+        A settled pool (its last reconcile changed nothing and left every member Active) is
+        only re-read: if its backend still shows the same servers, nothing else can have
+        changed without an event (instances, the pool, its LoadBalancer and its handlers all
+        queue it when they change), so it is not reconciled. The reads of one HAProxy go in one
+        round trip (BackendReads). Every FULL_RESYNC_EVERY-th resync is a full reconcile anyway.
+        Each pool's read runs under its own fence (with shards: its shard's Lease).
+        """
+        due, checks = [], []
+        for key in keys:
+            memory = self.memory.get(key)
+            if memory is None or memory.settled is None or memory.verified + 1 >= FULL_RESYNC_EVERY:
+                due.append(key)
+            else:
+                checks.append(key)
+        async def still_settled(key: Key) -> bool:
+            with fence.fenced(fence_of(key)):
+                return await self._still_settled(key)
+        found = await asyncio.gather(*(still_settled(key) for key in checks), return_exceptions=True)
+        return due + [key for key, same in zip(checks, found, strict=True) if same is not True]  # errors: reconcile
+
+    async def _still_settled(self, key: Key) -> bool:
+        memory = self.memory.get(key)
+        settled = memory.settled if memory is not None else None
+        spec = self.spec(key)
+        found = self.lbs.get(settled.spec.load_balancer) if settled is not None else None
+        if memory is None or settled is None or found is None or found[1] is not settled.client or \
+                not isinstance(spec, PoolSpec) or (spec is not settled.spec and spec != settled.spec):
+            return False
+        try:
+            actual = await self.haproxy_pool(found[1], spec.backend, spec.prefix, spec.health_check,
+                                             legacy_prefix=spec.legacy_prefix).read_members()
+        except (*BACKEND_ERRORS, ValueError):
+            return False  # the reconcile says what is wrong
+        if memory.settled is not settled or settled_view(actual) != settled.servers:
+            return False  # reconciled meanwhile, or something changed the servers
+        memory.verified += 1
+        return True
 
     async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
         """Desired members and holds; a blocking hook that starts now holds at once (asked again)."""

@@ -20,6 +20,7 @@ Pure: no I/O, no DNS.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,8 +108,9 @@ class AddressPolicy:
     granted_by: str = "the allowed CIDRs"
 
     def refusal(self, address: str | IPAddress | None) -> str | None:
-        """Why `address` may not be used, or None when it may."""
-        return refusal(address, self.allowed, self.granted_by)
+        """Why `address` may not be used, or None when it may (remembered: every reconcile asks
+        again for each of the pool's instances, and parsing addresses is not free)."""
+        return _remembered_refusal(address, self.allowed, self.granted_by)
 
 
 DEFAULT_POLICY = AddressPolicy()
@@ -137,6 +139,9 @@ def refusal(address: str | IPAddress | None, allowed: Sequence[Network] | None,
     if allowed is not None and not listed:
         return f"address {text} is outside {granted_by}"
     return None
+
+
+_remembered_refusal = functools.lru_cache(maxsize=1 << 16)(refusal)
 
 
 EXTERNAL_SOURCES = frozenset({"Instance", "Node", "EC2"})

@@ -59,30 +59,44 @@ class Informer:
         return f"{meta.get('namespace') or ''}/{meta.get('name')}"
 
     async def sync(self) -> None:
-        """List every object (in pages) and hand each over; objects that vanished are DELETED."""
+        """List every object (in pages) and hand each over; objects that vanished are DELETED.
+
+        The next page is asked for before this one is handed over, so the API server prepares it
+        while we decode and convert (two processes on two cores instead of taking turns).
+        """
         seen: dict[str, str] = {}
-        token = ""
+        page = await self._page("")
         while True:
-            params = self._params(limit=str(PAGE), **({"continue": token} if token else {}))
-            page = await self.api.get(self.path, params=params)
-            kind = (page.get("kind") or "List").removesuffix("List")
-            for obj in page.get("items") or []:
-                obj.setdefault("kind", kind)
-                key = self._key(obj)
-                uid = seen[key] = obj["metadata"].get("uid", "")
-                if key in self.known and self.known[key] != uid:  # re-created while we did not watch
-                    await self._deliver("DELETED", self._tombstone(key))
-                    self.known.pop(key)
-                await self._deliver("MODIFIED" if key in self.known else "ADDED", obj)
             token = (page.get("metadata") or {}).get("continue") or ""
-            if not token:
+            following = asyncio.ensure_future(self._page(token)) if token else None
+            try:
+                kind = (page.get("kind") or "List").removesuffix("List")
+                for obj in page.get("items") or []:
+                    obj.setdefault("kind", kind)
+                    key = self._key(obj)
+                    uid = seen[key] = obj["metadata"].get("uid", "")
+                    if key in self.known and self.known[key] != uid:  # re-created while we did not watch
+                        await self._deliver("DELETED", self._tombstone(key))
+                        self.known.pop(key)
+                    await self._deliver("MODIFIED" if key in self.known else "ADDED", obj)
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+                raise
+            if following is None:
                 self.resource_version = page["metadata"]["resourceVersion"]
                 break
+            page = await following
         for key in set(self.known) - set(seen):
             await self._deliver("DELETED", self._tombstone(key))
         self.known = seen
         self.lists += 1
         self.synced.set()
+
+    async def _page(self, token: str) -> Any:
+        params = self._params(limit=str(PAGE), **({"continue": token} if token else {}))
+        return await self.api.get(self.path, params=params)
 
     def _tombstone(self, key: str) -> dict[str, Any]:
         """What a DELETED missed between lists carries: the identity we knew."""
@@ -139,9 +153,11 @@ class Informer:
             async with self.api.stream(self.path, params, timeout) as resp:
                 buffer = b""
                 async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
+                    if b"\n" not in chunk:
+                        buffer += chunk
+                        continue
+                    *lines, buffer = (buffer + chunk).split(b"\n")  # once per chunk, not once per line
+                    for line in lines:
                         if line.strip():
                             await self._on_line(line)
         except ApiError as exc:
