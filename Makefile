@@ -57,8 +57,10 @@ demo: need-demo $(if $(NODE),need-node need-image,) venv binaries
 demo-down: venv
 	$(BIN)/python -m poolkeeper_dev.demo down --dir $(DEMO_DIR)
 
+# BENCH_ARGS=--quick: the small points in minutes (writes nothing); --envelope, --shards: the long runs too.
+BENCH_ARGS ?=
 bench: need-test venv binaries
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

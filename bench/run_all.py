@@ -1,7 +1,9 @@
 """Run every benchmark in sequence and write docs/benchmarks.md (operator section first).
 
     .venv/bin/python bench/run_all.py        # what `make bench` runs
+    .venv/bin/python bench/run_all.py --quick      # the small points, in minutes; writes nothing
     .venv/bin/python bench/run_all.py --envelope   # also bench_envelope.py (up to 30 min; not in CI)
+    .venv/bin/python bench/run_all.py --shards     # also bench_shards.py (one vs two replicas)
 
 Each script runs as a subprocess with this interpreter; its markdown table is what it prints on
 stdout (progress goes to stderr, which is passed through). A script that fails is reported in
@@ -10,12 +12,14 @@ its section of the document, and the exit code is then 1.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,53 +127,79 @@ def run_script(script: str, args: Sequence[str]) -> tuple[int, str, str]:
     return code, out, "\n".join(tail)
 
 
-def main() -> int:
-    failures = []
+@dataclass(frozen=True)
+class Step:
+    """One benchmark of `make bench`: its script, its arguments (full and --quick) and its section."""
+
+    script: str
+    heading: str
+    args: Callable[[Path], list[str]]  # the scratch folder -> arguments of a full run
+    quick: list[str] | None = None  # arguments of a --quick run (None: left out of --quick)
+    section: Callable[[str], str] = lambda out: out  # its stdout -> its section of the document
+
+
+STEPS = (
+    Step("bench_haproxy.py", HAPROXY_HEADING, lambda scratch: [], ["--iterations", "100"], haproxy_section),
+    # bench_functions.py writes its table to --out as well: keep that copy out of docs/.
+    Step("bench_functions.py", FUNCTIONS_HEADING, lambda scratch: ["--out", str(scratch / "functions.md")],
+         ["--invocations", "200", "--deliveries", "300", "--repeats", "1"], functions_section),
+    Step("bench_operator.py", OPERATOR_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
+    Step("bench_sidebyside.py", SIDEBYSIDE_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
+    Step("bench_lifecycle.py", LIFECYCLE_HEADING, lambda scratch: ["--out", str(scratch / "lifecycle.md")],
+         ["--transitions", "200"]),
+    Step("bench_rollout.py", ROLLOUT_HEADING, lambda scratch: []),  # a real node: not in --quick
+)
+
+
+def run_step(step: Step, scratch: Path, quick: bool, failures: list[str]) -> str:
+    """The step's section of the document; a failure is reported there and in `failures`."""
+    args = list(step.quick or []) if quick else step.args(scratch)
+    if quick and "--out" not in args and step.args(scratch)[:1] == ["--out"]:
+        args += step.args(scratch)  # scripts that write a file of their own write it to the scratch folder
+    code, out, err = run_script(step.script, args)
+    if code or not out.strip():
+        failures.append(step.script)
+        return failed_section(step.heading, step.script, code or 1, err)
+    return step.section(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="the small points only, in minutes: prints the document, writes nothing")
+    parser.add_argument("--envelope", action="store_true", help="also bench_envelope.py (up to 30 min)")
+    parser.add_argument("--shards", action="store_true",
+                        help="also bench_shards.py (one and two replicas; it rewrites its table in docs/scaling.md)")
+    args = parser.parse_args(argv)
+    failures: list[str] = []
+    sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="pk-bench-") as scratch:
-        # bench_functions.py writes its table to --out as well: keep that copy out of docs/.
-        code, out, err = run_script("bench_haproxy.py", [])
-        haproxy = haproxy_section(out) if code == 0 else failed_section(HAPROXY_HEADING, "bench_haproxy.py", code,
-                                                                        err)
-        if code:
-            failures.append("bench_haproxy.py")
-        code, out, err = run_script("bench_functions.py", ["--out", str(Path(scratch) / "functions.md")])
-        functions = functions_section(out) if code == 0 else failed_section(
-            FUNCTIONS_HEADING, "bench_functions.py", code, err)
-        if code:
-            failures.append("bench_functions.py")
-        code, out, err = run_script("bench_operator.py", ["--no-write"])
-        operator = out if code == 0 and out.strip() else failed_section(
-            OPERATOR_HEADING, "bench_operator.py", code or 1, err)
-        if code or not out.strip():
-            failures.append("bench_operator.py")
-        code, out, err = run_script("bench_sidebyside.py", ["--no-write"])
-        sidebyside = out if code == 0 and out.strip() else failed_section(
-            SIDEBYSIDE_HEADING, "bench_sidebyside.py", code or 1, err)
-        if code or not out.strip():
-            failures.append("bench_sidebyside.py")
-        code, out, err = run_script("bench_lifecycle.py", ["--out", str(Path(scratch) / "lifecycle.md")])
-        lifecycle = out if code == 0 and out.strip() else failed_section(
-            LIFECYCLE_HEADING, "bench_lifecycle.py", code or 1, err)
-        if code or not out.strip():
-            failures.append("bench_lifecycle.py")
-        code, out, err = run_script("bench_rollout.py", [])
-        rollout = out if code == 0 and out.strip() else failed_section(
-            ROLLOUT_HEADING, "bench_rollout.py", code or 1, err)
-        if code or not out.strip():
-            failures.append("bench_rollout.py")
+        for step in STEPS:
+            if not args.quick or step.quick is not None:
+                sections[step.heading] = run_step(step, Path(scratch), args.quick, failures)
     # the envelope takes up to 30 minutes: only with --envelope; else its last section is kept
-    envelope = section_of(DOC.read_text(), ENVELOPE_HEADING) or "" if DOC.exists() else ""
-    if "--envelope" in sys.argv[1:]:
-        code, out, err = run_script("bench_envelope.py", ["--no-write"])
-        envelope = out if code == 0 and out.strip() else failed_section(
-            ENVELOPE_HEADING, "bench_envelope.py", code or 1, err)
-        if code or not out.strip():
-            failures.append("bench_envelope.py")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    document = compose_document(operator, haproxy, functions, lifecycle, rollout, sidebyside, envelope)
-    DOC.write_text(document)
-    print(document)
-    print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)
+    previous = DOC.read_text() if DOC.exists() else ""
+    sections[ENVELOPE_HEADING] = "" if args.quick else section_of(previous, ENVELOPE_HEADING) or ""
+    if args.envelope:
+        sections[ENVELOPE_HEADING] = run_step(
+            Step("bench_envelope.py", ENVELOPE_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
+            Path(), args.quick, failures)
+    if args.shards:  # its table lives in docs/scaling.md, which it rewrites itself (not with --quick)
+        code, _, _ = run_script("bench_shards.py", ["--quick", "--no-write"] if args.quick else [])
+        if code:
+            failures.append("bench_shards.py")
+    document = compose_document(
+        sections.get(OPERATOR_HEADING, ""), sections.get(HAPROXY_HEADING, ""), sections.get(FUNCTIONS_HEADING, ""),
+        sections.get(LIFECYCLE_HEADING, ""), sections.get(ROLLOUT_HEADING, ""), sections.get(SIDEBYSIDE_HEADING, ""),
+        sections[ENVELOPE_HEADING])
+    if args.quick:
+        print(document)
+        print("quick run: docs/benchmarks.md left as it was", file=sys.stderr)
+    else:
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(document)
+        print(document)
+        print(f"wrote {DOC.relative_to(REPO)}", file=sys.stderr)
     if failures:
         print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
         return 1
