@@ -134,7 +134,7 @@ class Step:
     script: str
     heading: str
     args: Callable[[Path], list[str]]  # the scratch folder -> arguments of a full run
-    quick: list[str] | None = None  # arguments of a --quick run (None: left out of --quick)
+    quick: list[str] | None = None  # added to those in a --quick run (None: left out of --quick)
     section: Callable[[str], str] = lambda out: out  # its stdout -> its section of the document
 
 
@@ -143,8 +143,8 @@ STEPS = (
     # bench_functions.py writes its table to --out as well: keep that copy out of docs/.
     Step("bench_functions.py", FUNCTIONS_HEADING, lambda scratch: ["--out", str(scratch / "functions.md")],
          ["--invocations", "200", "--deliveries", "300", "--repeats", "1"], functions_section),
-    Step("bench_operator.py", OPERATOR_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
-    Step("bench_sidebyside.py", SIDEBYSIDE_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
+    Step("bench_operator.py", OPERATOR_HEADING, lambda scratch: ["--no-write"], ["--quick"]),
+    Step("bench_sidebyside.py", SIDEBYSIDE_HEADING, lambda scratch: ["--no-write"], ["--quick"]),
     Step("bench_lifecycle.py", LIFECYCLE_HEADING, lambda scratch: ["--out", str(scratch / "lifecycle.md")],
          ["--transitions", "200"]),
     Step("bench_rollout.py", ROLLOUT_HEADING, lambda scratch: []),  # a real node: not in --quick
@@ -153,9 +153,7 @@ STEPS = (
 
 def run_step(step: Step, scratch: Path, quick: bool, failures: list[str]) -> str:
     """The step's section of the document; a failure is reported there and in `failures`."""
-    args = list(step.quick or []) if quick else step.args(scratch)
-    if quick and "--out" not in args and step.args(scratch)[:1] == ["--out"]:
-        args += step.args(scratch)  # scripts that write a file of their own write it to the scratch folder
+    args = [*((step.quick or []) if quick else []), *step.args(scratch)]
     code, out, err = run_script(step.script, args)
     if code or not out.strip():
         failures.append(step.script)
@@ -182,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections[ENVELOPE_HEADING] = "" if args.quick else section_of(previous, ENVELOPE_HEADING) or ""
     if args.envelope:
         sections[ENVELOPE_HEADING] = run_step(
-            Step("bench_envelope.py", ENVELOPE_HEADING, lambda scratch: ["--no-write"], ["--no-write", "--quick"]),
+            Step("bench_envelope.py", ENVELOPE_HEADING, lambda scratch: ["--no-write"], ["--quick"]),
             Path(), args.quick, failures)
     if args.shards:  # its table lives in docs/scaling.md, which it rewrites itself (not with --quick)
         code, _, _ = run_script("bench_shards.py", ["--quick", "--no-write"] if args.quick else [])
