@@ -515,6 +515,7 @@ class Run:
     end: float = 0.0
     rtt: list[float] = field(default_factory=list, repr=False)  # PATCH sent -> answered
     writes: dict[str, float] = field(default_factory=dict)  # API server writes during the run, by verb and resource
+    beyond: list[float] = field(default_factory=list, repr=False)  # bare watch saw the write -> HAProxy changed
 
 
 async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins: bool) -> list[tuple[Flip, Flip]]:
@@ -553,9 +554,10 @@ async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins:
 
 async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess, cluster: Cluster, rig: Rig,
                       variant: str, transitions: int, args: argparse.Namespace, *, twins: bool = True,
-                      poller: bool = False, traffic: bool = False) -> Run:
+                      poller: bool = False, traffic: bool = False, floor: bool = False) -> Run:
     """One run: flips at rig.rate, each path seen by its own process; twins adds the EndpointSlice and
-    bare-watch paths, poller the polling peer, traffic the load through HAProxy (user-visible figure)."""
+    bare-watch paths, floor the bare watch alone, poller the polling peer, traffic the load through HAProxy
+    (user-visible figure)."""
     sock = str(haproxy.admin_socket)
     config = str(cluster.kubeconfig)
     pk_pods = labelled(pod_path(rig.namespace), POOL)
@@ -564,6 +566,7 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     if twins:
         helpers["EndpointSlice watcher"] = Child("slice-watcher", watcher_main, config, slices_path(rig.namespace),
                                                  True)
+    if twins or floor:
         helpers["bare pod watcher"] = Child("pod-watcher", watcher_main, config, pk_pods, False)
     if poller:
         helpers["polling peer"] = Child("poller", poller_main, config, pk_pods, sock, rig.poll_backend, args.port,
@@ -599,8 +602,13 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     if twins:
         paths["EndpointSlice controller"] = path_figures("EndpointSlice controller", [svc for _, svc in pairs],
                                                          results["EndpointSlice watcher"]["changes"], end)
-        paths["bare watch"] = path_figures("bare watch", [replace(f, server=f.pod) for f in pk_flips],
-                                           results["bare pod watcher"]["changes"], end)
+    beyond: list[float] = []
+    if twins or floor:
+        bare = results["bare pod watcher"]["changes"]
+        paths["bare watch"] = path_figures("bare watch", [replace(f, server=f.pod) for f in pk_flips], bare, end)
+        # The operator's own part: the bare watch saw the write -> HAProxy changed (API server time left out).
+        beyond = analyse(pk_flips, results["poolkeeper observer"]["changes"], end,
+                         [(at, pod, admin == 0) for at, pod, admin in bare]).after_watch
     if poller:
         paths["polling peer (1 s)"] = path_figures(
             "polling peer (1 s)", [replace(f, server=POLL_PREFIX + f.pod) for f in pk_flips],
@@ -609,7 +617,7 @@ async def latency_run(kube: Kube, haproxy: HAProxyProcess, operator: OperatorPro
     run = Run(variant, rig.rate, len(pk_flips), (len(sent) - 1) / (max(sent) - min(sent)), paths, cpu,
               end - wall, poll_lists=results.get("polling peer", {}).get("lists", 0), pk_flips=pk_flips, end=end,
               rtt=[f.answered - f.sent for f in pk_flips if not f.error],
-              writes={k: v for k, v in sorted(writes.items(), key=lambda kv: -kv[1]) if v >= 1})
+              writes={k: v for k, v in sorted(writes.items(), key=lambda kv: -kv[1]) if v >= 1}, beyond=beyond)
     run.traffic = results.get("traffic", {})
     if run.traffic.get("failed"):
         log(f"  traffic: {run.traffic['failed']} requests failed, e.g. {run.traffic['failures'][:3]}")
@@ -664,16 +672,17 @@ def attach_servers(runs: list[Run], rigs: dict[tuple[str, float], Rig], served: 
 # ----------------------------------------------------------------------------- sustained rate, bursts
 async def sustained(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProcess, cluster: Cluster, rig: Rig,
                     args: argparse.Namespace) -> list[Run]:
-    """poolkeeper alone (no peers, no traffic): step the rate up until p99 >= 50 ms or the sender falls behind."""
+    """poolkeeper alone (no peers but the bare watch, no traffic): step the rate up until p99 >= 50 ms, both from
+    the write sent and from the bare watch's sighting, or the sender falls behind."""
     steps = []
     client = HAProxyClient(haproxy.admin_endpoint)
     try:
         for rate in args.rates:
             await settled(kube, client, rig)
             run = await latency_run(kube, haproxy, operator, cluster, replace(rig, rate=rate), "plain",
-                                    int(rate * args.step_seconds), args, twins=False)
+                                    int(rate * args.step_seconds), args, twins=False, floor=True)
             steps.append(run)
-            if not sustained_ok(run):
+            if not sustained_ok(run) and not own_part_ok(run):
                 break
     finally:
         await client.close()
@@ -683,6 +692,12 @@ async def sustained(kube: Kube, haproxy: HAProxyProcess, operator: OperatorProce
 def sustained_ok(run: Run) -> bool:
     p99 = run.paths["poolkeeper"].pct(99)
     return not p99[1] and p99[0] < SUSTAINED_P99_S and run.achieved >= 0.95 * run.rate
+
+
+def own_part_ok(run: Run) -> bool:
+    """The same test on the operator's own part (bare watch saw the write -> HAProxy), API server time left out."""
+    p99 = percentile(run.beyond, 99) if run.beyond else None
+    return p99 is not None and p99 < SUSTAINED_P99_S and run.achieved >= 0.95 * run.rate
 
 
 def replay(changes: list[tuple[float, str, int]], prefix: str, count: int, up: bool) -> float | None:
@@ -881,8 +896,12 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
                        f"{ms(censored_percentile(uv, 99))} | {ms(censored_percentile(uv, 100))} | "
                        f"{run.traffic['ok']:,} / {run.traffic['failed']} |")
     best = max((s.rate for s in steps if sustained_ok(s)), default=0.0)
-    step_text = "; ".join(f"{s.rate:g}/s (achieved {s.achieved:.0f}/s): p99 {ms(s.paths['poolkeeper'].pct(99))}, "
+    step_text = "; ".join(f"{s.rate:g}/s (achieved {s.achieved:.0f}/s): p99 {ms(s.paths['poolkeeper'].pct(99))} "
+                          f"(bare watch {ms(s.paths['bare watch'].pct(99)) if 'bare watch' in s.paths else 'n/a'}, "
+                          f"poolkeeper after the bare watch saw the write "
+                          f"{ms(percentile(s.beyond, 99)) if s.beyond else 'n/a'}), "
                           f"operator CPU {s.cpu['operator']:.1f} s over {s.wall:.0f} s" for s in steps)
+    own_best = max((s.rate for s in steps if own_part_ok(s)), default=0.0)
     up, up_ok = figure(burst.get("up"), TARGET_BURST_S)
     down, down_ok = figure(burst.get("down"), TARGET_BURST_S)
     refill, refill_ok = figure(big.get("refill"), TARGET_BIG_S)
@@ -903,6 +922,9 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         f"| Highest sustained rate with poolkeeper p99 < 50 ms (steps tried: "
         f"{', '.join(f'{s.rate:g}' for s in steps)}/s) | {best:g}/s | ≥ {TARGET_RATE:g}/s | "
         f"{met(best >= TARGET_RATE)} |",
+        f"| The same, timing only poolkeeper's own part (bare watch saw the write → HAProxy; the API server's time "
+        f"left out) | {'≥ ' if own_best == steps[-1].rate else ''}"
+        f"{own_best:g}/s | (not the target's measure) | |" if steps else "",
     ]
     loaded = max(load[0][0], load[1][0]) > 1.0
     environment_line = (
@@ -934,7 +956,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         *latency, "",
         *extra,
         f"- Sustained-rate steps (poolkeeper alone, {args.size500} pods, {args.step_seconds:g} s each): "
-        f"{step_text}; a step fails when p99 ≥ 50 ms or the sender reaches under 95 % of the rate.",
+        f"{step_text}; a step fails when p99 ≥ 50 ms or the sender reaches under 95 % of the rate; the steps "
+        "stop when both measures fail.",
         f"- Bursts: {args.burst:,}-pod pool on its own backend; HAProxy polled by an observer process every 5 ms. "
         f"The {args.big:,} pods were created in {big.get('create', 0):.0f} s and all in rotation "
         f"{big.get('first_fill', 0):.0f} s after the first was created; after the restart the first server was "
