@@ -63,6 +63,7 @@ from poolkeeper.sources.convert import (
 from poolkeeper.sources.ec2 import Ec2Feeds
 
 log = logging.getLogger("poolkeeper")
+STARTUP_WORKERS = 32  # reconciles in flight during the first pass over every pool (then --workers)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.pools.invalidate_claims()
     for index in range(max(1, rt.options.workers)):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
+    # The first pass queues every pool at once: more of them in flight while it lasts, so their
+    # HAProxy reads share round trips (BackendReads) and their waits overlap; these stop when the
+    # queue first runs dry, and the steady state has --workers.
+    extra = [asyncio.create_task(_worker(rt, until_idle=True), name=f"reconcile-startup-{index}")
+             for index in range(max(0, STARTUP_WORKERS - rt.options.workers))]
+    rt.tasks += [*extra, asyncio.create_task(_first_pass_done(extra, len(rt.store.pools)), name="first-pass")]
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
     if rt.shards is not None:
@@ -202,6 +209,25 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     rt.ready = True  # listed everything and reconciling
+    log.info("ready %.2fs after the process started", process_age())
+
+
+def process_age() -> float:
+    """Seconds since this process was started (imports included), from /proc; 0 elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def _first_pass_done(workers: list[asyncio.Task[None]], pools: int) -> None:
+    """Log when the startup pass's extra workers found the queue dry (every pool reconciled once)."""
+    started = time.monotonic()
+    await asyncio.gather(*workers, return_exceptions=True)
+    log.info("first reconcile of %d pools done in %.2fs, %.2fs after the process started", pools,
+             time.monotonic() - started, process_age())
 
 
 def _readiness(rt: Runtime) -> str | None:
@@ -392,11 +418,14 @@ async def cleanup(**_: Any) -> None:
         await rt.api.close()
 
 
-async def _worker(rt: Runtime) -> None:
+async def _worker(rt: Runtime, until_idle: bool = False) -> None:
     """Take a pool off the queue, reconcile it, and requeue it as the outcome says: a failure
-    backs off in the queue (per pool, exponential), a success forgets the pool's failures."""
+    backs off in the queue (per pool, exponential), a success forgets the pool's failures.
+    `until_idle`: return as soon as no pool waits (the startup pass's extra workers)."""
     assert rt.pools is not None
     while True:
+        if until_idle and not rt.queue.waiting():
+            return
         key = await rt.queue.get()
         started = time.monotonic()
         try:
@@ -603,8 +632,11 @@ async def _initial_sync(rt: Runtime) -> None:
     """Everything is listed before the first reconcile, so nothing "not seen yet" looks gone."""
     assert rt.api is not None and rt.lbs is not None
     informers = _informers(rt)
+    started = time.monotonic()
     for informer in [*informers.cluster, *informers.pools, *informers.handlers]:
         await informer.sync()
+    log.info("listed LoadBalancers (probed), pools and handlers (outboxes loaded) in %.2fs (%.2fs after the "
+             "process started)", time.monotonic() - started, process_age())
     if rt.lifecycle is not None:
         live = {str(lh["metadata"].get("uid")) for lh in rt.store.handlers.values()}
         try:
@@ -614,8 +646,8 @@ async def _initial_sync(rt: Runtime) -> None:
             log.exception("collecting outboxes of deleted LifecycleHandlers failed")
     started = time.monotonic()
     await asyncio.gather(*(informer.sync() for informer in informers.instances))
-    log.info("initial sync: %d instances, %d pools in %.2fs", rt.store.instance_count(), len(rt.store.pools),
-             time.monotonic() - started)
+    log.info("initial sync: %d instances, %d pools in %.2fs (%.2fs after the process started)",
+             rt.store.instance_count(), len(rt.store.pools), time.monotonic() - started, process_age())
     rt.listed = True
     _tell_listed(rt)
     _sync_ec2(rt)
