@@ -64,6 +64,7 @@ from poolkeeper.sources.ec2 import Ec2Feeds
 
 log = logging.getLogger("poolkeeper")
 STARTUP_WORKERS = 32  # reconciles in flight during the first pass over every pool (then --workers)
+LIST_CONCURRENCY = 16  # listed LoadBalancers probed, and LifecycleHandlers' outboxes loaded, at once
 
 
 @dataclass(frozen=True)
@@ -620,9 +621,11 @@ def _informers(rt: Runtime) -> Informers:
         return [Informer(api, resource_path(api_version, plural, scope), handle, **kw) for scope in scopes]
     return Informers(
         cluster=[Informer(api, resource_path("v1", "namespaces"), namespace_event),
-                 Informer(api, resource_path(API_VERSION, "loadbalancers"), load_balancer_event)],
+                 Informer(api, resource_path(API_VERSION, "loadbalancers"), load_balancer_event,
+                          list_concurrency=LIST_CONCURRENCY)],
         pools=each("targetpools", pool_event),
-        handlers=each("lifecyclehandlers", lifecycle_handler_event) if rt.lifecycle is not None else [],
+        handlers=each("lifecyclehandlers", lifecycle_handler_event, list_concurrency=LIST_CONCURRENCY)
+        if rt.lifecycle is not None else [],
         instances=[Informer(api, resource_path("v1", "nodes"), node_event),
                    *each("pods", pod_event, "v1", label_selector=rt.options.pod_label_selector),
                    *each("instances", instance_event)])
