@@ -517,7 +517,7 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
             return  # a status write that changed nothing we care about
     if previous is None or previous.phase != state.phase:
         rt.metrics.transitions.labels(kind=state.kind, to=state.phase.value).inc()
-    if rt.listed:  # the first list queues every pool once it is complete, and tells handlers then
+    if rt.listed:  # the first list is handed over once it is complete (_listed)
         _affected(rt, state, previous)
 
 
@@ -652,32 +652,38 @@ async def _initial_sync(rt: Runtime) -> None:
     log.info("initial sync: %d instances, %d pools in %.2fs (%.2fs after the process started)",
              rt.store.instance_count(), len(rt.store.pools), time.monotonic() - started, process_age())
     rt.listed = True
-    _tell_listed(rt)
+    _listed(rt)
     _sync_ec2(rt)
     for informer in informers.all():
         rt.tasks.append(asyncio.create_task(informer.run(), name=f"informer{informer.path}"))
-    for key in rt.store.pools:
-        rt.queue.add(key)
 
 
-def _tell_listed(rt: Runtime) -> None:
-    """What `_affected` tells handlers per instance event, for the instances of the first list, at
-    once: only pools with handlers, only their own candidates (the list itself matched no pool
-    against each of its instances: at 100,000 pods that was a million selector tests)."""
-    if rt.lifecycle is None or rt.pools is None:
-        return
-    pools, lifecycle = rt.pools, rt.lifecycle
+def _listed(rt: Runtime) -> None:
+    """What `_affected` does per instance event, for the whole first list at once: every pool
+    queued (its event time the list's end), pools with a draining member timed for
+    termination-to-drain, and handlers told of their pool's instances. The list itself matched
+    no pool against each of its instances: at 100,000 pods that was a million selector tests;
+    here each pool looks only at its candidates (the store's label index)."""
+    assert rt.pools is not None
+    pools, lifecycle, now = rt.pools, rt.lifecycle, time.monotonic()
     with_handlers = {_handler_pool(key, body) for key, body in rt.store.handlers.items()}
-    for key in sorted(with_handlers & set(rt.store.pools)):
+    for key in list(rt.store.pools):
+        rt.event_times.setdefault(key, now)
+        rt.queue.add(key)
         spec = pools.spec(key)
-        if (not isinstance(spec, PoolSpec) or not owns(rt, key) or pools.source_refusal(spec) is not None
-                or pools.node_source_refusal(spec) is not None or pools.ec2_refusal(spec) is not None):
+        if not isinstance(spec, PoolSpec):
+            continue
+        selected = [state for state in pools.candidates(spec) if spec.selects(state.kind, state.labels)]
+        if any(state.phase == Phase.DRAINING for state in selected):
+            rt.drain_times.setdefault(key, now)
+        if (lifecycle is None or key not in with_handlers or not owns(rt, key)
+                or pools.source_refusal(spec) is not None or pools.node_source_refusal(spec) is not None
+                or pools.ec2_refusal(spec) is not None):
             continue
         policy = pools.address_policy(spec)
         with fence.fenced(pool_fence(rt, key)):
-            for state in pools.candidates(spec):
-                if spec.selects(state.kind, state.labels):
-                    lifecycle.instance_changed(spec, state, policy)
+            for state in selected:
+                lifecycle.instance_changed(spec, state, policy)
 
 
 def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = False,
