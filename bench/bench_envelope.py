@@ -14,7 +14,11 @@ LifecycleHandlers, half Python, half HTTP (to a server in this process).
 2. The other pools are created; the same flips again: CPU per 1,000 transitions at all pools.
 3. Idle CPU over --idle seconds (longer than the 30 s resync period).
 4. Cold start: operator stopped, pool status wiped, started again: time until every pool is
-   Ready with every member active.
+   Ready with every member active. --cold-starts N repeats it (medians reported); --baseline DIR
+   alternates each cold start with one of another checkout's operator (DIR/operator and
+   DIR/devtools on PYTHONPATH) on the same cluster, so the two are compared side by side in one
+   run; --cold-only skips phases 1 to 3 (the cluster is built, every pool made Ready, then the
+   cold starts); --py-spy adds one profiled cold start per variant first (not in the medians).
 Memory: the operator's VmHWM (peak RSS) and its function workers' PSS, sampled every 0.5 s
 over the whole run (both operator processes, the cold start included), at their peak.
 The benchmark's own CPU (the load generator and the pollers) is reported beside the operator's.
@@ -26,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -273,6 +279,46 @@ async def wait_pools_ready(kube: Kube, pools: Sequence[tuple[str, str, str]], si
     return time.monotonic() - started
 
 
+async def watch_pools_ready(kube: Kube, pools: Sequence[tuple[str, str, str]], size: int, limit: float) -> float:
+    """Seconds until every pool of `pools` is Ready with `size` active, seen through one list and
+    then a watch: an observer that re-lists 1,000 pools with their status 4 times a second would
+    load the API server the cold start writes those statuses to."""
+    started = time.monotonic()
+    wanted = {(ns, name) for ns, name, _ in pools}
+    path = f"{GROUP_PATH}/targetpools"
+    query = f"labelSelector={LABEL}%3Denvelope"
+    listing = await kube.get(f"{path}?{query}")
+    ready = {key for p in listing["items"] if (key := (p["metadata"]["namespace"], p["metadata"]["name"])) in wanted
+             and ready_condition(p) and (p.get("status") or {}).get("active") == size}
+    version = listing["metadata"]["resourceVersion"]
+    deadline = started + limit
+    while ready != wanted:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"timed out after {limit:g} s: {len(ready)} of {len(wanted)} pools Ready")
+        url = f"{kube.server}{path}?{query}&watch=1&allowWatchBookmarks=true&resourceVersion={version}" \
+              f"&timeoutSeconds={max(1, int(remaining))}"
+        async with kube.session.get(url, timeout=aiohttp.ClientTimeout(total=remaining + 5)) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"watching TargetPools: HTTP {resp.status}")
+            async for line in resp.content:
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
+                    continue
+                key = (obj["metadata"].get("namespace"), obj["metadata"].get("name"))
+                if event["type"] != "DELETED" and ready_condition(obj) and \
+                        (obj.get("status") or {}).get("active") == size:
+                    if key in wanted:
+                        ready.add(key)
+                else:
+                    ready.discard(key)
+                if ready == wanted:
+                    break
+    return time.monotonic() - started
+
+
 # ----------------------------------------------------------------------------- phases
 async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, lay: Layout,
                 args: argparse.Namespace, label: str) -> dict[str, float]:
@@ -383,30 +429,27 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         await asyncio.to_thread(operator.wait_ready, 300.0)
         out["first_ready"] = await wait_pools_ready(kube, lay.pools[:SMALL], args.pool_size, 300)
         log(f"operator up: {SMALL} pools Ready after {time.monotonic() - operator.spawned_at:.1f} s")
-        await asyncio.sleep(2)
-        out["small"] = await flips(kube, operator, haproxy, lay, args, f"{SMALL} pools")
+        if not args.cold_only:
+            await asyncio.sleep(2)
+            out["small"] = await flips(kube, operator, haproxy, lay, args, f"{SMALL} pools")
         started = time.monotonic()
         cpu0 = cpu_seconds(operator.pid)
         await create_pools(kube, lay.pools[SMALL:], args.concurrency)
         await wait_pools_ready(kube, lay.pools, args.pool_size, 1200, poll=1.0)
         out["scale_up"] = {"wall": time.monotonic() - started, "cpu": cpu_seconds(operator.pid) - cpu0}
         log(f"all {len(lay.pools)} pools Ready {out['scale_up']['wall']:.1f} s after their creation began")
-        await asyncio.sleep(5)
-        out["large"] = await flips(kube, operator, haproxy, lay, args, f"{len(lay.pools)} pools")
-        cpu0, own0 = cpu_seconds(operator.pid), process_cpu()
-        await asyncio.sleep(args.idle)
-        out["idle"] = {"seconds": args.idle, "cpu": cpu_seconds(operator.pid) - cpu0, "own": process_cpu() - own0}
-        log(f"idle: operator {out['idle']['cpu']:.2f} s CPU over {args.idle:g} s")
+        if not args.cold_only:
+            await asyncio.sleep(5)
+            out["large"] = await flips(kube, operator, haproxy, lay, args, f"{len(lay.pools)} pools")
+            cpu0, own0 = cpu_seconds(operator.pid), process_cpu()
+            await asyncio.sleep(args.idle)
+            out["idle"] = {"seconds": args.idle, "cpu": cpu_seconds(operator.pid) - cpu0, "own": process_cpu() - own0}
+            log(f"idle: operator {out['idle']['cpu']:.2f} s CPU over {args.idle:g} s")
         out["memory_before_cold"] = memory_kib(operator.pid)
-        await asyncio.to_thread(operator.stop)
-        await wipe_status(kube, lay.pools, args.concurrency)
-        await asyncio.sleep(0.5)
-        own0 = process_cpu()
-        await asyncio.to_thread(operator.start, False)
-        spawned = operator.spawned_at
-        await wait_pools_ready(kube, lay.pools, args.pool_size, 600, poll=args.cold_poll)
-        out["cold"] = {"seconds": time.monotonic() - spawned, "own": process_cpu() - own0}
-        log(f"cold start: every pool Ready {out['cold']['seconds']:.1f} s after the process was spawned")
+        out["colds"] = await cold_starts(kube, operator, lay, args)
+        mine = [c for c in out["colds"] if c["variant"] == THIS and not c["profiled"]]
+        out["cold"] = {"seconds": statistics.median(c["seconds"] for c in mine),
+                       "own": statistics.median(c["own"] for c in mine)}
         await asyncio.sleep(2)
         out["memory_after_cold"] = memory_kib(operator.pid)
         out["hook_calls"] = calls[0]
@@ -416,9 +459,113 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
     return out
 
 
+THIS, BASE = "this", "baseline"
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """The operator code of each cold start: this checkout's, and --baseline's if given."""
+    return [(THIS, None), *([(BASE, args.baseline)] if args.baseline else [])]
+
+
+async def cold_start(kube: Kube, operator: OperatorProcess, lay: Layout, args: argparse.Namespace,
+                     variant: tuple[str, Path | None], profile: bool) -> dict[str, Any]:
+    """Stop the operator, wipe every pool's status, start `variant`'s operator: seconds until
+    every pool is Ready with every member active, until /readyz, and the new process's memory."""
+    name, source = variant
+    await asyncio.to_thread(operator.stop)
+    await wipe_status(kube, lay.pools, args.concurrency)
+    await asyncio.sleep(0.5)
+    if source is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:  # ahead of the venv's editable install of this checkout
+        os.environ["PYTHONPATH"] = f"{source / 'operator'}:{source / 'devtools'}"
+    own0 = process_cpu()
+    sampler = MemorySampler(operator)
+    try:
+        await asyncio.to_thread(operator.start, False)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+    spawned = operator.spawned_at
+    sampler.start()
+    spy = None
+    if profile:
+        spy = await asyncio.create_subprocess_exec(
+            args.py_spy, "record", "-p", str(operator.pid), "-r", "200", "--nonblocking", "--format", "raw",
+            "-o", str(args.dir / f"profile-cold-{name}-{operator.starts}.txt"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    readyz: list[float] = []
+
+    async def watch_readyz() -> None:
+        await wait_until(lambda: asyncio.to_thread(operator.ready_once), 600, "/readyz", interval=0.05)
+        readyz.append(time.monotonic() - spawned)
+    watcher = asyncio.create_task(watch_readyz())
+    try:
+        if args.cold_poll > 0:
+            await wait_pools_ready(kube, lay.pools, args.pool_size, 600, poll=args.cold_poll)
+        else:
+            await watch_pools_ready(kube, lay.pools, args.pool_size, 600)
+        seconds, own = time.monotonic() - spawned, process_cpu() - own0
+        await asyncio.wait_for(watcher, 30)
+    finally:
+        watcher.cancel()
+    cpu = cpu_seconds(operator.pid)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        await asyncio.wait_for(spy.wait(), 60)
+    await asyncio.sleep(2)
+    sampler.stop()
+    result = {"variant": name, "profiled": profile, "seconds": seconds, "readyz": readyz[0] if readyz else None,
+              "cpu": cpu, "own": own, "hwm_mb": sampler.hwm_kib * 1024 / 1e6,
+              "workers_mb": sampler.children_kib * 1024 / 1e6, "total_mb": sampler.total_kib * 1024 / 1e6,
+              "load": os.getloadavg()[0], "log": str(operator.log_path)}
+    log(f"cold start ({name}{', profiled' if profile else ''}): every pool Ready {seconds:.1f} s after the "
+        f"process was spawned (/readyz {result['readyz'] or 0:.1f} s), operator CPU {cpu:.1f} s, memory peak "
+        f"{result['total_mb']:.0f} MB ({result['hwm_mb']:.0f} + {result['workers_mb']:.0f}), load {result['load']:.1f}")
+    return result
+
+
+async def cold_starts(kube: Kube, operator: OperatorProcess, lay: Layout,
+                      args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--cold-starts rounds; with --baseline each round runs both variants, in alternating order."""
+    out = []
+    if args.py_spy:
+        for variant in variants(args):
+            out.append(await cold_start(kube, operator, lay, args, variant, profile=True))
+    for index in range(args.cold_starts):
+        order = variants(args)
+        for variant in order if index % 2 == 0 else order[::-1]:
+            out.append(await cold_start(kube, operator, lay, args, variant, profile=False))
+    return out
+
+
+def cold_table(colds: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Medians per variant of the cold starts (profiled ones left out), and each run."""
+    rows = ["| operator | cold starts | to every pool Ready (median) | to /readyz | operator CPU | memory peak "
+            "(VmHWM + workers' PSS) | each run (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, _ in variants(args):
+        runs = [c for c in colds if c["variant"] == name and not c["profiled"]]
+        if not runs:
+            continue
+        med = {k: statistics.median(c[k] or 0.0 for c in runs) for k in ("seconds", "readyz", "cpu", "total_mb",
+                                                                          "hwm_mb", "workers_mb")}
+        label = "this checkout" if name == THIS else f"baseline ({args.baseline})"
+        each = ", ".join(f"{c['seconds']:.1f}" for c in runs)
+        rows.append(f"| {label} | {len(runs)} | {med['seconds']:.1f} s | {med['readyz']:.1f} s | {med['cpu']:.1f} s "
+                    f"| {med['total_mb']:.0f} MB ({med['hwm_mb']:.0f} + {med['workers_mb']:.0f}) | "
+                    f"{each} |")
+    loads = ", ".join(f"{c['load']:.1f}" for c in colds if not c["profiled"])
+    return "\n".join([*rows, "", f"Load average (1 min) after each cold start: {loads}."])
+
+
 # ----------------------------------------------------------------------------- report
 def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argparse.Namespace,
            load: tuple[tuple[float, ...], tuple[float, ...]], total: float, api_cpu: dict[str, float]) -> str:
+    if args.cold_only:
+        return "\n".join([
+            f"Cold starts at {len(lay.members) + len(lay.fillers):,} pods, {len(lay.nodes):,} Nodes, "
+            f"{len(lay.pools):,} pools, {args.handlers} LifecycleHandlers (load average {load[0][0]:.1f} at the "
+            f"start, {load[1][0]:.1f} at the end; whole run {total / 60:.1f} min):", "",
+            cold_table(out["colds"], args), ""])
     small, large = out["small"], out["large"]
     ratio = large["per_1000"] / small["per_1000"] if small["per_1000"] else float("inf")
     mb = sampler.total_kib * 1024 / 1e6
@@ -440,17 +587,20 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         ("memory at peak: operator VmHWM + function workers' PSS",
          f"{mb:.0f} MB ({sampler.hwm_kib * 1024 / 1e6:.0f} + {sampler.children_kib * 1024 / 1e6:.0f} MB, "
          f"{sampler.children} worker processes at most)", f"<= {TARGET_MB:g} MB", mb <= TARGET_MB),
-        ("cold start to every pool Ready (status wiped, HAProxy keeps its servers)", f"{cold:.1f} s",
+        ("cold start to every pool Ready (status wiped, HAProxy keeps its servers), median of "
+         f"{args.cold_starts}", f"{cold:.1f} s",
          f"<= {TARGET_COLD_S:g} s", cold <= TARGET_COLD_S),
         (f"idle CPU (over {out['idle']['seconds']:g} s, a resync period included)",
          f"{idle * 100:.2f}% of a core", "near zero", idle < 0.02),
     ]
     verdict = {True: "met", False: "**missed**"}
     table = "\n".join(f"| {a} | {b} | {c} | {verdict[d]} |" for a, b, c, d in rows)
+    poller = (f"it lists every pool every {args.cold_poll:g} s" if args.cold_poll > 0
+              else "it lists the pools once, then watches them")
     observer = (f"benchmark process CPU (load generator + pollers): {small['own_cpu']:.2f} s beside the operator's "
                 f"{small['cpu']:.2f} s at 10 pools, {large['own_cpu']:.2f} s beside {large['cpu']:.2f} s at "
                 f"{len(lay.pools):,} pools, {out['idle']['own']:.2f} s while idle, {out['cold']['own']:.2f} s during "
-                f"the cold start (it lists every pool every {args.cold_poll:g} s)")
+                f"the cold start ({poller})")
     return "\n".join([
         ENVELOPE_HEADING,
         "",
@@ -468,6 +618,8 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         "| measure | value | target | |",
         "| --- | --- | --- | --- |",
         table,
+        "",
+        cold_table(out["colds"], args),
         "",
         f"- {observer}.",
         f"- kube-apiserver / etcd CPU over the whole run: {api_cpu.get('kube-apiserver', 0):.0f} s / "
@@ -514,14 +666,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="readiness flips per second")
     parser.add_argument("--concurrency", type=int, default=48, help="API requests in flight while populating")
     parser.add_argument("--idle", type=float, default=35.0)
-    parser.add_argument("--cold-poll", type=float, default=0.25)
-    parser.add_argument("--py-spy", default=None, help="path of py-spy: profile the operator during the flips")
+    parser.add_argument("--cold-poll", type=float, default=0.25,
+                        help="how often the cold start's observer lists every pool; 0: one list, then a watch")
+    parser.add_argument("--py-spy", default=None, help="path of py-spy: profile the operator during the flips "
+                        "and one extra cold start per variant")
+    parser.add_argument("--cold-starts", type=int, default=1, help="cold starts (per variant); medians reported")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout whose operator alternates with this one's in the cold starts")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only build the cluster and measure cold starts (writes nothing)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="a small run to try the script (not for the docs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.pods, args.nodes, args.pools, args.namespaces, args.handlers = 2_000, 100, 80, 8, 10
         args.transitions, args.idle = 300, 5.0
+        args.no_write = True
+    if args.cold_only:
         args.no_write = True
     if args.pools < SMALL:
         parser.error(f"--pools must be at least {SMALL}")

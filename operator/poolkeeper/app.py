@@ -63,6 +63,8 @@ from poolkeeper.sources.convert import (
 from poolkeeper.sources.ec2 import Ec2Feeds
 
 log = logging.getLogger("poolkeeper")
+STARTUP_WORKERS = 32  # reconciles in flight during the first pass over every pool (then --workers)
+LIST_CONCURRENCY = 16  # listed LoadBalancers probed, and LifecycleHandlers' outboxes loaded, at once
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.pools.invalidate_claims()
     for index in range(max(1, rt.options.workers)):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-{index}"))
+    # The first pass queues every pool at once: more of them in flight while it lasts, so their
+    # HAProxy reads share round trips (BackendReads) and their waits overlap; these stop when the
+    # queue first runs dry, and the steady state has --workers.
+    extra = [asyncio.create_task(_worker(rt, until_idle=True), name=f"reconcile-startup-{index}")
+             for index in range(max(0, STARTUP_WORKERS - rt.options.workers))]
+    rt.tasks += [*extra, asyncio.create_task(_first_pass_done(extra, len(rt.store.pools)), name="first-pass")]
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
     if rt.shards is not None:
@@ -202,6 +210,25 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     rt.ready = True  # listed everything and reconciling
+    log.info("ready %.2fs after the process started", process_age())
+
+
+def process_age() -> float:
+    """Seconds since this process was started (imports included), from /proc; 0 elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def _first_pass_done(workers: list[asyncio.Task[None]], pools: int) -> None:
+    """Log when the startup pass's extra workers found the queue dry (every pool reconciled once)."""
+    started = time.monotonic()
+    await asyncio.gather(*workers, return_exceptions=True)
+    log.info("first reconcile of %d pools done in %.2fs, %.2fs after the process started", pools,
+             time.monotonic() - started, process_age())
 
 
 def _readiness(rt: Runtime) -> str | None:
@@ -392,11 +419,14 @@ async def cleanup(**_: Any) -> None:
         await rt.api.close()
 
 
-async def _worker(rt: Runtime) -> None:
+async def _worker(rt: Runtime, until_idle: bool = False) -> None:
     """Take a pool off the queue, reconcile it, and requeue it as the outcome says: a failure
-    backs off in the queue (per pool, exponential), a success forgets the pool's failures."""
+    backs off in the queue (per pool, exponential), a success forgets the pool's failures.
+    `until_idle`: return as soon as no pool waits (the startup pass's extra workers)."""
     assert rt.pools is not None
     while True:
+        if until_idle and not rt.queue.waiting():
+            return
         key = await rt.queue.get()
         started = time.monotonic()
         try:
@@ -487,7 +517,8 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
             return  # a status write that changed nothing we care about
     if previous is None or previous.phase != state.phase:
         rt.metrics.transitions.labels(kind=state.kind, to=state.phase.value).inc()
-    _affected(rt, state, previous)
+    if rt.listed:  # the first list is handed over once it is complete (_listed)
+        _affected(rt, state, previous)
 
 
 def pod_event(kind: str, obj: dict[str, Any]) -> None:
@@ -590,9 +621,11 @@ def _informers(rt: Runtime) -> Informers:
         return [Informer(api, resource_path(api_version, plural, scope), handle, **kw) for scope in scopes]
     return Informers(
         cluster=[Informer(api, resource_path("v1", "namespaces"), namespace_event),
-                 Informer(api, resource_path(API_VERSION, "loadbalancers"), load_balancer_event)],
+                 Informer(api, resource_path(API_VERSION, "loadbalancers"), load_balancer_event,
+                          list_concurrency=LIST_CONCURRENCY)],
         pools=each("targetpools", pool_event),
-        handlers=each("lifecyclehandlers", lifecycle_handler_event) if rt.lifecycle is not None else [],
+        handlers=each("lifecyclehandlers", lifecycle_handler_event, list_concurrency=LIST_CONCURRENCY)
+        if rt.lifecycle is not None else [],
         instances=[Informer(api, resource_path("v1", "nodes"), node_event),
                    *each("pods", pod_event, "v1", label_selector=rt.options.pod_label_selector),
                    *each("instances", instance_event)])
@@ -602,8 +635,11 @@ async def _initial_sync(rt: Runtime) -> None:
     """Everything is listed before the first reconcile, so nothing "not seen yet" looks gone."""
     assert rt.api is not None and rt.lbs is not None
     informers = _informers(rt)
+    started = time.monotonic()
     for informer in [*informers.cluster, *informers.pools, *informers.handlers]:
         await informer.sync()
+    log.info("listed LoadBalancers (probed), pools and handlers (outboxes loaded) in %.2fs (%.2fs after the "
+             "process started)", time.monotonic() - started, process_age())
     if rt.lifecycle is not None:
         live = {str(lh["metadata"].get("uid")) for lh in rt.store.handlers.values()}
         try:
@@ -613,14 +649,41 @@ async def _initial_sync(rt: Runtime) -> None:
             log.exception("collecting outboxes of deleted LifecycleHandlers failed")
     started = time.monotonic()
     await asyncio.gather(*(informer.sync() for informer in informers.instances))
-    log.info("initial sync: %d instances, %d pools in %.2fs", rt.store.instance_count(), len(rt.store.pools),
-             time.monotonic() - started)
+    log.info("initial sync: %d instances, %d pools in %.2fs (%.2fs after the process started)",
+             rt.store.instance_count(), len(rt.store.pools), time.monotonic() - started, process_age())
     rt.listed = True
+    _listed(rt)
     _sync_ec2(rt)
     for informer in informers.all():
         rt.tasks.append(asyncio.create_task(informer.run(), name=f"informer{informer.path}"))
-    for key in rt.store.pools:
+
+
+def _listed(rt: Runtime) -> None:
+    """What `_affected` does per instance event, for the whole first list at once: every pool
+    queued (its event time the list's end), pools with a draining member timed for
+    termination-to-drain, and handlers told of their pool's instances. The list itself matched
+    no pool against each of its instances: at 100,000 pods that was a million selector tests;
+    here each pool looks only at its candidates (the store's label index)."""
+    assert rt.pools is not None
+    pools, lifecycle, now = rt.pools, rt.lifecycle, time.monotonic()
+    with_handlers = {_handler_pool(key, body) for key, body in rt.store.handlers.items()}
+    for key in list(rt.store.pools):
+        rt.event_times.setdefault(key, now)
         rt.queue.add(key)
+        spec = pools.spec(key)
+        if not isinstance(spec, PoolSpec):
+            continue
+        selected = [state for state in pools.candidates(spec) if spec.selects(state.kind, state.labels)]
+        if any(state.phase == Phase.DRAINING for state in selected):
+            rt.drain_times.setdefault(key, now)
+        if (lifecycle is None or key not in with_handlers or not owns(rt, key)
+                or pools.source_refusal(spec) is not None or pools.node_source_refusal(spec) is not None
+                or pools.ec2_refusal(spec) is not None):
+            continue
+        policy = pools.address_policy(spec)
+        with fence.fenced(pool_fence(rt, key)):
+            for state in selected:
+                lifecycle.instance_changed(spec, state, policy)
 
 
 def _evaluate_instance(rt: Runtime, key: tuple[str, str], *, deleted: bool = False,

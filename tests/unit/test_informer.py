@@ -180,3 +180,30 @@ async def test_pages_are_handed_over_in_order_and_the_next_is_asked_for_meanwhil
     assert handed == [("ADDED", f"p-{i}") for i in range(5)]
     assert asked == ["first", "2", "4"]
     assert informer.resource_version == "100" and len(informer.known) == 5
+
+
+async def test_a_list_handed_over_concurrently_overlaps_waits_keeps_each_objects_order_and_completes() -> None:
+    """list_concurrency: slow handlers of different objects overlap (at most that many at once); a
+    re-created object is still DELETED before it is ADDED; sync returns once every one was handled."""
+    api = FakeApi([pod(f"p{i}", str(i)) for i in range(10)])
+    in_flight, peak, seen = 0, 0, []
+
+    async def slow(kind: str, obj: dict[str, Any]) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        seen.append((kind, obj["metadata"]["name"], obj["metadata"].get("uid", "")))
+
+    informer = Informer(api, "/api/v1/pods", slow, list_concurrency=4)  # type: ignore[arg-type]
+    started = asyncio.get_running_loop().time()
+    await informer.sync()
+    assert asyncio.get_running_loop().time() - started < 0.4  # 10 waits of 0.05 s, 4 at a time: 3 rounds
+    assert peak == 4 and in_flight == 0
+    assert sorted(seen) == sorted(("ADDED", f"p{i}", str(i)) for i in range(10))
+    seen.clear()
+    api.objects = [pod("p0", "new"), *(pod(f"p{i}", str(i)) for i in range(1, 9))]
+    await informer.sync()
+    assert seen.index(("DELETED", "p0", "0")) < seen.index(("ADDED", "p0", "new"))
+    assert ("DELETED", "p9", "9") in seen and len(seen) == 11

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from poolkeeper.controller.claimindex import LiveClaims
 from poolkeeper.controller.store import Store
 from poolkeeper.core.claims import Claimant, build_index, haproxy_claim
+from poolkeeper.core.model import InstanceState, Phase
+from poolkeeper.core.selectors import LabelSelector
 
 CLAIMS = [haproxy_claim("unix:///run/haproxy.sock", f"be_{i}") for i in range(3)]
 KEYS = [(ns, name) for ns in ("a", "b") for name in ("x", "y", "z")]
@@ -69,3 +71,49 @@ def test_the_pool_spec_version_moves_on_spec_changes_only() -> None:
     version = store.pools.spec_version
     store.pools.pop(("a", "web"))
     assert store.pools.spec_version > version
+
+
+LABELS = st.dictionaries(st.sampled_from(["app", "tier", "zone"]), st.sampled_from(["a", "b"]), max_size=3)
+SELECTORS = st.builds(lambda labels, exprs: LabelSelector.parse({"matchLabels": labels, "matchExpressions": exprs}),
+                      st.dictionaries(st.sampled_from(["app", "tier"]), st.sampled_from(["a", "b"]), max_size=2),
+                      st.lists(st.builds(lambda key, op, values: {"key": key, "operator": op, "values": values},
+                                         st.sampled_from(["app", "zone"]), st.sampled_from(["In", "NotIn"]),
+                                         st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=2)),
+                               max_size=2))
+instance_steps = st.lists(st.tuples(st.sampled_from(["ns1", "ns2"]), st.sampled_from(["p1", "p2", "p3", "p4"]),
+                                    st.none() | LABELS), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(instance_steps, SELECTORS, st.sampled_from(["ns1", "ns2", None]))
+def test_label_index_candidates_hold_every_match(steps: list[tuple[str, str, dict[str, str] | None]],
+                                                selector: LabelSelector, namespace: str | None) -> None:
+    """Whatever came and went and relabelled, `candidates` yields each matching instance once, and
+    only instances of the scope asked for: the reconcile may look at them instead of every one."""
+    store = Store()
+    for ns, name, labels in steps:
+        if labels is None:
+            store.drop_instance("Pod", ns, name)
+        else:
+            store.put_instance(InstanceState("Pod", ns, name, f"uid-{name}", "10.0.0.1", labels, Phase.UP, "r"))
+    every = list(store.instances_of("Pod", namespace))
+    found = list(store.candidates("Pod", namespace, selector))
+    assert len(found) == len({(s.namespace, s.name) for s in found})
+    assert all(s in every for s in found)
+    assert {(s.namespace, s.name) for s in every if selector.matches(s.labels)} <= \
+        {(s.namespace, s.name) for s in found}
+    # the index holds nothing stale: each posting names a live instance carrying that label
+    for ns, postings in store.by_label.get("Pod", {}).items():
+        for (key, value), names in postings.items():
+            assert names and all(store.get_instance("Pod", ns, n).labels.get(key) == value  # type: ignore[union-attr]
+                                 for n in names)
+
+
+def test_label_index_narrows_to_the_required_label() -> None:
+    store = Store()
+    for i in range(200):
+        store.put_instance(InstanceState("Pod", "ns", f"p{i}", f"u{i}", "10.0.0.1", {"app": f"a{i % 20}"},
+                                         Phase.UP, "r"))
+    found = list(store.candidates("Pod", "ns", LabelSelector.parse({"matchLabels": {"app": "a3"}})))
+    assert sorted(s.name for s in found) == sorted(f"p{i}" for i in range(3, 200, 20))
+    assert len(list(store.candidates("Pod", "ns", LabelSelector.parse({})))) == 200

@@ -104,3 +104,27 @@ async def test_backoff_grows_and_flush_is_bounded_while_the_api_is_away() -> Non
     assert 2 <= len(api.attempts) <= 5, api.attempts
     await asyncio.wait_for(status.flush(within=0.1), 2)
     assert api.written == []
+
+
+async def test_a_burst_of_writes_is_sent_a_bounded_number_at_a_time_and_each_once() -> None:
+    """A cold start submits a status for every pool at once: at most `concurrency` go out together
+    (the rest wait outside the request's timeout), and each is written exactly once."""
+    in_flight, peak, written = 0, 0, []
+
+    class Slow:
+        async def patch(self, path: str, body: Any, content_type: str = "") -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+            written.append(path)
+            return {}
+
+    status = StatusWriter(Slow(), interval=0.0, concurrency=4)
+    paths = [f"/apis/x/namespaces/ns/targetpools/p{i}/status" for i in range(40)]
+    for path in paths:
+        status.submit(path, {"active": 1})
+    await status.flush(5.0)
+    assert peak == 4
+    assert sorted(written) == sorted(paths)

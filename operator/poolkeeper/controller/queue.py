@@ -108,6 +108,10 @@ class WorkQueue(Generic[K]):
     def __len__(self) -> int:
         return len(self._dirty)
 
+    def waiting(self) -> int:
+        """Keys a `get()` would return now, without waiting."""
+        return self._queue.qsize()
+
     def shutdown(self) -> None:
         for timer in self._timers.values():
             timer.cancel()

@@ -1,9 +1,11 @@
 """What the watches have told us, kept compact: instances as InstanceState, specs as raw dicts.
 
 Instances are indexed by kind and namespace, so a pool's reconcile looks only at its own
-namespace, however many pods the cluster has; pools are indexed the same way (by their source's
-kind and their namespace), so an instance's event looks only at the pools that could select it,
-however many pools the cluster has.
+namespace, however many pods the cluster has, and within it by label (key, value), so a pool
+whose selector requires a label looks only at the instances carrying it (`candidates`), however
+many pods its namespace has; pools are indexed by their source's kind and their namespace, so
+an instance's event looks only at the pools that could select it, however many pools the
+cluster has.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from poolkeeper.core.model import InstanceState
+from poolkeeper.core.selectors import LabelSelector
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
+Postings = dict[tuple[str, str], set[str]]  # (label key, value) -> instance names
 
 
 def _source_kinds(body: dict[str, Any]) -> set[Any]:
@@ -87,10 +91,19 @@ class Store:
     handlers: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    # kind -> namespace -> (label key, value) -> names: the instances a required label can select
+    by_label: dict[str, dict[str, Postings]] = field(default_factory=dict)
+
     def put_instance(self, state: InstanceState) -> InstanceState | None:
         bucket = self.instances[state.kind].setdefault(state.namespace, {})
         previous = bucket.get(state.name)
         bucket[state.name] = state
+        if previous is None or previous.labels != state.labels:
+            postings = self.by_label.setdefault(state.kind, {}).setdefault(state.namespace, {})
+            if previous is not None:
+                _unpost(postings, previous)
+            for pair in state.labels.items():
+                postings.setdefault(pair, set()).add(state.name)
         return previous
 
     def drop_instance(self, kind: str, namespace: str, name: str) -> InstanceState | None:
@@ -98,9 +111,34 @@ class Store:
         if bucket is None:
             return None
         previous = bucket.pop(name, None)
+        postings = self.by_label.get(kind, {}).get(namespace)
+        if previous is not None and postings is not None:
+            _unpost(postings, previous)
         if not bucket:
             del self.instances[kind][namespace]
+            self.by_label.get(kind, {}).pop(namespace, None)
         return previous
+
+    def candidates(self, kind: str, namespace: str | None, selector: LabelSelector) -> Iterator[InstanceState]:
+        """A superset of the instances `selector` matches (in `namespace`, or all): those carrying the
+        label of its narrowest `In` requirement, or every instance when it requires none."""
+        required = [req for req in selector.requirements if req.operator == "In"]
+        if not required:
+            yield from self.instances_of(kind, namespace)
+            return
+        scopes = self.by_label.get(kind, {})
+        for scope in [namespace] if namespace is not None else list(scopes):
+            postings = scopes.get(scope)
+            if not postings:
+                continue
+            bucket = self.instances[kind].get(scope, {})
+            names = min(([postings.get((req.key, value), set()) for value in req.values] for req in required),
+                        key=lambda sets: sum(map(len, sets)))
+            for found in names:
+                for name in sorted(found):  # a stable order, whatever the sets' hashing
+                    state = bucket.get(name)
+                    if state is not None:
+                        yield state
 
     def get_instance(self, kind: str, namespace: str, name: str) -> InstanceState | None:
         return self.instances[kind].get(namespace, {}).get(name)
@@ -123,3 +161,12 @@ class Store:
         for bucket in buckets:
             for key in sorted(bucket):
                 yield key, self.pools[key]
+
+
+def _unpost(postings: Postings, state: InstanceState) -> None:
+    for pair in state.labels.items():
+        names = postings.get(pair)
+        if names is not None:
+            names.discard(state.name)
+            if not names:
+                del postings[pair]

@@ -38,8 +38,13 @@ class Gone(Exception):
 
 
 class Informer:
-    def __init__(self, api: KubeApi, path: str, handle: Handler, *, label_selector: str | None = None) -> None:
+    def __init__(self, api: KubeApi, path: str, handle: Handler, *, label_selector: str | None = None,
+                 list_concurrency: int = 1) -> None:
         self.api, self.path, self.handle, self.label_selector = api, path, handle, label_selector
+        # objects of one list whose (async) handling may overlap: for handlers that wait on I/O
+        # per object (a LoadBalancer's probe, a LifecycleHandler's outbox); each object's own
+        # events stay in order, and the list is complete only when every one was handled
+        self.list_concurrency = max(1, list_concurrency)
         self.resource_version = ""
         self.known: dict[str, str] = {}  # namespace/name -> uid, to notice deletions missed between lists
         self.synced = asyncio.Event()
@@ -65,6 +70,7 @@ class Informer:
         while we decode and convert (two processes on two cores instead of taking turns).
         """
         seen: dict[str, str] = {}
+        running: set[asyncio.Future[None]] = set()
         page = await self._page("")
         while True:
             token = (page.get("metadata") or {}).get("continue") or ""
@@ -75,14 +81,19 @@ class Informer:
                     obj.setdefault("kind", kind)
                     key = self._key(obj)
                     uid = seen[key] = obj["metadata"].get("uid", "")
+                    events = []
                     if key in self.known and self.known[key] != uid:  # re-created while we did not watch
-                        await self._deliver("DELETED", self._tombstone(key))
+                        events.append(("DELETED", self._tombstone(key)))
                         self.known.pop(key)
-                    await self._deliver("MODIFIED" if key in self.known else "ADDED", obj)
+                    events.append(("MODIFIED" if key in self.known else "ADDED", obj))
+                    await self._hand_over(events, running)
+                if following is None:
+                    await asyncio.gather(*running)
             except BaseException:
-                if following is not None:
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
+                for task in [*running, *([following] if following is not None else [])]:
+                    task.cancel()
+                await asyncio.gather(*running, *([following] if following is not None else []),
+                                     return_exceptions=True)
                 raise
             if following is None:
                 self.resource_version = page["metadata"]["resourceVersion"]
@@ -93,6 +104,23 @@ class Informer:
         self.known = seen
         self.lists += 1
         self.synced.set()
+
+    async def _hand_over(self, events: list[tuple[str, dict[str, Any]]], running: set[asyncio.Future[None]]) -> None:
+        """One listed object's events, in order: at once, or beside up to list_concurrency others."""
+        if self.list_concurrency == 1:
+            for kind, obj in events:
+                await self._deliver(kind, obj)
+            return
+        while len(running) >= self.list_concurrency:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running.difference_update(done)
+            for task in done:
+                task.result()
+
+        async def deliver() -> None:
+            for kind, obj in events:
+                await self._deliver(kind, obj)
+        running.add(asyncio.ensure_future(deliver()))
 
     async def _page(self, token: str) -> Any:
         params = self._params(limit=str(PAGE), **({"continue": token} if token else {}))

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 RETRIED = frozenset({409, 429, 500, 502, 503, 504})
 FIRST_RETRY = 0.5
 MAX_RETRY = 30.0
+WRITES_IN_FLIGHT = 16  # below the API client's 32 connections: reads and other writes keep a share
 
 
 class Patcher(Protocol):
@@ -28,8 +29,13 @@ class Patcher(Protocol):
 class StatusWriter:
     """At most one write per object every `interval` seconds, always the newest content."""
 
-    def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY) -> None:
+    def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY,
+                 concurrency: int = WRITES_IN_FLIGHT) -> None:
         self.api = api
+        # Writes in flight at once. A cold start submits one per pool at the same moment: unbounded,
+        # they queue for the client's connections inside the request timeout, and the later ones
+        # time out (and are sent again) while the API server works through the first.
+        self._slots = asyncio.Semaphore(concurrency)
         self.interval = interval
         self.first_retry = first_retry
         self._pending: dict[str, dict[str, Any]] = {}
@@ -60,14 +66,15 @@ class StatusWriter:
                 wait = self._last_write.get(path, 0.0) + self.interval - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                status = self._pending.pop(path, None)
-                if status is None:
-                    break
-                text = json.dumps(status, sort_keys=True)
-                if self._written.get(path) == text:
-                    continue
-                self._last_write[path] = time.monotonic()
-                problem = await self._write(path, status)
+                async with self._slots:
+                    status = self._pending.pop(path, None)  # the newest, also if one came while waiting
+                    if status is None:
+                        break
+                    text = json.dumps(status, sort_keys=True)
+                    if self._written.get(path) == text:
+                        continue
+                    self._last_write[path] = time.monotonic()
+                    problem = await self._write(path, status)
                 if problem is None:
                     self._written[path] = text
                     self.writes += 1

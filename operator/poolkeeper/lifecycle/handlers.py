@@ -127,16 +127,20 @@ class LifecycleHandlers:
         self.runtimes: dict[Key, HandlerRuntime] = {}
         self.gates = Gates()
         self.heard: dict[Key, Heard] = {}
-        self._started = False
+        self._starting: asyncio.Future[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
         # With shards: the fence of a handler's work, the Lease of its pool's shard (namespace, pool)
         self.fence_of: Callable[[str, str], fence.Check | None] = lambda namespace, pool: None
 
     async def _ensure_started(self) -> None:
-        if not self._started:
-            self._started = True
-            await self.functions.start()
-            self._recheck = asyncio.create_task(self._recheck_loop(), name="handler-recheck")
+        """Start the function workers once; handlers listed concurrently all wait for that one start."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        await self.functions.start()
+        self._recheck = asyncio.create_task(self._recheck_loop(), name="handler-recheck")
 
     # ----- the watch calls these
     async def handler_changed(self, key: Key, body: dict[str, Any], *, deleted: bool) -> None:
