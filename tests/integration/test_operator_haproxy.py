@@ -225,7 +225,8 @@ def test_health_checks_keep_traffic_off_dead_targets(
     fleet.add("dead", serve=False)  # ready in Kubernetes, but nothing listens
     create(custom, namespace, "targetpools", pod_pool(
         "web", app="web", port=fleet.port,
-        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1})))
+        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1,
+                                                         "initialState": "Checking"})))
     wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/alive", {}).get("state")
              == "Active", 20, "alive Active")
     # the dead target is in HAProxy, checked every second, and never gets a request
