@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from kubernetes import client
 
 from poolkeeper_dev.haproxy import HAProxyProcess
@@ -33,15 +31,6 @@ from support.pools import (
 )
 
 SLOW = {"intervalSeconds": 30, "rise": 2, "fall": 3}  # no first check for a while after a server is added
-
-
-@pytest.fixture()
-def edge(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
-    name = f"init-{uuid.uuid4().hex[:6]}"
-    with HAProxyProcess(tmp_path / "haproxy", backends=("web",)) as proc:
-        load_balancer(custom, name, proc.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
-        yield proc, name
-        custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)
 
 
 def stat_of(haproxy: HAProxyProcess, address: str) -> dict[str, str]:
