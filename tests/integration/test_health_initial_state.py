@@ -108,7 +108,7 @@ def test_up_a_ready_pod_with_no_listener_is_taken_out_after_fall_checks_and_stay
         report = load.stop()
     assert report.failed == failed_at_down
     assert backend_errors(haproxy.admin_endpoint, "web") == {**NO_ERRORS, "econ": econ_at_down}
-    assert report.ok > 1000 and all(b.startswith(fleet.ips["alive"]) for b in report.served_by)
+    assert report.ok > 100 and all(b.startswith(fleet.ips["alive"]) for b in report.served_by)
 
 
 def test_checking_keeps_a_new_server_out_until_a_check_passed(
