@@ -942,13 +942,14 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "### Every path", "",
         *latency, "",
         *extra,
+        *([] if burst.get("skipped") else [
         f"- Sustained-rate steps (poolkeeper alone, {args.size500} pods, {args.step_seconds:g} s each): "
         f"{step_text}; a step fails when p99 ≥ 50 ms or the sender reaches under 95 % of the rate.",
         f"- Bursts: {args.burst:,}-pod pool on its own backend; HAProxy polled by an observer process every 5 ms. "
         f"The {args.big:,} pods were created in {big.get('create', 0):.0f} s and all in rotation "
         f"{big.get('first_fill', 0):.0f} s after the first was created; after the restart the first server was "
         f"back after {big.get('first_seen') or float('nan'):.2f} s (the operator checks each LoadBalancer's "
-        "`show info` once a second to notice a restart).", "",
+        "`show info` once a second to notice a restart)."]), "",
         "### CPU", "",
         *cpu, "",
         "### API server writes per pod status write sent", "",
