@@ -1,6 +1,7 @@
 """Side by side on one control plane: poolkeeper, the EndpointSlice controller, a bare watch, a poller; bursts.
 
     .venv/bin/python bench/bench_sidebyside.py [--dir /tmp/pk-sidebyside] [--no-write] [--quick]
+        [--variants plain,checks,handler,checking]
 
 One fresh control plane (etcd, kube-apiserver, kube-controller-manager with its EndpointSlice
 controller at the default batch period 0), a real HAProxy and the operator as a subprocess.
@@ -91,6 +92,11 @@ CONTROL = ("kube-apiserver", "etcd", "kube-controller-manager")
 VARIANTS = {"plain": "no health checks, no handler",
             "checks": "health checks (the CRD's defaults: every 2 s, rise 2, fall 3)",
             "handler": "an HTTP LifecycleHandler (up, draining, down) to a local receiver"}
+# only with --variants: the checks variant as it was before initialState Up became the default
+EXTRA_VARIANTS = {"checking": "health checks as in *checks*, with `initialState: Checking` (a new server "
+                              "waits for its first passing check)"}
+CHECKED = ("checks", "checking")
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
 
 
 # ----------------------------------------------------------------------------- helper processes
@@ -384,8 +390,10 @@ async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int,
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE},
         "spec": {"selector": {"app": SERVICE}, "ports": [{"port": 80, "targetPort": port, "protocol": "TCP"}]}})
     path, pool = targeted_pool(rig.namespace, POOL, POOL, rig.backend, port)
-    if variant == "checks":
+    if variant in CHECKED:
         pool["spec"]["backend"]["haproxy"]["healthCheck"] = {"intervalSeconds": 2, "rise": 2, "fall": 3}
+    if variant == "checking":
+        pool["spec"]["backend"]["haproxy"]["healthCheck"]["initialState"] = "Checking"
     await kube.create(path, pool)
     if variant == "handler":
         await kube.create(f"{GROUP_PATH}/namespaces/{rig.namespace}/lifecyclehandlers", {
@@ -412,7 +420,7 @@ async def settled(kube: Kube, client: HAProxyClient, rig: Rig, *, rest: bool = T
     """
     size = len(rig.uids)
     serving = sum(at_rest(pod) for pod in rig.uids) if rest else size
-    checks = rig.variant == "checks"
+    checks = rig.variant in CHECKED
     bases = {member_name(rig.namespace, POOL, uid): pod for pod, uid in rig.uids.items()}
 
     async def done() -> bool:
@@ -910,7 +918,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
     burst.setdefault("up_span", float("nan"))
     burst.setdefault("delete_span", float("nan"))
     failures = [f"- **{d['error']}**" for d in (burst, big) if "error" in d]
-    burst_rows = [
+    burst_rows = ["- Bursts, the big refill and the sustained rate: not run (`--variants` chose some variants)."] \
+        if burst.get("skipped") else [
         *failures,
         "| Burst | Value | Target | Result |", "|---|---|---|---|",
         f"| {args.burst:,} pods of one pool turn Ready (writes over {burst['up_span']:.2f} s): last write sent → "
@@ -955,6 +964,7 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "### Every path", "",
         *latency, "",
         *extra,
+        *([] if burst.get("skipped") else [
         f"- Sustained-rate steps (poolkeeper alone, {args.size500} pods, {args.step_seconds:g} s each): "
         f"{step_text}; a step fails when p99 ≥ 50 ms or the sender reaches under 95 % of the rate; the steps "
         "stop when both measures fail.",
@@ -962,7 +972,7 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         f"The {args.big:,} pods were created in {big.get('create', 0):.0f} s and all in rotation "
         f"{big.get('first_fill', 0):.0f} s after the first was created; after the restart the first server was "
         f"back after {big.get('first_seen') or float('nan'):.2f} s (the operator checks each LoadBalancer's "
-        "`show info` once a second to notice a restart).", "",
+        "`show info` once a second to notice a restart)."]), "",
         "### CPU", "",
         *cpu, "",
         "### API server writes per pod status write sent", "",
@@ -987,7 +997,7 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "- A write's window runs from its send to the same pod's next write; a change not seen in it counts as a "
         "lower bound (`≥`, column *not seen in window*). Samples below zero would be left out of the percentiles "
         "and counted (*negative*); a window starts at the send, so none can occur. Percentiles are nearest-rank.",
-        f"- Variants: {'; '.join(f'*{k}*: {v}' for k, v in VARIANTS.items())}.",
+        f"- Variants: {'; '.join(f'*{k}*: {ALL_VARIANTS[k]}' for k in args.variants)}.",
         "- Every pk pod's address has a real HTTP server (one process for all, `servers_main`), so health checks "
         "pass and traffic is answered; the HTTP LifecycleHandler posts to a receiver in the same process.",
         f"- The polling peer runs in the 50/s runs only: with {args.size50} pairs each pod is written every "
@@ -998,7 +1008,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "",
         "### How to run", "",
         "`make bench` runs it with the others; `.venv/bin/python bench/bench_sidebyside.py` runs only this one and "
-        "rewrites this section (`--quick` for a short try that writes nothing).", "",
+        "rewrites this section (`--quick` for a short try that writes nothing; `--variants checking,checks` for "
+        "only those latency runs, side by side, writing nothing).", "",
     ])
 
 
@@ -1019,7 +1030,7 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         receiver = f"http://127.0.0.1:{receiver_port}/events"
         sizes = {50.0: args.size50, 500.0: args.size500, UV_RATE: args.size_uv}
         rigs: dict[tuple[str, float], Rig] = {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             for rate, size in sizes.items():
                 log(f"rig {variant} at {rate:g}/s: {size} pods" + ("" if rate == UV_RATE else " and their twins"))
                 rigs[variant, rate] = await make_rig(kube, variant, rate, len(rigs), size, args.port, receiver)
@@ -1042,13 +1053,18 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
                 transitions = args.transitions50 if rate == 50.0 else args.transitions500
                 runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
                                               poller=rate == 50.0))
-            await settled(kube, client, rigs["plain", 500.0])
+            if not args.partial:
+                await settled(kube, client, rigs["plain", 500.0])
         finally:
             await client.close()
         attach_servers([*runs, *uv_runs], rigs, await asyncio.to_thread(servers.stop))
-        steps = await sustained(kube, haproxy, operator, cluster, rigs["plain", 500.0], args)
-        burst = await survive("bursts", bursts(kube, haproxy, args))
-        big = await survive("10,000 servers after a restart", big_backend(kube, haproxy, args))
+        steps: list[Run] = []
+        burst: dict[str, Any] = {"skipped": True}
+        big: dict[str, Any] = {"skipped": True}
+        if not args.partial:
+            steps = await sustained(kube, haproxy, operator, cluster, rigs["plain", 500.0], args)
+            burst = await survive("bursts", bursts(kube, haproxy, args))
+            big = await survive("10,000 servers after a restart", big_backend(kube, haproxy, args))
     finally:
         if servers is not None:
             servers.kill()
@@ -1077,7 +1093,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-timeout", type=float, default=120.0, help="seconds to wait for the refill")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="a small run to try the script (writes nothing)")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)}; not all of {', '.join(VARIANTS)}: "
+                             "only their latency runs (no bursts, refill or sustained rate), and nothing is written")
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"--variants: {', '.join(unknown) or 'none'}: choose from {', '.join(ALL_VARIANTS)}")
+    args.partial = args.variants != list(VARIANTS)
+    args.no_write = args.no_write or args.partial  # docs/benchmarks.md holds the full run only
     if args.quick:
         args.transitions50, args.transitions500, args.transitions_uv, args.step_seconds = 150, 600, 40, 2.0
         args.rates, args.burst, args.big, args.no_write = [50.0, 250.0, 500.0], 200, 1000, True
@@ -1086,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dir = args.dir.resolve()
     fresh_cluster_dir(args.dir)
     cluster = Cluster(args.dir)
-    backends = [*(b for variant in VARIANTS for rate in (*RATES, UV_RATE) for b in rig_names(variant, rate)[1:]),
+    backends = [*(b for variant in args.variants for rate in (*RATES, UV_RATE) for b in rig_names(variant, rate)[1:]),
                 "be_burst", "be_big"]
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=backends)
     operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", extra_args=("--http-allowed-cidrs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from poolkeeper_dev import Cluster
+from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.workload import Workload
-from support.kube import api_client_for, namespace_name, token_kubeconfig
-from support.pools import Workloads
+from support.kube import GROUP, VERSION, api_client_for, namespace_name, token_kubeconfig
+from support.pools import LOOPBACK_TARGETS, Workloads, load_balancer
 from support.receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,3 +130,13 @@ def namespace(core: client.CoreV1Api, request: pytest.FixtureRequest) -> Iterato
     yield name
     with contextlib.suppress(ApiException):
         core.delete_namespace(name=name)
+
+
+@pytest.fixture()
+def edge(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
+    """A real HAProxy (retries 0, no redispatch) with backend `web`, and a LoadBalancer listing it."""
+    name = f"edge-{uuid.uuid4().hex[:6]}"
+    with HAProxyProcess(tmp_path / "haproxy", backends=("web",)) as proc:
+        load_balancer(custom, name, proc.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
+        yield proc, name
+        custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)

@@ -180,7 +180,7 @@ def test_examples_are_accepted_and_defaulted(cluster: Cluster, examples: str) ->
     assert web["backend"] == {
         "type": "HAProxy",
         "haproxy": {"loadBalancerRef": {"name": "edge"}, "backend": "be_web",
-                    "healthCheck": {"intervalSeconds": 2, "rise": 2, "fall": 3}},
+                    "healthCheck": {"intervalSeconds": 2, "rise": 2, "fall": 3, "initialState": "Up"}},
     }
     vms = get_json(cluster, "-n", ns, "tp", "vms")["spec"]
     assert vms["backend"] == {"type": "EndpointSlice", "endpointSlice": {"serviceName": "vms"}}
@@ -199,6 +199,12 @@ def test_examples_are_accepted_and_defaulted(cluster: Cluster, examples: str) ->
     assert lh["retry"] == {"maxAttempts": 3, "initialBackoffSeconds": 1, "maxBackoffSeconds": 60}
     assert lh["maxConcurrency"] == 16
     assert "deadLetter" not in lh
+
+
+def test_initial_state_is_explained(cluster: Cluster) -> None:
+    out = " ".join(kubectl(cluster, "explain", "targetpool.spec.backend.haproxy.healthCheck.initialState")
+                   .stdout.split())
+    assert "Up (the default)" in out and "Checking" in out and "fall" in out, out
 
 
 def test_examples_have_no_namespace() -> None:
@@ -236,6 +242,8 @@ VALID_VARIANTS: list[tuple[str, str, Mutation]] = [
     ("tp-endpointslice", "TargetPool", setting(
         spec__backend={"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}})),
     ("tp-zero-delay", "TargetPool", setting(spec__deregistrationDelaySeconds=0)),
+    ("tp-healthcheck-checking", "TargetPool",
+     setting(spec__backend__haproxy__healthCheck={"initialState": "Checking"})),
     ("tp-ec2", "TargetPool", setting(spec__source={"kind": "EC2", "ec2": {
         "region": "eu-west-1", "tags": {"app": "web"}, "queueURL": "https://sqs.eu-west-1.amazonaws.com/1/q",
         "credentialsSecretRef": {"name": "aws"}, "endpointURL": "http://127.0.0.1:5000", "addressTag": "addr"}})),
@@ -318,6 +326,21 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
     ("tp-healthcheck-interval-301", "TargetPool",
      setting(spec__backend__haproxy__healthCheck={"intervalSeconds": 301}),
      "spec.backend.haproxy.healthCheck.intervalSeconds in body should be less than or equal to 300"),
+    ("tp-healthcheck-initial-state", "TargetPool",
+     setting(spec__backend__haproxy__healthCheck={"initialState": "Ready"}),
+     'spec.backend.haproxy.healthCheck.initialState: Unsupported value: "Ready": supported values: "Up", "Checking"'),
+    ("tp-healthcheck-initial-state-lowercase", "TargetPool",
+     setting(spec__backend__haproxy__healthCheck={"initialState": "up"}),
+     'spec.backend.haproxy.healthCheck.initialState: Unsupported value: "up"'),
+    # an HAProxy-only field: the whole haproxy member is refused with other backend types
+    ("tp-initial-state-with-endpointslice", "TargetPool", setting(spec__backend={
+        "type": "EndpointSlice", "endpointSlice": {"serviceName": "web"},
+        "haproxy": {**HAPROXY_MEMBER, "healthCheck": {"initialState": "Up"}}}),
+     "spec.backend.haproxy must be set when type is HAProxy, and only then"),
+    ("tp-initial-state-in-elbv2", "TargetPool", setting(spec__backend={"type": "ELBv2", "elbv2": {
+        "loadBalancerRef": {"name": "aws"}, "targetGroupARN": "arn:aws:elasticloadbalancing:x",
+        "healthCheck": {"initialState": "Up"}}}),
+     'unknown field "spec.backend.elbv2.healthCheck"'),
     ("tp-service-name", "TargetPool", setting(
         spec__backend={"type": "EndpointSlice", "endpointSlice": {"serviceName": "Web_Svc"}}),
      "spec.backend.endpointSlice.serviceName in body should match"),

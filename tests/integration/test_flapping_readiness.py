@@ -9,10 +9,7 @@ server "awaiting its first check" and the backend empty while Ready pods existed
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -22,8 +19,8 @@ from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch, backend_errors
 from poolkeeper_dev.traffic import LoadGenerator
 from poolkeeper_dev.workload import Workload
-from support.kube import GROUP, VERSION, create, pod_pool, wait_for
-from support.pools import LOOPBACK_TARGETS, Workloads, ha_backend, haproxy_servers, load_balancer, members
+from support.kube import create, pod_pool, wait_for
+from support.pools import Workloads, ha_backend, haproxy_servers, members
 
 PODS = 4
 PERIOD = 2.0  # each pod: Ready for PERIOD - UNREADY s, then unready for UNREADY s, over and over
@@ -34,16 +31,6 @@ FLAPPING = 20.0  # seconds of flapping under traffic
 SETTLE = 0.3
 # The CRD's default checks (every 2 s, rise 2, fall 3): a server added afresh waits up to 2 s.
 CHECKS = {"intervalSeconds": 2, "rise": 2, "fall": 3}
-
-
-@pytest.fixture()
-def edge(custom: client.CustomObjectsApi, tmp_path: Path) -> Iterator[tuple[HAProxyProcess, str]]:
-    """A real HAProxy (retries 0, no redispatch) with backend `web`, and a LoadBalancer listing it."""
-    name = f"flap-{uuid.uuid4().hex[:6]}"
-    with HAProxyProcess(tmp_path / "haproxy", backends=("web",)) as proc:
-        load_balancer(custom, name, proc.admin_endpoint, ["web"], allowedTargetCIDRs=LOOPBACK_TARGETS)
-        yield proc, name
-        custom.delete_cluster_custom_object(group=GROUP, version=VERSION, plural="loadbalancers", name=name)
 
 
 @dataclass
@@ -92,16 +79,18 @@ class Flapper:
         return sorted({pod for pod, since, until in spans if since + SETTLE <= when < until})
 
 
+@pytest.mark.parametrize("initial", ["Up", "Checking"])
 def test_fast_flapping_pods_never_empty_a_health_checked_backend(
         running_operator: OperatorProcess, namespace: str, custom: client.CustomObjectsApi,
-        workloads: Workloads, edge: tuple[HAProxyProcess, str]) -> None:
+        workloads: Workloads, edge: tuple[HAProxyProcess, str], initial: str) -> None:
     haproxy, lb_name = edge
     fleet = workloads("web")
     pods = [f"web-{i}" for i in range(PODS)]
     for pod in pods:
         fleet.add(pod)
+    checks = {**CHECKS, "initialState": initial}
     create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port, delay=30,
-                                                       backend=ha_backend(lb_name, "web", healthCheck=CHECKS)))
+                                                       backend=ha_backend(lb_name, "web", healthCheck=checks)))
     wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == PODS,
              30, f"{PODS} members Active (first health checks passed)")
     servers_before = set(haproxy_servers(haproxy, "web"))

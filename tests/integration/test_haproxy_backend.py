@@ -458,6 +458,30 @@ async def test_a_member_leaving_maintenance_is_checked_afresh(
     assert set(seen) <= {"CHECKING", "DOWN"} and seen[0] == "CHECKING", seen
 
 
+async def test_marked_up_a_server_leaves_maintenance_fully_up_and_fall_checks_take_it_out(
+        client: HAProxyClient, http: Callable[..., HTTPBackend]) -> None:
+    """initialState Up: `set server ... health up` after `state ready` (before it, leaving MAINT resets
+    health to rise: one failure from down). Live: UP before any check; dead: out after `fall` failures."""
+    pool = HAProxyPool(client, "checked", PREFIX, HealthCheck(interval_seconds=1, rise=2, fall=3))
+    live = http("127.0.0.2")
+    dead_port = free_port("127.0.0.4")
+    up = [AddMember(name(1), live.address, live.port), SetAdmin(name(1), Admin.READY, mark_up=True),
+          AddMember(name(2), "127.0.0.4", dead_port), SetAdmin(name(2), Admin.READY, mark_up=True)]
+    await apply_ok(pool, up)
+    lines = (await client.execute(["show servers state checked"]))[0].splitlines()
+    header = lines[1].lstrip("# ").split()
+    state = {row["srv_name"]: row for row in (dict(zip(header, line.split(), strict=False)) for line in lines[2:])}
+    for member in (name(1), name(2)):  # running, in rotation, and health rise + fall - 1: `fall` failures from down
+        row = state[member]
+        assert (row["srv_op_state"], row["srv_admin_state"], row["srv_check_health"]) == ("2", "0", "4"), row
+    assert (await pool.read_members())[name(1)].admin is Admin.READY
+    rows = await until(lambda: stat_rows(client, "checked"), lambda r: r[name(2)]["status"] == "DOWN",
+                       "dead server DOWN")
+    assert rows[name(2)]["chkfail"] == "3" and rows[name(2)]["chkdown"] == "1", rows[name(2)]
+    assert rows[name(1)]["status"] == "UP"
+    assert (await pool.read_members())[name(2)].health == "DOWN"
+
+
 # ----- connection handling
 
 

@@ -225,7 +225,8 @@ def test_health_checks_keep_traffic_off_dead_targets(
     fleet.add("dead", serve=False)  # ready in Kubernetes, but nothing listens
     create(custom, namespace, "targetpools", pod_pool(
         "web", app="web", port=fleet.port,
-        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1})))
+        backend=ha_backend(lb_name, "web", healthCheck={"intervalSeconds": 1, "rise": 1, "fall": 1,
+                                                         "initialState": "Checking"})))
     wait_for(lambda: members(custom, namespace, "web").get(f"Pod/{namespace}/alive", {}).get("state")
              == "Active", 20, "alive Active")
     # the dead target is in HAProxy, checked every second, and never gets a request
@@ -318,6 +319,7 @@ def test_health_check_change_replaces_servers_without_dropping_requests(
     before = set(haproxy_servers(haproxy, "web"))
     load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=150).start(duration=60)
     try:
+        wait_for(lambda: load.snapshot().ok >= 50, 10, "traffic before the change")
         custom.patch_namespaced_custom_object(
             group="poolkeeper.dev", version="v1alpha1", namespace=namespace, plural="targetpools", name="web",
             body={"spec": {"backend": {"haproxy": {"healthCheck": {"rise": 2}}}}})
@@ -325,6 +327,9 @@ def test_health_check_change_replaces_servers_without_dropping_requests(
                  30, "every server replaced")
         wait_for(lambda: sum(m["state"] == "Active" for m in members(custom, namespace, "web").values()) == 3,
                  20, "3 active again")
+        # initialState Up: the successors serve at once, so the change itself may take well under a second
+        replaced = load.snapshot().ok
+        wait_for(lambda: load.snapshot().ok >= replaced + 50, 10, "traffic through the new servers")
     finally:
         report = load.stop()
     assert report.failed == 0, report.failures

@@ -146,8 +146,8 @@ def pool_body(backend: dict[str, Any], *, port: int = 8080, delay: int = 30, uid
                      "deregistrationDelaySeconds": delay, "backend": backend}}
 
 
-def haproxy(lb: str, backend: str, check: bool = False) -> dict[str, Any]:
-    extra = {"healthCheck": {"intervalSeconds": 1, "rise": 1, "fall": 1}} if check else {}
+def haproxy(lb: str, backend: str, check: bool = False, initial: str = "Checking") -> dict[str, Any]:
+    extra = {"healthCheck": {"intervalSeconds": 1, "rise": 1, "fall": 1, "initialState": initial}} if check else {}
     return {"type": "HAProxy", "haproxy": {"loadBalancerRef": {"name": lb}, "backend": backend, **extra}}
 
 

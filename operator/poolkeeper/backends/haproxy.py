@@ -342,12 +342,17 @@ class HAProxyPool:
                 check = self.health_check
                 if check is None:
                     return [f"{add} {_POOLING}"]
-                # Checks on, still in MAINT: the SetAdmin that follows (drain until UP) lets no
-                # request reach a target before its first check has passed.
+                # Checks on, still in MAINT: the SetAdmin that follows decides. initialState
+                # Checking drains until UP, so no request reaches a target before its first check
+                # has passed; Up puts it in rotation and marks it healthy (SetAdmin.mark_up).
                 checks = f"check inter {check.interval_seconds}s rise {check.rise} fall {check.fall}"
                 return [f"{add} {checks} {_POOLING}", f"enable health {server}"]
             case SetAdmin():
-                return [f"set server {server} state {action.admin.value}"]
+                state = f"set server {server} state {action.admin.value}"
+                # After leaving MAINT, HAProxy 2.6 counts a checked server up but one failed check
+                # from down (health = rise), and resets any health set before: so `health up`
+                # comes second, and lifts it to rise + fall - 1 (3.x `init-state fully-up`).
+                return [state, f"set server {server} health up"] if action.mark_up else [state]
             case SetWeight():
                 return [f"set server {server} weight {_weight(action.weight)}"]
             case RemoveMember():

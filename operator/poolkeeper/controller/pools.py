@@ -502,7 +502,8 @@ class PoolController:
               since: Mapping[str, float]) -> Plan:
         return plan_pool(desired=wanted.members, actual=actual, draining_since=since, now=self.clock(),
                          deregistration_delay=spec.deregistration_delay,
-                         health_checks=spec.checks_health, keep=wanted.holds.keep, unready=wanted.unready)
+                         health_checks=spec.checks_health, keep=wanted.holds.keep, unready=wanted.unready,
+                         enter_unchecked=spec.enters_unchecked)
 
     def candidates(self, spec: PoolSpec) -> list[Any]:
         """The instances the pool's sources may select: from the store's label index, so a pool

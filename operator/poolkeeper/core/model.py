@@ -98,6 +98,9 @@ class AddMember:
 class SetAdmin:
     name: str
     admin: Admin
+    # entering rotation unchecked (initialState Up): also mark its health checks passed, so it
+    # serves at once and only `fall` failed checks take it out (HAProxy `set server ... health up`)
+    mark_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)

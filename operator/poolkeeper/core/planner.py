@@ -29,6 +29,7 @@ from poolkeeper.core.naming import alternate_name, instance_part, member_name
 from poolkeeper.core.poolspec import SourceSpec
 
 HEALTHY = "UP"
+DOWN = "DOWN"  # checks took the server out (backends.haproxy.normalise_health)
 ADDRESS_CHANGED = "address changed"  # a removal that is no deregistration: the instance has another server
 UNREADY_TOO_LONG = "not ready for longer than the deregistration delay"
 
@@ -137,12 +138,12 @@ def _moved(have: ActualMember | None, want: DesiredMember) -> bool:
     return have is not None and (have.address, have.port) != (want.address, want.port)
 
 
-def _target_admin(member: DesiredMember, health: str, health_checks: bool) -> Admin:
+def _target_admin(member: DesiredMember, health: str, waits_for_checks: bool) -> Admin:
     if member.held:
         return Admin.MAINT
     if not member.serving:
         return Admin.DRAIN
-    if health_checks and health != HEALTHY:
+    if waits_for_checks and health != HEALTHY:
         return Admin.DRAIN  # checks run, traffic waits for the first pass
     return Admin.READY
 
@@ -157,6 +158,7 @@ def plan_pool(
     health_checks: bool,
     keep: frozenset[str] = frozenset(),
     unready: Mapping[str, DesiredMember] | None = None,
+    enter_unchecked: bool = False,
 ) -> Plan:
     """Decide the actions that bring `actual` to `desired`, draining before every removal.
 
@@ -165,6 +167,11 @@ def plan_pool(
     checks running, until they have been unready for the deregistration delay: readiness that
     flaps comes back, and a server added afresh would wait for its first check while an empty
     backend answers 503. Without health checks a server is back in one step: nothing to keep.
+
+    `enter_unchecked` (health checks with initialState Up): a serving member's server enters
+    rotation at once, whatever its checks say, and is marked healthy as it does (SetAdmin.mark_up;
+    from a new server, MAINT or DRAIN alike), so its first `fall` failed checks take it out. Only
+    the entry is forced: a server in rotation that checks took out stays out until they pass.
     """
     actions: list[Action] = []
     reports: list[MemberReport] = []
@@ -179,22 +186,23 @@ def plan_pool(
         if have is None and not want.serving:
             continue  # a draining instance that was never registered stays out
         health = have.health if have else ""
-        target = _target_admin(want, health, health_checks)
+        target = _target_admin(want, health, health_checks and not enter_unchecked)
+        mark_up = enter_unchecked and target is Admin.READY
         if have is None:
             actions.append(AddMember(name, want.address, want.port, want.instance, want.weight))
-            actions.append(SetAdmin(name, target))
+            actions.append(SetAdmin(name, target, mark_up))
         else:
             if want.weight is not None and have.weight != want.weight:
                 actions.append(SetWeight(name, want.weight))  # in place: the server and its sessions stay
             if have.admin != target:
-                actions.append(SetAdmin(name, target))
+                actions.append(SetAdmin(name, target, mark_up))
         if not want.serving:
             started = draining_since.get(name, now)
             since[name] = started
             if name not in keep and _drained(have, started, now, deregistration_delay, instance_serving=True):
                 actions.append(RemoveMember(name, "drained", force=now - started >= deregistration_delay))
                 continue
-        reports.append(_report(want, have, target, health_checks))
+        reports.append(_report(want, have, target, health_checks, enter_unchecked))
 
     successors = {instance_part(name): name for name in desired}
     for name in sorted(set(actual) - set(desired)):
@@ -258,13 +266,18 @@ def _drained(have: ActualMember | None, started: float, now: float, delay: float
     return have.sessions == 0 and have.admin is not Admin.READY
 
 
-def _report(want: DesiredMember, have: ActualMember | None, target: Admin, health_checks: bool) -> MemberReport:
+def _report(want: DesiredMember, have: ActualMember | None, target: Admin, health_checks: bool,
+            enter_unchecked: bool) -> MemberReport:
     inst = want.instance
     health = have.health if have else ""
     if want.held:
         state, reason = MemberState.HELD, "kept out of rotation by a blocking hook"
     elif not want.serving:
         state, reason = MemberState.DRAINING, inst.reason or "instance is draining"
+    elif enter_unchecked and have is not None and have.admin is Admin.READY and health == DOWN:
+        state, reason = MemberState.REGISTERING, "health checks failed (DOWN): out of rotation until they pass"
+    elif enter_unchecked and have is not None and have.admin is Admin.READY and health != HEALTHY:
+        state, reason = MemberState.ACTIVE, "in rotation before its first health check (initialState Up)"
     elif have is not None and have.admin is Admin.READY and target is Admin.READY:
         state, reason = MemberState.ACTIVE, ""
     elif have is None:
@@ -285,7 +298,9 @@ def simulate(actual: Mapping[str, ActualMember], actions: Iterable[Action]) -> d
             out[action.name] = ActualMember(action.name, action.address, action.port, Admin.MAINT, "", 0,
                                             action.weight)
         elif isinstance(action, SetAdmin) and action.name in out:
-            out[action.name] = replace(out[action.name], admin=action.admin)
+            have = out[action.name]
+            health = "CHECKING" if action.mark_up and have.health != HEALTHY else have.health  # up, unchecked
+            out[action.name] = replace(have, admin=action.admin, health=health)
         elif isinstance(action, SetWeight) and action.name in out:
             out[action.name] = replace(out[action.name], weight=action.weight)
         elif isinstance(action, RemoveMember):

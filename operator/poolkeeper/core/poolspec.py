@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from poolkeeper.core.addresses import Network, parse_cidrs
@@ -21,11 +22,20 @@ class InvalidSpec(ValueError):
     """The object passed the schema but cannot be acted on; the text goes in a condition."""
 
 
+class InitialState(StrEnum):
+    """How a server whose instance is ready enters rotation (`healthCheck.initialState`)."""
+
+    UP = "Up"  # at once, as marked healthy: the instance's readiness is trusted, checks take it out after `fall`
+    CHECKING = "Checking"  # only once its checks have passed (`rise` in a row), like an AWS target group
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     interval_seconds: int
     rise: int
     fall: int
+    # not part of PoolSpec.variant: HAProxy does not fix it when adding, so a change replaces no server
+    initial_state: InitialState = InitialState.UP
 
 
 # one SQS consumer per pool: two EC2 sources would need two queues and say nothing more
@@ -118,9 +128,13 @@ class PoolSpec:
 
     @property
     def checks_health(self) -> bool:
-        """Whether members wait for a passing health check before they count as in rotation
-        (an ELBv2 target group always checks its targets)."""
+        """Whether the backend health-checks the members (an ELBv2 target group always does)."""
         return self.health_check is not None or self.backend_type == "ELBv2"
+
+    @property
+    def enters_unchecked(self) -> bool:
+        """Whether a ready member enters rotation before its first check (HAProxy, initialState Up)."""
+        return self.health_check is not None and self.health_check.initial_state is InitialState.UP
 
 
 def _parse_source(raw: Any, where: str) -> SourceSpec:
@@ -183,7 +197,8 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
         hc = ha.get("healthCheck")
         check = None
         if hc:
-            check = HealthCheck(int(hc.get("intervalSeconds", 2)), int(hc.get("rise", 2)), int(hc.get("fall", 3)))
+            check = HealthCheck(int(hc.get("intervalSeconds", 2)), int(hc.get("rise", 2)), int(hc.get("fall", 3)),
+                                _initial_state(hc.get("initialState", InitialState.UP.value)))
         return PoolSpec(**common, load_balancer=(ha.get("loadBalancerRef") or {}).get("name", ""),
                         backend=ha.get("backend", ""), health_check=check)
     if backend.get("type") == "EndpointSlice":
@@ -191,6 +206,15 @@ def parse_pool(obj: Mapping[str, Any], cluster_id: str = "") -> PoolSpec:
     if backend.get("type") == "ELBv2":
         return _parse_elbv2_pool(common, backend.get("elbv2") or {})
     raise InvalidSpec(f"spec.backend.type {backend.get('type')!r} is not HAProxy, EndpointSlice or ELBv2")
+
+
+def _initial_state(raw: Any) -> InitialState:
+    """The schema allows only the enum's values; objects stored before it may hold anything."""
+    try:
+        return InitialState(raw)
+    except ValueError:
+        names = " or ".join(s.value for s in InitialState)
+        raise InvalidSpec(f"spec.backend.haproxy.healthCheck.initialState {raw!r} is not {names}") from None
 
 
 def _parse_elbv2_pool(common: dict[str, Any], elb: Mapping[str, Any]) -> PoolSpec:
