@@ -92,7 +92,8 @@ CONTROL = ("kube-apiserver", "etcd", "kube-controller-manager")
 VARIANTS = {"plain": "no health checks, no handler",
             "checks": "health checks (the CRD's defaults: every 2 s, rise 2, fall 3)",
             "handler": "an HTTP LifecycleHandler (up, draining, down) to a local receiver"}
-# only with --variants: the checks variant as it was before initialState Up became the default
+# the checks variant as it was before initialState Up became the default: with --variants, or in a full
+# run's user-visible part only
 EXTRA_VARIANTS = {"checking": "health checks as in *checks*, with `initialState: Checking` (a new server "
                               "waits for its first passing check)"}
 CHECKED = ("checks", "checking")
@@ -997,7 +998,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "- A write's window runs from its send to the same pod's next write; a change not seen in it counts as a "
         "lower bound (`≥`, column *not seen in window*). Samples below zero would be left out of the percentiles "
         "and counted (*negative*); a window starts at the send, so none can occur. Percentiles are nearest-rank.",
-        f"- Variants: {'; '.join(f'*{k}*: {ALL_VARIANTS[k]}' for k in args.variants)}.",
+        f"- Variants: {'; '.join(f'*{k}*: {ALL_VARIANTS[k]}' for k in [*args.variants, *args.uv_only])}"
+        + (f" ({', '.join(args.uv_only)} in the user-visible run only)" if args.uv_only else "") + ".",
         "- Every pk pod's address has a real HTTP server (one process for all, `servers_main`), so health checks "
         "pass and traffic is answered; the HTTP LifecycleHandler posts to a receiver in the same process.",
         f"- The polling peer runs in the 50/s runs only: with {args.size50} pairs each pod is written every "
@@ -1030,8 +1032,10 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         receiver = f"http://127.0.0.1:{receiver_port}/events"
         sizes = {50.0: args.size50, 500.0: args.size500, UV_RATE: args.size_uv}
         rigs: dict[tuple[str, float], Rig] = {}
-        for variant in args.variants:
+        for variant in [*args.variants, *args.uv_only]:
             for rate, size in sizes.items():
+                if variant in args.uv_only and rate != UV_RATE:
+                    continue
                 log(f"rig {variant} at {rate:g}/s: {size} pods" + ("" if rate == UV_RATE else " and their twins"))
                 rigs[variant, rate] = await make_rig(kube, variant, rate, len(rigs), size, args.port, receiver)
         servers = Child("pod-servers", servers_main, [ip for rig in rigs.values() for ip in rig.ips.values()],
@@ -1101,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.variants:
         parser.error(f"--variants: {', '.join(unknown) or 'none'}: choose from {', '.join(ALL_VARIANTS)}")
     args.partial = args.variants != list(VARIANTS)
+    # A full run also shows the user-visible figure with `initialState: Checking`, beside the default's.
+    args.uv_only = [] if args.partial else list(EXTRA_VARIANTS)
     args.no_write = args.no_write or args.partial  # docs/benchmarks.md holds the full run only
     if args.quick:
         args.transitions50, args.transitions500, args.transitions_uv, args.step_seconds = 150, 600, 40, 2.0
@@ -1111,7 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh_cluster_dir(args.dir)
     cluster = Cluster(args.dir)
     backends = [*(b for variant in args.variants for rate in (*RATES, UV_RATE) for b in rig_names(variant, rate)[1:]),
-                "be_burst", "be_big"]
+                *(b for variant in args.uv_only for b in rig_names(variant, UV_RATE)[1:]), "be_burst", "be_big"]
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=backends)
     operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", extra_args=("--http-allowed-cidrs",
                                                                                    "127.0.0.0/8"))
