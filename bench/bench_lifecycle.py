@@ -261,8 +261,9 @@ def main() -> int:
         ("load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the Python "
-            f"function's first line, through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
+    entered = "Python function's first line" if args.function == "python" else "HTTP receiver's answer to the POST"
+    text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the {entered}, "
+            f"through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
             f"first event waits for its outbox write, later ones do not). {platform.python_version()}, "
             f"{os.cpu_count()} CPUs.\n\n{table}\n")
     print(text)
