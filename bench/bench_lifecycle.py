@@ -261,7 +261,7 @@ def main() -> int:
         ("load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    entered = "Python function's first line" if args.function == "python" else "HTTP receiver's answer to the POST"
+    entered = "Python function's first line" if args.function == "python" else "HTTP receiver getting the POST"
     text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the {entered}, "
             f"through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
             f"first event waits for its outbox write, later ones do not). {platform.python_version()}, "
