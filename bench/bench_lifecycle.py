@@ -1,11 +1,13 @@
-"""End to end: a pod's status write -> the operator -> a Python LifecycleHandler function called.
+"""End to end: a pod's status write -> the operator -> a LifecycleHandler function called.
 
-    .venv/bin/python bench/bench_lifecycle.py [--transitions 1000] [--rate 200] [--out docs/benchmarks-lifecycle.md]
+    .venv/bin/python bench/bench_lifecycle.py [--transitions 1000] [--rate 200] [--function python|http]
+        [--out docs/benchmarks-lifecycle.md]
 
 A real control plane, the real operator (as its own process) and an EndpointSlice pool of 50
 pods. Pods are flipped ready / not ready at a fixed rate; each flip is one `up` or `down`
 transition. t0 is when the API server answered the status write; t1 is when the handler
-function started (it appends time.time() to a file). Both clocks are this machine's.
+function started (it appends time.time() to a file), or with `--function http` when a real
+HTTP receiver (aiohttp, its own process) got the POST. Both clocks are this machine's.
 
 The end-to-end figure is split where it can be, so a slow API server is not blamed on the
 operator: the write sent -> answered; answered -> the operator recorded the transition (the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
@@ -53,6 +58,30 @@ def handler_source(out: Path) -> str:
             "def handle(event, context):\n    t = time.time()\n"
             "    with open(OUT, 'a') as f:\n"
             "        f.write(json.dumps([event['subject'], event['data']['to'], t, event['time']]) + '\\n')\n")
+
+
+def receiver_main(out: str, port: int, started: Any) -> None:
+    """The HTTP handler's receiver: writes what the Python handler writes, for every POST it answers.
+
+    Binary-mode CloudEvents: the subject and time are headers, the body is the event's data.
+    """
+    lines = open(out, "a", buffering=1)  # noqa: SIM115 - the process's whole life; a line is one write()
+
+    async def handle(request: web.Request) -> web.Response:
+        t = time.time()
+        data = json.loads(await request.read())
+        lines.write(json.dumps([request.headers["ce-subject"], data["to"], t, request.headers["ce-time"]]) + "\n")
+        return web.Response(status=204)
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/events", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        started.set()
+        await asyncio.Event().wait()
+    asyncio.run(serve())
 
 
 def event_seconds(text: str) -> float:
@@ -126,6 +155,8 @@ def main() -> int:
     parser.add_argument("--transitions", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-lifecycle.md"))
+    parser.add_argument("--function", choices=("python", "http"), default="python",
+                        help="the handler: a Python function, or an HTTP receiver in its own process")
     parser.add_argument("--stuck-handler", action="store_true",
                         help="add an HTTP LifecycleHandler on the same pool whose receiver accepts and never "
                              "answers: its events wait in its outbox (flaps superseded), written all along")
@@ -135,6 +166,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pk-bench-lifecycle-"))
     cluster = Cluster(work / "cluster").up()
     operator = None
+    receiver: tuple[multiprocessing.process.BaseProcess, int] | None = None
     try:
         cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
         cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper")
@@ -145,7 +177,11 @@ def main() -> int:
         out = work / "calls.jsonl"
         (handlers / "stamp.py").write_text(handler_source(out))
         stuck = _never_answers() if args.stuck_handler else None
-        if stuck is not None:
+        function: dict[str, Any] = {"type": "Python", "python": {"handler": "stamp.handle"}}
+        if args.function == "http":
+            receiver = _start_receiver(out)
+            function = {"type": "HTTP", "http": {"url": f"http://127.0.0.1:{receiver[1]}/events"}}
+        if stuck is not None or args.function == "http":
             args.operator_arg.append("--http-allowed-cidrs=127.0.0.0/8")
         kubelet = FakeKubelet(str(cluster.kubeconfig))
         kubelet.ensure_node()
@@ -164,8 +200,8 @@ def main() -> int:
                       "backend": {"type": "EndpointSlice", "endpointSlice": {"serviceName": "web"}},
                       "deregistrationDelaySeconds": 0}},
             {"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LifecycleHandler", "metadata": {"name": "stamp"},
-             "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"],
-                      "function": {"type": "Python", "python": {"handler": "stamp.handle"}}, "maxConcurrency": 64}},
+             "spec": {"poolRef": {"name": "web"}, "events": ["up", "down"], "function": function,
+                      "maxConcurrency": 64}},
         ]
         if stuck is not None:
             manifests.append(
@@ -203,6 +239,8 @@ def main() -> int:
     finally:
         if operator is not None:
             operator.stop()
+        if receiver is not None:
+            receiver[0].kill()
         cluster.down()
     answered = max(a[2] for a in acks) - min(a[3] for a in acks)
     rows = [
@@ -217,18 +255,34 @@ def main() -> int:
         ("answered -> operator recorded the transition", spread(split.to_operator)),
         ("operator recorded -> function entered (dispatch)", spread(split.dispatch)),
         ("operator CPU per 1,000 transitions", f"{cpu / len(acks) * 1000:.1f} s"),
+        ("handler", "Python function" if args.function == "python" else "HTTP POST to a receiver process"),
         ("a second handler on the pool, whose receiver never answers",
          "yes" if args.stuck_handler else "no"),
         ("load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the Python "
-            f"function's first line, through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
+    entered = "Python function's first line" if args.function == "python" else "HTTP receiver getting the POST"
+    text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the {entered}, "
+            f"through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
             f"first event waits for its outbox write, later ones do not). {platform.python_version()}, "
             f"{os.cpu_count()} CPUs.\n\n{table}\n")
     print(text)
     Path(args.out).write_text(text)
     return 0
+
+
+def _start_receiver(out: Path) -> tuple[multiprocessing.process.BaseProcess, int]:
+    """receiver_main in a spawned process on a free port; returns it and the port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Event()
+    process = ctx.Process(target=receiver_main, args=(str(out), port, started), daemon=True)
+    process.start()
+    if not started.wait(30):
+        raise SystemExit("the HTTP receiver did not start")
+    return process, port
 
 
 def _never_answers() -> socket.socket:

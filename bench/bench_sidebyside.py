@@ -282,12 +282,12 @@ async def _serve(addresses: list[str], port: int, receiver_port: int, started: E
                 at = time.monotonic()
                 lines = head.decode("latin-1").split("\r\n")
                 target = lines[0].split(" ")[1] if " " in lines[0] else ""
-                length = next((int(v) for k, _, v in (h.partition(":") for h in lines[1:])
-                               if k.strip().lower() == "content-length"), 0)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+                length = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
-                if local_port == receiver_port:
-                    event = json.loads(body or b"{}")
-                    deliveries.append((at, str(event.get("subject", "")), str((event.get("data") or {}).get("to"))))
+                if local_port == receiver_port:  # a binary-mode CloudEvent: attributes in headers, data the body
+                    data = json.loads(body or b"{}")
+                    deliveries.append((at, headers.get("ce-subject", ""), str(data.get("to"))))
                 elif target == "/":
                     hits[address].append(at)
                 answer = f"{address}:{local_port}".encode()
@@ -384,6 +384,11 @@ def rig_names(variant: str, rate: float) -> tuple[str, str, str]:
     return f"sbs-{variant}-{int(rate)}", f"be_{variant}{int(rate)}", f"be_poll_{variant}{int(rate)}"
 
 
+def pod_ip(rig_index: int, pod_index: int) -> str:
+    """The address of a rig's pk pod: one /16 per rig, where the servers process listens."""
+    return f"127.{20 + rig_index}.{pod_index // 250}.{pod_index % 250 + 1}"
+
+
 async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int, port: int, receiver: str) -> Rig:
     rig = Rig(variant, rate, *rig_names(variant, rate))
     await create_namespace(kube, rig.namespace)
@@ -405,7 +410,7 @@ async def make_rig(kube: Kube, variant: str, rate: float, index: int, size: int,
     specs = []
     for i in range(size):
         pk, svc = f"pk-{i:03d}", f"svc-{i:03d}"
-        rig.ips[pk], rig.twins[pk] = f"127.{20 + index}.{i // 250}.{i % 250 + 1}", svc
+        rig.ips[pk], rig.twins[pk] = pod_ip(index, i), svc
         specs.append((rig.namespace, pk, {"app": POOL}, rig.ips[pk], True))
         specs.append((rig.namespace, svc, {"app": SERVICE}, f"{doc_net}.{i % 250 + 1}", True))
     rig.uids = {pk: uid for pk, uid in (await create_pods(kube, specs)).items() if pk in rig.ips}
@@ -1031,16 +1036,18 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
         receiver_port = free_port()
         receiver = f"http://127.0.0.1:{receiver_port}/events"
         sizes = {50.0: args.size50, 500.0: args.size500, UV_RATE: args.size_uv}
-        rigs: dict[tuple[str, float], Rig] = {}
-        for variant in [*args.variants, *args.uv_only]:
-            for rate, size in sizes.items():
-                if variant in args.uv_only and rate != UV_RATE:
-                    continue
-                log(f"rig {variant} at {rate:g}/s: {size} pods" + ("" if rate == UV_RATE else " and their twins"))
-                rigs[variant, rate] = await make_rig(kube, variant, rate, len(rigs), size, args.port, receiver)
-        servers = Child("pod-servers", servers_main, [ip for rig in rigs.values() for ip in rig.ips.values()],
+        plan = [(variant, rate, size) for variant in [*args.variants, *args.uv_only] for rate, size in sizes.items()
+                if variant not in args.uv_only or rate == UV_RATE]
+        # Up before the first pod exists: the handler's first events are POSTed at once, and a refused
+        # POST is retried with backoff, holding the instance's later events behind it.
+        servers = Child("pod-servers", servers_main,
+                        [pod_ip(index, i) for index, (_, _, size) in enumerate(plan) for i in range(size)],
                         args.port, receiver_port)
         servers.start()
+        rigs: dict[tuple[str, float], Rig] = {}
+        for variant, rate, size in plan:
+            log(f"rig {variant} at {rate:g}/s: {size} pods" + ("" if rate == UV_RATE else " and their twins"))
+            rigs[variant, rate] = await make_rig(kube, variant, rate, len(rigs), size, args.port, receiver)
         client = HAProxyClient(haproxy.admin_endpoint)
         runs: list[Run] = []
         uv_runs: list[Run] = []
