@@ -312,6 +312,9 @@ class Functions:
     async def check(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    async def start(self) -> None:
+        return None
+
     def begin(self, handlers_dir: Any, name: str, event: dict[str, Any], **kwargs: Any) -> Call | None:
         if not self.free:
             return None
