@@ -15,6 +15,7 @@ add_rate_limited or forget.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -194,7 +195,7 @@ class PoolController:
         self.hooks: ReconcileHooks = NoHooks()
         self.memory: dict[Key, PoolMemory] = {}
         self.applied: dict[Key, int] = {}  # actions applied by the last reconcile, per pool
-        self._specs: dict[Key, tuple[str, PoolSpec | InvalidSpec]] = {}
+        self._specs: dict[Key, tuple[tuple[Any, ...], Any, PoolSpec | InvalidSpec]] = {}
         self._claims = LiveClaims()  # kept current per pool; rebuilt after a LoadBalancer or Namespace changed
         self._claims_stale = True
         self._claims_dirty: set[Key] = set()
@@ -205,20 +206,23 @@ class PoolController:
         # (reason, message) while an EC2 pool's instances are not listed yet (sources.ec2.Ec2Feeds.block)
         self.source_block: Callable[[PoolSpec], tuple[str, str] | None] = lambda spec: None
 
-    # ----- specs, cached per resourceVersion
+    # ----- specs, cached while what parse_pool reads stays the same
     def spec(self, key: Key) -> PoolSpec | InvalidSpec | None:
+        """The parsed pool; our own status writes (a new resourceVersion each) do not parse it again."""
         body = self.store.pools.get(key)
         if body is None:
             return None
-        version = body["metadata"].get("resourceVersion", "")
+        meta = body["metadata"]
+        identity = (meta.get("uid"), meta.get("generation"), meta.get("creationTimestamp"),
+                    meta.get("deletionTimestamp"), meta.get("namespace"), meta.get("name"))
         cached = self._specs.get(key)
-        if cached and cached[0] == version:
-            return cached[1]
+        if cached and cached[0] == identity and cached[1] == body.get("spec"):
+            return cached[2]
         try:
             parsed: PoolSpec | InvalidSpec = parse_pool(body, self.cluster_id)
         except InvalidSpec as exc:
             parsed = exc
-        self._specs[key] = (version, parsed)
+        self._specs[key] = (identity, copy.deepcopy(body.get("spec")), parsed)
         return parsed
 
     def valid_specs(self) -> list[PoolSpec]:
