@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -30,11 +29,10 @@ from bench_envelope import (
     populate,
     wait_pools_ready,
 )
-from bench_operator import GROUP_PATH, LB_NAME, NODE, NODE_IP, Kube, log
+from bench_operator import GROUP_PATH, LB_NAME, Kube, fresh_cluster_dir, log, prepare_cluster
 
 from poolkeeper_dev import Cluster
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
-from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,25 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.pools, args.handlers = SMALL, 0
     args.dir = args.dir.resolve()
-    if args.dir.exists():
-        Cluster(args.dir).down()
-        shutil.rmtree(args.dir)
+    fresh_cluster_dir(args.dir)
     lay = layout(args)
     cluster = Cluster(args.dir)
     haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
     started = time.monotonic()
     try:
         log(f"starting a control plane in {args.dir}")
-        cluster.up()
-        cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(cluster)
-        kubelet = FakeKubelet(str(cluster.kubeconfig), node=NODE, node_ip=NODE_IP)
-        try:
-            kubelet.ensure_node()
-        finally:
-            kubelet.close()
+        prepare_cluster(cluster)
         haproxy.start(timeout=60.0)
         rows = asyncio.run(run_pairs(cluster, haproxy, args))
     finally:
