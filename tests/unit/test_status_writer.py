@@ -104,29 +104,3 @@ async def test_backoff_grows_and_flush_is_bounded_while_the_api_is_away() -> Non
     assert 2 <= len(api.attempts) <= 5, api.attempts
     await asyncio.wait_for(status.flush(within=0.1), 2)
     assert api.written == []
-
-
-async def test_a_status_that_keeps_changing_is_written_ever_less_often_and_a_quiet_one_at_once() -> None:
-    """Writes of an object that changes every 5 ms space out from `interval` to `max_interval`;
-    the last status always lands; after a quiet spell the next change is written without waiting."""
-    api = FakeApi()
-    status = StatusWriter(api, interval=0.02, max_interval=0.08, first_retry=0.01)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    step = 0
-    while loop.time() - started < 0.6:
-        step += 1
-        status.submit(PATH, {"step": step})
-        await asyncio.sleep(0.005)
-    await status.flush()
-    assert api.written[-1] == {"step": step}
-    assert len(api.written) <= 0.6 / 0.08 + 4  # a fixed 20 ms pace would have written about 30
-    await asyncio.sleep(0.3)  # quiet for longer than two gaps
-    before = loop.time()
-    status.submit(PATH, {"step": "quiet"})
-    await status.flush()
-    assert api.written[-1] == {"step": "quiet"} and loop.time() - before < 0.06
-    status.submit(PATH, {"step": "again"})  # right after a write: waits `interval` again, not `max_interval`
-    before = loop.time()
-    await status.flush()
-    assert api.written[-1] == {"step": "again"} and loop.time() - before < 0.075

@@ -1,11 +1,6 @@
 """Coalesced status writes: the latest status per object wins, unchanged ones are not written,
 and a write that fails for a passing reason (409, 429, 5xx, timeouts, a dropped connection:
-the API server restarting) is retried with backoff instead of being lost.
-
-A status that changes after a quiet spell is written at once; one that keeps changing is written
-ever less often, the gap between writes doubling from `interval` to `max_interval`: a pool whose
-members flip 10 times a second costs one PATCH (and one watch event of our own write coming
-back) a second instead of four, and its status is never older than `max_interval`."""
+the API server restarting) is retried with backoff instead of being lost."""
 
 from __future__ import annotations
 
@@ -31,18 +26,15 @@ class Patcher(Protocol):
 
 
 class StatusWriter:
-    """At most one write per object every `interval` seconds (up to `max_interval` while it keeps
-    changing), always the newest content."""
+    """At most one write per object every `interval` seconds, always the newest content."""
 
-    def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY,
-                 max_interval: float = 1.0) -> None:
+    def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY) -> None:
         self.api = api
-        self.interval, self.max_interval = interval, max(interval, max_interval)
+        self.interval = interval
         self.first_retry = first_retry
         self._pending: dict[str, dict[str, Any]] = {}
         self._written: dict[str, str] = {}
         self._last_write: dict[str, float] = {}
-        self._gap: dict[str, float] = {}  # the pause before the object's next write
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = 0
         self.retries = 0
@@ -60,19 +52,14 @@ class StatusWriter:
         self._pending.pop(path, None)
         self._written.pop(path, None)
         self._last_write.pop(path, None)
-        self._gap.pop(path, None)
 
     async def _flush_later(self, path: str) -> None:
         failures = 0
         try:
             while path in self._pending:
-                gap = self._gap.get(path, self.interval)
-                wait = self._last_write.get(path, float("-inf")) + gap - time.monotonic()
-                if wait > 0:  # still changing: wait, and wait longer next time
-                    self._gap[path] = min(self.max_interval, gap * 2)
+                wait = self._last_write.get(path, 0.0) + self.interval - time.monotonic()
+                if wait > 0:
                     await asyncio.sleep(wait)
-                elif wait <= -gap:  # unchanged for a whole gap after it: quiet again, start over
-                    self._gap[path] = self.interval
                 status = self._pending.pop(path, None)
                 if status is None:
                     break
