@@ -49,8 +49,6 @@ from aiohttp import web
 from bench_operator import (
     GROUP_PATH,
     LB_NAME,
-    NODE,
-    NODE_IP,
     Kube,
     cpu_seconds,
     create_namespace,
@@ -61,6 +59,7 @@ from bench_operator import (
     pod_path,
     pool_body,
     pool_path,
+    prepare_cluster,
     readiness,
     ready_condition,
     running_status,
@@ -72,8 +71,7 @@ from run_all import ENVELOPE_HEADING, section_of
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
-from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -701,16 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     api_cpu: dict[str, float] = {}
     try:
         log(f"starting a control plane in {args.dir}")
-        cluster.up()
-        cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(cluster)
-        kubelet = FakeKubelet(str(cluster.kubeconfig), node=NODE, node_ip=NODE_IP)
-        try:
-            kubelet.ensure_node()  # the node pool pods are bound to
-        finally:
-            kubelet.close()
+        prepare_cluster(cluster)
         handlers.mkdir(parents=True, exist_ok=True)
         (handlers / "envelope.py").write_text("def handle(event, context):\n    return None\n")
         for attempt in range(5):  # one frontend port per backend: one may be taken meanwhile (free_port races)

@@ -56,7 +56,7 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAPROXY, HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -942,6 +942,21 @@ def fresh_cluster_dir(path: Path) -> None:
     if path.exists():
         Cluster(path).down()
         shutil.rmtree(path)
+
+
+def prepare_cluster(cluster: Cluster) -> None:
+    """Start the control plane with the CRDs established, the operator's namespace and the Node
+    that pool pods are bound to."""
+    cluster.up()
+    cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
+    cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
+                        "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
+    ensure_system_namespace(cluster)
+    kubelet = FakeKubelet(str(cluster.kubeconfig), node=NODE, node_ip=NODE_IP)
+    try:
+        kubelet.ensure_node()
+    finally:
+        kubelet.close()
 
 
 def write_document(section: str) -> None:

@@ -40,8 +40,6 @@ from bench_envelope import process_cpu, run_many
 from bench_operator import (
     GROUP_PATH,
     LB_NAME,
-    NODE,
-    NODE_IP,
     Kube,
     cpu_seconds,
     create_namespace,
@@ -51,6 +49,7 @@ from bench_operator import (
     pod_path,
     pool_body,
     pool_path,
+    prepare_cluster,
     readiness,
     running_status,
     servers_in_rotation,
@@ -60,8 +59,7 @@ from bench_operator import (
 from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
-from poolkeeper_dev.standin_kubelet import FakeKubelet
+from poolkeeper_dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "scaling.md"
@@ -296,16 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         log(f"starting a control plane in {args.dir}")
-        cluster.up()
-        cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(cluster)
-        kubelet = FakeKubelet(str(cluster.kubeconfig), node=NODE, node_ip=NODE_IP)
-        try:
-            kubelet.ensure_node()
-        finally:
-            kubelet.close()
+        prepare_cluster(cluster)
         haproxy.start(timeout=30.0)
         runs = asyncio.run(phases(cluster, haproxy, args))
     finally:

@@ -45,8 +45,6 @@ import aiohttp
 from bench_operator import (
     GROUP_PATH,
     LB_NAME,
-    NODE,
-    NODE_IP,
     Flip,
     Kube,
     Observer,
@@ -65,6 +63,7 @@ from bench_operator import (
     pod_path,
     pool_body,
     pool_path,
+    prepare_cluster,
     readiness,
     running_status,
     servers_in_rotation,
@@ -76,9 +75,8 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
-from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
+from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.ports import free_port
-from poolkeeper_dev.standin_kubelet import FakeKubelet
 from poolkeeper_dev.traffic import LoadGenerator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1130,16 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    "127.0.0.0/8"))
     try:
         log(f"starting a control plane in {args.dir}")
-        cluster.up()
-        cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
-        cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l",
-                            "app.kubernetes.io/part-of=poolkeeper", "--timeout=60s")
-        ensure_system_namespace(cluster)
-        kubelet = FakeKubelet(str(cluster.kubeconfig), node=NODE, node_ip=NODE_IP)
-        try:
-            kubelet.ensure_node()
-        finally:
-            kubelet.close()
+        prepare_cluster(cluster)
         haproxy.start()
         section = asyncio.run(phases(cluster, haproxy, operator, args, load_start, started))
     except BaseException:

@@ -73,47 +73,64 @@ def test_the_pool_spec_version_moves_on_spec_changes_only() -> None:
     assert store.pools.spec_version > version
 
 
-LABELS = st.dictionaries(st.sampled_from(["app", "tier", "zone"]), st.sampled_from(["a", "b"]), max_size=3)
-SELECTORS = st.builds(lambda labels, exprs: LabelSelector.parse({"matchLabels": labels, "matchExpressions": exprs}),
-                      st.dictionaries(st.sampled_from(["app", "tier"]), st.sampled_from(["a", "b"]), max_size=2),
-                      st.lists(st.builds(lambda key, op, values: {"key": key, "operator": op, "values": values},
-                                         st.sampled_from(["app", "zone"]), st.sampled_from(["In", "NotIn"]),
-                                         st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=2)),
-                               max_size=2))
-instance_steps = st.lists(st.tuples(st.sampled_from(["ns1", "ns2"]), st.sampled_from(["p1", "p2", "p3", "p4"]),
-                                    st.none() | LABELS), max_size=40)
+LABELS = st.dictionaries(st.sampled_from(["app", "tier", "zone"]), st.sampled_from(["a", "b", "c"]), max_size=3)
+GATES = st.dictionaries(st.sampled_from(["poolkeeper.dev/web", "poolkeeper.dev/api"]),
+                        st.sampled_from(["True", "False"]), max_size=2)
+instance_steps = st.lists(st.tuples(st.sampled_from(["Pod", "Node"]), st.sampled_from(["n1", "n2"]),
+                                    st.sampled_from([f"i{i}" for i in range(6)]), st.none() | st.tuples(LABELS, GATES)),
+                          max_size=40)
+requirements = st.lists(st.tuples(st.sampled_from(["app", "tier"]),
+                                  st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]),
+                                  st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=2)), max_size=2)
+
+
+def selector(reqs: list[tuple[str, str, list[str]]]) -> LabelSelector:
+    return LabelSelector.parse({"matchExpressions": [
+        {"key": k, "operator": op, **({"values": v} if op in ("In", "NotIn") else {})} for k, op, v in reqs]})
 
 
 @settings(max_examples=300, deadline=None)
-@given(instance_steps, SELECTORS, st.sampled_from(["ns1", "ns2", None]))
-def test_label_index_candidates_hold_every_match(steps: list[tuple[str, str, dict[str, str] | None]],
-                                                selector: LabelSelector, namespace: str | None) -> None:
-    """Whatever came and went and relabelled, `candidates` yields each matching instance once, and
-    only instances of the scope asked for: the reconcile may look at them instead of every one."""
-    store = Store()
-    for ns, name, labels in steps:
-        if labels is None:
-            store.drop_instance("Pod", ns, name)
+@given(instance_steps, st.lists(requirements, min_size=1, max_size=2))
+def test_the_label_and_gate_indexes_find_what_a_scan_finds(
+        steps: list[tuple[str, str, str, Any]], selectors: list[list[tuple[str, str, list[str]]]]) -> None:
+    """After any puts and drops (labels and gates changing on the way), the instances the indexes
+    hand a pool match its selectors exactly as a scan of the namespace would find them."""
+    store, parsed = Store(), [selector(s) for s in selectors]
+    for kind, namespace, name, change in steps:
+        scope = "" if kind == "Node" else namespace
+        if change is None:
+            store.drop_instance(kind, scope, name)
         else:
-            store.put_instance(InstanceState("Pod", ns, name, f"uid-{name}", "10.0.0.1", labels, Phase.UP, "r"))
-    every = list(store.instances_of("Pod", namespace))
-    found = list(store.candidates("Pod", namespace, selector))
-    assert len(found) == len({(s.namespace, s.name) for s in found})
-    assert all(s in every for s in found)
-    assert {(s.namespace, s.name) for s in every if selector.matches(s.labels)} <= \
-        {(s.namespace, s.name) for s in found}
-    # the index holds nothing stale: each posting names a live instance carrying that label
-    for ns, postings in store.by_label.get("Pod", {}).items():
-        for (key, value), names in postings.items():
-            assert names and all(store.get_instance("Pod", ns, n).labels.get(key) == value  # type: ignore[union-attr]
-                                 for n in names)
+            labels, gates = change
+            store.put_instance(InstanceState(kind, scope, name, f"uid-{name}", "10.0.0.1", labels, Phase.UP, "",
+                                             gates if kind == "Pod" else {}))
+        for kind_, scope_ in (("Pod", "n1"), ("Pod", "n2"), ("Node", None)):
+            found = store.selected(kind_, scope_, parsed)
+            assert len({i.name for i in found}) == len(found)  # each once
+            assert {i.name for i in found if any(s.matches(i.labels) for s in parsed)} == \
+                {i.name for i in store.instances_of(kind_, scope_) if any(s.matches(i.labels) for s in parsed)}
+        for namespace_ in ("n1", "n2"):
+            for gate in ("poolkeeper.dev/web", "poolkeeper.dev/api"):
+                gated = [p.name for p in store.gated(namespace_, gate)]
+                assert len(set(gated)) == len(gated)
+                assert set(gated) == {p.name for p in store.instances_of("Pod", namespace_) if gate in p.gates}
+    for kind, namespace, name, _ in steps:
+        store.drop_instance(kind, "" if kind == "Node" else namespace, name)
+    assert store.by_label == {} and store.by_gate == {}  # nothing left behind
 
 
-def test_label_index_narrows_to_the_required_label() -> None:
+def test_a_selector_naming_a_value_looks_only_at_the_instances_carrying_it() -> None:
     store = Store()
-    for i in range(200):
-        store.put_instance(InstanceState("Pod", "ns", f"p{i}", f"u{i}", "10.0.0.1", {"app": f"a{i % 20}"},
-                                         Phase.UP, "r"))
-    found = list(store.candidates("Pod", "ns", LabelSelector.parse({"matchLabels": {"app": "a3"}})))
-    assert sorted(s.name for s in found) == sorted(f"p{i}" for i in range(3, 200, 20))
-    assert len(list(store.candidates("Pod", "ns", LabelSelector.parse({})))) == 200
+    for i in range(100):
+        store.put_instance(InstanceState("Pod", "ns", f"p{i}", f"u{i}", "10.0.0.1", {"app": f"a{i % 10}"},
+                                         Phase.UP, ""))
+
+    def app(value: str) -> list[str]:
+        return [p.name for p in store.selected("Pod", "ns", [LabelSelector.parse({"matchLabels": {"app": value}})])]
+    found = store.selected("Pod", "ns", [LabelSelector.parse({"matchLabels": {"app": "a3"}})])
+    assert [p.name for p in found] == [f"p{i}" for i in range(3, 100, 10)]
+    # a selector with no value to look up (only NotIn / Exists): every pod of the namespace
+    assert len(store.selected("Pod", "ns", [selector([("app", "Exists", ["a"])])])) == 100
+    # relabelled: found under its new value only
+    store.put_instance(InstanceState("Pod", "ns", "p3", "u3", "10.0.0.1", {"app": "a4"}, Phase.UP, ""))
+    assert "p3" not in app("a3") and "p3" in app("a4")

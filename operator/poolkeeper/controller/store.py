@@ -1,16 +1,16 @@
 """What the watches have told us, kept compact: instances as InstanceState, specs as raw dicts.
 
 Instances are indexed by kind and namespace, so a pool's reconcile looks only at its own
-namespace, however many pods the cluster has, and within it by label (key, value), so a pool
-whose selector requires a label looks only at the instances carrying it (`candidates`), however
-many pods its namespace has; pools are indexed by their source's kind and their namespace, so
-an instance's event looks only at the pools that could select it, however many pools the
-cluster has.
+namespace, however many pods the cluster has, and within it by label (key, value), so a pool whose
+selector names a value (`matchLabels`, `In`) looks only at the instances carrying it, however many
+pods share its namespace; pods are also indexed by the readiness gates they carry. Pools are
+indexed by their source's kind and their namespace, so an instance's event looks only at the
+pools that could select it, however many pools the cluster has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from poolkeeper.core.model import InstanceState
 from poolkeeper.core.selectors import LabelSelector
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
-Postings = dict[tuple[str, str], set[str]]  # (label key, value) -> instance names
+Names = dict[str, None]  # instance names in the order they came (an ordered set)
 
 
 def _source_kinds(body: dict[str, Any]) -> set[Any]:
@@ -26,6 +26,22 @@ def _source_kinds(body: dict[str, Any]) -> set[Any]:
     spec = body.get("spec") or {}
     sources = [spec.get("source") or {}, *(s for s in spec.get("sources") or [] if isinstance(s, dict))]
     return {s.get("kind") for s in sources if isinstance(s, dict) and s.get("kind")}
+
+
+def _index(index: dict[Any, dict[Any, Names]], scope: Any, entries: Iterable[Any], name: str, remove: bool) -> None:
+    """Add `name` under every entry of `scope` in `index`, or take it out (empty sets go)."""
+    entries_of = index.setdefault(scope, {})
+    for entry in entries:
+        if remove:
+            names = entries_of.get(entry)
+            if names is not None:
+                names.pop(name, None)
+                if not names:
+                    del entries_of[entry]
+        else:
+            entries_of.setdefault(entry, {})[name] = None
+    if not entries_of:
+        del index[scope]
 
 
 class PoolBodies(dict[Key, dict[str, Any]]):
@@ -91,19 +107,20 @@ class Store:
     handlers: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    # kind -> namespace -> (label key, value) -> names: the instances a required label can select
-    by_label: dict[str, dict[str, Postings]] = field(default_factory=dict)
+    # (kind, namespace) -> label (key, value) -> names; and pods' namespace -> readiness gate -> names
+    by_label: dict[tuple[str, str], dict[tuple[str, str], Names]] = field(default_factory=dict)
+    by_gate: dict[str, dict[str, Names]] = field(default_factory=dict)
 
     def put_instance(self, state: InstanceState) -> InstanceState | None:
         bucket = self.instances[state.kind].setdefault(state.namespace, {})
         previous = bucket.get(state.name)
         bucket[state.name] = state
         if previous is None or previous.labels != state.labels:
-            postings = self.by_label.setdefault(state.kind, {}).setdefault(state.namespace, {})
-            if previous is not None:
-                _unpost(postings, previous)
-            for pair in state.labels.items():
-                postings.setdefault(pair, set()).add(state.name)
+            self._index_labels(state, previous.labels.items() if previous else (), remove=True)
+            self._index_labels(state, state.labels.items())
+        if state.kind == "Pod" and (previous is None or previous.gates.keys() != state.gates.keys()):
+            self._index_gates(state, previous.gates if previous else (), remove=True)
+            self._index_gates(state, state.gates)
         return previous
 
     def drop_instance(self, kind: str, namespace: str, name: str) -> InstanceState | None:
@@ -111,34 +128,49 @@ class Store:
         if bucket is None:
             return None
         previous = bucket.pop(name, None)
-        postings = self.by_label.get(kind, {}).get(namespace)
-        if previous is not None and postings is not None:
-            _unpost(postings, previous)
         if not bucket:
             del self.instances[kind][namespace]
-            self.by_label.get(kind, {}).pop(namespace, None)
+        if previous is not None:
+            self._index_labels(previous, previous.labels.items(), remove=True)
+            if kind == "Pod":
+                self._index_gates(previous, previous.gates, remove=True)
         return previous
 
-    def candidates(self, kind: str, namespace: str | None, selector: LabelSelector) -> Iterator[InstanceState]:
-        """A superset of the instances `selector` matches (in `namespace`, or all): those carrying the
-        label of its narrowest `In` requirement, or every instance when it requires none."""
-        required = [req for req in selector.requirements if req.operator == "In"]
-        if not required:
-            yield from self.instances_of(kind, namespace)
-            return
-        scopes = self.by_label.get(kind, {})
-        for scope in [namespace] if namespace is not None else list(scopes):
-            postings = scopes.get(scope)
-            if not postings:
-                continue
-            bucket = self.instances[kind].get(scope, {})
-            names = min(([postings.get((req.key, value), set()) for value in req.values] for req in required),
-                        key=lambda sets: sum(map(len, sets)))
-            for found in names:
-                for name in sorted(found):  # a stable order, whatever the sets' hashing
-                    state = bucket.get(name)
-                    if state is not None:
-                        yield state
+    def _index_labels(self, state: InstanceState, labels: Iterable[tuple[str, str]], remove: bool = False) -> None:
+        _index(self.by_label, (state.kind, state.namespace), labels, state.name, remove)
+
+    def _index_gates(self, state: InstanceState, gates: Iterable[str], remove: bool = False) -> None:
+        _index(self.by_gate, state.namespace, gates, state.name, remove)
+
+    def selected(self, kind: str, namespace: str | None, selectors: Iterable[LabelSelector]) -> list[InstanceState]:
+        """Instances of `kind` (in `namespace` if given) that may match any of `selectors`: those
+        carrying a label value each selector requires (its rarest), or every one when a selector
+        requires none. A superset: the caller still matches each (cheap on a handful)."""
+        scope = "" if namespace is None else namespace
+        if namespace is None and kind != "Node":  # cluster-wide over namespaced kinds: no single index
+            return list(self.instances_of(kind, namespace))
+        index = self.by_label.get((kind, scope), {})
+        names: Names = {}
+        for selector in selectors:
+            narrowest: Names | None = None
+            for req in selector.requirements:
+                if req.operator != "In":
+                    continue
+                found: Names = {}
+                for value in sorted(req.values):
+                    found.update(index.get((req.key, value), {}))
+                if narrowest is None or len(found) < len(narrowest):
+                    narrowest = found
+            if narrowest is None:
+                return list(self.instances_of(kind, namespace))
+            names.update(narrowest)
+        bucket = self.instances[kind].get(scope, {})
+        return [bucket[name] for name in names if name in bucket]
+
+    def gated(self, namespace: str, gate: str) -> list[InstanceState]:
+        """The pods of `namespace` that carry readiness gate `gate`."""
+        bucket = self.instances["Pod"].get(namespace, {})
+        return [bucket[name] for name in self.by_gate.get(namespace, {}).get(gate, {}) if name in bucket]
 
     def get_instance(self, kind: str, namespace: str, name: str) -> InstanceState | None:
         return self.instances[kind].get(namespace, {}).get(name)
@@ -161,12 +193,3 @@ class Store:
         for bucket in buckets:
             for key in sorted(bucket):
                 yield key, self.pools[key]
-
-
-def _unpost(postings: Postings, state: InstanceState) -> None:
-    for pair in state.labels.items():
-        names = postings.get(pair)
-        if names is not None:
-            names.discard(state.name)
-            if not names:
-                del postings[pair]

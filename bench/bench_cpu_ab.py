@@ -1,0 +1,122 @@
+"""Operator CPU per 1,000 transitions, two code trees side by side in one run (A/B pairs).
+
+    .venv/bin/python bench/bench_cpu_ab.py --a /work/wt-cbase/operator --b operator [--pairs 3]
+
+One control plane, one HAProxy and the envelope benchmark's 10-pool layout (bench_envelope's
+`flips` phase: readiness flips of the pods of 10 pools at --rate/s, CPU from /proc until HAProxy
+shows every server back). The operator runs from tree A, then from tree B (each a fresh process,
+the other stopped), --pairs times, alternating, so both see the same machine load. Prints a
+table of every run and the medians, and the ratio B/A of the medians. --py-spy profiles each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_envelope import (
+    SMALL,
+    ManyBackendsHAProxy,
+    create_pools,
+    flips,
+    layout,
+    populate,
+    wait_pools_ready,
+)
+from bench_operator import GROUP_PATH, LB_NAME, Kube, fresh_cluster_dir, log, prepare_cluster
+
+from poolkeeper_dev import Cluster
+from poolkeeper_dev.operator_process import OperatorProcess
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def run_pairs(cluster: Cluster, haproxy: ManyBackendsHAProxy, args: argparse.Namespace) -> list[dict[str, Any]]:
+    lay = layout(args)
+    kube = Kube(cluster.kubeconfig)
+    rows: list[dict[str, Any]] = []
+    try:
+        await kube.create(f"{GROUP_PATH}/loadbalancers", {
+            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": f"{LB_NAME}-0"},
+            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint,
+                                                     "backends": [{"name": b} for b in haproxy.backends]},
+                     "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+        await populate(kube, lay, args)
+        await create_pools(kube, lay.pools, args.concurrency)
+        for pair in range(args.pairs):
+            for label, tree in (("A", args.a), ("B", args.b)):
+                operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs" / f"{label}{pair}",
+                                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
+                os.environ["PYTHONPATH"] = f"{tree.resolve()}:{REPO / 'devtools'}"
+                try:
+                    await asyncio.to_thread(operator.start, False)
+                    await asyncio.to_thread(operator.wait_ready, 120.0)
+                    await wait_pools_ready(kube, lay.pools, args.pool_size, 120)
+                    await asyncio.sleep(args.settle)
+                    result = await flips(kube, operator, haproxy, lay, args, f"{label}{pair}")
+                finally:
+                    await asyncio.to_thread(operator.stop)
+                rows.append({"label": label, "pair": pair, "load": os.getloadavg()[0], **result})
+    finally:
+        await kube.close()
+    return rows
+
+
+def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = ["| run | tree | transitions | operator CPU s | s per 1,000 | reconciles | HAProxy actions | load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        tree = args.a if row["label"] == "A" else args.b
+        lines.append(f"| {row['label']}{row['pair']} | {tree} | {row['transitions']} | {row['cpu']:.2f} | "
+                     f"{row['per_1000']:.2f} | {row['reconciles']:.0f} | {row['backend_actions']:.0f} | "
+                     f"{row['load']:.1f} |")
+    med = {label: statistics.median(r["per_1000"] for r in rows if r["label"] == label) for label in ("A", "B")}
+    lines += ["", f"median CPU per 1,000 transitions at {SMALL} pools: A {med['A']:.2f} s, B {med['B']:.2f} s, "
+              f"B/A {med['B'] / med['A']:.2f} ({args.pairs} pairs, {args.transitions} flips at {args.rate:g}/s)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--a", type=Path, required=True, help="operator source folder of run A (the baseline)")
+    parser.add_argument("--b", type=Path, required=True, help="operator source folder of run B")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/pk-cpu-ab"), help="control plane folder (wiped)")
+    parser.add_argument("--pods", type=int, default=2_000)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--namespaces", type=int, default=5)
+    parser.add_argument("--transitions", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds idle after every pool is Ready")
+    parser.add_argument("--py-spy", default=None, help="path of py-spy: profile each run's flips")
+    args = parser.parse_args(argv)
+    args.pools, args.handlers = SMALL, 0
+    args.dir = args.dir.resolve()
+    fresh_cluster_dir(args.dir)
+    lay = layout(args)
+    cluster = Cluster(args.dir)
+    haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
+    started = time.monotonic()
+    try:
+        log(f"starting a control plane in {args.dir}")
+        prepare_cluster(cluster)
+        haproxy.start(timeout=60.0)
+        rows = asyncio.run(run_pairs(cluster, haproxy, args))
+    finally:
+        haproxy.stop()
+        cluster.down()
+    print(render(rows, args))
+    log(f"whole run {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
