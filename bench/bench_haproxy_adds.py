@@ -1,0 +1,156 @@
+"""HAProxy alone: how fast it takes N `add server` commands on one runtime-API connection.
+
+    .venv/bin/python bench/bench_haproxy_adds.py [--servers 10000] [--runs 3]
+
+Starts its own HAProxy (as the tests do), then for each way of sending, adds N servers to an
+empty backend (HAProxy restarted before every run, like the refill after a restart) and times
+it until every answer is read:
+
+- one by one: a command, wait for its prompt, the next;
+- pipelined: every line written at once, the N prompt-terminated answers read back;
+- pipelined in chunks of K lines (the writer waits for a chunk's answers before the next);
+- K commands per line separated by `;` (HAProxy answers them with one prompt).
+
+Also times `show servers state` of the full backend (what a read-back costs). Prints a markdown
+table of medians over the runs; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from poolkeeper_dev.haproxy import HAProxyProcess
+
+PROMPT = b"\n> "
+BACKEND = "bench"
+
+
+def add_commands(count: int) -> list[str]:
+    return [f"add server {BACKEND}/s{i:05d} 127.{50 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}:8080 "
+            "pool-max-conn -1 pool-purge-delay 5s" for i in range(count)]
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, path: Path) -> Conn:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=64 * 1024 * 1024)
+        conn = cls(reader, writer)
+        await conn.send(["prompt", "set timeout cli 600"])
+        return conn
+
+    async def send(self, lines: list[str]) -> list[bytes]:
+        self.writer.write("".join(f"{line}\n" for line in lines).encode())
+        await self.writer.drain()
+        return [await self.reader.readuntil(PROMPT) for _ in lines]
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def checked(answers: list[bytes], expected: int) -> None:
+    ok = sum(a.count(b"New server registered.") for a in answers)
+    if ok != expected:
+        bad = next(a for a in answers if b"New server registered." not in a)
+        raise RuntimeError(f"{ok} of {expected} servers added; e.g. {bad[:200]!r}")
+
+
+async def one_by_one(conn: Conn, commands: list[str]) -> None:
+    answers = [(await conn.send([c]))[0] for c in commands]
+    checked(answers, len(commands))
+
+
+def chunked(size: int) -> Callable[[Conn, list[str]], Awaitable[None]]:
+    async def run(conn: Conn, commands: list[str]) -> None:
+        answers: list[bytes] = []
+        for start in range(0, len(commands), size):
+            answers += await conn.send(commands[start:start + size])
+        checked(answers, len(commands))
+    return run
+
+
+def joined(per_line: int) -> Callable[[Conn, list[str]], Awaitable[None]]:
+    async def run(conn: Conn, commands: list[str]) -> None:
+        lines = [";".join(commands[i:i + per_line]) for i in range(0, len(commands), per_line)]
+        checked(await conn.send(lines), len(commands))
+    return run
+
+
+async def timed_run(proc: HAProxyProcess, commands: list[str],
+                    how: Callable[[Conn, list[str]], Awaitable[None]]) -> tuple[float, float]:
+    """(seconds to add every server, seconds for one `show servers state` of them) on a fresh HAProxy."""
+    await asyncio.to_thread(proc.restart)
+    conn = await Conn.open(proc.admin_socket)
+    try:
+        started = time.perf_counter()
+        await how(conn, commands)
+        added = time.perf_counter() - started
+        started = time.perf_counter()
+        (state,) = await conn.send([f"show servers state {BACKEND}"])
+        read = time.perf_counter() - started
+        if state.count(b"\n") < len(commands):
+            raise RuntimeError("`show servers state` shows fewer servers than were added")
+        return added, read
+    finally:
+        await conn.close()
+
+
+async def bench(servers: int, runs: int, workdir: Path) -> list[str]:
+    proc = HAProxyProcess(workdir, [BACKEND])
+    proc.start()
+    commands = add_commands(servers)
+    ways: list[tuple[str, Callable[[Conn, list[str]], Awaitable[None]]]] = [
+        ("one by one (wait for each answer)", one_by_one),
+        ("pipelined, all in one write", chunked(servers)),
+        ("pipelined, chunks of 100", chunked(100)),
+        ("pipelined, chunks of 1,000", chunked(1000)),
+        ("10 per line (`;`), all in one write", joined(10)),
+        ("100 per line (`;`), all in one write", joined(100)),
+    ]
+    rows = []
+    reads: list[float] = []
+    try:
+        for label, how in ways:
+            samples = []
+            for _ in range(runs):
+                added, read = await timed_run(proc, commands, how)
+                samples.append(added)
+                reads.append(read)
+            median = statistics.median(samples)
+            rows.append(f"| {label} | {median:.3f} | {median / servers * 1e6:.1f} |")
+    finally:
+        proc.stop()
+    load = os.getloadavg()
+    return [
+        f"HAProxy 2.6 alone: {servers:,} `add server` on one unix-socket connection in prompt mode, "
+        f"median of {runs} runs each on a freshly restarted HAProxy (load average {load[0]:.2f})",
+        "",
+        "| how | seconds | µs per server |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        f"`show servers state` of the {servers:,} servers: median {statistics.median(reads) * 1000:.0f} ms.",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--servers", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-haproxy-adds-") as workdir:
+        print("\n".join(asyncio.run(bench(args.servers, args.runs, Path(workdir)))))
+
+
+if __name__ == "__main__":
+    main()
