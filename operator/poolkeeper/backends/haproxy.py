@@ -370,10 +370,10 @@ class HAProxyPool:
         match action:
             case AddMember():
                 add = f"add server {server} {_target(action.address, action.port)}"
-                if with_id:
-                    add += f" id {server_id(action.name)}"
                 if action.weight is not None:
                     add += f" weight {_weight(action.weight)}"
+                if with_id:
+                    add += f" id {server_id(action.name)}"
                 check = self.health_check
                 if check is None:
                     return [f"{add} {_POOLING}"]
