@@ -9,10 +9,17 @@ it until every answer is read:
 - one by one: a command, wait for its prompt, the next;
 - pipelined: every line written at once, the N prompt-terminated answers read back;
 - pipelined in chunks of K lines (the writer waits for a chunk's answers before the next);
-- K commands per line separated by `;` (HAProxy answers them with one prompt).
+- K commands per line separated by `;` (HAProxy 2.6 still answers each with its own prompt).
 
 Also times `show servers state` of the full backend (what a read-back costs). Prints a markdown
 table of medians over the runs; nothing is written.
+
+    .venv/bin/python bench/bench_haproxy_adds.py --apply [--servers 10000] [--runs 3]
+
+times instead the adapter itself: `HAProxyPool.apply` of N members (AddMember + SetAdmin READY,
+the refill after a restart) on a freshly restarted HAProxy, wall time and HAProxy's own CPU
+time (which load from other work on the machine changes least). Run it with
+`PYTHONPATH=<other tree>/operator:<other tree>/devtools` to time another version's adapter.
 """
 
 from __future__ import annotations
@@ -48,10 +55,11 @@ class Conn:
         await conn.send(["prompt", "set timeout cli 600"])
         return conn
 
-    async def send(self, lines: list[str]) -> list[bytes]:
+    async def send(self, lines: list[str], answers: int | None = None) -> list[bytes]:
+        """`answers`: how many prompts to read (HAProxy 2.6 prompts after each `;`-separated command too)."""
         self.writer.write("".join(f"{line}\n" for line in lines).encode())
         await self.writer.drain()
-        return [await self.reader.readuntil(PROMPT) for _ in lines]
+        return [await self.reader.readuntil(PROMPT) for _ in range(len(lines) if answers is None else answers)]
 
     async def close(self) -> None:
         self.writer.close()
@@ -82,7 +90,7 @@ def chunked(size: int) -> Callable[[Conn, list[str]], Awaitable[None]]:
 def joined(per_line: int) -> Callable[[Conn, list[str]], Awaitable[None]]:
     async def run(conn: Conn, commands: list[str]) -> None:
         lines = [";".join(commands[i:i + per_line]) for i in range(0, len(commands), per_line)]
-        checked(await conn.send(lines), len(commands))
+        checked(await conn.send(lines, len(commands)), len(commands))
     return run
 
 
@@ -143,13 +151,59 @@ async def bench(servers: int, runs: int, workdir: Path) -> list[str]:
     ]
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_apply(servers: int, runs: int, workdir: Path) -> list[str]:
+    from poolkeeper.backends.haproxy import HAProxyPool  # the tree on the path is the one measured
+    from poolkeeper.backends.haproxy_client import HAProxyClient
+    from poolkeeper.core.model import Action, AddMember, Admin, SetAdmin
+    from poolkeeper.core.naming import member_name, pool_prefix
+
+    actions: list[Action] = []
+    for i in range(servers):
+        name = member_name("bench", "pool", f"uid-{i}")
+        actions += [AddMember(name, f"127.{50 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 8080),
+                    SetAdmin(name, Admin.READY)]
+    proc = HAProxyProcess(workdir, [BACKEND])
+    proc.start()
+    rows = []
+    try:
+        for run in range(runs):
+            await asyncio.to_thread(proc.restart)
+            assert proc.pid is not None
+            client = HAProxyClient(proc.admin_endpoint, timeout=300)  # the old client bounds the whole batch
+            try:
+                await client.info()
+                pool = HAProxyPool(client, BACKEND, pool_prefix("bench", "pool"), None)
+                load, haproxy_cpu, started = os.getloadavg()[0], cpu_seconds(proc.pid), time.perf_counter()
+                results = await pool.apply(actions)
+                wall = time.perf_counter() - started
+                failed = sum(not r.ok for r in results)
+                rows.append(f"| {run + 1} | {wall:.2f} | {cpu_seconds(proc.pid) - haproxy_cpu:.2f} | {failed} | "
+                            f"{load:.2f} |")
+            finally:
+                await client.close()
+    finally:
+        proc.stop()
+    import poolkeeper
+    return [f"`HAProxyPool.apply` of {servers:,} members (AddMember + SetAdmin READY) into an empty backend, "
+            f"code from {Path(poolkeeper.__file__).parent.parent.parent}", "",
+            "| run | wall s | HAProxy CPU s | failed | load average (1 min) |", "| --- | --- | --- | --- | --- |",
+            *rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--servers", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--apply", action="store_true", help="time HAProxyPool.apply instead of raw commands")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-haproxy-adds-") as workdir:
-        print("\n".join(asyncio.run(bench(args.servers, args.runs, Path(workdir)))))
+        work = bench_apply if args.apply else bench
+        print("\n".join(asyncio.run(work(args.servers, args.runs, Path(workdir)))))
 
 
 if __name__ == "__main__":
