@@ -39,9 +39,10 @@ PROMPT = b"\n> "
 BACKEND = "bench"
 
 
-def add_commands(count: int) -> list[str]:
+def add_commands(count: int, ids: bool = False) -> list[str]:
+    """`ids`: each with `id N` (what the adapter sends: HAProxy then does not search for a free id)."""
     return [f"add server {BACKEND}/s{i:05d} 127.{50 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}:8080 "
-            "pool-max-conn -1 pool-purge-delay 5s" for i in range(count)]
+            + (f"id {(1 << 24) + i} " if ids else "") + "pool-max-conn -1 pool-purge-delay 5s" for i in range(count)]
 
 
 class Conn:
@@ -94,6 +95,12 @@ def joined(per_line: int) -> Callable[[Conn, list[str]], Awaitable[None]]:
     return run
 
 
+def with_ids(how: Callable[[Conn, list[str]], Awaitable[None]]) -> Callable[[Conn, list[str]], Awaitable[None]]:
+    async def run(conn: Conn, commands: list[str]) -> None:
+        await how(conn, add_commands(len(commands), ids=True))
+    return run
+
+
 async def timed_run(proc: HAProxyProcess, commands: list[str],
                     how: Callable[[Conn, list[str]], Awaitable[None]]) -> tuple[float, float]:
     """(seconds to add every server, seconds for one `show servers state` of them) on a fresh HAProxy."""
@@ -120,6 +127,7 @@ async def bench(servers: int, runs: int, workdir: Path) -> list[str]:
     ways: list[tuple[str, Callable[[Conn, list[str]], Awaitable[None]]]] = [
         ("one by one (wait for each answer)", one_by_one),
         ("pipelined, all in one write", chunked(servers)),
+        ("pipelined, all in one write, each with `id`", with_ids(chunked(servers))),
         ("pipelined, chunks of 100", chunked(100)),
         ("pipelined, chunks of 1,000", chunked(1000)),
         ("10 per line (`;`), all in one write", joined(10)),
