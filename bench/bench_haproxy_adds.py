@@ -102,20 +102,23 @@ def with_ids(how: Callable[[Conn, list[str]], Awaitable[None]]) -> Callable[[Con
 
 
 async def timed_run(proc: HAProxyProcess, commands: list[str],
-                    how: Callable[[Conn, list[str]], Awaitable[None]]) -> tuple[float, float]:
-    """(seconds to add every server, seconds for one `show servers state` of them) on a fresh HAProxy."""
+                    how: Callable[[Conn, list[str]], Awaitable[None]]) -> tuple[float, float, float]:
+    """(seconds to add every server, HAProxy's CPU seconds meanwhile, seconds for one `show servers
+    state` of them) on a fresh HAProxy."""
     await asyncio.to_thread(proc.restart)
+    assert proc.pid is not None
     conn = await Conn.open(proc.admin_socket)
     try:
-        started = time.perf_counter()
+        cpu, started = cpu_seconds(proc.pid), time.perf_counter()
         await how(conn, commands)
         added = time.perf_counter() - started
+        cpu = cpu_seconds(proc.pid) - cpu
         started = time.perf_counter()
         (state,) = await conn.send([f"show servers state {BACKEND}"])
         read = time.perf_counter() - started
         if state.count(b"\n") < len(commands):
             raise RuntimeError("`show servers state` shows fewer servers than were added")
-        return added, read
+        return added, cpu, read
     finally:
         await conn.close()
 
@@ -137,13 +140,15 @@ async def bench(servers: int, runs: int, workdir: Path) -> list[str]:
     reads: list[float] = []
     try:
         for label, how in ways:
-            samples = []
+            samples, cpus = [], []
             for _ in range(runs):
-                added, read = await timed_run(proc, commands, how)
+                added, cpu, read = await timed_run(proc, commands, how)
                 samples.append(added)
+                cpus.append(cpu)
                 reads.append(read)
             median = statistics.median(samples)
-            rows.append(f"| {label} | {median:.3f} | {median / servers * 1e6:.1f} |")
+            rows.append(f"| {label} | {median:.3f} | {statistics.median(cpus):.2f} | {median / servers * 1e6:.1f} | "
+                        f"{os.getloadavg()[0]:.2f} |")
     finally:
         proc.stop()
     load = os.getloadavg()
@@ -151,8 +156,8 @@ async def bench(servers: int, runs: int, workdir: Path) -> list[str]:
         f"HAProxy 2.6 alone: {servers:,} `add server` on one unix-socket connection in prompt mode, "
         f"median of {runs} runs each on a freshly restarted HAProxy (load average {load[0]:.2f})",
         "",
-        "| how | seconds | µs per server |",
-        "| --- | --- | --- |",
+        "| how | seconds | HAProxy CPU seconds | µs per server | load average after |",
+        "| --- | --- | --- | --- | --- |",
         *rows,
         "",
         f"`show servers state` of the {servers:,} servers: median {statistics.median(reads) * 1000:.0f} ms.",
