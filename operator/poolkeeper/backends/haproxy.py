@@ -12,6 +12,7 @@ import csv
 import ipaddress
 import re
 import weakref
+import zlib
 from collections.abc import Sequence
 
 from poolkeeper.backends import ActionResult
@@ -38,6 +39,15 @@ _BUSY = "Server still has connections attached to it, cannot remove it."
 _EXISTS = "Already exists"
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # HAProxy's allowed characters; ours are 36-41 long
 _POOLING = "pool-max-conn -1 pool-purge-delay 5s"  # without it runtime servers get no idle pool
+# `add server` without `id` makes HAProxy 2.6 look for the lowest free id from 1 up, one tree
+# lookup per id in use: 10,000 adds into one backend cost it 5 s of CPU, against 1.5 s with ids
+# given. Ours come from the name, far above the ids HAProxy hands out itself (config servers,
+# other tools): stable across restarts, which also keeps a member's place on a consistent-hash
+# ring (hash-type consistent keys servers by id). Two names may hash alike: the second add is
+# refused ("custom id ... already used") and sent again without an id.
+SERVER_ID_BASE = 1 << 24
+SERVER_ID_SPAN = (1 << 31) - 1 - SERVER_ID_BASE  # HAProxy takes ids 1 .. 2**31-1
+_ID_USED = re.compile(r"'id' : custom id \d+ already used")
 # The columns read, and where they are in a parsed `show servers state` row.
 STATE_COLUMNS = ("be_name", "srv_name", "srv_addr", "srv_port", "srv_op_state", "srv_admin_state", "srv_uweight",
                  "srv_check_state", "srv_check_health")
@@ -109,11 +119,26 @@ def _same_target(address: str, port: int, other_address: str, other_port: int) -
         return False
 
 
+def server_id(name: str) -> int:
+    """The `id` our `add server` gives a server: from its name, in HAProxy's range, above its own ids."""
+    return SERVER_ID_BASE + zlib.crc32(name.encode()) % SERVER_ID_SPAN
+
+
 def _result(action: Action, answers: Sequence[str]) -> ActionResult:
     if isinstance(action, RemoveMember) and all(a == _NO_SUCH_SERVER for a in answers):
         return ActionResult(action, True, "already removed")
     failed = next((a for a in answers if a not in _SUCCESS), None)
     return ActionResult(action, failed is None, failed or "")
+
+
+def _clashed(result: ActionResult) -> bool:
+    return isinstance(result.action, AddMember) and result.message.startswith(_EXISTS)
+
+
+def _sets_after_add(add: ActionResult, following: ActionResult) -> bool:
+    """The action after an add refused for its id changes the same server: it found no server
+    then, and is sent again after the add is."""
+    return following.action.name == add.action.name and not isinstance(following.action, (AddMember, RemoveMember))
 
 
 def _settle_add(result: ActionResult, row: Sequence[str] | None) -> ActionResult:
@@ -313,32 +338,42 @@ class HAProxyPool:
 
         - `del server` refused while HAProxy was still closing the idle connections that the
           drain -> maint flip released (they go on another thread, within a millisecond): ask again.
+        - `add server` refused for its id (another name hashed alike): sent again without one.
         - `add server` of a name that exists: done if it has the same address, so re-sending a
           batch after a lost connection, or applying a plan twice, stays harmless.
+        A SetAdmin that followed a refused add in the batch was answered "No such server." or
+        set the server that already existed, as before ids were given.
         """
         busy = [i for i, r in enumerate(results) if isinstance(r.action, RemoveMember) and r.message == _BUSY]
-        clashes = [i for i, r in enumerate(results) if isinstance(r.action, AddMember)
-                   and r.message.startswith(_EXISTS)]
-        if not busy and not clashes:
+        again = [i for i, r in enumerate(results) if isinstance(r.action, AddMember) and _ID_USED.match(r.message)]
+        settle = bool(again) or any(_clashed(r) for r in results)  # sent again, an add may find its name taken
+        if not busy and not settle:
             return results
-        commands = [f"del server {self.backend}/{results[i].action.name}" for i in busy]
-        answers = await self.client.execute([*commands, *([self._show_state] if clashes else [])])
+        sends = [(i, [f"del server {self.backend}/{results[i].action.name}"]) for i in busy]
+        sends += [(i, self._commands(results[i].action, with_id=False)) for i in again]
+        follow = {i + 1 for i in again if i + 1 < len(results) and _sets_after_add(results[i], results[i + 1])}
+        sends += [(i, self._commands(results[i].action)) for i in sorted(follow)]
+        commands = [c for _, these in sends for c in these]
+        answers = await self.client.execute([*commands, *([self._show_state] if settle else [])])
         settled = list(results)
-        for i, answer in zip(busy, answers, strict=False):
-            settled[i] = _result(results[i].action, [answer])
-        if clashes:
-            rows = self._own_rows(answers[-1])
-            for i in clashes:
-                settled[i] = _settle_add(results[i], rows.get(results[i].action.name))
-        return settled
+        at = 0
+        for i, these in sends:
+            settled[i] = _result(results[i].action, answers[at:at + len(these)])
+            at += len(these)
+        if not settle:
+            return settled
+        rows = self._own_rows(answers[-1])
+        return [_settle_add(r, rows.get(r.action.name)) if _clashed(r) else r for r in settled]
 
-    def _commands(self, action: Action) -> list[str]:
+    def _commands(self, action: Action, *, with_id: bool = True) -> list[str]:
         server = self._server(action.name)
         match action:
             case AddMember():
                 add = f"add server {server} {_target(action.address, action.port)}"
                 if action.weight is not None:
                     add += f" weight {_weight(action.weight)}"
+                if with_id:
+                    add += f" id {server_id(action.name)}"
                 check = self.health_check
                 if check is None:
                     return [f"{add} {_POOLING}"]

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PROMPT = b"\n> "
 IDLE_TIMEOUT_S = 600  # `set timeout cli`: how long HAProxy keeps our idle session open
 _READ_LIMIT = 64 * 1024 * 1024  # `show stat` of a large backend is far above asyncio's 64 KiB default
+_CHUNK = 1024 * 1024  # bytes read at once: thousands of short answers, or a good part of a big `show stat`
 _LOST = (OSError, EOFError)  # broken pipe, reset, EOF (IncompleteReadError), TLS alerts
 
 Endpoint = tuple[Literal["unix"], str] | tuple[Literal["tcp"], str, int]
@@ -81,23 +82,93 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class AnswerSplitter:
+    """Cuts what HAProxy sends back in prompt mode into one answer per command.
+
+    Bytes come in chunks of any size; an answer is complete at its "\\n> " prompt, which may
+    itself straddle two chunks. Pure, so big pipelined batches are read in large chunks
+    instead of one `readuntil` per answer.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._searched = 0  # bytes of _pending known to hold no complete prompt
+
+    def feed(self, data: bytes) -> list[str]:
+        """The answers that `data` completes, in order, without their prompt."""
+        self._pending += data
+        answers = []
+        start = 0
+        at = self._pending.find(PROMPT, max(0, self._searched - len(PROMPT) + 1))
+        while at >= 0:
+            answers.append(self._pending[start:at].decode(errors="replace").rstrip("\n"))
+            start = at + len(PROMPT)
+            at = self._pending.find(PROMPT, start)
+        del self._pending[:start]
+        self._searched = len(self._pending)
+        return answers
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that no prompt has ended yet."""
+        return len(self._pending)
+
+
+class _Protocol(asyncio.StreamReaderProtocol):
+    """A stream protocol that says when HAProxy ended the connection on its own (EOF or a
+    reset), even while nothing is being read: a restarted HAProxy closes every session at once,
+    sooner than the next probe would notice."""
+
+    def __init__(self, reader: asyncio.StreamReader, on_lost: Callable[[], None] | None) -> None:
+        super().__init__(reader)
+        self.on_lost = on_lost  # None once we close the connection ourselves
+
+    def eof_received(self) -> bool:
+        self._lost()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+        super().connection_lost(exc)
+
+    def _lost(self) -> None:
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+
 class _Session:
     """One open connection already in prompt mode."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _Protocol) -> None:
+        self.reader, self.writer, self.protocol = reader, writer, protocol
 
-    async def roundtrip(self, commands: Sequence[str]) -> list[str]:
-        """Write every command at once, then read one prompt-terminated answer per command."""
+    async def roundtrip(self, commands: Sequence[str], progress: Callable[[], None] = lambda: None) -> list[str]:
+        """Write every command at once, then read one prompt-terminated answer per command.
+
+        Answers are read while the rest of the batch is still being sent (the transport sends
+        it in the background), and `progress` is called whenever some arrive: a big batch is
+        bounded by the time between answers, not by its size.
+        """
         self.writer.write("".join(f"{command}\n" for command in commands).encode())
-        await self.writer.drain()
-        answers = []
-        for _ in commands:
-            raw = await self.reader.readuntil(PROMPT)
-            answers.append(raw[: -len(PROMPT)].decode(errors="replace").rstrip("\n"))
+        splitter = AnswerSplitter()
+        answers: list[str] = []
+        while len(answers) < len(commands):
+            data = await self.reader.read(_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            got = splitter.feed(data)
+            if got:
+                answers += got
+                progress()
+        if len(answers) > len(commands) or splitter.pending:  # cannot happen: commands hold no ';' or newline
+            raise HAProxyUnreachable(f"HAProxy sent {len(answers) - len(commands)} answer(s) and "
+                                     f"{splitter.pending} byte(s) more than the batch asked for")
+        await self.writer.drain()  # everything was sent (it was answered): surfaces a write error, if any
         return answers
 
     def discard(self) -> None:
+        self.protocol.on_lost = None  # our own close is no sign of a restart
         self.writer.close()
 
 
@@ -143,14 +214,19 @@ class HAProxyClient:
         self._calls, self._probes = _Line(), _Line()
         self.unanswered = ""  # why the last exchange got no answer; set: only probes are sent
         self.may_act = may_act  # None: always (no leader election); probes are only reads
+        # Called (in the loop, must not block) when HAProxy ends an open connection by itself:
+        # it restarted, was reloaded, or closed an idle session. The LoadBalancer probes at once.
+        self.on_lost: Callable[[], None] | None = None
 
     async def execute(self, commands: Sequence[str], *, probe: bool = False,
                       within: float | None = None) -> list[str]:
         """Send `commands` in one write and return their answers, in order, without the prompt.
 
         Raises HAProxyUnreachable when HAProxy cannot be reached, the connection is lost
-        twice, no answer comes `within` seconds (default: the client's `timeout`), or an earlier
-        call got none and no probe has been answered since (`probe=True` calls are sent anyway).
+        twice, no answer comes `within` seconds (default: the client's `timeout`) of the batch
+        being sent or of the answer before (a batch of 20,000 commands takes HAProxy seconds,
+        and is bounded by its progress), or an earlier call got none and no probe has been
+        answered since (`probe=True` calls are sent anyway).
         """
         for command in commands:
             if not command or any(c in command for c in ";\r\n"):
@@ -159,6 +235,7 @@ class HAProxyClient:
             return []
         limit = self.timeout if within is None else within
         line = self._probes if probe else self._calls
+        loop = asyncio.get_running_loop()
         self._refuse_while_unanswered(probe)
         try:
             async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
@@ -169,8 +246,9 @@ class HAProxyClient:
         try:
             self._refuse_while_unanswered(probe)  # the call we waited for may have found it hung
             try:
-                async with asyncio.timeout(limit):
-                    answers = await self._execute(line, commands, probe)
+                async with asyncio.timeout(limit) as deadline:  # moved on by every answer that arrives
+                    answers = await self._execute(line, commands, probe,
+                                                  lambda: deadline.reschedule(loop.time() + limit))
             except TimeoutError:
                 self.unanswered = f"did not answer within {limit:g} s"
                 line.discard()
@@ -221,7 +299,8 @@ class HAProxyClient:
         await self._calls.close()
         await self._probes.close()
 
-    async def _execute(self, line: _Line, commands: Sequence[str], probe: bool) -> list[str]:
+    async def _execute(self, line: _Line, commands: Sequence[str], probe: bool,
+                       progress: Callable[[], None]) -> list[str]:
         for attempt in (1, 2):
             if line.session is None:
                 line.session = await self._open()
@@ -230,7 +309,7 @@ class HAProxyClient:
                 # over, and must not send what it planned back then
                 raise HAProxyUnreachable(f"not sent to HAProxy at {self.endpoint}: this replica no longer leads")
             try:
-                return await line.session.roundtrip(commands)
+                return await line.session.roundtrip(commands, progress)
             except _LOST as exc:
                 line.discard()
                 if attempt == 2:
@@ -240,16 +319,20 @@ class HAProxyClient:
         raise AssertionError("unreachable")
 
     async def _open(self) -> _Session:
+        """A new connection (what asyncio.open_connection does, with a protocol that reports its loss)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        protocol = _Protocol(reader, self._connection_lost)
         try:
             if self._address[0] == "unix":
-                reader, writer = await asyncio.open_unix_connection(self._address[1], limit=_READ_LIMIT)
+                transport, _ = await loop.create_unix_connection(lambda: protocol, self._address[1])
             else:
                 context = await asyncio.to_thread(self._ssl_context) if self._tls else None
-                reader, writer = await asyncio.open_connection(
-                    self._address[1], self._address[2], ssl=context, limit=_READ_LIMIT)
+                transport, _ = await loop.create_connection(
+                    lambda: protocol, self._address[1], self._address[2], ssl=context)
         except (*_LOST, ValueError) as exc:
             raise HAProxyUnreachable(f"cannot connect to HAProxy at {self.endpoint}: {_why(exc)}") from exc
-        session = _Session(reader, writer)
+        session = _Session(reader, asyncio.StreamWriter(transport, protocol, reader, loop), protocol)
         try:
             greeting = await session.roundtrip(["prompt", f"set timeout cli {IDLE_TIMEOUT_S}"])
         except _LOST as exc:
@@ -263,6 +346,10 @@ class HAProxyClient:
             raise HAProxyUnreachable(
                 f"HAProxy at {self.endpoint} answered {' '.join(greeting)!r} to 'prompt'")
         return session
+
+    def _connection_lost(self) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _ssl_context(self) -> ssl.SSLContext:
         """Built on every connect, so files rewritten after a Secret rotation are picked up."""

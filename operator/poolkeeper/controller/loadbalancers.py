@@ -4,12 +4,17 @@ Watching the load balancer's own state is allowed (instance discovery is never p
 it is how a restarted or reloaded HAProxy, which lost every runtime server, is noticed and
 re-filled. Each LoadBalancer is probed on its own (at most one probe in flight each, with a
 short timeout and a backoff while it does not answer), so a hung HAProxy delays nobody else.
+A restart is noticed sooner than the next probe: the exiting process closes our open runtime
+connections, and that loss triggers a probe at once, repeated quickly while the new process
+is not listening yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -31,6 +36,7 @@ from poolkeeper.kube.status import StatusWriter
 log = logging.getLogger(__name__)
 GROUP_VERSION = "poolkeeper.dev/v1alpha1"
 PROBE_TIMEOUT = 2.0  # `show info` answers in well under a millisecond; 2 s is a hung process
+QUICK_RETRY = 0.05  # after a lost connection: probe again this soon while the new process starts
 
 
 @dataclass
@@ -43,6 +49,7 @@ class _Entry:
     error: str = ""
     failures: int = 0  # probes in a row without an answer
     next_probe: float = 0.0  # loop time
+    quick_until: float = 0.0  # loop time: a lost connection's probes are retried quickly, unreported, until then
     published: tuple[bool | None, str, str] | None = None  # (reachable, version, error) last published
 
 
@@ -68,6 +75,7 @@ class LoadBalancers:
         self._elbv2_retired: dict[str, ELBv2Client] = {}
         self._elbv2_reachable: dict[str, Condition] = {}
         self._tls_dir = tempfile.mkdtemp(prefix="poolkeeper-tls-")
+        self._wake = asyncio.Event()  # a probe became due before the probe loop's next look
         # With shards: the fence of a LoadBalancer's own writes (status, Events), the Lease of the
         # shard its name hashes to; None: the operator's single Lease, if any.
         self.fence_of: Callable[[str], fence.Check | None] = lambda name: None
@@ -101,7 +109,9 @@ class LoadBalancers:
             self._post(name, "TLSSecretInvalid", str(exc), warning=True)
             return
         old = self._entries.get(name)
-        self._entries[name] = _Entry(spec, HAProxyClient(spec.endpoint, tls, may_act=self._may_act))
+        client = HAProxyClient(spec.endpoint, tls, may_act=self._may_act)
+        client.on_lost = functools.partial(self._connection_lost, name, client)
+        self._entries[name] = _Entry(spec, client)
         retired = self._retired.pop(name, None)
         for stale in (old.client if old else None, retired):
             if stale is not None:
@@ -235,15 +245,32 @@ class LoadBalancers:
         return None
 
     # ----- health watch
+    def _connection_lost(self, name: str, client: HAProxyClient) -> None:
+        """HAProxy closed a runtime connection of ours (the client's on_lost): probe now."""
+        entry = self._entries.get(name)
+        if entry is None or entry.client is not client:
+            return  # a client replaced or retired meanwhile
+        now = asyncio.get_running_loop().time()
+        entry.next_probe = now
+        entry.quick_until = now + self.interval
+        self._wake.set()
+
     async def check(self, name: str) -> None:
         entry = self._entries.get(name)
         if entry is None:
             return
+        loop = asyncio.get_running_loop()
         try:
             info, left_stopping = await entry.client.current_info(within=self.probe_timeout)
         except HAProxyBusy:
             pass  # a long call of a pool: it is bounded too, and says so itself if HAProxy hangs
         except (TimeoutError, HAProxyUnreachable, OSError) as exc:
+            if loop.time() < entry.quick_until and not entry.client.unanswered:
+                # Just after a lost connection, refused or gone at once (not hung): a restarting
+                # HAProxy that is not listening yet. Asked again soon; reported if it stays so.
+                entry.next_probe = loop.time() + QUICK_RETRY
+                self._wake.set()  # the probe loop may be asleep for longer
+                return
             entry.failures += 1
             changed = entry.reachable is not False
             entry.reachable, entry.error = False, str(exc)
@@ -264,7 +291,7 @@ class LoadBalancers:
                 log.info("LoadBalancer %s reachable again; re-applying its pools", name)
                 self._post(name, "Reachable", "HAProxy runtime API answers again")
                 self._notify_pools(name)
-        entry.next_probe = asyncio.get_running_loop().time() + probe_delay(entry.failures, self.interval)
+        entry.next_probe = loop.time() + probe_delay(entry.failures, self.interval)
         if entry.published != (entry.reachable, entry.version, entry.error):
             self.publish(name)  # a probe that found what the last one found writes nothing: idle stays idle
 
@@ -354,10 +381,15 @@ class LoadBalancers:
                         if not task.cancelled() and (exc := task.exception()) is not None:
                             log.error("probing LoadBalancer %s failed", name, exc_info=exc)
                 now = loop.time()
+                self._wake.clear()
                 for name, entry in list(self._entries.items()):
                     if name not in probes and entry.next_probe <= now:
                         probes[name] = asyncio.create_task(self.check(name), name=f"probe-loadbalancer-{name}")
-                await asyncio.sleep(min(self.interval, 0.25))
+                soonest = min((e.next_probe for n, e in self._entries.items() if n not in probes),
+                              default=now + self.interval)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self.interval, 0.25, max(soonest - now, QUICK_RETRY))):
+                        await self._wake.wait()  # a lost connection asks for a probe now
         finally:
             for task in probes.values():
                 task.cancel()
