@@ -149,6 +149,7 @@ def test_a_port_change_replaces_members_beside_the_old_ones(
         wait_for(lambda: [m["state"] for m in members(custom, namespace, "web").values()] == ["Active"] * 3,
                  30, "3 active members")
         load = LoadGenerator(haproxy.frontend_url("web"), connections=4, rate=200).start(duration=90)
+        wait_for(lambda: load.snapshot().ok >= 50, 10, "traffic before the change")
         patch_pool(custom, namespace, "web", {"port": new_port})
         fewest: list[int] = []
 
@@ -160,6 +161,9 @@ def test_a_port_change_replaces_members_beside_the_old_ones(
                 {m["port"] for m in members(custom, namespace, "web").values()} == {new_port}
 
         wait_for(all_on_the_new_port, 45, "every member replaced by one on the new port", interval=0.05)
+        # initialState Up: the successors serve at once, so the change itself may take well under a second
+        replaced = load.snapshot().ok
+        wait_for(lambda: load.snapshot().ok >= replaced + 50, 10, "traffic through the new servers")
         report = load.stop()
     finally:
         for backend in second:
