@@ -39,12 +39,6 @@ async def async_info(event, context):
 def pid(event, context):
     return os.getpid()
 
-def stamp(event, context):
-    with open(event["data"]["out"] + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(event["data"]["out"] + ".tmp", event["data"]["out"])
-    return "stamped"
-
 def sleeps(event, context):
     time.sleep(60)
 
@@ -225,49 +219,6 @@ async def test_cancelled_call_kills_its_worker(pool: FunctionPool, handlers: Pat
     killed = before - set(pool.worker_pids())
     assert len(killed) == 1 and await eventually(lambda: all(gone(pid) for pid in killed))
     assert await eventually(lambda: len(pool.worker_pids()) == 2)
-
-
-async def test_begin_runs_the_function_before_the_loop_turns(pool: FunctionPool, handlers: Path,
-                                                              tmp_path: Path) -> None:
-    out = tmp_path / "stamped"
-    call = pool.begin(handlers, "h.stamp", {**EVENT, "data": {"out": str(out)}}, timeout=5, namespace="shop")
-    assert call is not None
-    give_up = time.monotonic() + 10
-    while not out.exists() and time.monotonic() < give_up:  # no await: the event loop never runs meanwhile
-        time.sleep(0.01)  # noqa: ASYNC251 - the point: the loop must not turn
-    assert out.exists() and int(out.read_text()) in pool.worker_pids()
-    result = await pool.finish(call)
-    assert result.ok and result.value == "stamped"
-    assert (await pool.invoke(handlers, "h.pid", EVENT, timeout=5, namespace="shop")).ok  # its slot is free again
-
-
-async def test_begin_never_waits_nor_overtakes(handlers: Path) -> None:
-    """begin takes a namespace's slot and an idle worker only when free now, and never ahead of a waiting invoke."""
-    async with FunctionPool(size=2) as two:  # one worker per namespace, the other kept for the rest
-        busy = asyncio.create_task(two.invoke(handlers, "h.sleeps", EVENT, timeout=30, namespace="shop"))
-        await asyncio.sleep(0.1)
-        assert two.begin(handlers, "h.pid", EVENT, timeout=5, namespace="shop") is None  # the slot is taken
-        other = two.begin(handlers, "h.slow", EVENT, timeout=5, namespace="team-b")
-        assert other is not None
-        assert two.begin(handlers, "h.pid", EVENT, timeout=5, namespace="team-c") is None  # no idle worker
-        waiting = asyncio.create_task(two.invoke(handlers, "h.pid", EVENT, timeout=5, namespace="team-c"))
-        await asyncio.sleep(0.05)
-        assert (await two.finish(other)).ok  # its worker is idle again, handed to `waiting` (not run yet)
-        assert two.begin(handlers, "h.pid", EVENT, timeout=5, namespace="team-d") is None
-        assert (await waiting).ok
-        busy.cancel()
-
-
-async def test_an_abandoned_begin_kills_its_worker_and_frees_its_slot(handlers: Path) -> None:
-    async with FunctionPool(size=2) as two:
-        call = two.begin(handlers, "h.sleeps", EVENT, timeout=30, namespace="shop")
-        assert call is not None
-        two.abandon(call)
-        two.abandon(call)  # once only
-        killed = call.worker.pid
-        assert killed is not None and await eventually(lambda: gone(killed))
-        assert await eventually(lambda: len(two.worker_pids()) == 2)
-        assert (await two.invoke(handlers, "h.pid", EVENT, timeout=5, namespace="shop")).ok
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from poolkeeper.core.naming import member_name
 from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec, parse_pool
 from poolkeeper.core.transitions import Transition, supersede
-from poolkeeper.functions.pool import InvocationResult
 from poolkeeper.kube.api import ApiError
 from poolkeeper.lifecycle import LifecycleHandlers, outbox
 from poolkeeper.lifecycle.delivery import HandlerRuntime
@@ -289,95 +288,3 @@ async def test_an_event_is_sent_only_once_the_outbox_owing_it_is_written(lifecyc
         if runtime.in_flight:
             break
     assert runtime.in_flight and outbox_json(lh, runtime)["pending"]
-
-
-# ---------------------------------------------------------------- Python handlers: the event path starts the call
-class Call:
-    """What FunctionPool.begin hands back: a call under way, finished when the test says so."""
-
-    def __init__(self, event: dict[str, Any]) -> None:
-        self.event_id, self.type, self.claimed = event["id"], event["type"].rsplit(".", 1)[1], False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-
-class Functions:
-    """A function pool with one free worker: begin takes it, invoke waits for nothing."""
-
-    def __init__(self) -> None:
-        self.begun: list[Call] = []
-        self.abandoned: list[str] = []
-        self.invoked: list[str] = []
-        self.free = True
-
-    async def check(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    def begin(self, handlers_dir: Any, name: str, event: dict[str, Any], **kwargs: Any) -> Call | None:
-        if not self.free:
-            return None
-        self.free = False
-        self.begun.append(Call(event))
-        return self.begun[-1]
-
-    async def finish(self, call: Call) -> InvocationResult:
-        call.claimed = True
-        await call.done
-        self.free = True
-        return InvocationResult(True, None, None, 0.0)
-
-    def abandon(self, call: Call) -> None:
-        call.claimed = True
-        self.abandoned.append(call.event_id)
-        self.free = True
-
-    async def invoke(self, handlers_dir: Any, name: str, event: dict[str, Any], **kwargs: Any) -> InvocationResult:
-        self.invoked.append(event["type"].rsplit(".", 1)[1])
-        return InvocationResult(True, None, None, 0.0)
-
-
-async def python_handler(lh: LifecycleHandlers, monkeypatch: pytest.MonkeyPatch) -> tuple[HandlerRuntime, Functions]:
-    functions = Functions()
-    lh.functions = functions  # type: ignore[assignment]
-    monkeypatch.undo()  # the real _attempt: it calls functions.invoke
-    runtime = await add_handler(lh, "py", events=["up", "down"],
-                                function={"type": "Python", "python": {"handler": "h.handle"}})
-    change(lh, pod(0))  # from `none`: waits for the outbox, then goes the usual way
-    for _ in range(40):
-        await asyncio.sleep(0.05)
-        if functions.invoked:
-            break
-    assert len(functions.invoked) == 1 and not functions.begun
-    await asyncio.sleep(0.05)
-    return runtime, functions
-
-
-async def test_the_event_path_starts_a_python_call_at_once_and_keeps_the_order(
-        lifecycle: LifecycleHandlers, monkeypatch: pytest.MonkeyPatch) -> None:
-    runtime, functions = await python_handler(lifecycle, monkeypatch)
-    change(lifecycle, pod(0, ready=False))
-    assert [c.event_id for c in functions.begun] == list(runtime.in_flight)  # sent before the loop turned
-    change(lifecycle, pod(0))  # behind the call under way: queued, neither begun nor superseding it
-    assert len(functions.begun) == 1 and len(runtime.outbox.pending) == 2
-    await asyncio.sleep(0.05)
-    assert len(functions.invoked) == 1
-    functions.begun[0].done.set_result(None)
-    for _ in range(40):
-        await asyncio.sleep(0.01)
-        if not runtime.outbox.pending:
-            break
-    assert functions.begun[0].type == "down" and functions.invoked == ["up", "up"]  # the second up after the down
-    assert not runtime.outbox.pending and runtime.counts["succeeded"] == 3 and not runtime.in_flight
-    assert runtime.semaphore.free == runtime.spec.max_concurrency
-
-
-async def test_a_begun_call_whose_task_never_ran_is_abandoned(
-        lifecycle: LifecycleHandlers, monkeypatch: pytest.MonkeyPatch) -> None:
-    runtime, functions = await python_handler(lifecycle, monkeypatch)
-    change(lifecycle, pod(0, ready=False))
-    assert len(functions.begun) == 1
-    await runtime.close()  # cancels the delivery task before its first step
-    assert functions.abandoned == [functions.begun[0].event_id] and not runtime.in_flight
-    assert runtime.semaphore.free == runtime.spec.max_concurrency and runtime.outbox.pending

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -62,62 +61,6 @@ class _WorkerDied(Exception):
     """The worker's pipe closed mid-invocation: it crashed, exited, or the pool is closing."""
 
 
-class Slots:
-    """A counting semaphore (first come, first served) that can also be taken without waiting,
-    from synchronous code: what FunctionPool.begin needs to start a call inside a watch callback."""
-
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def try_take(self) -> bool:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        if self.try_take():
-            return
-        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(handed)
-        try:
-            await handed
-        except asyncio.CancelledError:
-            if handed.done() and not handed.cancelled():
-                self.give()  # handed over as we were cancelled: pass it on
-            elif handed in self._waiters:
-                self._waiters.remove(handed)
-            raise
-
-    def give(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the oldest waiter
-                return
-        self.free += 1
-
-    async def __aenter__(self) -> None:
-        await self.take()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.give()
-
-
-@dataclass(eq=False, slots=True)
-class Begun:
-    """An invocation FunctionPool.begin sent to a worker; FunctionPool.finish gets its result."""
-
-    worker: _Worker
-    name: str
-    deadline: float
-    limit: float
-    started: float
-    slots: Slots | None
-    claimed: bool = False  # finish or abandon took it over
-
-
 class FunctionPool:
     """Run `handle(event, context)` functions from a handlers dir in killable worker processes.
 
@@ -143,8 +86,7 @@ class FunctionPool:
         self._kubeconfig = kubeconfig
         # At most this many workers busy for one namespace: the others stay free for the rest.
         self.per_namespace = per_namespace if per_namespace is not None else max(1, self.size - 1)
-        self._namespace_slots: dict[str, Slots] = {}
-        self._acquiring = 0  # invocations waiting for an idle worker: begin() never overtakes them
+        self._namespace_slots: dict[str, asyncio.Semaphore] = {}
         # Never fork: the operator has threads and an event loop a forked child would inherit.
         self._mp: ForkServerContext | SpawnContext
         if start_method == "forkserver":
@@ -223,78 +165,9 @@ class FunctionPool:
         """
         if namespace is None:
             return await self._invoke(handlers_dir, name, event, timeout, attempt, function_name)
-        async with self._slots(namespace):
+        slots = self._namespace_slots.setdefault(namespace, asyncio.Semaphore(self.per_namespace))
+        async with slots:
             return await self._invoke(handlers_dir, name, event, timeout, attempt, function_name)
-
-    def _slots(self, namespace: str) -> Slots:
-        return self._namespace_slots.setdefault(namespace, Slots(self.per_namespace))
-
-    def begin(
-        self,
-        handlers_dir: str | os.PathLike[str],
-        name: str,
-        event: dict[str, Any],
-        *,
-        timeout: float,
-        attempt: int = 1,
-        function_name: str | None = None,
-        namespace: str | None = None,
-    ) -> Begun | None:
-        """invoke's first half, from synchronous code: send the call now if the namespace's slot and
-        an idle worker are free without waiting, else None (then use invoke). `finish` (or `abandon`)
-        must follow.
-
-        Called in the watch callback, the function starts running while the callback goes on, instead
-        of after a task start, a slot and a worker queue, each a turn of the loop behind whatever else
-        is ready (the reconcile the same event queued): that wait was most of the dispatch time.
-        """
-        if self._idle is None or self._closed or self._acquiring:
-            return None
-        slots = self._slots(namespace) if namespace is not None else None
-        if slots is not None and not slots.try_take():
-            return None
-        worker = self._idle_now()
-        if worker is None:
-            if slots is not None:
-                slots.give()
-            return None
-        started = time.monotonic()
-        deadline = started + timeout
-        try:
-            _send(worker, ("invoke", os.fspath(handlers_dir), name, event, attempt, function_name or name, deadline))
-        except _WorkerDied:
-            self._discard(worker)
-            if slots is not None:
-                slots.give()
-            return None
-        return Begun(worker, name, deadline, timeout, started, slots)
-
-    async def finish(self, call: Begun) -> InvocationResult:
-        """The result of a begun call; never raises for anything the handler does (as invoke)."""
-        call.claimed = True
-        try:
-            return await self._complete(call.worker, call.name, call.deadline, call.limit, call.started)
-        finally:
-            if call.slots is not None:
-                call.slots.give()
-
-    def abandon(self, call: Begun) -> None:
-        """A begun call nobody will finish (its task was cancelled before it ran): kill its worker."""
-        if not call.claimed:
-            call.claimed = True
-            self._discard(call.worker)
-            if call.slots is not None:
-                call.slots.give()
-
-    def _idle_now(self) -> _Worker | None:
-        """A live idle worker if one is free right now."""
-        assert self._idle is not None
-        while not self._idle.empty():
-            worker = self._idle.get_nowait()
-            if worker.process.is_alive():
-                return worker
-            self._discard(worker)
-        return None
 
     async def _invoke(self, handlers_dir: str | os.PathLike[str], name: str, event: dict[str, Any],
                       timeout: float,  # noqa: ASYNC109 - as for invoke
@@ -323,28 +196,17 @@ class FunctionPool:
 
     async def _call(self, request: tuple[Any, ...], deadline: float, limit: float) -> InvocationResult:
         started = time.monotonic()
-        worker = await self._acquire(deadline)
-        if worker is None:
-            return InvocationResult(False, None, f"timed out after {limit:g}s waiting for a free worker",
-                                    (time.monotonic() - started) * 1000, True)
-        try:
-            _send(worker, request)
-        except _WorkerDied as exc:
-            self._discard(worker)
-            return InvocationResult(False, None, str(exc), (time.monotonic() - started) * 1000)
-        return await self._complete(worker, request[2], deadline, limit, started)
-
-    async def _complete(self, worker: _Worker, name: str, deadline: float, limit: float,
-                        started: float) -> InvocationResult:
-        """Wait for the reply of the request sent to `worker`; kill and replace it when it overruns."""
 
         def result(ok: bool, value: Any, error: str | None, timed_out: bool = False) -> InvocationResult:
             return InvocationResult(ok, value, error, (time.monotonic() - started) * 1000, timed_out)
 
+        worker = await self._acquire(deadline)
+        if worker is None:
+            return result(False, None, f"timed out after {limit:g}s waiting for a free worker", True)
         try:
-            ok, payload, error = await self._reply(worker, deadline)
+            ok, payload, error = await self._exchange(worker, request, deadline)
         except TimeoutError:
-            log.warning("killing function worker %s: %s overran %gs", worker.pid, name, limit)
+            log.warning("killing function worker %s: %s overran %gs", worker.pid, request[2], limit)
             self._discard(worker)
             return result(False, None, f"timed out after {limit:g}s", timed_out=True)
         except _WorkerDied as exc:
@@ -362,7 +224,6 @@ class FunctionPool:
             raise RuntimeError("FunctionPool.start() must be awaited before use")
         if self._closed:
             raise RuntimeError("FunctionPool is closed")
-        self._acquiring += 1
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 while True:
@@ -372,13 +233,14 @@ class FunctionPool:
                     self._discard(worker)  # died while idle (OOM killer, stray signal...)
         except TimeoutError:
             return None
-        finally:
-            self._acquiring -= 1
 
-    async def _reply(self, worker: _Worker, deadline: float) -> Reply:
-        """Wait for the reply to the request sent to `worker` without blocking the loop; TimeoutError
-        at deadline."""
+    async def _exchange(self, worker: _Worker, request: tuple[Any, ...], deadline: float) -> Reply:
+        """Send a request and wait for the reply without blocking the loop; TimeoutError at deadline."""
         loop = asyncio.get_running_loop()
+        try:
+            worker.conn.send(request)
+        except OSError as exc:
+            raise _WorkerDied(f"worker process died before the call ({exc})") from exc
         readable = loop.create_future()
         fd = worker.conn.fileno()
         loop.add_reader(fd, _set_done, readable)
@@ -473,14 +335,6 @@ class FunctionPool:
         self._spawner.shutdown(wait=False)
         self._lifeline_r.close()
         self._lifeline_w.close()  # any straggler exits now
-
-
-def _send(worker: _Worker, request: tuple[Any, ...]) -> None:
-    """Hand a request to an idle worker (a small pickle into its pipe: never blocks for long)."""
-    try:
-        worker.conn.send(request)
-    except OSError as exc:
-        raise _WorkerDied(f"worker process died before the call ({exc})") from exc
 
 
 def _noop() -> None:

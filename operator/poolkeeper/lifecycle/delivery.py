@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.transitions import NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
-from poolkeeper.functions.pool import Begun, FunctionPool, InvocationResult, Slots
+from poolkeeper.functions.pool import FunctionPool
 from poolkeeper.kube.api import ApiError, KubeApi, NotLeading, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
@@ -43,17 +43,6 @@ Settled = Callable[[PendingRecord, bool], None]
 BACKLOG_FULL = "BacklogFull"
 RETRIES_EXHAUSTED = "RetriesExhausted"
 DEAD_LETTER_QUEUE = 1000  # events waiting for the dead-letter URL; past it they are only counted
-# One attempt's outcome: (ok, error, retryable, retry after seconds)
-Outcome = tuple[bool, str, bool, float | None]
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """An event's first attempt, sent to a function worker from the event path (HandlerRuntime._begin)."""
-
-    event_id: str
-    attempt: int
-    call: Begun
 
 
 class HandlerRuntime:
@@ -79,7 +68,7 @@ class HandlerRuntime:
         self.dead_letters: deque[dict[str, Any]] = deque(maxlen=DEAD_LETTER_QUEUE)  # for the dead-letter URL
         self._dead_letter_task: asyncio.Task[None] | None = None
         outbox.shed = self._shed_bytes
-        self.semaphore = Slots(spec.max_concurrency)
+        self.semaphore = asyncio.Semaphore(spec.max_concurrency)
         counts = body.get("status") or {}
         self.counts = {k: int(counts.get(k) or 0) for k in ("invocations", "succeeded", "failed", "deadLettered")}
         self.last: dict[str, Any] | None = counts.get("lastInvocation")
@@ -211,40 +200,9 @@ class HandlerRuntime:
         if event_id not in queue:
             queue.append(event_id)
         if uid not in self.workers:
-            started = self._begin(record) if len(queue) == 1 else None
-            task = asyncio.create_task(self._drain(uid, started), name=f"deliver-{self.spec.name}-{uid[:8]}")
-            if started is not None:
-                task.add_done_callback(lambda _: self._abandon(started))
-            self.workers[uid] = task
+            self.workers[uid] = asyncio.create_task(self._drain(uid), name=f"deliver-{self.spec.name}-{uid[:8]}")
 
-    def _begin(self, record: PendingRecord) -> Started | None:
-        """Send a Python handler's event to a free worker right now, from the event path, when
-        nothing has to come first: no earlier event of the instance, no outbox write to wait for
-        (_durable), a concurrency slot and a worker free. Else None: _drain attempts it as usual."""
-        spec = self.spec
-        if spec.function_type != "Python" or record.from_state == NONE:
-            return None
-        if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():
-            return None
-        if not self.semaphore.try_take():
-            return None
-        attempt = record.attempts + 1
-        call = self.functions.begin(self.handlers_dir, spec.python_handler, dict(record.event), timeout=spec.timeout,
-                                    attempt=attempt, function_name=spec.python_handler, namespace=spec.namespace)
-        if call is None:
-            self.semaphore.give()
-            return None
-        self.in_flight.add(record.event_id)
-        return Started(record.event_id, attempt, call)
-
-    def _abandon(self, started: Started) -> None:
-        """The delivery task ended without taking over its begun call (cancelled before it ran)."""
-        if not started.call.claimed:
-            self.functions.abandon(started.call)
-            self.semaphore.give()
-            self.in_flight.discard(started.event_id)
-
-    async def _drain(self, uid: str, started: Started | None = None) -> None:
+    async def _drain(self, uid: str) -> None:
         """Deliver this instance's events one after the other: the next waits for the previous."""
         try:
             queue = self.queues[uid]
@@ -253,14 +211,12 @@ class HandlerRuntime:
                 record = self.outbox.pending.get(event_id)
                 if record is not None and record.from_state == NONE:
                     await self._durable()
-                if event_id in self.outbox.pending or started is not None:
+                if event_id in self.outbox.pending:
                     try:
-                        await self._deliver(event_id, started)
+                        await self._deliver(event_id)
                     except (TimeoutError, OSError, ApiError) as exc:
                         log.warning("delivery of %s stopped, kept in the outbox: %s", event_id, exc)
                         return
-                    finally:
-                        started = None
                 if queue and queue[0] == event_id:
                     queue.popleft()
         finally:
@@ -290,33 +246,26 @@ class HandlerRuntime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _deliver(self, event_id: str, begun: Started | None = None) -> None:
-        """Attempt until settled (the first attempt may be `begun` already); returns early when the
-        event left the backlog (dead-lettered) meanwhile."""
+    async def _deliver(self, event_id: str) -> None:
+        """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile."""
         spec = self.spec
         error = ""
         started = time.monotonic()
         while True:
-            if begun is not None:
-                attempt = begun.attempt
-                ok, error, retryable, retry_after = await self._finish(begun)
-                begun = None
-            else:
-                record = self.outbox.pending.get(event_id)
-                if record is None:
-                    return
-                attempt = record.attempts + 1
-                if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():  # shard lost
-                    raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
-                async with self.semaphore:
-                    self.in_flight.add(event_id)
-                    try:
-                        ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
-                    finally:
-                        self.in_flight.discard(event_id)
-            self.counts["invocations"] += 1
             record = self.outbox.pending.get(event_id)
             if record is None:
+                return
+            attempt = record.attempts + 1
+            if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():  # its shard is lost
+                raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
+            async with self.semaphore:
+                self.in_flight.add(event_id)
+                try:
+                    ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
+                finally:
+                    self.in_flight.discard(event_id)
+            self.counts["invocations"] += 1
+            if event_id not in self.outbox.pending:
                 return  # dead-lettered while it ran: already counted there
             record = replace(record, attempts=attempt)
             self.outbox.pending[event_id] = record
@@ -336,20 +285,13 @@ class HandlerRuntime:
         await self._dead_letter(dict(record.event), error)
         await self._settle(record, "DeadLettered", record.attempts, started, error)
 
-    async def _finish(self, started: Started) -> Outcome:
-        """The outcome of an attempt _begin sent; its slot and in-flight mark end with it."""
-        try:
-            return _function_outcome(await self.functions.finish(started.call))
-        finally:
-            self.semaphore.give()
-            self.in_flight.discard(started.event_id)
-
-    async def _attempt(self, event: dict[str, Any], attempt: int) -> Outcome:
+    async def _attempt(self, event: dict[str, Any], attempt: int) -> tuple[bool, str, bool, float | None]:
         spec = self.spec
         if spec.function_type == "Python":
-            return _function_outcome(await self.functions.invoke(
-                self.handlers_dir, spec.python_handler, event, timeout=spec.timeout, attempt=attempt,
-                function_name=spec.python_handler, namespace=spec.namespace))
+            result = await self.functions.invoke(self.handlers_dir, spec.python_handler, event, timeout=spec.timeout,
+                                                 attempt=attempt, function_name=spec.python_handler,
+                                                 namespace=spec.namespace)
+            return result.ok, result.error or "", True, None
         if self.problem and self.problem[0] == "URLNotAllowed":
             return False, self.problem[1], False, None
         async with self.http_slots:
@@ -428,7 +370,3 @@ class HandlerRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-def _function_outcome(result: InvocationResult) -> Outcome:
-    """A function's failures are all worth retrying: the next attempt may find the world changed."""
-    return result.ok, result.error or "", True, None
