@@ -502,10 +502,17 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
             rt.queue.add(key)
-            if (rt.lifecycle is not None and owns(rt, key) and rt.pools.source_refusal(spec) is None
-                    and rt.pools.node_source_refusal(spec) is None and rt.pools.ec2_refusal(spec) is None):
+            if rt.lifecycle is not None and _handlers_hear(rt, key, spec):
                 with fence.fenced(pool_fence(rt, key)):
                     rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
+
+
+def _handlers_hear(rt: Runtime, key: tuple[str, str], spec: PoolSpec) -> bool:
+    """Whether this replica tells the pool's handlers of its instances: it holds the pool, and
+    no source of the pool is refused (a refused source's instances are not members)."""
+    assert rt.pools is not None
+    return (owns(rt, key) and rt.pools.source_refusal(spec) is None
+            and rt.pools.node_source_refusal(spec) is None and rt.pools.ec2_refusal(spec) is None)
 
 
 def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
@@ -676,9 +683,7 @@ def _listed(rt: Runtime) -> None:
         selected = [state for state in pools.candidates(spec) if spec.selects(state.kind, state.labels)]
         if any(state.phase == Phase.DRAINING for state in selected):
             rt.drain_times.setdefault(key, now)
-        if (lifecycle is None or key not in with_handlers or not owns(rt, key)
-                or pools.source_refusal(spec) is not None or pools.node_source_refusal(spec) is not None
-                or pools.ec2_refusal(spec) is not None):
+        if lifecycle is None or key not in with_handlers or not _handlers_hear(rt, key, spec):
             continue
         policy = pools.address_policy(spec)
         with fence.fenced(pool_fence(rt, key)):
