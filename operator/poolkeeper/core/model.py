@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
+
+NO_ENTRIES: Mapping[str, str] = MappingProxyType({})  # one empty, read-only map for every record without any
 
 
 class Phase(StrEnum):
@@ -45,7 +48,7 @@ class InstanceState:
     labels: Mapping[str, str]
     phase: Phase
     reason: str
-    gates: Mapping[str, str] = field(default_factory=dict)  # our readiness gates -> their status now
+    gates: Mapping[str, str] = field(default_factory=lambda: NO_ENTRIES)  # our readiness gates -> their status now
     ec2_id: str = ""  # the EC2 instance id (a Node's spec.providerID, an Instance's spec.ec2InstanceID)
     # DOWN only because it is not ready: a pod that exists, is not terminating and keeps its address.
     # A health-checked pool keeps its server for a while (core.planner.unready_members), since

@@ -17,11 +17,12 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 
+from poolkeeper.core.compact import shared_name
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import ApiError, KubeApi
 
@@ -37,6 +38,51 @@ class Gone(Exception):
     """The resourceVersion we watch from is too old: list again."""
 
 
+class Identities:
+    """namespace -> name -> uid of what a list or watch showed: the names are the objects' own
+    strings, so 100,000 pods cost a map slot each, not a `namespace/name` string each."""
+
+    def __init__(self) -> None:
+        self._by_namespace: dict[str, dict[str, str]] = {}
+
+    def put(self, namespace: str, name: str, uid: str) -> None:
+        self._by_namespace.setdefault(shared_name(namespace), {})[name] = uid
+
+    def uid(self, namespace: str, name: str) -> str | None:
+        return self._by_namespace.get(namespace, {}).get(name)
+
+    def drop(self, namespace: str, name: str) -> None:
+        names = self._by_namespace.get(namespace)
+        if names is not None:
+            names.pop(name, None)
+            if not names:
+                del self._by_namespace[namespace]
+
+    def missing_from(self, other: Identities) -> Iterator[tuple[str, str, str]]:
+        """(namespace, name, uid) of what this holds and `other` does not."""
+        for namespace, names in self._by_namespace.items():
+            theirs = other._by_namespace.get(namespace, {})
+            for name, uid in names.items():
+                if name not in theirs:
+                    yield namespace, name, uid
+
+    def keys(self) -> set[str]:
+        """`namespace/name` of every object (for tests and logs)."""
+        return {f"{namespace}/{name}" for namespace, names in self._by_namespace.items() for name in names}
+
+    def __len__(self) -> int:
+        return sum(len(names) for names in self._by_namespace.values())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Identities):
+            return self._by_namespace == other._by_namespace
+        if isinstance(other, dict):  # as a flat {namespace/name: uid} map (tests)
+            return {f"{ns}/{n}": u for ns, names in self._by_namespace.items() for n, u in names.items()} == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Informer:
     def __init__(self, api: KubeApi, path: str, handle: Handler, *, label_selector: str | None = None,
                  list_concurrency: int = 1) -> None:
@@ -46,7 +92,7 @@ class Informer:
         # events stay in order, and the list is complete only when every one was handled
         self.list_concurrency = max(1, list_concurrency)
         self.resource_version = ""
-        self.known: dict[str, str] = {}  # namespace/name -> uid, to notice deletions missed between lists
+        self.known = Identities()  # namespace -> name -> uid, to notice deletions missed between lists
         self.synced = asyncio.Event()
         self.events = 0
         self.lists = 0  # completed lists: 1 + the relists
@@ -63,13 +109,18 @@ class Informer:
         meta = obj.get("metadata") or {}
         return f"{meta.get('namespace') or ''}/{meta.get('name')}"
 
+    @staticmethod
+    def _names(obj: Mapping[str, Any]) -> tuple[str, str]:
+        meta = obj.get("metadata") or {}
+        return meta.get("namespace") or "", meta.get("name") or ""
+
     async def sync(self) -> None:
         """List every object (in pages) and hand each over; objects that vanished are DELETED.
 
         The next page is asked for before this one is handed over, so the API server prepares it
         while we decode and convert (two processes on two cores instead of taking turns).
         """
-        seen: dict[str, str] = {}
+        seen = Identities()
         running: set[asyncio.Future[None]] = set()
         page = await self._page("")
         while True:
@@ -79,13 +130,15 @@ class Informer:
                 kind = (page.get("kind") or "List").removesuffix("List")
                 for obj in page.get("items") or []:
                     obj.setdefault("kind", kind)
-                    key = self._key(obj)
-                    uid = seen[key] = obj["metadata"].get("uid", "")
+                    namespace, name = self._names(obj)
+                    uid = obj["metadata"].get("uid", "")
+                    seen.put(namespace, name, uid)
+                    known = self.known.uid(namespace, name)
                     events = []
-                    if key in self.known and self.known[key] != uid:  # re-created while we did not watch
-                        events.append(("DELETED", self._tombstone(key)))
-                        self.known.pop(key)
-                    events.append(("MODIFIED" if key in self.known else "ADDED", obj))
+                    if known is not None and known != uid:  # re-created while we did not watch
+                        events.append(("DELETED", self._tombstone(namespace, name, known)))
+                        known = None
+                    events.append(("MODIFIED" if known is not None else "ADDED", obj))
                     await self._hand_over(events, running)
                 if following is None:
                     await asyncio.gather(*running)
@@ -99,8 +152,8 @@ class Informer:
                 self.resource_version = page["metadata"]["resourceVersion"]
                 break
             page = await following
-        for key in set(self.known) - set(seen):
-            await self._deliver("DELETED", self._tombstone(key))
+        for namespace, name, uid in list(self.known.missing_from(seen)):
+            await self._deliver("DELETED", self._tombstone(namespace, name, uid))
         self.known = seen
         self.lists += 1
         self.synced.set()
@@ -126,13 +179,14 @@ class Informer:
         params = self._params(limit=str(PAGE), **({"continue": token} if token else {}))
         return await self.api.get(self.path, params=params)
 
-    def _tombstone(self, key: str) -> dict[str, Any]:
+    @staticmethod
+    def _tombstone(namespace: str, name: str, uid: str) -> dict[str, Any]:
         """What a DELETED missed between lists carries: the identity we knew."""
-        namespace, _, name = key.partition("/")
-        return {"metadata": {"namespace": namespace or None, "name": name, "uid": self.known[key]}}
+        return {"metadata": {"namespace": namespace or None, "name": name, "uid": uid}}
 
     async def _deliver(self, kind: str, obj: dict[str, Any]) -> None:
         self.events += 1
+        (obj.get("metadata") or {}).pop("managedFields", None)  # never read; the largest part of a kept body
         try:
             result = self.handle(kind, obj)
             if inspect.isawaitable(result):
@@ -203,9 +257,9 @@ class Informer:
         self.resource_version = (obj.get("metadata") or {}).get("resourceVersion") or self.resource_version
         if kind == "BOOKMARK":
             return
-        key = self._key(obj)
+        namespace, name = self._names(obj)
         if kind == "DELETED":
-            self.known.pop(key, None)
+            self.known.drop(namespace, name)
         else:
-            self.known[key] = obj["metadata"].get("uid", "")
+            self.known.put(namespace, name, obj["metadata"].get("uid", ""))
         await self._deliver(str(kind), obj)

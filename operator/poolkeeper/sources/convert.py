@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from poolkeeper.core.compact import shared_labels, shared_name
 from poolkeeper.core.elbv2 import ec2_instance_id
-from poolkeeper.core.model import InstanceState, Phase
+from poolkeeper.core.model import NO_ENTRIES, InstanceState, Phase
 from poolkeeper.core.selectors import LabelSelector, Requirement, SelectorError
 
 GATE_PREFIX = "poolkeeper.dev/"
@@ -22,9 +23,10 @@ def _conditions(status: Mapping[str, Any]) -> dict[str, str]:
     return {c.get("type", ""): c.get("status", "") for c in status.get("conditions") or []}
 
 
-def _meta(obj: Mapping[str, Any]) -> tuple[str, str, str, dict[str, str]]:
+def _meta(obj: Mapping[str, Any]) -> tuple[str, str, str, Mapping[str, str]]:
     meta = obj.get("metadata") or {}
-    return meta.get("namespace") or "", meta.get("name") or "", meta.get("uid") or "", dict(meta.get("labels") or {})
+    return (shared_name(meta.get("namespace") or ""), meta.get("name") or "", meta.get("uid") or "",
+            shared_labels(meta.get("labels")))
 
 
 def pod_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
@@ -40,7 +42,7 @@ def pod_state(obj: Mapping[str, Any], deleted: bool = False) -> InstanceState:
         g["conditionType"]: conditions.get(g["conditionType"], "")
         for g in spec.get("readinessGates") or []
         if str(g.get("conditionType", "")).startswith(GATE_PREFIX)
-    }
+    } or NO_ENTRIES
     ready = conditions.get("ContainersReady" if gates else "Ready") == "True"
     address = status.get("podIP") or None
     terminating = bool((obj.get("metadata") or {}).get("deletionTimestamp"))
