@@ -44,6 +44,7 @@ from poolkeeper.core.tenancy import NodeSourcePolicy, parse_ec2_source_namespace
 from poolkeeper.kube import fence
 from poolkeeper.kube.api import ApiError, KubeApi, resource_path
 from poolkeeper.kube.credentials import handler_kubeconfig, load_credentials
+from poolkeeper.kube.decoding import NODE, POD
 from poolkeeper.kube.events import EventRecorder
 from poolkeeper.kube.informer import Handler, Informer
 from poolkeeper.kube.lease import LeaderElector
@@ -633,8 +634,8 @@ def _informers(rt: Runtime) -> Informers:
         pools=each("targetpools", pool_event),
         handlers=each("lifecyclehandlers", lifecycle_handler_event, list_concurrency=LIST_CONCURRENCY)
         if rt.lifecycle is not None else [],
-        instances=[Informer(api, resource_path("v1", "nodes"), node_event),
-                   *each("pods", pod_event, "v1", label_selector=rt.options.pod_label_selector),
+        instances=[Informer(api, resource_path("v1", "nodes"), node_event, schema=NODE),
+                   *each("pods", pod_event, "v1", label_selector=rt.options.pod_label_selector, schema=POD),
                    *each("instances", instance_event)])
 
 

@@ -21,6 +21,9 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import kopf
 
+from poolkeeper.kube.decoding import Decode, encode
+from poolkeeper.kube.decoding import decode as decode_whole
+
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -171,7 +174,7 @@ class KubeApi:
                 await session.close()
 
     async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
-                      params: Mapping[str, str] | None = None) -> Any:
+                      params: Mapping[str, str] | None = None, decode: Decode = decode_whole) -> Any:
         """One request; reads (GET) are retried briefly on 429/5xx and dropped connections, as
         an API server answers those while it starts or its storage for a new CRD initialises."""
         if method != "GET" and self.may_write is not None and not self.may_write():
@@ -179,7 +182,8 @@ class KubeApi:
         attempts = READ_ATTEMPTS if method == "GET" else 1
         for attempt in range(1, attempts + 1):
             try:
-                return await self._request_once(method, path, body=body, content_type=content_type, params=params)
+                return await self._request_once(method, path, body=body, content_type=content_type, params=params,
+                                                decode=decode)
             except ApiError as exc:
                 if attempt == attempts or exc.status not in RETRIED_STATUSES:
                     raise
@@ -192,23 +196,24 @@ class KubeApi:
         raise AssertionError("unreachable")
 
     async def _request_once(self, method: str, path: str, *, body: Any, content_type: str,
-                            params: Mapping[str, str] | None) -> Any:
+                            params: Mapping[str, str] | None, decode: Decode) -> Any:
         url = self.server + path + (f"?{urlencode(params)}" if params else "")
-        data = None if body is None else json.dumps(body)
+        data = None if body is None else encode(body)
         for attempt in (1, 2):
             auth = dict(self.headers)
             headers = {**auth, "Content-Type": content_type} if data is not None else auth
             async with self.session.request(method, url, data=data, headers=headers) as resp:
-                text = await resp.text()
+                raw = await resp.read()
                 if resp.status == 401 and attempt == 1 and await self.reload_credentials(auth):
                     continue
                 if resp.status >= 300:
-                    raise _error(resp, text)
-                return json.loads(text) if text else None
+                    raise _error(resp, raw.decode("utf-8", "replace"))
+                return decode(raw) if raw else None
         raise AssertionError("unreachable")
 
-    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
-        return await self.request("GET", path, params=params)
+    async def get(self, path: str, params: Mapping[str, str] | None = None, decode: Decode = decode_whole) -> Any:
+        """`decode`: how the answer's bytes become objects (kube.decoding: whole, or a kind's schema)."""
+        return await self.request("GET", path, params=params, decode=decode)
 
     async def list_items(self, path: str) -> list[dict[str, Any]]:
         """The items of a list, each with the apiVersion and kind that a list leaves out."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -25,6 +24,7 @@ import aiohttp
 from poolkeeper.core.compact import shared_name
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import ApiError, KubeApi
+from poolkeeper.kube.decoding import Schema, decode
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, dict[str, Any]], Awaitable[None] | None]  # (ADDED | MODIFIED | DELETED, object)
@@ -85,8 +85,10 @@ class Identities:
 
 class Informer:
     def __init__(self, api: KubeApi, path: str, handle: Handler, *, label_selector: str | None = None,
-                 list_concurrency: int = 1) -> None:
+                 list_concurrency: int = 1, schema: Schema | None = None) -> None:
         self.api, self.path, self.handle, self.label_selector = api, path, handle, label_selector
+        # the fields the handler reads (kube.decoding), or None: objects are decoded whole
+        self.schema = schema
         # objects of one list whose (async) handling may overlap: for handlers that wait on I/O
         # per object (a LoadBalancer's probe, a LifecycleHandler's outbox); each object's own
         # events stay in order, and the list is complete only when every one was handled
@@ -177,7 +179,8 @@ class Informer:
 
     async def _page(self, token: str) -> Any:
         params = self._params(limit=str(PAGE), **({"continue": token} if token else {}))
-        return await self.api.get(self.path, params=params)
+        return await self.api.get(self.path, params=params,
+                                  **({"decode": self.schema.page} if self.schema is not None else {}))
 
     @staticmethod
     def _tombstone(namespace: str, name: str, uid: str) -> dict[str, Any]:
@@ -248,7 +251,7 @@ class Informer:
             raise
 
     async def _on_line(self, line: bytes) -> None:
-        event = json.loads(line)
+        event = self.schema.event(line) if self.schema is not None else decode(line)
         kind, obj = event.get("type"), event.get("object") or {}
         if kind == "ERROR":
             if obj.get("code") == 410:
