@@ -43,6 +43,7 @@ class FakeHAProxy:
     servers: dict[tuple[str, str], ActualMember] = field(default_factory=dict)
     health: str = "UP"  # what checks say of a server once it is added with checks on
     log: list[tuple[str, Action]] = field(default_factory=list)
+    reads: int = 0  # read_members calls
 
     def in_backend(self, backend: str) -> dict[str, ActualMember]:
         return {n: m for (b, n), m in self.servers.items() if b == backend}
@@ -55,6 +56,7 @@ class FakePool:
         self.lb, self.backend, self.prefix, self.check = lb, backend, prefix, check
 
     async def read_members(self) -> dict[str, ActualMember]:
+        self.lb.reads += 1
         return {n: m for n, m in self.lb.in_backend(self.backend).items() if n.startswith(self.prefix)}
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
@@ -63,6 +65,9 @@ class FakePool:
             assert action.name.startswith(self.prefix), "a pool touched a server it does not own"
             key = (self.backend, action.name)
             self.lb.log.append((self.backend, action))
+            if isinstance(action, SetAdmin | SetWeight) and key not in self.lb.servers:
+                out.append(ActionResult(action, False, "No such server."))  # as HAProxy answers
+                continue
             if isinstance(action, AddMember):
                 health = self.lb.health if self.check else ""
                 self.lb.servers[key] = ActualMember(action.name, action.address, action.port, Admin.MAINT, health, 0,
@@ -86,6 +91,10 @@ class FakeLoadBalancers:
         self.specs: dict[str, LoadBalancerSpec] = {}
         self.clients: dict[str, FakeHAProxy] = {}
         self.retired: dict[str, FakeHAProxy] = {}
+        self.generations: dict[str, int] = {}  # LoadBalancers.generation: moved by a restart or lost connection
+
+    def generation(self, name: str) -> int:
+        return self.generations.get(name, 0) if name in self.specs else -1
 
     def add(self, name: str, backends: Sequence[str], **spec: Any) -> FakeHAProxy:
         self.specs[name] = parse_load_balancer({"metadata": {"name": name}, "spec": {
@@ -538,3 +547,66 @@ def test_a_pool_whose_readiness_gates_disagree_is_not_settled(world: World) -> N
     world.put_pool(pool_body(haproxy("edge", "b1")), "1")
     world.settle()
     assert resync_due(world) == [(NS, "web")], "a gate write that did not arrive is retried by the resync"
+
+
+def flip(world: World, index: int, phase: Phase) -> None:
+    pod = world.store.get_instance("Pod", NS, f"web-{index}")
+    assert pod is not None
+    world.store.put_instance(replace(pod, phase=phase, reason=f"pod {phase.value}", unready=phase is Phase.DOWN))
+
+
+def test_a_settled_pool_plans_an_instance_event_from_the_servers_it_left_without_reading_haproxy(
+        world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(3)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    reads = lb.reads
+    flip(world, 0, Phase.DOWN)
+    world.reconcile()
+    assert lb.reads == reads, "the event was planned from the view the last reconcile left"
+    assert sorted(admins(lb, "b1").values()) == [Admin.DRAIN, Admin.READY, Admin.READY]
+    flip(world, 0, Phase.UP)
+    world.settle()
+    assert set(admins(lb, "b1").values()) == {Admin.READY}
+
+
+def test_the_view_is_not_used_after_a_haproxy_restart_with_checks_or_after_a_resync_found_a_change(
+        world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+
+    world.lbs.generations["edge"] = 1  # a new HAProxy process: its runtime servers are gone
+    lb.servers.clear()
+    reads = lb.reads
+    world.settle()
+    assert lb.reads > reads and len(admins(lb, "b1")) == 2, "read, and every server put back"
+
+    (first, *_) = sorted(lb.in_backend("b1"))
+    lb.servers[("b1", first)] = replace(lb.servers[("b1", first)], admin=Admin.MAINT)  # someone else's change
+    assert resync_due(world) == [(NS, "web")]
+    world.reconcile()
+    assert set(admins(lb, "b1").values()) == {Admin.READY}, "the resync's reconcile read HAProxy and repaired it"
+
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True)), "2")
+    world.settle()
+    reads = lb.reads
+    flip(world, 1, Phase.DOWN)
+    world.reconcile()
+    assert lb.reads == reads + 1, "checks change a server's health on their own: always read"
+
+
+def test_a_plan_made_on_a_view_haproxy_no_longer_matches_fails_and_is_made_again_from_a_read(
+        world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    lb.servers.clear()  # a new HAProxy process, not noticed yet (same generation)
+    flip(world, 0, Phase.DOWN)
+    assert world.reconcile().failed, "HAProxy refused a command on a server it no longer has"
+    flip(world, 0, Phase.UP)
+    world.settle()
+    assert len(admins(lb, "b1")) == 2 and set(admins(lb, "b1").values()) == {Admin.READY}

@@ -51,6 +51,9 @@ class _Entry:
     next_probe: float = 0.0  # loop time
     quick_until: float = 0.0  # loop time: a lost connection's probes are retried quickly, unreported, until then
     published: tuple[bool | None, str, str] | None = None  # (reachable, version, error) last published
+    # moves whenever HAProxy may hold other servers than the pools left there (a new process, a lost
+    # connection, unreachable and back): a pool's remembered view of its servers is void after it
+    generation: int = 0
 
 
 class LoadBalancers:
@@ -229,6 +232,11 @@ class LoadBalancers:
         entry = self._entries.get(name)
         return (entry.spec, entry.client) if entry else None
 
+    def generation(self, name: str) -> int:
+        """See _Entry.generation; -1 for a LoadBalancer not known."""
+        entry = self._entries.get(name)
+        return entry.generation if entry else -1
+
     def client_for_cleanup(self, name: str) -> HAProxyClient | None:
         """A client to the LoadBalancer's HAProxy even if it was deleted: pools remove their own
         servers through it, and nothing else."""
@@ -250,6 +258,7 @@ class LoadBalancers:
         entry = self._entries.get(name)
         if entry is None or entry.client is not client:
             return  # a client replaced or retired meanwhile
+        entry.generation += 1
         now = asyncio.get_running_loop().time()
         entry.next_probe = now
         entry.quick_until = now + self.interval
@@ -317,6 +326,9 @@ class LoadBalancers:
                 self.events.post(body, reason, message, warning=warning)
 
     def _notify_pools(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is not None:
+            entry.generation += 1
         for key in self.pools_using(name):
             self.enqueue(key)
 

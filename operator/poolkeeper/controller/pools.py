@@ -129,6 +129,8 @@ class Settled:
     spec: PoolSpec
     client: Any  # the LoadBalancer's runtime-API client (a new one: the LoadBalancer changed)
     servers: dict[str, tuple[str, int, Admin, str, int | None]]
+    actual: Mapping[str, ActualMember]  # the servers as this reconcile left them
+    generation: int  # the LoadBalancer's (LoadBalancers.generation) when it did
 
 
 def settled_view(actual: Mapping[str, ActualMember]) -> dict[str, tuple[str, int, Admin, str, int | None]]:
@@ -342,7 +344,7 @@ class PoolController:
             return Outcome()
         spec = self.spec(key)
         memory = self.memory.setdefault(key, PoolMemory())
-        memory.settled = None  # set again by _settle if this reconcile leaves everything in place
+        settled, memory.settled = memory.settled, None  # set again by _settle if this one leaves all in place
         if memory.placements is None:
             memory.placements = placements_from_status(body)
         if isinstance(spec, InvalidSpec):
@@ -356,7 +358,7 @@ class PoolController:
             await self._add_finalizer(body)
         try:  # 1. resolve, 2. read
             backend, policy = await self._backend(spec)
-            actual = await backend.read_members()
+            actual = self._left_as_settled(spec, settled) or await backend.read_members()
         except Blocked as blocked:
             return await self._blocked(body, spec, memory, blocked)
         except BACKEND_ERRORS as exc:
@@ -424,8 +426,30 @@ class PoolController:
                 or any(pod.gates.get(gate) != wanted_gate(memory.reports.get(pod.ref))[0]
                        for pod in self._pods_with_gate(spec))):  # a gate write that failed is retried by resyncs
             return Outcome(RESYNC_SECONDS)
-        memory.settled, memory.verified = Settled(spec, found[1], settled_view(after)), 0
+        memory.settled = Settled(spec, found[1], settled_view(after), after, self._generation(spec.load_balancer))
+        memory.verified = 0
         return Outcome()
+
+    def _generation(self, lb: str) -> int:
+        generation: Callable[[str], int] | None = getattr(self.lbs, "generation", None)
+        return generation(lb) if generation is not None else -1
+
+    def _left_as_settled(self, spec: PoolSpec, settled: Settled | None) -> Mapping[str, ActualMember] | None:
+        """The servers as the last reconcile left them, if nothing but this operator can have changed
+        them since: a pool without health checks (checks change a server's health on their own),
+        the same spec, LoadBalancer client and generation (no restart, reload or lost connection).
+
+        An instance's event then costs no read of HAProxy; a server someone else changed is found
+        by the periodic resync (resync_due re-reads every settled pool), and a plan made on a view
+        that HAProxy no longer matches fails on its first command and is made again from a read.
+        """
+        if settled is None or spec.health_check is not None or spec.backend_type != "HAProxy":
+            return None
+        found = self.lbs.get(spec.load_balancer)
+        if (found is None or found[1] is not settled.client or (spec is not settled.spec and spec != settled.spec)
+                or self._generation(spec.load_balancer) != settled.generation or settled.generation < 0):
+            return None
+        return settled.actual
 
     async def resync_due(self, keys: Sequence[Key],
                          fence_of: Callable[[Key], fence.Check | None] = lambda key: None) -> list[Key]:
@@ -449,7 +473,12 @@ class PoolController:
             with fence.fenced(fence_of(key)):
                 return await self._still_settled(key)
         found = await asyncio.gather(*(still_settled(key) for key in checks), return_exceptions=True)
-        return due + [key for key, same in zip(checks, found, strict=True) if same is not True]  # errors: reconcile
+        due += [key for key, same in zip(checks, found, strict=True) if same is not True]  # errors: reconcile
+        for key in due:  # its reconcile reads the backend: no view of it is taken as current
+            memory = self.memory.get(key)
+            if memory is not None:
+                memory.settled = None
+        return due
 
     async def _still_settled(self, key: Key) -> bool:
         memory = self.memory.get(key)
