@@ -5,7 +5,6 @@ the API server restarting) is retried with backoff instead of being lost."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Protocol
@@ -14,6 +13,7 @@ import aiohttp
 
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.kube.api import MERGE, ApiError, NotLeading
+from poolkeeper.kube.decoding import canonical
 
 log = logging.getLogger(__name__)
 RETRIED = frozenset({409, 429, 500, 502, 503, 504})
@@ -39,7 +39,7 @@ class StatusWriter:
         self.interval = interval
         self.first_retry = first_retry
         self._pending: dict[str, dict[str, Any]] = {}
-        self._written: dict[str, str] = {}
+        self._written: dict[str, bytes] = {}  # the canonical JSON last written, per object
         self._last_write: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = 0
@@ -47,7 +47,7 @@ class StatusWriter:
 
     def submit(self, path: str, status: dict[str, Any]) -> None:
         """Queue `status` (a merge patch of .status) for the object at `path` (its /status URL)."""
-        if path not in self._tasks and self._written.get(path) == json.dumps(status, sort_keys=True):
+        if path not in self._tasks and self._written.get(path) == canonical(status):
             return  # (with a write in flight, this may be newer than it: the writer compares before writing)
         self._pending[path] = status
         if path not in self._tasks:
@@ -70,7 +70,7 @@ class StatusWriter:
                     status = self._pending.pop(path, None)  # the newest, also if one came while waiting
                     if status is None:
                         break
-                    text = json.dumps(status, sort_keys=True)
+                    text = canonical(status)
                     if self._written.get(path) == text:
                         continue
                     self._last_write[path] = time.monotonic()
