@@ -115,6 +115,7 @@ class PoolMemory:
     failing: str = ""  # the backend failure last reported with an Event
     placements: list[Placement] | None = None  # where the pool's servers may be; None: not read from status yet
     settled: Settled | None = None  # the last reconcile left everything in place; None: not (or not known)
+    left: LeftView | None = None  # what the next reconcile may plan from instead of reading HAProxy
     verified: int = 0  # resyncs since then that found the backend as it was left
 
     def since(self, where: Placement) -> dict[str, float]:
@@ -129,8 +130,17 @@ class Settled:
     spec: PoolSpec
     client: Any  # the LoadBalancer's runtime-API client (a new one: the LoadBalancer changed)
     servers: dict[str, tuple[str, int, Admin, str, int | None]]
-    actual: Mapping[str, ActualMember]  # the servers as this reconcile left them
+
+
+@dataclass(frozen=True, slots=True)
+class LeftView:
+    """The servers of an HAProxy pool as its last reconcile left them, while only this operator
+    can change them: no health checks, nothing draining (sessions are HAProxy's to count)."""
+
+    spec: PoolSpec
+    client: Any  # the LoadBalancer's runtime-API client
     generation: int  # the LoadBalancer's (LoadBalancers.generation) when it did
+    actual: Mapping[str, ActualMember]
 
 
 def settled_view(actual: Mapping[str, ActualMember]) -> dict[str, tuple[str, int, Admin, str, int | None]]:
@@ -344,7 +354,8 @@ class PoolController:
             return Outcome()
         spec = self.spec(key)
         memory = self.memory.setdefault(key, PoolMemory())
-        settled, memory.settled = memory.settled, None  # set again by _settle if this one leaves all in place
+        memory.settled = None  # set again by _settle if this reconcile leaves everything in place
+        view, memory.left = memory.left, None  # set again below if this one leaves a view worth keeping
         if memory.placements is None:
             memory.placements = placements_from_status(body)
         if isinstance(spec, InvalidSpec):
@@ -358,7 +369,7 @@ class PoolController:
             await self._add_finalizer(body)
         try:  # 1. resolve, 2. read
             backend, policy = await self._backend(spec)
-            actual = self._left_as_settled(spec, settled) or await backend.read_members()
+            actual = self._left_view(spec, view) or await backend.read_members()
         except Blocked as blocked:
             return await self._blocked(body, spec, memory, blocked)
         except BACKEND_ERRORS as exc:
@@ -407,6 +418,7 @@ class PoolController:
                     else "the servers left where the pool was before could not be reached yet")
             synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}; {left}")
         self._publish(body, spec, memory, reports, synced, desired=wanted.serving)
+        memory.left = self._view_left(spec, results, final.actions, elsewhere, after)
         if hard:
             return Outcome(failed=True)
         if final.actions:
@@ -426,30 +438,42 @@ class PoolController:
                 or any(pod.gates.get(gate) != wanted_gate(memory.reports.get(pod.ref))[0]
                        for pod in self._pods_with_gate(spec))):  # a gate write that failed is retried by resyncs
             return Outcome(RESYNC_SECONDS)
-        memory.settled = Settled(spec, found[1], settled_view(after), after, self._generation(spec.load_balancer))
-        memory.verified = 0
+        memory.settled, memory.verified = Settled(spec, found[1], settled_view(after)), 0
         return Outcome()
 
     def _generation(self, lb: str) -> int:
         generation: Callable[[str], int] | None = getattr(self.lbs, "generation", None)
         return generation(lb) if generation is not None else -1
 
-    def _left_as_settled(self, spec: PoolSpec, settled: Settled | None) -> Mapping[str, ActualMember] | None:
-        """The servers as the last reconcile left them, if nothing but this operator can have changed
-        them since: a pool without health checks (checks change a server's health on their own),
-        the same spec, LoadBalancer client and generation (no restart, reload or lost connection).
-
-        An instance's event then costs no read of HAProxy; a server someone else changed is found
-        by the periodic resync (resync_due re-reads every settled pool), and a plan made on a view
-        that HAProxy no longer matches fails on its first command and is made again from a read.
-        """
-        if settled is None or spec.health_check is not None or spec.backend_type != "HAProxy":
+    def _view_left(self, spec: PoolSpec, results: Sequence[ActionResult], still: Sequence[Any], elsewhere: int,
+                   after: Mapping[str, ActualMember]) -> LeftView | None:
+        """The servers as this reconcile left them, kept when nothing but this operator can change
+        them before the next one: an HAProxy pool without health checks (checks change a server's
+        health on their own), every action done, nothing left to do or draining (a drain waits for
+        sessions that HAProxy counts), no old placement being emptied."""
+        if spec.backend_type != "HAProxy" or spec.health_check is not None or still or elsewhere \
+                or not all(r.ok for r in results) or any(m.admin is Admin.DRAIN for m in after.values()):
             return None
         found = self.lbs.get(spec.load_balancer)
-        if (found is None or found[1] is not settled.client or (spec is not settled.spec and spec != settled.spec)
-                or self._generation(spec.load_balancer) != settled.generation or settled.generation < 0):
+        generation = self._generation(spec.load_balancer)
+        return LeftView(spec, found[1], generation, after) if found is not None and generation >= 0 else None
+
+    def _left_view(self, spec: PoolSpec, left: LeftView | None) -> Mapping[str, ActualMember] | None:
+        """The view the last reconcile left, if still good: the same spec, LoadBalancer client and
+        generation (no restart, reload, lost connection or outage of HAProxy since).
+
+        An instance's event then costs no read of HAProxy. A server someone else changed is found
+        by the periodic resync (which re-reads every pool, and whose reconciles read), and a plan
+        made on a view HAProxy no longer matches fails on its first command and is made again
+        from a read.
+        """
+        if left is None:
             return None
-        return settled.actual
+        found = self.lbs.get(spec.load_balancer)
+        if (found is None or found[1] is not left.client or (spec is not left.spec and spec != left.spec)
+                or self._generation(spec.load_balancer) != left.generation):
+            return None
+        return left.actual
 
     async def resync_due(self, keys: Sequence[Key],
                          fence_of: Callable[[Key], fence.Check | None] = lambda key: None) -> list[Key]:
@@ -477,7 +501,7 @@ class PoolController:
         for key in due:  # its reconcile reads the backend: no view of it is taken as current
             memory = self.memory.get(key)
             if memory is not None:
-                memory.settled = None
+                memory.left = None
         return due
 
     async def _still_settled(self, key: Key) -> bool:
