@@ -93,7 +93,6 @@ class OperatorOptions:
     ec2_source_namespaces: NodeSourcePolicy | None = None  # None: no namespace may use the operator's AWS identity
     lifecycle_heartbeat_seconds: float = 60.0  # RecordLifecycleActionHeartbeat this often while a hook waits
     shards: int = 1  # > 1: pools spread over this many shard Leases across replicas (controller/shards.py)
-    api_compression: bool = False  # ask the API server for gzip answers (for a slow link to it)
 
 
 @dataclass
@@ -148,7 +147,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True  # kopf watches nothing: every watch is one of our informers
     def reload() -> kopf.ConnectionInfo:  # on 401: a rotated ServiceAccount token
         return load_credentials(rt.options.kubeconfig)
-    rt.api = KubeApi(reload(), reload=reload, compression=rt.options.api_compression)
+    rt.api = KubeApi(reload(), reload=reload)
     if rt.options.metrics_port and rt.probe is None:
         rt.probe = await start_probe_server(rt.metrics, lambda: _readiness(rt), rt.options.metrics_address,
                                             rt.options.metrics_port)

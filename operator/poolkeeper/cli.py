@@ -25,7 +25,6 @@ def _run(args: argparse.Namespace) -> int:
         http_namespace_concurrency=args.http_namespace_concurrency, cluster_id=args.cluster_id,
         ec2_source_namespaces=args.ec2_source_namespaces,
         lifecycle_heartbeat_seconds=args.lifecycle_heartbeat_seconds, shards=args.shards,
-        api_compression=args.api_compression,
     ))
 
 
@@ -149,9 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a quarter of --http-connections; always fewer than it)")
     run.add_argument("--pod-label-selector", default=None,
                      help="server-side label selector for the Pod watch (e.g. 'poolkeeper.dev/member')")
-    run.add_argument("--api-compression", action="store_true",
-                     help="ask the API server for gzip-compressed answers; off by default: compressing a "
-                          "100,000-pod list costs the API server more CPU than the cluster network saves")
     run.add_argument("--cluster-id", type=_cluster_id, default="",
                      help="owner id of this operator's servers, for HAProxy backends shared with other clusters: "
                           "its server names start with pk.<id>. and it touches no other server; default empty: "

@@ -105,13 +105,10 @@ class KubeApi:
     """Requests against one API server; JSON in, JSON out, ApiError on failure."""
 
     def __init__(self, info: kopf.ConnectionInfo, *, limit: int = 32, reload: Reload | None = None,
-                 may_write: Callable[[], bool] | None = None, compression: bool = False) -> None:
+                 may_write: Callable[[], bool] | None = None) -> None:
         self.info = info
         self.server = info.server.rstrip("/")
-        # Uncompressed by default: gzip of a 100,000-pod list costs the API server (and us) more CPU
-        # than sending it over the cluster network takes; --api-compression for a slow link.
-        self.encoding = "gzip" if compression else "identity"
-        self.headers = self._headers(info)
+        self.headers = {"Accept": "application/json", **info.as_http_headers()}
         self._ssl = ssl_context(info)
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
@@ -133,16 +130,13 @@ class KubeApi:
             if rejected.get("Authorization") != self.headers.get("Authorization"):
                 return True
             info = await asyncio.to_thread(self._reload)
-            headers = self._headers(info)
+            headers = {"Accept": "application/json", **info.as_http_headers()}
             if headers == self.headers:
                 return False
             log.info("the API server refused our credentials (401); using the reloaded ones")
             self.info, self.headers = info, headers
             self.reloads += 1
             return True
-
-    def _headers(self, info: kopf.ConnectionInfo) -> dict[str, str]:
-        return {"Accept": "application/json", "Accept-Encoding": self.encoding, **info.as_http_headers()}
 
     @property
     def session(self) -> aiohttp.ClientSession:
