@@ -34,10 +34,10 @@ SLOW = {"intervalSeconds": 30, "rise": 2, "fall": 3}  # no first check for a whi
 
 
 def stat_of(haproxy: HAProxyProcess, address: str) -> dict[str, str]:
-    """The `show stat` row of the poolkeeper server at `address`."""
+    """The `show stat` row of the poolkeeper server at `address`; {} while HAProxy has none there."""
     servers = haproxy_servers(haproxy, "web")
-    name = next(n for n, a in servers.items() if a.split(":")[0] == address)
-    row: dict[str, str] = haproxy_stats(haproxy, "web")[name]
+    name = next((n for n, a in servers.items() if a.split(":")[0] == address), None)
+    row: dict[str, str] = haproxy_stats(haproxy, "web").get(name, {}) if name is not None else {}
     return row
 
 
