@@ -441,12 +441,12 @@ async def _worker(rt: Runtime, until_idle: bool = False) -> None:
                 continue
             with fence.fenced(pool_fence(rt, key)):
                 outcome = await rt.pools.reconcile(key)
-            rt.metrics.reconciles.labels(result="error" if outcome.failed else "ok").inc()
+            rt.metrics.reconciled("error" if outcome.failed else "ok").inc()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("reconcile of pool %s/%s failed", *key)
-            rt.metrics.reconciles.labels(result="error").inc()
+            rt.metrics.reconciled("error").inc()
             outcome = Outcome(failed=True)
         finally:
             rt.queue.done(key)
@@ -524,7 +524,7 @@ def _apply_instance(rt: Runtime, state: InstanceState, deleted: bool) -> None:
         if previous == state:
             return  # a status write that changed nothing we care about
     if previous is None or previous.phase != state.phase:
-        rt.metrics.transitions.labels(kind=state.kind, to=state.phase.value).inc()
+        rt.metrics.transition(state.kind, state.phase.value).inc()
     if rt.listed:  # the first list is handed over once it is complete (_listed)
         _affected(rt, state, previous)
 

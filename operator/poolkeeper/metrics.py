@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Children:
+    """`metric.labels(*values)`, remembered: prometheus_client validates the values and takes a lock on
+    every call, which showed in the profile of a cold start (one transition counted per listed pod).
+    Only for label values from a small fixed set (a child kept here must never be removed)."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -21,6 +38,9 @@ class Metrics:
         self.backend_errors = Counter("poolkeeper_backend_errors_total", "Backend errors", ["reason"], registry=r)
         self.backend_actions = Counter("poolkeeper_backend_actions_total", "Backend actions applied",
                                        ["action", "ok"], registry=r)
+        # the counters of the per-event path, by (kind, to), (result,) and (action, ok)
+        self.transition, self.reconciled = Children(self.transitions), Children(self.reconciles)
+        self.backend_action = Children(self.backend_actions)
         self.event_to_backend = Histogram("poolkeeper_event_to_backend_seconds",
                                           "From a watch event to the backend change it caused",
                                           buckets=LATENCY_BUCKETS, registry=r)

@@ -159,7 +159,7 @@ class Reporter:
             elif isinstance(action, SetWeight):
                 weighted.append(f"{who} to {action.weight}")
             if self.metrics is not None:
-                self.metrics.backend_actions.labels(action=type(action).__name__, ok=str(result.ok).lower()).inc()
+                self.metrics.backend_action(type(action).__name__, "true" if result.ok else "false").inc()
         for reason, verb, items in (("Registered", "added to", added), ("Deregistered", "removed from", removed),
                                     ("WeightChanged", "weight set in", weighted)):
             if len(items) == 1:
