@@ -264,6 +264,24 @@ async def test_remove_waits_for_sessions(
     assert await pool.read_members() == {}
 
 
+async def test_a_drain_is_read_back_in_the_same_round_trip_sessions_included(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[..., HTTPBackend]) -> None:
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    await apply_ok(pool, [*add(name(1), a), *add(name(2), b)])
+    request = asyncio.create_task(slow_request(haproxy.frontend_url("web"), 1.0))
+    busy = await until(pool.read_members, lambda m: sum(x.sessions or 0 for x in m.values()) == 1, "session visible")
+    (held,) = [n for n, m in busy.items() if m.sessions]
+    results, after = await pool.apply_and_read([SetAdmin(name(1), Admin.DRAIN), SetAdmin(name(2), Admin.DRAIN)])
+    assert all(r.ok for r in results) and after is not None
+    assert after == await pool.read_members(), "what the batch read is what HAProxy shows"
+    assert {n: m.admin for n, m in after.items()} == {name(1): Admin.DRAIN, name(2): Admin.DRAIN}
+    assert after[held].sessions == 1, "the drained server's in-flight session is counted"
+    assert await request == (200, a.name if held == name(1) else b.name)
+    results, after = await pool.apply_and_read([RemoveMember(name(1), "drained"), RemoveMember(name(2), "drained")])
+    assert all(r.ok for r in results) and await pool.read_members() == {}
+    assert after in ({}, None), "None: a del waited for idle connections to close (a second round trip)"
+
+
 async def test_forced_remove_cuts_sessions(
         pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[..., HTTPBackend]) -> None:
     a = http("127.0.0.2")

@@ -44,6 +44,7 @@ class FakeHAProxy:
     health: str = "UP"  # what checks say of a server once it is added with checks on
     log: list[tuple[str, Action]] = field(default_factory=list)
     reads: int = 0  # read_members calls
+    reads_with_apply: int = 0  # apply_and_read calls
 
     def in_backend(self, backend: str) -> dict[str, ActualMember]:
         return {n: m for (b, n), m in self.servers.items() if b == backend}
@@ -58,6 +59,12 @@ class FakePool:
     async def read_members(self) -> dict[str, ActualMember]:
         self.lb.reads += 1
         return {n: m for n, m in self.lb.in_backend(self.backend).items() if n.startswith(self.prefix)}
+
+    async def apply_and_read(self, actions: Sequence[Action]) -> tuple[list[ActionResult], dict[str, ActualMember]]:
+        """HAProxyPool's: the actions, then the pool's servers as they left them, in one round trip."""
+        results = await self.apply(actions)
+        self.lb.reads_with_apply += 1
+        return results, {n: m for n, m in self.lb.in_backend(self.backend).items() if n.startswith(self.prefix)}
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         out = []
@@ -610,3 +617,33 @@ def test_a_plan_made_on_a_view_haproxy_no_longer_matches_fails_and_is_made_again
     flip(world, 0, Phase.UP)
     world.settle()
     assert len(admins(lb, "b1")) == 2 and set(admins(lb, "b1").values()) == {Admin.READY}
+
+
+def test_a_drain_is_read_back_in_its_own_round_trip_and_the_removal_needs_no_read(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(2)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    reads = lb.reads
+    flip(world, 0, Phase.DOWN)
+    world.settle()
+    assert len(admins(lb, "b1")) == 1 and lb.reads_with_apply == 1
+    assert lb.reads == reads, "drained and removed, read only with the drain"
+
+
+def test_a_drained_server_with_sessions_is_counted_again_not_removed_from_the_view(world: World) -> None:
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(1)
+    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
+    world.settle()
+    ((_, name),) = lb.servers
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=3)
+    flip(world, 0, Phase.DOWN)
+    world.reconcile()
+    assert admins(lb, "b1") == {name: Admin.DRAIN}
+    reads = lb.reads
+    world.reconcile()
+    assert lb.reads == reads + 1 and admins(lb, "b1") == {name: Admin.DRAIN}, "its sessions read again"
+    lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=0)
+    world.settle()
+    assert admins(lb, "b1") == {}

@@ -56,6 +56,9 @@ _LEGACY_REST = re.compile(LEGACY_INSTANCE)  # compiled once: a pattern per pool 
 STAT_COLUMNS = ("pxname", "svname", "scur", "qcur", "check_status", "check_rise", "check_fall")
 
 
+Members = dict[str, ActualMember]
+
+
 class BackendMissing(Exception):
     """The backend section named in the pool does not exist in this HAProxy's config."""
 
@@ -251,6 +254,9 @@ class HAProxyPool:
         one round trip serves every pool of it that asks meanwhile, and is sent after this call.
         """
         state, stat = await backend_reads(self.client).read(self.backend)
+        return self._members(state, stat)
+
+    def _members(self, state: str, stat: str) -> dict[str, ActualMember]:
         rows = self._own_rows(state)  # first: it tells a missing backend
         stats = self._stat_rows(stat)
         members = {}
@@ -318,6 +324,16 @@ class HAProxyPool:
 
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         """All actions in one round trip, in order; each result is judged on its own answers."""
+        results, _ = await self._apply(actions, read=False)
+        return results
+
+    async def apply_and_read(self, actions: Sequence[Action]) -> tuple[list[ActionResult], Members | None]:
+        """`apply`, with the pool's servers read in the same round trip after the actions: a drain's
+        sessions are known without another one. The read is None when it cannot be taken as what
+        the actions left (a second round trip was needed, or the answers did not parse)."""
+        return await self._apply(actions, read=True)
+
+    async def _apply(self, actions: Sequence[Action], read: bool) -> tuple[list[ActionResult], Members | None]:
         commands: list[str] = []
         spans: list[tuple[Action, int, int] | ActionResult] = []
         for action in actions:
@@ -328,10 +344,17 @@ class HAProxyPool:
                 continue
             spans.append((action, len(commands), len(commands) + len(these)))
             commands.extend(these)
-        answers = await self.client.execute(commands)
+        reads = [self._show_state, f"show stat {self.backend} 4 -1"] if read else []
+        answers = await self.client.execute([*commands, *reads])
         results = [span if isinstance(span, ActionResult) else _result(span[0], answers[span[1]:span[2]])
                    for span in spans]
-        return await self._second_round(results)
+        settled = await self._second_round(results)
+        if not read or settled is not results:
+            return settled, None
+        try:
+            return settled, self._members(answers[-2], answers[-1])
+        except (BackendMissing, HAProxyUnreachable):
+            return settled, None  # the next reconcile reads, and says what is wrong
 
     async def _second_round(self, results: list[ActionResult]) -> list[ActionResult]:
         """One more round trip, only when an answer calls for it.

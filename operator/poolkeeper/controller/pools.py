@@ -53,6 +53,7 @@ from poolkeeper.core.model import (
     MemberState,
     Placement,
     Plan,
+    SetAdmin,
 )
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate, unready_members
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, PoolSpec, backend_refusal, parse_pool
@@ -387,7 +388,11 @@ class PoolController:
         since = memory.since(here)
         plan = self._plan(spec, wanted, actual, since)  # 4. plan
         try:  # 5. apply
-            results = await backend.apply(plan.actions) if plan.actions else []
+            fresh: Mapping[str, ActualMember] | None = None
+            if self._read_with_apply(spec, plan.actions):
+                results, fresh = await backend.apply_and_read(plan.actions)  # type: ignore[attr-defined]
+            else:
+                results = await backend.apply(plan.actions) if plan.actions else []
         except BACKEND_ERRORS as exc:
             return self._backend_failed(body, spec, memory, exc)
         memory.failing = ""
@@ -396,7 +401,7 @@ class PoolController:
         memory.instance_of.update({name: m.instance.ref for name, m in wanted.members.items()})
         self.report.actions(body, spec.backend_text, results, memory.instance_of)
         forget_removed(results, memory.instance_of)
-        after = simulate(actual, [r.action for r in results if r.ok])
+        after = fresh if fresh is not None else simulate(actual, [r.action for r in results if r.ok])
         memory.instance_of = {n: ref for n, ref in memory.instance_of.items() if n in after or n in wanted.members}
         final = self._plan(spec, wanted, after, since)
         reports = member_reports(final, wanted.holds.pending, memory.instance_of, wanted.refused, spec.port)
@@ -418,7 +423,7 @@ class PoolController:
                     else "the servers left where the pool was before could not be reached yet")
             synced = Condition("Synced", True, "Synced", f"in sync with {spec.backend_text}; {left}")
         self._publish(body, spec, memory, reports, synced, desired=wanted.serving)
-        memory.left = self._view_left(spec, results, final.actions, elsewhere, after)
+        memory.left = self._view_left(spec, results, final.actions, elsewhere, after, fresh=fresh is not None)
         if hard:
             return Outcome(failed=True)
         if final.actions:
@@ -445,14 +450,24 @@ class PoolController:
         generation: Callable[[str], int] | None = getattr(self.lbs, "generation", None)
         return generation(lb) if generation is not None else -1
 
+    def _read_with_apply(self, spec: PoolSpec, actions: Sequence[Any]) -> bool:
+        """Servers start to drain in a pool whose view may be kept: read them in the apply's round
+        trip, so the follow-up that removes them once idle needs no read of its own."""
+        return (spec.backend_type == "HAProxy" and spec.health_check is None
+                and any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions)
+                and hasattr(self.haproxy_pool, "apply_and_read"))
+
     def _view_left(self, spec: PoolSpec, results: Sequence[ActionResult], still: Sequence[Any], elsewhere: int,
-                   after: Mapping[str, ActualMember]) -> LeftView | None:
+                   after: Mapping[str, ActualMember], *, fresh: bool = False) -> LeftView | None:
         """The servers as this reconcile left them, kept when nothing but this operator can change
         them before the next one: an HAProxy pool without health checks (checks change a server's
-        health on their own), every action done, nothing left to do or draining (a drain waits for
-        sessions that HAProxy counts), no old placement being emptied."""
-        if spec.backend_type != "HAProxy" or spec.health_check is not None or still or elsewhere \
-                or not all(r.ok for r in results) or any(m.admin is Admin.DRAIN for m in after.values()):
+        health on their own), every action done, no old placement being emptied, and nothing left
+        to do or draining (a drain waits for sessions that HAProxy counts) unless `after` was read
+        from HAProxy after the actions (`fresh`: a draining server's sessions only fall)."""
+        if spec.backend_type != "HAProxy" or spec.health_check is not None or elsewhere \
+                or not all(r.ok for r in results):
+            return None
+        if not fresh and (still or any(m.admin is Admin.DRAIN for m in after.values())):
             return None
         found = self.lbs.get(spec.load_balancer)
         generation = self._generation(spec.load_balancer)
@@ -467,8 +482,8 @@ class PoolController:
         made on a view HAProxy no longer matches fails on its first command and is made again
         from a read.
         """
-        if left is None:
-            return None
+        if left is None or any(m.admin is Admin.DRAIN and m.sessions for m in left.actual.values()):
+            return None  # sessions to wait for: counted again
         found = self.lbs.get(spec.load_balancer)
         if (found is None or found[1] is not left.client or (spec is not left.spec and spec != left.spec)
                 or self._generation(spec.load_balancer) != left.generation):
