@@ -28,7 +28,7 @@ from poolkeeper.kube.decoding import Schema, decode
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, dict[str, Any]], Awaitable[None] | None]  # (ADDED | MODIFIED | DELETED, object)
-PAGE = 500
+PAGE = 2000  # objects per list page: 500 took 18.6 s to every pool Ready at 100,000 pods, 2,000 14.6 s (same memory)
 WATCH_SECONDS = 300
 FIRST_DELAY, MAX_DELAY = 0.2, 5.0  # an API server back is noticed within 5 s
 SHORT_WATCH = 1.0  # a watch that ends sooner than this, with nothing in it, counts as a failure
