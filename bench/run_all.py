@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections[ENVELOPE_HEADING] = "" if args.quick else section_of(previous, ENVELOPE_HEADING) or ""
     if args.envelope:
         sections[ENVELOPE_HEADING] = run_step(
-            Step("bench_envelope.py", ENVELOPE_HEADING, lambda scratch: ["--no-write", "--cold-poll", "0"],
+            Step("bench_envelope.py", ENVELOPE_HEADING,
+                 lambda scratch: ["--no-write", "--cold-poll", "0", "--cold-starts", "3"],
                  ["--quick"]),
             Path(), args.quick, failures)
     if args.shards:  # its table lives in docs/scaling.md, which it rewrites itself (not with --quick)
