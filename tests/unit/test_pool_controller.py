@@ -562,12 +562,18 @@ def flip(world: World, index: int, phase: Phase) -> None:
     world.store.put_instance(replace(pod, phase=phase, reason=f"pod {phase.value}", unready=phase is Phase.DOWN))
 
 
-def test_a_settled_pool_plans_an_instance_event_from_the_servers_it_left_without_reading_haproxy(
-        world: World) -> None:
+def settled_pool(world: World, pods: int) -> FakeHAProxy:
+    """`pods` pods in pool `web` on LoadBalancer edge, backend b1 (no checks), reconciled until settled."""
     lb = world.lbs.add("edge", ["b1"])
-    world.pods(3)
+    world.pods(pods)
     world.put_pool(pool_body(haproxy("edge", "b1")), "1")
     world.settle()
+    return lb
+
+
+def test_a_settled_pool_plans_an_instance_event_from_the_servers_it_left_without_reading_haproxy(
+        world: World) -> None:
+    lb = settled_pool(world, 3)
     reads = lb.reads
     flip(world, 0, Phase.DOWN)
     world.reconcile()
@@ -580,10 +586,7 @@ def test_a_settled_pool_plans_an_instance_event_from_the_servers_it_left_without
 
 def test_the_view_is_not_used_after_a_haproxy_restart_with_checks_or_after_a_resync_found_a_change(
         world: World) -> None:
-    lb = world.lbs.add("edge", ["b1"])
-    world.pods(2)
-    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
-    world.settle()
+    lb = settled_pool(world, 2)
 
     world.lbs.generations["edge"] = 1  # a new HAProxy process: its runtime servers are gone
     lb.servers.clear()
@@ -607,10 +610,7 @@ def test_the_view_is_not_used_after_a_haproxy_restart_with_checks_or_after_a_res
 
 def test_a_plan_made_on_a_view_haproxy_no_longer_matches_fails_and_is_made_again_from_a_read(
         world: World) -> None:
-    lb = world.lbs.add("edge", ["b1"])
-    world.pods(2)
-    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
-    world.settle()
+    lb = settled_pool(world, 2)
     lb.servers.clear()  # a new HAProxy process, not noticed yet (same generation)
     flip(world, 0, Phase.DOWN)
     assert world.reconcile().failed, "HAProxy refused a command on a server it no longer has"
@@ -620,10 +620,7 @@ def test_a_plan_made_on_a_view_haproxy_no_longer_matches_fails_and_is_made_again
 
 
 def test_a_drain_is_read_back_in_its_own_round_trip_and_the_removal_needs_no_read(world: World) -> None:
-    lb = world.lbs.add("edge", ["b1"])
-    world.pods(2)
-    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
-    world.settle()
+    lb = settled_pool(world, 2)
     reads = lb.reads
     flip(world, 0, Phase.DOWN)
     world.settle()
@@ -632,10 +629,7 @@ def test_a_drain_is_read_back_in_its_own_round_trip_and_the_removal_needs_no_rea
 
 
 def test_a_drained_server_with_sessions_is_counted_again_not_removed_from_the_view(world: World) -> None:
-    lb = world.lbs.add("edge", ["b1"])
-    world.pods(1)
-    world.put_pool(pool_body(haproxy("edge", "b1")), "1")
-    world.settle()
+    lb = settled_pool(world, 1)
     ((_, name),) = lb.servers
     lb.servers[("b1", name)] = replace(lb.servers[("b1", name)], sessions=3)
     flip(world, 0, Phase.DOWN)
