@@ -256,7 +256,7 @@ class HAProxyPool:
         state, stat = await backend_reads(self.client).read(self.backend)
         return self._members(state, stat)
 
-    def _members(self, state: str, stat: str) -> dict[str, ActualMember]:
+    def _members(self, state: str, stat: str) -> Members:
         rows = self._own_rows(state)  # first: it tells a missing backend
         stats = self._stat_rows(stat)
         members = {}

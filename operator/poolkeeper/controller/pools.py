@@ -136,7 +136,7 @@ class Settled:
 @dataclass(frozen=True, slots=True)
 class LeftView:
     """The servers of an HAProxy pool as its last reconcile left them, while only this operator
-    can change them: no health checks, nothing draining (sessions are HAProxy's to count)."""
+    can change them (no health checks); see PoolController._view_left for when one is kept."""
 
     spec: PoolSpec
     client: Any  # the LoadBalancer's runtime-API client
@@ -446,16 +446,11 @@ class PoolController:
         memory.settled, memory.verified = Settled(spec, found[1], settled_view(after)), 0
         return Outcome()
 
-    def _generation(self, lb: str) -> int:
-        generation: Callable[[str], int] | None = getattr(self.lbs, "generation", None)
-        return generation(lb) if generation is not None else -1
-
     def _read_with_apply(self, spec: PoolSpec, actions: Sequence[Any]) -> bool:
         """Servers start to drain in a pool whose view may be kept: read them in the apply's round
         trip, so the follow-up that removes them once idle needs no read of its own."""
         return (spec.backend_type == "HAProxy" and spec.health_check is None
-                and any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions)
-                and hasattr(self.haproxy_pool, "apply_and_read"))
+                and any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions))
 
     def _view_left(self, spec: PoolSpec, results: Sequence[ActionResult], still: Sequence[Any], elsewhere: int,
                    after: Mapping[str, ActualMember], *, fresh: bool = False) -> LeftView | None:
@@ -470,7 +465,7 @@ class PoolController:
         if not fresh and (still or any(m.admin is Admin.DRAIN for m in after.values())):
             return None
         found = self.lbs.get(spec.load_balancer)
-        generation = self._generation(spec.load_balancer)
+        generation = self.lbs.generation(spec.load_balancer)
         return LeftView(spec, found[1], generation, after) if found is not None and generation >= 0 else None
 
     def _left_view(self, spec: PoolSpec, left: LeftView | None) -> Mapping[str, ActualMember] | None:
@@ -486,7 +481,7 @@ class PoolController:
             return None  # sessions to wait for: counted again
         found = self.lbs.get(spec.load_balancer)
         if (found is None or found[1] is not left.client or (spec is not left.spec and spec != left.spec)
-                or self._generation(spec.load_balancer) != left.generation):
+                or self.lbs.generation(spec.load_balancer) != left.generation):
             return None
         return left.actual
 

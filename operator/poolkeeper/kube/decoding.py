@@ -61,10 +61,13 @@ class _PodStatus(TypedDict, total=False):
     conditions: list[_Condition] | None
 
 
-class Pod(TypedDict, total=False):
+class _Object(TypedDict, total=False):
     kind: Any
     apiVersion: Any
     metadata: _Metadata
+
+
+class Pod(_Object, total=False):
     spec: _PodSpec
     status: _PodStatus
 
@@ -79,10 +82,7 @@ class _NodeStatus(TypedDict, total=False):
     conditions: list[_Condition] | None
 
 
-class Node(TypedDict, total=False):
-    kind: Any
-    apiVersion: Any
-    metadata: _Metadata
+class Node(_Object, total=False):
     spec: _NodeSpec
     status: _NodeStatus
 
@@ -110,6 +110,7 @@ class Schema:
         self._page = msgspec.json.Decoder(_Page[item])  # type: ignore[valid-type]
         self._event = msgspec.json.Decoder(_Event[item])  # type: ignore[valid-type]
         self.fallbacks = 0  # payloads decoded whole because they did not fit
+
     def page(self, data: bytes) -> Any:
         try:
             return self._page.decode(data)
