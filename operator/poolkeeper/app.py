@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+import uvloop
 
 from poolkeeper import API_VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
@@ -817,6 +818,8 @@ def run_operator(options: OperatorOptions) -> int:
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
     namespaces = list(options.namespaces)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces))
+    # uvloop: its socket transports and TLS are C, where asyncio's are Python; measured 7% less
+    # operator CPU per transition side by side (docs/scaling.md)
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces))
     return 0

@@ -4,6 +4,7 @@ the newest status wins, and writes that cannot succeed are not retried forever."
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import aiohttp
@@ -128,3 +129,37 @@ async def test_a_burst_of_writes_is_sent_a_bounded_number_at_a_time_and_each_onc
     await status.flush(5.0)
     assert peak == 4
     assert sorted(written) == sorted(paths)
+
+
+async def test_a_busy_object_is_written_at_most_once_a_busy_interval_and_at_once_after_quiet() -> None:
+    """One change after a quiet spell is written at once; changes that keep coming (a pool whose
+    instances churn) are coalesced into one write per busy_interval; quiet again, back to interval."""
+    times: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    class Clock(FakeApi):
+        async def patch(self, path: str, body: Any, content_type: str = "") -> Any:
+            times.append(loop.time())
+            return await super().patch(path, body, content_type)
+
+    api = Clock()
+    status = StatusWriter(api, interval=0.05, busy_interval=0.3)
+    started = loop.time()
+    for n in range(12):  # a change every 20 ms for 240 ms
+        status.submit(PATH, {"active": n})
+        await asyncio.sleep(0.02)
+    await status.flush()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert times[0] - started < 0.02  # the first change: at once
+    assert 0.04 <= gaps[0] < 0.2  # the second came within `interval`: waits for it, then the object is busy
+    assert all(gap >= 0.29 for gap in gaps[1:]), gaps
+    assert api.written[-1] == {"active": 11}  # the newest wins
+    assert len(api.written) <= 3
+    await asyncio.sleep(0.4)  # quiet for longer than a gap
+    quiet = loop.time()
+    status.submit(PATH, {"active": 99})
+    await status.flush()
+    assert times[-1] - quiet < 0.02  # written at once again
+    status.submit(PATH, {"active": 100})
+    await status.flush()
+    assert 0.04 <= times[-1] - times[-2] < 0.2  # and the next one after `interval`, not `busy_interval`

@@ -160,7 +160,8 @@ class _Session:
             got = splitter.feed(data)
             if got:
                 answers += got
-                progress()
+                if len(answers) < len(commands):  # more to come: their deadline moves on
+                    progress()
         if len(answers) > len(commands) or splitter.pending:  # cannot happen: commands hold no ';' or newline
             raise HAProxyUnreachable(f"HAProxy sent {len(answers) - len(commands)} answer(s) and "
                                      f"{splitter.pending} byte(s) more than the batch asked for")
@@ -238,8 +239,11 @@ class HAProxyClient:
         loop = asyncio.get_running_loop()
         self._refuse_while_unanswered(probe)
         try:
-            async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
-                await line.lock.acquire()
+            if line.lock.locked():
+                async with asyncio.timeout(limit):  # the holder is bounded too: this wait ends
+                    await line.lock.acquire()
+            else:
+                await line.lock.acquire()  # free: taken without waiting (no timer to arm)
         except TimeoutError:
             raise HAProxyBusy(
                 f"HAProxy at {self.endpoint} was still busy with another call after {limit:g} s") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -35,11 +36,13 @@ def cluster_prefix(cluster_id: str = "") -> str:
     return f"pk.{cluster_id}."
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every member of every reconcile
 def pool_prefix(namespace: str, name: str, cluster_id: str = "") -> str:
     """Every server of one pool starts with this; servers without it are never touched."""
     return f"{cluster_prefix(cluster_id)}{_digest(f'{namespace}/{name}', PREFIX_HEX)}-"
 
 
+@functools.lru_cache(maxsize=4096)
 def legacy_pool_prefix(namespace: str, name: str) -> str:
     """The 32-bit prefix of releases before 80-bit ones. Collidable offline, so a pool only ever
     drains and removes servers named `legacy_pool_prefix + LEGACY_INSTANCE`, and only in a backend

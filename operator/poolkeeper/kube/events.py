@@ -35,8 +35,15 @@ MESSAGE_LIMIT = 1024
 _KEEP = 5000  # series remembered before the expired ones are dropped
 
 
+_stamp: tuple[int, str] = (-1, "")  # the last second formatted: every reconcile asks, strftime is slow
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    global _stamp
+    second = int(time.time())
+    if _stamp[0] != second:
+        _stamp = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return _stamp[1]
 
 
 SeriesKey = tuple[str, str, str, str | None]  # (object uid, type, reason, message; None: the combined one)

@@ -27,20 +27,29 @@ class Patcher(Protocol):
 
 
 class StatusWriter:
-    """At most one write per object every `interval` seconds, always the newest content."""
+    """At most one write per object every `interval` seconds, always the newest content; once an
+    object changes again before that gap is over, at most one every `busy_interval` until it
+    has been quiet for a gap.
+
+    A pool whose instances churn at 10/s would otherwise cost the API server, and the operator
+    (the PATCH, its answer, and the watch event it echoes), four writes a second for a status
+    nobody reads that fast; one change after a quiet spell is still written within `interval`.
+    """
 
     def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY,
-                 concurrency: int = WRITES_IN_FLIGHT) -> None:
+                 concurrency: int = WRITES_IN_FLIGHT, busy_interval: float | None = None) -> None:
         self.api = api
         # Writes in flight at once. A cold start submits one per pool at the same moment: unbounded,
         # they queue for the client's connections inside the request timeout, and the later ones
         # time out (and are sent again) while the API server works through the first.
         self._slots = asyncio.Semaphore(concurrency)
         self.interval = interval
+        self.busy_interval = 4 * interval if busy_interval is None else max(busy_interval, interval)
         self.first_retry = first_retry
         self._pending: dict[str, dict[str, Any]] = {}
         self._written: dict[str, bytes] = {}  # the canonical JSON last written, per object
         self._last_write: dict[str, float] = {}
+        self._spacing: dict[str, float] = {}  # the gap the next write of an object keeps
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = 0
         self.retries = 0
@@ -58,13 +67,15 @@ class StatusWriter:
         self._pending.pop(path, None)
         self._written.pop(path, None)
         self._last_write.pop(path, None)
+        self._spacing.pop(path, None)
 
     async def _flush_later(self, path: str) -> None:
         failures = 0
         try:
             while path in self._pending:
-                wait = self._last_write.get(path, 0.0) + self.interval - time.monotonic()
-                if wait > 0:
+                wait = self._last_write.get(path, 0.0) + self._spacing.get(path, self.interval) - time.monotonic()
+                busy = wait > 0  # changed again before the gap after its last write was over
+                if busy:
                     await asyncio.sleep(wait)
                 async with self._slots:
                     status = self._pending.pop(path, None)  # the newest, also if one came while waiting
@@ -74,6 +85,7 @@ class StatusWriter:
                     if self._written.get(path) == text:
                         continue
                     self._last_write[path] = time.monotonic()
+                    self._spacing[path] = self.busy_interval if busy else self.interval
                     problem = await self._write(path, status)
                 if problem is None:
                     self._written[path] = text
