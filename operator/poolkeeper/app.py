@@ -503,10 +503,10 @@ def _affected(rt: Runtime, state: InstanceState, previous: InstanceState | None)
             rt.event_times.setdefault(key, now)
             if state.phase == Phase.DRAINING and (previous is None or previous.phase != Phase.DRAINING):
                 rt.drain_times.setdefault(key, now)
-            rt.queue.add(key)
-            if rt.lifecycle is not None and _handlers_hear(rt, key, spec):
-                with fence.fenced(pool_fence(rt, key)):
+            if rt.lifecycle is not None and rt.lifecycle.handles(spec) and _handlers_hear(rt, key, spec):
+                with fence.fenced(pool_fence(rt, key)):  # first: its delivery starts before the reconcile
                     rt.lifecycle.instance_changed(spec, state, rt.pools.address_policy(spec))
+            rt.queue.add(key)
 
 
 def _handlers_hear(rt: Runtime, key: tuple[str, str], spec: PoolSpec) -> bool:
@@ -719,17 +719,18 @@ def pool_event(kind: str, obj: dict[str, Any]) -> None:
     if not rt.listed:  # the first list: every pool is queued once it is complete
         rt.store.pools[key] = obj
         return
+    previous = rt.store.pools.get(key)
+    if kind != "DELETED" and previous is not None and previous.get("spec") == obj.get("spec") and \
+            previous["metadata"].get("deletionTimestamp") == obj["metadata"].get("deletionTimestamp") and \
+            previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
+        rt.store.pools[key] = obj
+        return  # our own status write coming back: nothing to decide again
     before = rt.pools.spec(key)
     peers = set(rt.pools.claim_peers(key))
     if kind == "DELETED":
         rt.store.pools.pop(key, None)
     else:
-        previous = rt.store.pools.get(key)
         rt.store.pools[key] = obj
-        if previous is not None and previous.get("spec") == obj.get("spec") and \
-                previous["metadata"].get("deletionTimestamp") == obj["metadata"].get("deletionTimestamp") and \
-                previous["metadata"].get("finalizers") == obj["metadata"].get("finalizers"):
-            return  # our own status write coming back
     rt.queue.add(key)
     rt.pools.invalidate_claims(key)  # only this pool changed: only its claims are decided again
     _sync_ec2(rt)

@@ -73,6 +73,7 @@ def alternate_name(name: str) -> str:
     return name.removesuffix(ALTERNATE) if name.endswith(ALTERNATE) else name + ALTERNATE
 
 
+@functools.lru_cache(maxsize=16384)  # asked for every member of every plan
 def instance_part(name: str) -> str:
     """The part of a member name that identifies the instance (without the settings variant)."""
     found = _INSTANCE.match(name)

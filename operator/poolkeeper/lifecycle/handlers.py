@@ -104,6 +104,40 @@ class Heard:
     members: dict[str, tuple[str, str]] = field(default_factory=dict)  # instance uid -> (member, up | draining)
 
 
+class Runtimes(dict[Key, "HandlerRuntime"]):
+    """The loaded handlers by (namespace, name), indexed by their pool: every instance event and
+    every reconcile asks for a pool's handlers, and a scan of all handlers each time grows with
+    the cluster. Any change of the map drops the index (a runtime's spec never changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_pool: dict[tuple[str, str], list[HandlerRuntime]] | None = None
+
+    def __setitem__(self, key: Key, value: HandlerRuntime) -> None:
+        self._by_pool = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Key) -> None:
+        self._by_pool = None
+        super().__delitem__(key)
+
+    def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
+        self._by_pool = None
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        self._by_pool = None
+        super().clear()
+
+    def for_pool(self, namespace: str, pool: str) -> list[HandlerRuntime]:
+        if self._by_pool is None:
+            index: dict[tuple[str, str], list[HandlerRuntime]] = {}
+            for (handler_namespace, _), runtime in self.items():
+                index.setdefault((handler_namespace, runtime.spec.pool), []).append(runtime)
+            self._by_pool = index
+        return self._by_pool.get((namespace, pool), [])
+
+
 class LifecycleHandlers:
     def __init__(self, store: Store, api: KubeApi, status: StatusWriter, events: EventRecorder, queue: Any, *,
                  handlers_dir: Path, allowed_cidrs: tuple[str, ...] | None, workers: int | None,
@@ -124,7 +158,7 @@ class LifecycleHandlers:
         self.http = make_http_session(self.allowed_cidrs, limit=http_connections)
         self.http_per_namespace = http_slots_per_namespace(http_connections, http_namespace_concurrency)
         self._http_slots: dict[str, asyncio.Semaphore] = {}
-        self.runtimes: dict[Key, HandlerRuntime] = {}
+        self.runtimes = Runtimes()
         self.gates = Gates()
         self.heard: dict[Key, Heard] = {}
         self._starting: asyncio.Future[None] | None = None
@@ -270,7 +304,11 @@ class LifecycleHandlers:
 
     # ----- the pool reconcile calls these
     def _handlers_for(self, spec: PoolSpec) -> list[HandlerRuntime]:
-        return [r for (ns, _), r in self.runtimes.items() if ns == spec.namespace and r.spec.pool == spec.name]
+        return list(self.runtimes.for_pool(spec.namespace, spec.name))
+
+    def handles(self, spec: PoolSpec) -> bool:
+        """Whether any handler is on the pool (asked for every instance event)."""
+        return bool(self.runtimes.for_pool(spec.namespace, spec.name))
 
     def held(self, spec: PoolSpec) -> MemberHolds:
         return self.gates.for_pool(spec.key)
