@@ -11,6 +11,7 @@ import csv
 import io
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -280,6 +281,24 @@ async def test_a_drain_is_read_back_in_the_same_round_trip_sessions_included(
     results, after = await pool.apply_and_read([RemoveMember(name(1), "drained"), RemoveMember(name(2), "drained")])
     assert all(r.ok for r in results) and await pool.read_members() == {}
     assert after in ({}, None), "None: a del waited for idle connections to close (a second round trip)"
+
+
+async def test_servers_read_without_stat_are_the_members_without_sessions(
+        pool: HAProxyPool, haproxy: HAProxyProcess, http: Callable[..., HTTPBackend]) -> None:
+    """The resync's read of a pool without checks: `show servers state` alone, alone in its batch
+    or beside a pool that wants `show stat` too (each gets its own backend's answers)."""
+    a, b = http("127.0.0.2"), http("127.0.0.3")
+    await apply_ok(pool, [*add(name(1), a), *add(name(2), b), SetAdmin(name(2), Admin.DRAIN)])
+    request = asyncio.create_task(slow_request(haproxy.frontend_url("web"), 1.0))
+    full = await until(pool.read_members, lambda m: sum(x.sessions or 0 for x in m.values()) == 1, "session visible")
+    servers = await pool.read_servers()
+    assert servers == {n: replace(m, sessions=0) for n, m in full.items()}
+    assert {n: m.admin for n, m in servers.items()} == {name(1): Admin.READY, name(2): Admin.DRAIN}
+    other = HAProxyPool(pool.client, "checked", pool_prefix("ns", "other"), None)
+    together = await asyncio.gather(pool.read_servers(), other.read_members(), pool.read_members())
+    assert together[0] == servers and together[1] == {}
+    assert together[2][name(1)].sessions == 1, "an asker wanting `show stat` in the same batch still gets it"
+    assert await request == (200, a.name)
 
 
 async def test_forced_remove_cuts_sessions(

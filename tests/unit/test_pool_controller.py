@@ -60,6 +60,10 @@ class FakePool:
         self.lb.reads += 1
         return {n: m for n, m in self.lb.in_backend(self.backend).items() if n.startswith(self.prefix)}
 
+    async def read_servers(self) -> dict[str, ActualMember]:
+        """HAProxyPool's `show servers state` alone: no sessions, no check results."""
+        return {n: replace(m, sessions=0) for n, m in (await self.read_members()).items()}
+
     async def apply_and_read(self, actions: Sequence[Action]) -> tuple[list[ActionResult], dict[str, ActualMember]]:
         """HAProxyPool's: the actions, then the pool's servers as they left them, in one round trip."""
         results = await self.apply(actions)

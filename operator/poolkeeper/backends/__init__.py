@@ -32,3 +32,17 @@ class Backend(Protocol):
     async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
         """Carry out `actions` in order; one result per action, failures are not exceptions."""
         ...
+
+
+class ServerBackend(Backend, Protocol):
+    """A backend of servers (HAProxy) that reads them back in the round trip of its actions, and
+    reads only what a pool without health checks needs to see that nothing moved."""
+
+    async def apply_and_read(self, actions: Sequence[Action]) -> tuple[list[ActionResult],
+                                                                       dict[str, ActualMember] | None]:
+        """`apply`, then the pool's members as the actions left them (None: not to be trusted)."""
+        ...
+
+    async def read_servers(self) -> dict[str, ActualMember]:
+        """The members without sessions or check results (right for servers without checks)."""
+        ...

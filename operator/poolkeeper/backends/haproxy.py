@@ -90,6 +90,9 @@ def normalise_health(*, op_state: int, admin_state: int, check_state: int, check
     return "UP"
 
 
+_NO_COUNTERS = (0, "", "", "")  # no `show stat` read: no sessions, no check status
+
+
 def _int(text: str | None) -> int:
     return int(text) if text else 0
 
@@ -167,11 +170,17 @@ class BackendReads:
     def __init__(self, client: HAProxyClient) -> None:
         self.client = client
         self._next: dict[str, asyncio.Future[tuple[str, str]]] = {}  # backend -> its answer in the next batch
+        self._stats: set[str] = set()  # the backends of the next batch whose `show stat` someone wants
         self._sender: asyncio.Task[None] | None = None
         self.batches = 0  # round trips sent (for tests and benchmarks)
 
-    async def read(self, backend: str) -> tuple[str, str]:
-        """(`show servers state <backend>`, `show stat <backend> 4 -1`), from a batch sent after this call."""
+    async def read(self, backend: str, *, stat: bool = True) -> tuple[str, str]:
+        """(`show servers state <backend>`, `show stat <backend> 4 -1`), from a batch sent after this call.
+
+        With stat=False the second may be "" (not asked for, unless another asker of the batch wants it).
+        """
+        if stat:
+            self._stats.add(backend)
         future = self._next.get(backend)
         if future is None:
             future = self._next[backend] = asyncio.get_running_loop().create_future()
@@ -185,8 +194,9 @@ class BackendReads:
             await asyncio.sleep(0)  # the workers that are ready to run ask within this turn of the loop
             while self._next:
                 batch, self._next = self._next, {}
-                commands = [c for backend in batch for c in (f"show servers state {backend}",
-                                                             f"show stat {backend} 4 -1")]
+                stats, self._stats = self._stats, set()
+                commands = [c for backend in batch for c in (
+                    f"show servers state {backend}", *([f"show stat {backend} 4 -1"] if backend in stats else []))]
                 self.batches += 1
                 try:
                     answers = await self.client.execute(commands)
@@ -198,11 +208,13 @@ class BackendReads:
                 except BaseException:
                     for future in (*batch.values(), *self._next.values()):
                         future.cancel()
-                    self._next = {}
+                    self._next, self._stats = {}, set()
                     raise
-                for index, future in enumerate(batch.values()):
+                at = iter(answers)
+                for backend, future in batch.items():
+                    state, stat = next(at), next(at) if backend in stats else ""
                     if not future.done():
-                        future.set_result((answers[2 * index], answers[2 * index + 1]))
+                        future.set_result((state, stat))
         finally:
             self._sender = None
 
@@ -256,12 +268,22 @@ class HAProxyPool:
         state, stat = await backend_reads(self.client).read(self.backend)
         return self._members(state, stat)
 
-    def _members(self, state: str, stat: str) -> Members:
+    async def read_servers(self) -> Members:
+        """The pool's servers from `show servers state` alone: address, port, admin state and
+        weight as read_members has them, without sessions (0) or the text of checks, so only a
+        server without checks has its health ("") right. What the periodic resync compares for
+        a pool without health checks: half the answers to read."""
+        state, _ = await backend_reads(self.client).read(self.backend, stat=False)
+        return self._members(state, None)
+
+    def _members(self, state: str, stat: str | None) -> Members:
         rows = self._own_rows(state)  # first: it tells a missing backend
-        stats = self._stat_rows(stat)
+        stats = self._stat_rows(stat) if stat is not None else None
         members = {}
         for name, row in rows.items():
-            if (counters := stats.get(name)) is None:
+            if stats is None:
+                counters = _NO_COUNTERS
+            elif (counters := stats.get(name)) is None:  # type: ignore[assignment]
                 continue  # deleted between the two commands
             admin_state = int(row[_ADMIN])
             health = normalise_health(

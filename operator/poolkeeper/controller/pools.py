@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from poolkeeper import API_VERSION
 from poolkeeper.aws import AWSError
-from poolkeeper.backends import ActionResult, Backend
+from poolkeeper.backends import ActionResult, Backend, ServerBackend
 from poolkeeper.backends.elbv2 import ELBv2Backend, ELBv2Backends
 from poolkeeper.backends.endpointslice import EndpointSliceBackend, ServiceProblem
 from poolkeeper.backends.haproxy import BackendMissing, HAProxyPool
@@ -213,7 +213,8 @@ class PoolController:
         self._claims_stale = True
         self._claims_dirty: set[Key] = set()
         self._by_lb: tuple[int, dict[str, list[Key]]] = (-1, {})  # (store.pools.spec_version, LB -> pools)
-        self.haproxy_pool: Callable[..., Backend] = HAProxyPool  # (client, backend, prefix, check, legacy_prefix=)
+        # (client, backend, prefix, check, legacy_prefix=)
+        self.haproxy_pool: Callable[..., ServerBackend] = HAProxyPool
         self.elbv2 = ELBv2Backends(self._write_elbv2_targets, cluster_id=cluster_id)
         self.ec2_sources = parse_ec2_source_namespaces(None)  # --ec2-source-namespaces; unset: none
         # (reason, message) while an EC2 pool's instances are not listed yet (sources.ec2.Ec2Feeds.block)
@@ -522,9 +523,10 @@ class PoolController:
         if memory is None or settled is None or found is None or found[1] is not settled.client or \
                 not isinstance(spec, PoolSpec) or (spec is not settled.spec and spec != settled.spec):
             return False
-        try:
-            actual = await self.haproxy_pool(found[1], spec.backend, spec.prefix, spec.health_check,
-                                             legacy_prefix=spec.legacy_prefix).read_members()
+        pool = self.haproxy_pool(found[1], spec.backend, spec.prefix, spec.health_check,
+                                 legacy_prefix=spec.legacy_prefix)
+        try:  # without checks, every part of a server settled_view compares is in `show servers state`
+            actual = await (pool.read_members() if spec.health_check is not None else pool.read_servers())
         except (*BACKEND_ERRORS, ValueError):
             return False  # the reconcile says what is wrong
         if memory.settled is not settled or settled_view(actual) != settled.servers:
