@@ -239,6 +239,7 @@ class HAProxyProcess:
         pid = self.worker_pid()
         os.kill(pid, signal.SIGSTOP)
         self._paused = pid
+        _wait_stopped(pid)  # SIGSTOP is asynchronous: on a loaded VM a command sent at once could still be answered
         return pid
 
     def resume(self) -> None:
@@ -349,3 +350,17 @@ class HAProxyProcess:
                       "    timeout server 2m",
                       f"    server admin unix@{self.admin_socket}"]
         return "\n".join(lines) + "\n"
+
+
+def _wait_stopped(pid: int, within: float = 5.0) -> None:
+    """Until the kernel shows the process stopped (state T in /proc/PID/stat)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return  # gone: nothing answers either
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
+    raise RuntimeError(f"HAProxy (pid {pid}) did not stop within {within:g} s of SIGSTOP")

@@ -288,3 +288,36 @@ async def test_an_event_is_sent_only_once_the_outbox_owing_it_is_written(lifecyc
         if runtime.in_flight:
             break
     assert runtime.in_flight and outbox_json(lh, runtime)["pending"]
+
+
+async def test_a_draining_waits_for_the_outbox_and_a_later_down_does_not(lifecycle: LifecycleHandlers) -> None:
+    """Sent before it is written, a `draining` followed by a crash and the pod's deletion would be
+    followed by a `down` derived from the written `up`. A `down` (or `up`) after the first event
+    goes at once: the restart re-derives it from the written state, under the same id."""
+    lh = lifecycle
+    runtime = await add_handler(lh, "drains", events=["up", "draining", "down"])
+    change(lh, pod(0))
+    change(lh, pod(1))
+    for _ in range(40):  # the first events: written, then sent
+        await asyncio.sleep(0.05)
+        if len(runtime.in_flight) == 2:
+            break
+    assert len(runtime.in_flight) == 2
+    runtime.outbox.pending.clear()  # both delivered (the receiver answered)
+    runtime.in_flight.clear()
+    for task in list(runtime.workers.values()):
+        task.cancel()
+    await asyncio.sleep(0)
+    lh.api.fail = True  # type: ignore[attr-defined]
+    change(lh, replace(pod(0), phase=Phase.DRAINING, reason="pod terminating"))
+    change(lh, pod(1, ready=False))
+    await asyncio.sleep(0.3)
+    sent = {runtime.outbox.pending[event_id].event_type for event_id in runtime.in_flight}
+    assert sent == {"down"}, "the down went at once, the draining waits for its write"
+    lh.api.fail = False  # type: ignore[attr-defined]
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if len(runtime.in_flight) == 2:
+            break
+    assert {runtime.outbox.pending[e].event_type for e in runtime.in_flight} == {"down", "draining"}
+    assert any(record["event_type"] == "draining" for record in outbox_json(lh, runtime)["pending"])

@@ -26,7 +26,7 @@ import aiohttp
 
 from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
-from poolkeeper.core.transitions import NONE, Transition, supersede
+from poolkeeper.core.transitions import DRAINING, NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
 from poolkeeper.functions.pool import FunctionPool
 from poolkeeper.kube.api import ApiError, KubeApi, NotLeading, resource_path
@@ -209,7 +209,7 @@ class HandlerRuntime:
             while queue:
                 event_id = queue[0]
                 record = self.outbox.pending.get(event_id)
-                if record is not None and record.from_state == NONE:
+                if record is not None and (record.from_state == NONE or record.event_type == DRAINING):
                     await self._durable()
                 if event_id in self.outbox.pending:
                     try:
@@ -228,13 +228,19 @@ class HandlerRuntime:
         """Wait until the outbox that says this event is owed is written (one write serves every
         delivery of the moment).
 
-        Only an instance's first event waits (from `none`): sent before its record is durable, a
+        An instance's first event waits (from `none`): sent before its record is durable, a
         crash followed by the instance going away would leave the handler told `up` and never
-        `down`, since a restarted operator would know nothing of it. Later events need not wait:
-        the restart re-derives what follows the last durable state, with the same ids, so the
-        handler hears at least once whatever the instance is by then. Waiting on every event
-        serialised deliveries behind ConfigMap writes (dispatch p50 went from ~1 ms to ~0.7 s at
-        200 transitions/s on a loaded machine)."""
+        `down`, since a restarted operator would know nothing of it. A `draining` waits too:
+        sent before it is durable, a crash followed by the pod's deletion would have the restart
+        derive `down` from the durable `up`, after the handler heard `draining`. A drain lasts
+        seconds, so one ConfigMap write costs it nothing worth keeping.
+
+        `up` and `down` after the first do not wait: the restart re-derives what follows the
+        last durable state, with the same ids. Waiting on every event serialised deliveries
+        behind ConfigMap writes (dispatch p50 went from ~1 ms to ~0.7 s at 200 transitions/s on
+        a loaded machine). The price (README, The outbox): a `down` delivered just before a
+        crash, of an instance that is `up` again by the restart, is not followed by a new `up`.
+        """
         delay = 0.5
         while True:
             try:
