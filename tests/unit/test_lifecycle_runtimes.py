@@ -34,3 +34,10 @@ def test_a_pools_handlers_follow_adds_replacements_and_removals() -> None:
     assert runtimes.for_pool("other", "api") == []
     runtimes.clear()
     assert runtimes.for_pool("ns", "api") == [] and not runtimes
+    d, e, f = runtime("web"), runtime("web"), runtime("web")
+    runtimes.update({("ns", "d"): d})
+    assert runtimes.for_pool("ns", "web") == [d]
+    assert runtimes.setdefault(("ns", "e"), e) is e and runtimes.for_pool("ns", "web") == [d, e]
+    assert runtimes.popitem() == (("ns", "e"), e) and runtimes.for_pool("ns", "web") == [d]
+    runtimes.update([(("ns", "f"), f)])
+    assert runtimes.for_pool("ns", "web") == [d, f]

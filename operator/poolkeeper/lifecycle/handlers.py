@@ -129,6 +129,18 @@ class Runtimes(dict[Key, "HandlerRuntime"]):
         self._by_pool = None
         super().clear()
 
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._by_pool = None
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
+        self._by_pool = None
+        return super().setdefault(key, default)
+
+    def popitem(self) -> tuple[Key, HandlerRuntime]:
+        self._by_pool = None
+        return super().popitem()
+
     def for_pool(self, namespace: str, pool: str) -> list[HandlerRuntime]:
         if self._by_pool is None:
             index: dict[tuple[str, str], list[HandlerRuntime]] = {}
