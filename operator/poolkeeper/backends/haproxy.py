@@ -281,9 +281,8 @@ class HAProxyPool:
         stats = self._stat_rows(stat) if stat is not None else None
         members = {}
         for name, row in rows.items():
-            if stats is None:
-                counters = _NO_COUNTERS
-            elif (counters := stats.get(name)) is None:  # type: ignore[assignment]
+            counters = stats.get(name) if stats is not None else _NO_COUNTERS
+            if counters is None:
                 continue  # deleted between the two commands
             admin_state = int(row[_ADMIN])
             health = normalise_health(

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import UserDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,42 +105,28 @@ class Heard:
     members: dict[str, tuple[str, str]] = field(default_factory=dict)  # instance uid -> (member, up | draining)
 
 
-class Runtimes(dict[Key, "HandlerRuntime"]):
+class Runtimes(UserDict[Key, "HandlerRuntime"]):
     """The loaded handlers by (namespace, name), indexed by their pool: every instance event and
     every reconcile asks for a pool's handlers, and a scan of all handlers each time grows with
-    the cluster. Any change of the map drops the index (a runtime's spec never changes)."""
+    the cluster. Every change of the map goes through __setitem__ or __delitem__ (UserDict's
+    pop, update, setdefault and clear do), and drops the index (a runtime's spec never changes)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._by_pool: dict[tuple[str, str], list[HandlerRuntime]] | None = None
+        super().__init__()
 
     def __setitem__(self, key: Key, value: HandlerRuntime) -> None:
         self._by_pool = None
-        super().__setitem__(key, value)
+        self.data[key] = value
 
     def __delitem__(self, key: Key) -> None:
         self._by_pool = None
-        super().__delitem__(key)
-
-    def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
-        self._by_pool = None
-        return super().pop(key, *default)
-
-    def clear(self) -> None:
-        self._by_pool = None
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        self._by_pool = None
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key: Key, default: Any = None) -> Any:  # type: ignore[override]
-        self._by_pool = None
-        return super().setdefault(key, default)
+        del self.data[key]
 
     def popitem(self) -> tuple[Key, HandlerRuntime]:
+        """The newest first, as a dict's (KeyError when empty: clear() relies on it)."""
         self._by_pool = None
-        return super().popitem()
+        return self.data.popitem()
 
     def for_pool(self, namespace: str, pool: str) -> list[HandlerRuntime]:
         if self._by_pool is None:
