@@ -71,6 +71,11 @@ def dies(event, context):
 def exits(event, context):
     sys.exit("bye")
 
+def touches(event, context):
+    with open(event["path"], "a") as marker:
+        marker.write(f"{event['id']}\\n")
+    return event["id"]
+
 not_a_function = 42
 '''
 
@@ -209,6 +214,81 @@ async def test_waiting_for_a_free_worker_counts_against_the_timeout(handlers: Pa
         assert (await slow).ok
 
 
+async def test_start_invoke_sends_before_the_event_loop_turns(pool: FunctionPool, handlers: Path,
+                                                              tmp_path: Path) -> None:
+    """The call is on its worker's pipe when start_invoke returns: the function runs while the
+    caller still holds the event loop (here: sleeps without yielding)."""
+    marker = tmp_path / "entered"
+    await pool.invoke(handlers, "h.pid", EVENT, timeout=5)  # the module is loaded in one worker at least
+    sent = pool.start_invoke(handlers, "h.touches", {"id": "e1", "path": str(marker)}, timeout=5)
+    assert sent is not None
+    give_up = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < give_up:
+        time.sleep(0.01)  # noqa: ASYNC251 - on purpose: the loop must not turn
+    assert marker.read_text() == "e1\n"
+    result = await sent.result()
+    assert result.ok and result.value == "e1"
+
+
+async def test_queued_calls_go_to_the_first_freed_worker_in_order(handlers: Path, tmp_path: Path) -> None:
+    """With every worker busy, start_invoke queues the call; the worker's answer hands it over."""
+    marker = tmp_path / "order"
+    async with FunctionPool(size=1) as single:
+        slow = asyncio.create_task(single.invoke(handlers, "h.slow", EVENT, timeout=5))
+        await asyncio.sleep(0.05)
+        queued = [single.start_invoke(handlers, "h.touches", {"id": f"e{i}", "path": str(marker)}, timeout=5)
+                  for i in range(3)]
+        assert all(q is not None for q in queued)
+        results = [await q.result() for q in queued if q is not None]
+        assert [r.value for r in results] == ["e0", "e1", "e2"] and all(r.ok for r in results)
+        assert marker.read_text() == "e0\ne1\ne2\n"
+        assert (await slow).value == "slow"
+
+
+async def test_an_abandoned_queued_call_never_runs(handlers: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    async with FunctionPool(size=1) as single:
+        slow = asyncio.create_task(single.invoke(handlers, "h.slow", EVENT, timeout=5))
+        await asyncio.sleep(0.05)
+        pid_before = single.worker_pids()
+        queued = single.start_invoke(handlers, "h.touches", {"id": "gone", "path": str(marker)}, timeout=5)
+        assert queued is not None
+        queued.abandon()
+        assert (await slow).ok
+        after = await single.invoke(handlers, "h.pid", EVENT, timeout=5)
+        assert after.ok and [after.value] == pid_before  # the worker was not killed
+        assert not marker.exists()
+
+
+async def test_an_abandoned_sent_call_kills_its_worker(pool: FunctionPool, handlers: Path) -> None:
+    before = set(pool.worker_pids())
+    sent = pool.start_invoke(handlers, "h.sleeps", EVENT, timeout=30)
+    assert sent is not None
+    sent.abandon()
+    sent.abandon()  # twice is harmless
+    killed = before - set(pool.worker_pids())
+    assert len(killed) == 1 and await eventually(lambda: all(gone(pid) for pid in killed))
+    assert await eventually(lambda: len(pool.worker_pids()) == 2)
+    with pytest.raises(RuntimeError, match="twice"):
+        await sent.result()
+
+
+async def test_a_namespace_past_its_share_queues_while_others_go_first(handlers: Path) -> None:
+    """per_namespace=1 of 2 workers: team-a's second call waits for its first, team-b's goes at once."""
+    async with FunctionPool(size=2, per_namespace=1) as shared:
+        first = shared.start_invoke(handlers, "h.slow", EVENT, timeout=5, namespace="team-a")
+        second = shared.start_invoke(handlers, "h.pid", EVENT, timeout=0.5, namespace="team-a")
+        other = shared.start_invoke(handlers, "h.pid", EVENT, timeout=5, namespace="team-b")
+        assert first is not None and second is not None and other is not None
+        waited = asyncio.create_task(second.result())
+        started = time.monotonic()
+        assert (await other.result()).ok and time.monotonic() - started < 0.5
+        assert not waited.done()
+        assert (await first.result()).value == "slow"
+        late = await waited
+        assert late.ok and late.duration_ms >= 900  # its 0.5 s timeout ran from its slot, not from the start
+
+
 async def test_cancelled_call_kills_its_worker(pool: FunctionPool, handlers: Path) -> None:
     before = set(pool.worker_pids())
     task = asyncio.create_task(pool.invoke(handlers, "h.sleeps", EVENT, timeout=30))
@@ -287,10 +367,13 @@ async def test_close_stops_every_worker(handlers: Path) -> None:
     await started.start()
     busy = asyncio.create_task(started.invoke(handlers, "h.sleeps", EVENT, timeout=30))
     await asyncio.sleep(0.2)
+    waiting = [asyncio.create_task(started.invoke(handlers, "h.sleeps", EVENT, timeout=30)) for _ in range(2)]
+    await asyncio.sleep(0.2)
     pids = started.worker_pids()
     await started.close()
-    result = await busy
-    assert not result.ok and result.error == "the function pool was closed during the call"
+    for call in (busy, *waiting):
+        result = await call
+        assert not result.ok and result.error == "the function pool was closed during the call"
     assert await eventually(lambda: all(gone(pid) for pid in pids))
     with pytest.raises(RuntimeError, match="closed"):
         await started.invoke(handlers, "h.pid", EVENT, timeout=1)

@@ -28,7 +28,7 @@ from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.transitions import DRAINING, NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
-from poolkeeper.functions.pool import FunctionPool
+from poolkeeper.functions.pool import FunctionPool, Invocation, Slots
 from poolkeeper.kube.api import ApiError, KubeApi, NotLeading, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
@@ -68,7 +68,7 @@ class HandlerRuntime:
         self.dead_letters: deque[dict[str, Any]] = deque(maxlen=DEAD_LETTER_QUEUE)  # for the dead-letter URL
         self._dead_letter_task: asyncio.Task[None] | None = None
         outbox.shed = self._shed_bytes
-        self.semaphore = asyncio.Semaphore(spec.max_concurrency)
+        self.semaphore = Slots(spec.max_concurrency)
         counts = body.get("status") or {}
         self.counts = {k: int(counts.get(k) or 0) for k in ("invocations", "succeeded", "failed", "deadLettered")}
         self.last: dict[str, Any] | None = counts.get("lastInvocation")
@@ -200,10 +200,43 @@ class HandlerRuntime:
         if event_id not in queue:
             queue.append(event_id)
         if uid not in self.workers:
-            self.workers[uid] = asyncio.create_task(self._drain(uid), name=f"deliver-{self.spec.name}-{uid[:8]}")
+            head = self._head_start(record) if queue[0] == event_id else None
+            task = asyncio.create_task(self._drain(uid, head), name=f"deliver-{self.spec.name}-{uid[:8]}")
+            if head is not None:
+                task.add_done_callback(head.abandon)  # the task was cancelled before it waited for it
+            self.workers[uid] = task
 
-    async def _drain(self, uid: str) -> None:
-        """Deliver this instance's events one after the other: the next waits for the previous."""
+    def _head_start(self, record: PendingRecord) -> Invocation | None:
+        """Send the instance's next event to a Python function now, from the watch event's callback,
+        when nothing has to come first (an outbox write, a free slot) and a worker is idle.
+
+        Dispatch waited for the event loop to start the new delivery task, behind every callback
+        queued before it: on a busy loop that was most of transition -> function entered.
+        """
+        spec = self.spec
+        if (spec.function_type != "Python" or self.problem is not None or record.attempts
+                or record.from_state == NONE or record.event_type == DRAINING or not self._may_write()
+                or not self.semaphore.try_acquire()):
+            return None
+        invocation = self.functions.start_invoke(self.handlers_dir, spec.python_handler, dict(record.event),
+                                                 timeout=spec.timeout, attempt=1,
+                                                 function_name=spec.python_handler, namespace=spec.namespace)
+        if invocation is None:
+            self.semaphore.release()
+            return None
+        self.in_flight.add(record.event_id)
+        return invocation
+
+    def _may_write(self) -> bool:
+        """False once this replica lost the shard the handler's pools are in."""
+        fenced = getattr(self.api, "may_write", None)
+        return fenced is None or bool(fenced())
+
+    async def _drain(self, uid: str, head: Invocation | None = None) -> None:
+        """Deliver this instance's events one after the other: the next waits for the previous.
+
+        `head` is the first event's first attempt, already sent (`_head_start`).
+        """
         try:
             queue = self.queues[uid]
             while queue:
@@ -211,9 +244,10 @@ class HandlerRuntime:
                 record = self.outbox.pending.get(event_id)
                 if record is not None and (record.from_state == NONE or record.event_type == DRAINING):
                     await self._durable()
-                if event_id in self.outbox.pending:
+                if head is not None or event_id in self.outbox.pending:
+                    first, head = head, None
                     try:
-                        await self._deliver(event_id)
+                        await self._deliver(event_id, first)
                     except (TimeoutError, OSError, ApiError) as exc:
                         log.warning("delivery of %s stopped, kept in the outbox: %s", event_id, exc)
                         return
@@ -252,24 +286,39 @@ class HandlerRuntime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _deliver(self, event_id: str) -> None:
-        """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile."""
+    async def _deliver(self, event_id: str, head: Invocation | None = None) -> None:
+        """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile.
+
+        `head` is the first attempt, already sent and holding a slot of `semaphore`.
+        """
         spec = self.spec
         error = ""
         started = time.monotonic()
         while True:
             record = self.outbox.pending.get(event_id)
-            if record is None:
-                return
-            attempt = record.attempts + 1
-            if (fenced := getattr(self.api, "may_write", None)) is not None and not fenced():  # its shard is lost
-                raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
-            async with self.semaphore:
-                self.in_flight.add(event_id)
+            if head is not None:
                 try:
-                    ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
+                    result = await head.result()
                 finally:
                     self.in_flight.discard(event_id)
+                    self.semaphore.release()
+                head = None
+                ok, error, retryable, retry_after = result.ok, result.error or "", True, None
+                if record is None:
+                    return
+                attempt = 1
+            else:
+                if record is None:
+                    return
+                attempt = record.attempts + 1
+                if not self._may_write():  # its shard is lost
+                    raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
+                async with self.semaphore:
+                    self.in_flight.add(event_id)
+                    try:
+                        ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
+                    finally:
+                        self.in_flight.discard(event_id)
             self.counts["invocations"] += 1
             if event_id not in self.outbox.pending:
                 return  # dead-lettered while it ran: already counted there
