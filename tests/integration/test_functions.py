@@ -264,8 +264,8 @@ async def test_an_abandoned_sent_call_kills_its_worker(pool: FunctionPool, handl
     before = set(pool.worker_pids())
     sent = pool.start_invoke(handlers, "h.sleeps", EVENT, timeout=30)
     assert sent is not None
-    sent.abandon()
-    sent.abandon()  # twice is harmless
+    assert sent.abandon()
+    assert not sent.abandon()  # twice is harmless
     killed = before - set(pool.worker_pids())
     assert len(killed) == 1 and await eventually(lambda: all(gone(pid) for pid in killed))
     assert await eventually(lambda: len(pool.worker_pids()) == 2)

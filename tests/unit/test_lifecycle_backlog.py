@@ -321,3 +321,29 @@ async def test_a_draining_waits_for_the_outbox_and_a_later_down_does_not(lifecyc
             break
     assert {runtime.outbox.pending[e].event_type for e in runtime.in_flight} == {"down", "draining"}
     assert any(record["event_type"] == "draining" for record in outbox_json(lh, runtime)["pending"])
+
+
+async def test_a_reconcile_writes_an_unwritten_draining_before_the_backend_acts(lifecycle: LifecycleHandlers) -> None:
+    """Otherwise the drained server could go, the pod be deleted and the operator die before the
+    write: the restart, knowing only `up`, would send `down` and the `draining` would be lost."""
+    lh = lifecycle
+    runtime = await add_handler(lh, "drains", events=["up", "draining", "down"])
+    change(lh, pod(0))
+    await runtime.outbox.persist()
+    assert not runtime.outbox.dirty
+    change(lh, replace(pod(0), phase=Phase.DRAINING, reason="pod terminating"))
+    assert runtime.outbox.dirty
+    await lh.prepare(SPEC, desired(lh))  # the reconcile that would take the server out
+    assert not runtime.outbox.dirty
+    assert [r["event"]["type"].rsplit(".", 1)[-1] for r in outbox_json(lh, runtime)["pending"]][-1:] == ["draining"]
+    change(lh, pod(1))  # an `up` elsewhere: the next reconcile does not wait for its write
+    writes: list[str] = []
+    persist = runtime.outbox.persist
+
+    async def counted() -> None:
+        writes.append("write")
+        await persist()
+
+    runtime.outbox.persist = counted  # type: ignore[method-assign]
+    await lh.prepare(SPEC, desired(lh))
+    assert writes == [] and runtime.outbox.dirty

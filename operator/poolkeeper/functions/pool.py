@@ -105,15 +105,14 @@ class Invocation:
         self._taken = True
         return await self._pool._finish(self._call, self._started)
 
-    def abandon(self, _done: object = None) -> None:
+    def abandon(self) -> bool:
         """Give the call up unread (its caller was cancelled before it could wait): a worker that
-        has it is killed, a queued one is withdrawn. No-op once `result()` was awaited.
-
-        Takes (and ignores) an argument, to serve as the waiting task's done callback."""
+        has it is killed, a queued one is withdrawn. False (nothing done) once `result()` was awaited."""
         if self._taken:
-            return
+            return False
         self._taken = True
         self._pool._give_up(self._call)
+        return True
 
 
 class _WorkerDied(Exception):

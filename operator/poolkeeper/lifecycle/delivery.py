@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections import deque
@@ -203,7 +204,7 @@ class HandlerRuntime:
             head = self._head_start(record) if queue[0] == event_id else None
             task = asyncio.create_task(self._drain(uid, head), name=f"deliver-{self.spec.name}-{uid[:8]}")
             if head is not None:
-                task.add_done_callback(head.abandon)  # the task was cancelled before it waited for it
+                task.add_done_callback(functools.partial(self._drop_unread, head, event_id))
             self.workers[uid] = task
 
     def _head_start(self, record: PendingRecord) -> Invocation | None:
@@ -226,6 +227,12 @@ class HandlerRuntime:
             return None
         self.in_flight.add(record.event_id)
         return invocation
+
+    def _drop_unread(self, head: Invocation, event_id: str, _task: object) -> None:
+        """The delivery task ended without waiting for its head start (cancelled before it ran)."""
+        if head.abandon():
+            self.in_flight.discard(event_id)
+            self.semaphore.release()
 
     def _may_write(self) -> bool:
         """False once this replica lost the shard the handler's pools are in."""

@@ -16,7 +16,11 @@ was told (the outbox's announced entries) and what the pool's membership rule sa
   taken) before the backend acts. Non-blocking outboxes are written in the background: the
   backend does not wait for them, their deliveries do (delivery.py `_durable`), so a handler
   told `up` is told `down` too, even across a crash, and a non-blocking handler's outbox never
-  holds the load balancer back.
+  holds the load balancer back. One exception: a pool's reconcile writes (without waiting on
+  success) an outbox that holds an unwritten `draining` before the backend acts. Otherwise a
+  drained server could be removed, the pod deleted and the operator killed before the write,
+  and the restart, knowing only `up`, would tell the handler `down` without the `draining` it
+  may already have missed. A drain lasts seconds: one ConfigMap write is nothing to it.
 - Member transitions (registered, deregistered) come from what the backend did, so only from
   the reconcile (`observe`).
 """
@@ -160,6 +164,9 @@ class LifecycleHandlers:
         self.runtimes = Runtimes()
         self.gates = Gates()
         self.heard: dict[Key, Heard] = {}
+        # Pools with a `draining` recorded for a non-blocking handler and not yet written: the
+        # pool's next reconcile writes it before the backend acts (`prepare`).
+        self.unwritten_drains: dict[Key, set[HandlerRuntime]] = {}
         self._starting: asyncio.Future[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
         # With shards: the fence of a handler's work, the Lease of its pool's shard (namespace, pool)
@@ -296,6 +303,7 @@ class LifecycleHandlers:
         """Another replica acted for the pool (shards): what its handlers were told and what holds
         its members are read again from the outboxes, not taken from memory."""
         self.heard.pop(key, None)
+        self.unwritten_drains.pop(key, None)
         for pending in (self.gates.pending_up, self.gates.pending_drain):
             for gate in [g for g in pending if g[0] == key]:
                 del pending[gate]
@@ -365,6 +373,8 @@ class LifecycleHandlers:
             if not runtime.spec.blocking and runtime.outbox.dirty:
                 runtime.outbox.flush_soon()
         await self._persist([r for r in runtimes if r.spec.blocking], strict=True)
+        drains = self.unwritten_drains.pop(spec.key, set())
+        await self._persist([r for r in runtimes if r in drains and r.outbox.dirty])
         return gated
 
     def _announce(self, runtime: HandlerRuntime, spec: PoolSpec, current: Mapping[str, tuple[str, DesiredMember]],
@@ -387,6 +397,8 @@ class LifecycleHandlers:
             if event_id:
                 new.append(event_id)
                 gated |= self._gate(runtime.outbox.pending[event_id])
+                if t.event_type == DRAINING and not runtime.spec.blocking:
+                    self.unwritten_drains.setdefault(spec.key, set()).add(runtime)
         for event_id in new:
             if event_id in runtime.outbox.pending:  # (the bound may have dead-lettered it already)
                 runtime.enqueue(event_id)
