@@ -58,17 +58,6 @@ class _Worker:
         return self.process.pid
 
 
-class Slots(asyncio.Semaphore):
-    """A semaphore that can also be taken without awaiting, when a slot is free right now."""
-
-    def try_acquire(self) -> bool:
-        """Take a slot at once if one is free and nobody waits for it; never suspends."""
-        if self.locked():
-            return False
-        self._value -= 1
-        return True
-
-
 Request = Callable[[float], tuple[Any, ...]]  # the request to send, given its deadline
 
 
@@ -324,10 +313,11 @@ class FunctionPool:
             self._running[call.namespace] = self._running.get(call.namespace, 0) + 1
         call.slotted.set()
 
-    def _return_slot(self, call: _Call) -> None:
-        """The call is over (answered, failed, withdrawn): its namespace slot is free (idempotent)."""
+    def _return_slot(self, call: _Call) -> bool:
+        """The call is over (answered, failed, withdrawn): its namespace slot is free. False when
+        it held none (any more): nothing for `_dispatch` to give out."""
         if not call.holds_slot:
-            return
+            return False
         call.holds_slot = False
         if call.namespace is not None:
             left = self._running[call.namespace] - 1
@@ -335,6 +325,7 @@ class FunctionPool:
                 self._running[call.namespace] = left
             else:
                 del self._running[call.namespace]
+        return True
 
     def _idle_worker(self) -> _Worker | None:
         """A live idle worker if there is one now, without waiting."""
@@ -358,9 +349,9 @@ class FunctionPool:
     def _give_up(self, call: _Call) -> None:
         """Nobody will wait for this call: withdraw it if queued, else kill the worker running it."""
         if not call.handed.cancel() and (worker := _handed_worker(call.handed)) is not None:
-            self._discard(worker)
-        self._return_slot(call)
-        self._dispatch()
+            self._discard(worker)  # its replacement is released (and dispatched to) when it starts
+        if self._return_slot(call):
+            self._dispatch()
 
     # ----- waiting for the answer
     async def _finish(self, call: _Call, started: float) -> InvocationResult:
@@ -401,8 +392,8 @@ class FunctionPool:
                 self._discard(worker)
             raise
         finally:
-            self._return_slot(call)
-            self._dispatch()
+            if self._return_slot(call):  # not already given back by _on_reply
+                self._dispatch()
         return result(ok, None if payload is None else json.loads(payload), error)
 
     async def _handed(self, call: _Call) -> _Worker | None:
@@ -437,7 +428,6 @@ class FunctionPool:
         self._return_slot(call)
         self._release(worker)
         replied.set_result(reply)
-
 
     async def _death_notice(self, worker: _Worker) -> str:
         """Why a worker's pipe closed, with its exit status when it can be had quickly."""

@@ -29,7 +29,7 @@ from poolkeeper.core.conditions import Condition, merge_conditions
 from poolkeeper.core.retry import backoff_delay
 from poolkeeper.core.transitions import DRAINING, NONE, Transition, supersede
 from poolkeeper.functions.http import check_url_allowed, deliver_http
-from poolkeeper.functions.pool import FunctionPool, Invocation, Slots
+from poolkeeper.functions.pool import FunctionPool, Invocation, InvocationResult
 from poolkeeper.kube.api import ApiError, KubeApi, NotLeading, resource_path
 from poolkeeper.kube.events import EventRecorder, now_rfc3339
 from poolkeeper.kube.status import StatusWriter
@@ -44,6 +44,18 @@ Settled = Callable[[PendingRecord, bool], None]
 BACKLOG_FULL = "BacklogFull"
 RETRIES_EXHAUSTED = "RetriesExhausted"
 DEAD_LETTER_QUEUE = 1000  # events waiting for the dead-letter URL; past it they are only counted
+Outcome = tuple[bool, str, bool, float | None]  # (ok, error, retryable, retry after seconds)
+
+
+class Slots(asyncio.Semaphore):
+    """A semaphore that can also be taken without awaiting, when a slot is free right now."""
+
+    def try_acquire(self) -> bool:
+        """Take a slot at once if one is free and nobody waits for it; never suspends."""
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
 
 
 class HandlerRuntime:
@@ -208,8 +220,9 @@ class HandlerRuntime:
             self.workers[uid] = task
 
     def _head_start(self, record: PendingRecord) -> Invocation | None:
-        """Send the instance's next event to a Python function now, from the watch event's callback,
-        when nothing has to come first (an outbox write, a free slot) and a worker is idle.
+        """Begin the instance's next event's first attempt now, from the watch event's callback
+        (sent to a free worker, or queued in the function pool), when nothing has to come first:
+        an outbox write, or a `maxConcurrency` slot.
 
         Dispatch waited for the event loop to start the new delivery task, behind every callback
         queued before it: on a busy loop that was most of transition -> function entered.
@@ -296,36 +309,31 @@ class HandlerRuntime:
     async def _deliver(self, event_id: str, head: Invocation | None = None) -> None:
         """Attempt until settled; returns early when the event left the backlog (dead-lettered) meanwhile.
 
-        `head` is the first attempt, already sent and holding a slot of `semaphore`.
+        `head` is the first attempt, already begun and holding a slot of `semaphore`.
         """
         spec = self.spec
         error = ""
         started = time.monotonic()
         while True:
             record = self.outbox.pending.get(event_id)
-            if head is not None:
-                try:
-                    result = await head.result()
-                finally:
-                    self.in_flight.discard(event_id)
-                    self.semaphore.release()
-                head = None
-                ok, error, retryable, retry_after = result.ok, result.error or "", True, None
-                if record is None:
-                    return
+            outcome: Outcome | None = None
+            if head is not None:  # read even if the event left the backlog meanwhile: it holds a slot
+                outcome, head = await self._head_outcome(event_id, head), None
+            if record is None:
+                return
+            if outcome is not None:
                 attempt = 1
             else:
-                if record is None:
-                    return
                 attempt = record.attempts + 1
                 if not self._may_write():  # its shard is lost
                     raise NotLeading("deliver", event_id)  # kept in the outbox for the replica that holds it
                 async with self.semaphore:
                     self.in_flight.add(event_id)
                     try:
-                        ok, error, retryable, retry_after = await self._attempt(dict(record.event), attempt)
+                        outcome = await self._attempt(dict(record.event), attempt)
                     finally:
                         self.in_flight.discard(event_id)
+            ok, error, retryable, retry_after = outcome
             self.counts["invocations"] += 1
             if event_id not in self.outbox.pending:
                 return  # dead-lettered while it ran: already counted there
@@ -347,13 +355,20 @@ class HandlerRuntime:
         await self._dead_letter(dict(record.event), error)
         await self._settle(record, "DeadLettered", record.attempts, started, error)
 
-    async def _attempt(self, event: dict[str, Any], attempt: int) -> tuple[bool, str, bool, float | None]:
+    async def _head_outcome(self, event_id: str, head: Invocation) -> Outcome:
+        """The head start's outcome; its `maxConcurrency` slot is given back."""
+        try:
+            return _function_outcome(await head.result())
+        finally:
+            self.in_flight.discard(event_id)
+            self.semaphore.release()
+
+    async def _attempt(self, event: dict[str, Any], attempt: int) -> Outcome:
         spec = self.spec
         if spec.function_type == "Python":
-            result = await self.functions.invoke(self.handlers_dir, spec.python_handler, event, timeout=spec.timeout,
-                                                 attempt=attempt, function_name=spec.python_handler,
-                                                 namespace=spec.namespace)
-            return result.ok, result.error or "", True, None
+            return _function_outcome(await self.functions.invoke(
+                self.handlers_dir, spec.python_handler, event, timeout=spec.timeout, attempt=attempt,
+                function_name=spec.python_handler, namespace=spec.namespace))
         if self.problem and self.problem[0] == "URLNotAllowed":
             return False, self.problem[1], False, None
         async with self.http_slots:
@@ -432,3 +447,7 @@ class HandlerRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+
+def _function_outcome(result: InvocationResult) -> Outcome:
+    """A Python function's result as a delivery outcome: every failure may be retried."""
+    return result.ok, result.error or "", True, None

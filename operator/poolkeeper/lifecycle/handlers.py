@@ -373,8 +373,8 @@ class LifecycleHandlers:
             if not runtime.spec.blocking and runtime.outbox.dirty:
                 runtime.outbox.flush_soon()
         await self._persist([r for r in runtimes if r.spec.blocking], strict=True)
-        drains = self.unwritten_drains.pop(spec.key, set())
-        await self._persist([r for r in runtimes if r in drains and r.outbox.dirty])
+        if drains := self.unwritten_drains.pop(spec.key, None):
+            await self._persist([r for r in runtimes if r in drains and r.outbox.dirty])
         return gated
 
     def _announce(self, runtime: HandlerRuntime, spec: PoolSpec, current: Mapping[str, tuple[str, DesiredMember]],
