@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from poolkeeper.backends import ActionResult
-from poolkeeper.controller.pools import FINALIZER, Outcome, PoolController
+from poolkeeper.controller.pools import FINALIZER, FOLLOW_UP_SECONDS, Outcome, PoolController
 from poolkeeper.controller.store import Store
 from poolkeeper.core.model import (
     Action,
@@ -582,10 +582,44 @@ def test_a_settled_pool_plans_an_instance_event_from_the_servers_it_left_without
     flip(world, 0, Phase.DOWN)
     world.reconcile()
     assert lb.reads == reads, "the event was planned from the view the last reconcile left"
-    assert sorted(admins(lb, "b1").values()) == [Admin.DRAIN, Admin.READY, Admin.READY]
+    assert sorted(admins(lb, "b1").values()) == [Admin.READY, Admin.READY], \
+        "drained, read idle in the same round trip, and removed by the same reconcile"
     flip(world, 0, Phase.UP)
     world.settle()
     assert set(admins(lb, "b1").values()) == {Admin.READY}
+
+
+def test_a_drained_server_read_idle_after_its_drain_is_removed_by_the_same_reconcile(world: World) -> None:
+    lb = settled_pool(world, 3)
+    busy = next(k for k, m in lb.servers.items() if m.address == "10.0.0.1")  # pod web-0's server
+    lb.servers[busy] = replace(lb.servers[busy], sessions=2)
+    flip(world, 0, Phase.DOWN)
+    outcome = world.reconcile()
+    assert admins(lb, "b1")[busy[1]] is Admin.DRAIN, "sessions in flight: drained, not removed"
+    assert outcome.after is not None and outcome.after > FOLLOW_UP_SECONDS, "it waits for them"
+    removals = [a for _, a in lb.log if isinstance(a, RemoveMember)]
+    assert removals == []
+    lb.servers[busy] = replace(lb.servers[busy], sessions=0)
+    world.reconcile()
+    assert busy not in lb.servers
+
+
+def test_removals_after_a_drain_that_fail_are_left_to_the_follow_up(world: World) -> None:
+    lb = settled_pool(world, 2)
+
+    class RemovalsFail(FakePool):
+        async def apply(self, actions: Sequence[Action]) -> list[ActionResult]:
+            if actions and all(isinstance(a, RemoveMember) for a in actions):
+                raise OSError("connection reset")
+            return await super().apply(actions)
+
+    world.controller.haproxy_pool = RemovalsFail
+    flip(world, 0, Phase.DOWN)
+    assert world.reconcile() == Outcome(FOLLOW_UP_SECONDS), "not a failure: the next step is simply due"
+    assert sorted(admins(lb, "b1").values()) == [Admin.DRAIN, Admin.READY]
+    world.controller.haproxy_pool = FakePool
+    world.reconcile()
+    assert sorted(admins(lb, "b1").values()) == [Admin.READY]
 
 
 def test_the_view_is_not_used_after_a_haproxy_restart_with_checks_or_after_a_resync_found_a_change(

@@ -3,7 +3,8 @@
 1. resolve: the pool's spec, its LoadBalancer and whether it may drive that backend;
 2. read: what the backend holds now (level-triggered: restarts and missed events heal alike);
 3. want: the desired members, and what blocking lifecycle hooks hold;
-4. plan (pure, core.planner) and 5. apply;
+4. plan (pure, core.planner) and 5. apply (servers that drain and are read idle right after
+   are removed at once: a drain and its removal take one reconcile);
 6. move: once the pool is in rotation where the spec says, drain and empty every place it
    was before (status.placements remembers them across restarts);
 7. report: status, Events and readiness gates (wording in controller/report.py).
@@ -53,6 +54,7 @@ from poolkeeper.core.model import (
     MemberState,
     Placement,
     Plan,
+    RemoveMember,
     SetAdmin,
 )
 from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate, unready_members
@@ -74,7 +76,7 @@ FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 FULL_RESYNC_EVERY = 10  # a settled pool's resync only re-reads its backend; every 10th is a full reconcile
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
-FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions
+FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions, when not taken at once
 BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError, AWSError)
 # ELBv2 target groups poolkeeper must not touch at all (AWSError reasons that block the pool)
 ELBV2_BLOCKED = ("TargetGroupNotOwned", "TargetTypeMismatch", "AWSSupportNotInstalled")
@@ -148,6 +150,10 @@ def settled_view(actual: Mapping[str, ActualMember]) -> dict[str, tuple[str, int
     """What a plan depends on when every member is in rotation: not sessions (only draining
     members wait for them), which change with every request."""
     return {name: (m.address, m.port, m.admin, m.health, m.weight) for name, m in actual.items()}
+
+
+def _removals_only(actions: Sequence[Any]) -> bool:
+    return bool(actions) and all(isinstance(a, RemoveMember) for a in actions)
 
 
 def placements_from_status(body: Mapping[str, Any]) -> list[Placement]:
@@ -397,14 +403,22 @@ class PoolController:
         except BACKEND_ERRORS as exc:
             return self._backend_failed(body, spec, memory, exc)
         memory.failing = ""
-        self.applied[key] = len(results)
         memory.draining[here] = since = dict(plan.draining_since)
+        after = fresh if fresh is not None else simulate(actual, [r.action for r in results if r.ok])
+        final = self._plan(spec, wanted, after, since)
+        if fresh is not None and all(r.ok for r in results) and _removals_only(final.actions):
+            # the read after the drain found them idle: removed now, not by a reconcile of its own
+            removed = await self._apply_removals(backend, final.actions)
+            if removed:
+                results = [*results, *removed]
+                memory.draining[here] = since = dict(final.draining_since)
+                after = simulate(after, [r.action for r in removed if r.ok])
+                final = self._plan(spec, wanted, after, since)
+        self.applied[key] = len(results)
         memory.instance_of.update({name: m.instance.ref for name, m in wanted.members.items()})
         self.report.actions(body, spec.backend_text, results, memory.instance_of)
         forget_removed(results, memory.instance_of)
-        after = fresh if fresh is not None else simulate(actual, [r.action for r in results if r.ok])
         memory.instance_of = {n: ref for n, ref in memory.instance_of.items() if n in after or n in wanted.members}
-        final = self._plan(spec, wanted, after, since)
         reports = member_reports(final, wanted.holds.pending, memory.instance_of, wanted.refused, spec.port)
         memory.reports = {r.instance: r for r in reports if r.instance}
         hard = [r for r in results if not r.ok and not waiting_for_connections(r)]
@@ -447,9 +461,20 @@ class PoolController:
         memory.settled, memory.verified = Settled(spec, found[1], settled_view(after)), 0
         return Outcome()
 
+    @staticmethod
+    async def _apply_removals(backend: Backend, removals: Sequence[Any]) -> list[ActionResult]:
+        """The removals a fresh read allows, in a second round trip; none when it fails (the
+        follow-up reconcile the plan then asks for tries again, and says what is wrong)."""
+        try:
+            return await backend.apply(removals)
+        except BACKEND_ERRORS as exc:
+            log.debug("removals after a drain not applied yet: %s", exc)
+            return []
+
     def _read_with_apply(self, spec: PoolSpec, actions: Sequence[Any]) -> bool:
         """Servers start to drain in a pool whose view may be kept: read them in the apply's round
-        trip, so the follow-up that removes them once idle needs no read of its own."""
+        trip. Those found idle are removed by the same reconcile (one more round trip, not a
+        reconcile of its own); a follow-up for the others needs no read of its own."""
         return (spec.backend_type == "HAProxy" and spec.health_check is None
                 and any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions))
 

@@ -192,7 +192,7 @@ class Informer:
         (obj.get("metadata") or {}).pop("managedFields", None)  # never read; the largest part of a kept body
         try:
             result = self.handle(kind, obj)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # most handlers are plain functions
                 await result
         except asyncio.CancelledError:
             raise
