@@ -76,7 +76,7 @@ FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 FULL_RESYNC_EVERY = 10  # a settled pool's resync only re-reads its backend; every 10th is a full reconcile
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
-FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) once HAProxy counted sessions, when not taken at once
+FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) when not taken by the same reconcile
 BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError, AWSError)
 # ELBv2 target groups poolkeeper must not touch at all (AWSError reasons that block the pool)
 ELBV2_BLOCKED = ("TargetGroupNotOwned", "TargetTypeMismatch", "AWSSupportNotInstalled")
