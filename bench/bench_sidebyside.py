@@ -13,7 +13,8 @@ controller at the default batch period 0), a real HAProxy and the operator as a 
    (poolkeeper -> server in / out of rotation). In the same run a bare pod watch (the floor) and a
    polling peer (lists the `pk-*` pods every second, sets its own HAProxy backend through the
    runtime API) see the same `pk-*` writes. Every time is counted from the moment the PATCH was
-   sent. Each observer runs in its own process and reports its CPU. At 50/s and 500/s, plain,
+   sent. Each observer runs in its own process and reports its CPU. --rounds times (every variant
+   once per round, medians reported) at 50/s and 500/s, plain,
    with health checks on the pool and with an HTTP LifecycleHandler on it. At 50/s real HTTP
    traffic runs through HAProxy to real servers on the pods' addresses: the user-visible figure is
    a Ready write -> the first request that server answers.
@@ -530,6 +531,11 @@ class Run:
     rtt: list[float] = field(default_factory=list, repr=False)  # PATCH sent -> answered
     writes: dict[str, float] = field(default_factory=dict)  # API server writes during the run, by verb and resource
     beyond: list[float] = field(default_factory=list, repr=False)  # bare watch saw the write -> HAProxy changed
+    round: int = 0  # which of --rounds (the variants take turns in each)
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} #{self.round + 1}"
 
 
 async def send_flips(kube: Kube, rig: Rig, transitions: int, rate: float, twins: bool) -> list[tuple[Flip, Flip]]:
@@ -892,40 +898,60 @@ def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def target_rows(runs: list[Run]) -> list[str]:
+    """One row per variant and rate: the medians over the rounds of each path's p99 and of the ratios
+    (each ratio taken within its round, where the paths saw the same writes at the same moments)."""
+    rows = []
+    for variant, rate in dict.fromkeys((r.variant, r.rate) for r in runs):
+        rounds = [r for r in runs if (r.variant, r.rate) == (variant, rate)]
+        p99 = {k: [r.paths[k].pct(99) for r in rounds] for k in ("poolkeeper", "EndpointSlice controller",
+                                                                 "bare watch")}
+        es_ratios = [pk[0] / es[0] for pk, es in zip(p99["poolkeeper"], p99["EndpointSlice controller"], strict=True)]
+        bare_ratios = [pk[0] / bare[0] for pk, bare in zip(p99["poolkeeper"], p99["bare watch"], strict=True)]
+        es_ratio, bare_ratio = statistics.median(es_ratios), statistics.median(bare_ratios)
+        bound = any(pk[1] for pk in p99["poolkeeper"])  # a lower bound in some round
+        ok = not bound and es_ratio <= TARGET_ES_RATIO and bare_ratio <= TARGET_WATCH_RATIO
+
+        def median_ms(values: list[tuple[float, bool]]) -> str:
+            return ms((statistics.median(v for v, _ in values), any(b for _, b in values)))
+        each = "; ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(es_ratios, bare_ratios, strict=True))
+        es_met, bare_met = met(es_ratio <= TARGET_ES_RATIO), met(bare_ratio <= TARGET_WATCH_RATIO)
+        rows.append(f"| {variant} | {rate:g}/s | {median_ms(p99['poolkeeper'])} | "
+                    f"{median_ms(p99['EndpointSlice controller'])} | {es_ratio:.2f} ({es_met}) | "
+                    f"{median_ms(p99['bare watch'])} | {bare_ratio:.2f} ({bare_met}) | {met(ok)} | {each} |")
+    return rows
+
+
 def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list[Run], burst: dict[str, Any],
            big: dict[str, Any], args: argparse.Namespace, load: tuple[tuple[float, ...], tuple[float, ...]],
            elapsed: float) -> str:
     latency = ["| Variant | Rate (achieved) | Path | mean | p50 | p90 | p99 | max | timed | not seen in window | "
                "negative |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     targets = ["| Variant | Rate | poolkeeper p99 | EndpointSlice p99 | ratio (target ≤ 0.5) | bare watch p99 | "
-               "ratio (target ≤ 2) | Result |", "|---|---|---|---|---|---|---|---|"]
+               "ratio (target ≤ 2) | Result | each round's ratios (EndpointSlice / bare watch) |",
+               "|---|---|---|---|---|---|---|---|---|"]
     cpu = ["| Variant | Rate | Wall | CPU seconds (operator; control plane; the benchmark's own processes) |",
            "|---|---|---|---|"]
     extra = []
     for run in runs:
         for p in run.paths.values():
-            latency.append(f"| {run.variant} | {run.rate:g}/s ({run.achieved:.0f}/s) | {p.name} | {p.mean()} | "
+            latency.append(f"| {run.label} | {run.rate:g}/s ({run.achieved:.0f}/s) | {p.name} | {p.mean()} | "
                            f"{ms(p.pct(50))} | "
                            f"{ms(p.pct(90))} | {ms(p.pct(99))} | {ms(p.pct(100))} | {len(p.samples)} | "
                            f"{p.censored} | {p.negative} |")
         rtt = run.rtt or [float("nan")]
-        latency.append(f"| {run.variant} | {run.rate:g}/s ({run.achieved:.0f}/s) | (the pk PATCH answered) | "
+        latency.append(f"| {run.label} | {run.rate:g}/s ({run.achieved:.0f}/s) | (the pk PATCH answered) | "
                        f"{ms(sum(rtt) / len(rtt))} | {ms(percentile(rtt, 50))} | {ms(percentile(rtt, 90))} | "
                        f"{ms(percentile(rtt, 99))} | "
                        f"{ms(max(rtt))} | {len(run.rtt)} | | |")
-        pk, es, bare = (run.paths[k].pct(99) for k in ("poolkeeper", "EndpointSlice controller", "bare watch"))
-        es_ratio, bare_ratio = pk[0] / es[0], pk[0] / bare[0]
-        ok = not pk[1] and es_ratio <= TARGET_ES_RATIO and bare_ratio <= TARGET_WATCH_RATIO
-        targets.append(f"| {run.variant} | {run.rate:g}/s | {ms(pk)} | {ms(es)} | {es_ratio:.2f} "
-                       f"({met(es_ratio <= TARGET_ES_RATIO)}) | {ms(bare)} | {bare_ratio:.2f} "
-                       f"({met(bare_ratio <= TARGET_WATCH_RATIO)}) | {met(ok)} |")
+    targets += target_rows(runs)
     writes = []
     for run in [*runs, *uv_runs, *steps]:
         flips = run.flips * (2 if run.rate in RATES and run in runs else 1)
         writes.append(f"- {run.variant} at {run.rate:g}/s ({flips:,} pod status writes sent): "
                       + ", ".join(f"{k} {v / flips:.2f}" for k, v in run.writes.items()) + ".")
     for run in [*runs, *uv_runs]:
-        cpu.append(f"| {run.variant} | {run.rate:g}/s | {run.wall:.0f} s | "
+        cpu.append(f"| {run.label if run in runs else run.variant} | {run.rate:g}/s | {run.wall:.0f} s | "
                    + ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()) + " |")
         if run.handler:
             h = run.handler
@@ -988,6 +1014,9 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         "is measured from the moment the status PATCH was **sent**.", "",
         environment_line, "",
         "### Targets", "",
+        f"Each latency run was repeated in {args.rounds} round(s), every variant once per round in turn; the p99s "
+        "are the medians over the rounds and each ratio is the median of the ratios taken within a round (where "
+        "the paths saw the same writes at the same moments). Every round's runs are in *Every path*.", "",
         *targets, "",
         *burst_rows, "",
         "### User-visible: a pod's Ready write → the first request HAProxy sends it", "",
@@ -1089,15 +1118,19 @@ async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorPr
             for rig in rigs.values():  # every server registered first, then half of them not ready
                 await settled(kube, client, rig, rest=False)
                 await restore(kube, rig)
-            for (variant, rate), rig in rigs.items():
-                await settled(kube, client, rig)
-                if rate == UV_RATE:
-                    uv_runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant,
-                                                     args.transitions_uv, args, twins=False, traffic=True))
-                    continue
-                transitions = args.transitions50 if rate == 50.0 else args.transitions500
-                runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
-                                              poller=rate == 50.0))
+            for round_ in range(args.rounds):  # every variant once per round: they share the machine's moods
+                for (variant, rate), rig in rigs.items():
+                    if rate == UV_RATE and round_:
+                        continue
+                    await settled(kube, client, rig)
+                    if rate == UV_RATE:
+                        uv_runs.append(await latency_run(kube, haproxy, operator, cluster, rig, variant,
+                                                         args.transitions_uv, args, twins=False, traffic=True))
+                        continue
+                    transitions = args.transitions50 if rate == 50.0 else args.transitions500
+                    run = await latency_run(kube, haproxy, operator, cluster, rig, variant, transitions, args,
+                                            poller=rate == 50.0)
+                    runs.append(replace(run, round=round_))
             if not args.partial:
                 await settled(kube, client, rigs["plain", 500.0])
         finally:
@@ -1127,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transitions-uv", type=int, default=200)
     parser.add_argument("--transitions50", type=int, default=1000)
     parser.add_argument("--transitions500", type=int, default=2500)
+    parser.add_argument("--rounds", type=int, default=3, help="latency runs per variant and rate (medians reported)")
     parser.add_argument("--poll-period", type=float, default=0.001, help="poolkeeper's HAProxy observer period (s)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds observed after the last write")
     parser.add_argument("--traffic-rate", type=float, default=400.0, help="HTTP requests/s through HAProxy")
@@ -1155,6 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.transitions50, args.transitions500, args.transitions_uv, args.step_seconds = 150, 600, 40, 2.0
         args.rates, args.burst, args.big, args.no_write = [50.0, 250.0, 500.0], 200, 1000, True
+        args.rounds = min(args.rounds, 2)
     if args.only != "all":
         args.no_write = True
     args.port = free_port()
