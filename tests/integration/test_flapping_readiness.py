@@ -159,7 +159,9 @@ def test_unready_past_the_delay_or_terminating_is_removed(
         wait_for(lambda: fleet.ips["lingers"] not in addresses(), delay + 5,
                  "the unready pod's server removed after the delay")
         assert time.monotonic() - unready_at >= delay - 0.5
-        assert f"Pod/{namespace}/lingers" not in members(custom, namespace, "web")
+        # the status follows the backend: written after the removal, not before it
+        wait_for(lambda: f"Pod/{namespace}/lingers" not in members(custom, namespace, "web"), 5,
+                 "the removed member gone from status")
     finally:
         report = load.stop()
     assert report.failed == 0 and report.ok > 100, report
