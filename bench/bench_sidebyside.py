@@ -898,6 +898,11 @@ def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def median_ms(values: list[tuple[float, bool]]) -> str:
+    """The median of (value, lower bound) samples, a lower bound when any of them is."""
+    return ms((statistics.median(v for v, _ in values), any(b for _, b in values)))
+
+
 def target_rows(runs: list[Run]) -> list[str]:
     """One row per variant and rate: the medians over the rounds of each path's p99 and of the ratios
     (each ratio taken within its round, where the paths saw the same writes at the same moments)."""
@@ -911,9 +916,6 @@ def target_rows(runs: list[Run]) -> list[str]:
         es_ratio, bare_ratio = statistics.median(es_ratios), statistics.median(bare_ratios)
         bound = any(pk[1] for pk in p99["poolkeeper"])  # a lower bound in some round
         ok = not bound and es_ratio <= TARGET_ES_RATIO and bare_ratio <= TARGET_WATCH_RATIO
-
-        def median_ms(values: list[tuple[float, bool]]) -> str:
-            return ms((statistics.median(v for v, _ in values), any(b for _, b in values)))
         each = "; ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(es_ratios, bare_ratios, strict=True))
         es_met, bare_met = met(es_ratio <= TARGET_ES_RATIO), met(bare_ratio <= TARGET_WATCH_RATIO)
         rows.append(f"| {variant} | {rate:g}/s | {median_ms(p99['poolkeeper'])} | "
@@ -950,8 +952,8 @@ def render(env: dict[str, str], runs: list[Run], uv_runs: list[Run], steps: list
         flips = run.flips * (2 if run.rate in RATES and run in runs else 1)
         writes.append(f"- {run.variant} at {run.rate:g}/s ({flips:,} pod status writes sent): "
                       + ", ".join(f"{k} {v / flips:.2f}" for k, v in run.writes.items()) + ".")
-    for run in [*runs, *uv_runs]:
-        cpu.append(f"| {run.label if run in runs else run.variant} | {run.rate:g}/s | {run.wall:.0f} s | "
+    for label, run in [*((r.label, r) for r in runs), *((r.variant, r) for r in uv_runs)]:
+        cpu.append(f"| {label} | {run.rate:g}/s | {run.wall:.0f} s | "
                    + ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()) + " |")
         if run.handler:
             h = run.handler
