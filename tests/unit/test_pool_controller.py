@@ -646,6 +646,51 @@ def test_the_view_is_not_used_after_a_haproxy_restart_with_checks_or_after_a_res
     assert lb.reads == reads + 1, "checks change a server's health on their own: always read"
 
 
+def checked_pool(world: World, pods: int) -> FakeHAProxy:
+    """Like settled_pool, with health checks whose servers enter rotation unchecked (initialState Up)."""
+    lb = world.lbs.add("edge", ["b1"])
+    world.pods(pods)
+    world.put_pool(pool_body(haproxy("edge", "b1", check=True, initial="Up"), delay=0), "1")
+    world.settle()
+    return lb
+
+
+def health_of(world: World) -> dict[str, str]:
+    return {m["instance"]: m["health"] for m in world.sinks.status["members"]}
+
+
+def test_checks_with_initial_state_up_plan_an_event_from_the_view_and_report_the_health_read_with_it(
+        world: World) -> None:
+    lb = checked_pool(world, 3)
+    web1 = next(k for k, m in lb.servers.items() if m.address == "10.0.0.2")
+    lb.servers[web1] = replace(lb.servers[web1], health="DOWN")  # checks took web-1 out, behind the operator
+    reads, with_apply = lb.reads, lb.reads_with_apply
+    flip(world, 0, Phase.DOWN)
+    world.reconcile()
+    assert lb.reads == reads, "planned from the view: the actions do not depend on health"
+    assert lb.reads_with_apply == with_apply + 1, "the read rode with the drain"
+    assert health_of(world)["Pod/shop/web-1"] == "DOWN", "the report has the health read after the actions"
+    lb.servers[web1] = replace(lb.servers[web1], health="UP")  # it passes again
+    flip(world, 0, Phase.UP)
+    world.reconcile()
+    assert lb.reads == reads and lb.reads_with_apply == with_apply + 2, "back: one round trip again"
+    assert set(admins(lb, "b1").values()) == {Admin.READY} and len(lb.servers) == 3
+    assert set(health_of(world).values()) == {"UP"}
+
+
+def test_checks_with_initial_state_up_read_when_an_event_changes_nothing_in_haproxy(world: World) -> None:
+    lb = checked_pool(world, 2)
+    web0 = next(k for k, m in lb.servers.items() if m.address == "10.0.0.1")
+    lb.servers[web0] = replace(lb.servers[web0], health="DOWN")
+    reads = lb.reads
+    pod = world.store.get_instance("Pod", NS, "web-0")
+    assert pod is not None
+    world.store.put_instance(replace(pod, labels={**pod.labels, "tier": "front"}))  # selected still, no action
+    world.reconcile()
+    assert lb.reads == reads + 1, "no action to read with: the health it reports is read on its own"
+    assert health_of(world)["Pod/shop/web-0"] == "DOWN"
+
+
 def test_a_plan_made_on_a_view_haproxy_no_longer_matches_fails_and_is_made_again_from_a_read(
         world: World) -> None:
     lb = settled_pool(world, 2)

@@ -137,8 +137,8 @@ class Settled:
 
 @dataclass(frozen=True, slots=True)
 class LeftView:
-    """The servers of an HAProxy pool as its last reconcile left them, while only this operator
-    can change them (no health checks); see PoolController._view_left for when one is kept."""
+    """The servers of an HAProxy pool as its last reconcile left them, while what its next plan
+    depends on can change only through this operator; see PoolController._view_left."""
 
     spec: PoolSpec
     client: Any  # the LoadBalancer's runtime-API client
@@ -377,7 +377,8 @@ class PoolController:
             await self._add_finalizer(body)
         try:  # 1. resolve, 2. read
             backend, policy = await self._backend(spec)
-            actual = self._left_view(spec, view) or await backend.read_members()
+            kept = self._left_view(spec, view)
+            actual = kept or await backend.read_members()
         except Blocked as blocked:
             return await self._blocked(body, spec, memory, blocked)
         except BACKEND_ERRORS as exc:
@@ -400,6 +401,9 @@ class PoolController:
                 results, fresh = await backend.apply_and_read(plan.actions)  # type: ignore[attr-defined]
             else:
                 results = await backend.apply(plan.actions) if plan.actions else []
+            if fresh is None and kept is not None and spec.health_check is not None:
+                # checks moved health since the view was read: the report needs what HAProxy says now
+                fresh = await backend.read_members()
         except BACKEND_ERRORS as exc:
             return self._backend_failed(body, spec, memory, exc)
         memory.failing = ""
@@ -472,21 +476,34 @@ class PoolController:
             return []
 
     def _read_with_apply(self, spec: PoolSpec, actions: Sequence[Any]) -> bool:
-        """Servers start to drain in a pool whose view may be kept: read them in the apply's round
-        trip. Those found idle are removed by the same reconcile (one more round trip, not a
-        reconcile of its own); a follow-up for the others needs no read of its own."""
-        return (spec.backend_type == "HAProxy" and spec.health_check is None
-                and any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions))
+        """Read the servers in the apply's round trip where that read is worth keeping.
+
+        - Servers start to drain in a pool without checks: those found idle are removed by the
+          same reconcile (one more round trip, not a reconcile of its own); a follow-up for the
+          others needs no read of its own.
+        - Any action of a pool whose checks do not decide entry (initialState Up): the read is
+          the report's health and the view the next event plans from, so an event costs one
+          round trip, as without checks.
+        """
+        if spec.backend_type != "HAProxy" or not actions:
+            return False
+        if spec.health_check is not None:
+            return spec.enters_unchecked
+        return any(isinstance(a, SetAdmin) and a.admin is Admin.DRAIN for a in actions)
 
     def _view_left(self, spec: PoolSpec, results: Sequence[ActionResult], still: Sequence[Any], elsewhere: int,
                    after: Mapping[str, ActualMember], *, fresh: bool = False) -> LeftView | None:
-        """The servers as this reconcile left them, kept when nothing but this operator can change
-        them before the next one: an HAProxy pool without health checks (checks change a server's
-        health on their own), every action done, no old placement being emptied, and nothing left
-        to do or draining (a drain waits for sessions that HAProxy counts) unless `after` was read
-        from HAProxy after the actions (`fresh`: a draining server's sessions only fall)."""
-        if spec.backend_type != "HAProxy" or spec.health_check is not None or elsewhere \
-                or not all(r.ok for r in results):
+        """The servers as this reconcile left them, kept when what the next plan depends on can
+        change only through this operator: every action done, no old placement being emptied,
+        and nothing left to do or draining (a drain waits for sessions that HAProxy counts) unless
+        `after` was read from HAProxy after the actions (`fresh`: a draining server's sessions
+        only fall). An HAProxy pool without health checks, or one whose checks do not decide
+        entry (initialState Up: the plan's actions do not depend on health, and the reconcile
+        that plans from the view reads the health it reports). With initialState Checking a
+        server's entry waits for its checks, which change its health on their own: no view."""
+        if spec.backend_type != "HAProxy" or elsewhere or not all(r.ok for r in results):
+            return None
+        if spec.health_check is not None and not (spec.enters_unchecked and fresh):
             return None
         if not fresh and (still or any(m.admin is Admin.DRAIN for m in after.values())):
             return None
