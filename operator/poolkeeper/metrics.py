@@ -56,6 +56,9 @@ class Metrics:
         self.shards_held = Gauge("poolkeeper_shards_held", "Shard Leases this replica holds (--shards > 1)",
                                  registry=r)
         self.shards = Gauge("poolkeeper_shards", "Shards the pools are spread over (--shards)", registry=r)
+        self.status_writes = Counter("poolkeeper_status_writes_total",
+                                     "Status subresource writes sent (unchanged statuses are not sent)",
+                                     ["resource"], registry=r)
         self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
                                    ["result"], registry=r)
         self.dead_lettered = Counter("poolkeeper_handler_dead_lettered_total",

@@ -82,7 +82,7 @@ class Recorded:
     def post(self, obj: Any, reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append((reason, warning))
 
-    def submit(self, path: str, status: dict[str, Any]) -> None:
+    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
         self.status = status
 
     def forget(self, path: str) -> None:

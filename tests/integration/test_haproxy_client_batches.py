@@ -124,7 +124,7 @@ class Recorded:
     def post(self, obj: Any, reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append(reason)
 
-    def submit(self, path: str, status: dict[str, Any]) -> None:
+    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
         pass
 
     def forget(self, path: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, backend_errors
@@ -363,3 +364,40 @@ def test_member_of_a_pod_gone_unready_drains_its_requests_and_names_the_pod(
     assert answers == [200]  # the in-flight request finished
     wait_for(lambda: ref not in members(custom, namespace, "web") and not haproxy_servers(haproxy, "web"),
              20, "removed once its session ended")
+
+
+def status_writes(proc: OperatorProcess, resource: str) -> float:
+    found = re.search(rf'^poolkeeper_status_writes_total{{resource="{resource}"}} ([0-9.e+]+)$', proc.metrics(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_restart_that_finds_every_status_as_it_would_write_it_writes_none(
+        cluster: Cluster, namespace: str, tmp_path: Path, custom: client.CustomObjectsApi,
+        workloads: Workloads, haproxy: HAProxyProcess, lb_name: str,
+        without_session_operator: OperatorProcess) -> None:
+    # an operator of this namespace only: the other tests' pools would have their statuses written
+    proc = OperatorProcess(cluster.kubeconfig, tmp_path / "op", extra_args=("--namespace", namespace)).start()
+    try:
+        fleet = workloads("web")
+        for i in range(3):
+            fleet.add(f"w-{i}")
+        create(custom, namespace, "targetpools", pod_pool("web", app="web", port=fleet.port,
+                                                           backend=ha_backend(lb_name, "web"), delay=5))
+        wait_for(lambda: len(members(custom, namespace, "web")) == 3
+                 and condition(get(custom, namespace, "targetpools", "web"), "Ready").get("status") == "True", 30,
+                 "pool Ready")
+        assert status_writes(proc, "targetpools") >= 1
+        proc.stop()
+        before = get(custom, namespace, "targetpools", "web")
+        proc.start()
+        gauge = f'poolkeeper_pool_active_members{{namespace="{namespace}",pool="web"}} 3.0'
+        wait_for(lambda: gauge in proc.metrics(), 30, "the pool reconciled after the restart")
+        time.sleep(1.0)  # a status write would have been sent within 0.25 s
+        assert status_writes(proc, "targetpools") == 0, "the status the pool has is the one it would write"
+        assert get(custom, namespace, "targetpools", "web")["status"] == before["status"]
+        fleet.unready("w-0")  # and a change after the restart is written as before
+        wait_for(lambda: f"Pod/{namespace}/w-0" not in members(custom, namespace, "web"), 20,
+                 "w-0 drained and gone from status")
+        assert status_writes(proc, "targetpools") >= 1
+    finally:
+        proc.stop()

@@ -58,7 +58,7 @@ class FakeStatus:
     def __init__(self) -> None:
         self.last: dict[str, dict[str, Any]] = {}
 
-    def submit(self, path: str, status: dict[str, Any]) -> None:
+    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
         self.last[path] = status
 
 

@@ -136,7 +136,7 @@ class Sinks:
         self.patches: list[Any] = []
         self.gates: dict[str, str] = {}  # pod ref -> the member state its readiness gate follows
 
-    def submit(self, path: str, status: dict[str, Any]) -> None:
+    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
         self.statuses.append(status)
 
     def post(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:

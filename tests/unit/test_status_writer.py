@@ -163,3 +163,29 @@ async def test_a_busy_object_is_written_at_most_once_a_busy_interval_and_at_once
     status.submit(PATH, {"active": 100})
     await status.flush()
     assert 0.04 <= times[-1] - times[-2] < 0.2  # and the next one after `interval`, not `busy_interval`
+
+
+async def test_a_status_the_object_already_has_is_not_written_until_this_writer_has_written_it() -> None:
+    api = FakeApi()
+    status = writer(api)
+    listed = {"active": 3, "conditions": [{"type": "Ready", "status": "True"}]}
+    status.submit(PATH, {"conditions": [{"status": "True", "type": "Ready"}], "active": 3}, listed)
+    await status.flush()
+    assert api.attempts == [], "a restart that finds the status it would write sends nothing"
+    status.submit(PATH, {"active": 2}, listed)
+    await status.flush()
+    assert api.written == [{"active": 2}]
+    status.submit(PATH, {"active": 3}, listed)  # the watch has not echoed the write yet: our record wins
+    await status.flush()
+    assert api.written == [{"active": 2}, {"active": 3}]
+
+
+async def test_an_object_forgotten_is_compared_with_what_it_has_again() -> None:
+    api = FakeApi()
+    status = writer(api)
+    status.submit(PATH, {"active": 1})
+    await status.flush()
+    status.forget(PATH)  # e.g. its shard was acquired again: another replica may have written since
+    status.submit(PATH, {"active": 1}, {"active": 2})
+    await status.flush()
+    assert api.written == [{"active": 1}, {"active": 1}], "what the object has now differs: written"

@@ -365,7 +365,7 @@ class LoadBalancers:
         check = self._owned(name)
         if check is None or check():
             with fence.fenced(check):
-                self.status.submit(self._status_path(name), status)
+                self.status.submit(self._status_path(name), status, body.get("status"))
 
     def names(self) -> list[str]:
         """Every LoadBalancer the watch has shown (valid or not)."""

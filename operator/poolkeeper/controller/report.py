@@ -23,7 +23,7 @@ EVENT_LIST_LIMIT = 10  # instances named in one Event before "and N more"
 
 
 class StatusSink(Protocol):
-    def submit(self, path: str, status: dict[str, Any]) -> None: ...
+    def submit(self, path: str, status: dict[str, Any], observed: Mapping[str, Any] | None = None) -> None: ...
 
 
 class EventSink(Protocol):
@@ -117,7 +117,7 @@ class Reporter:
         meta = body["metadata"]
         status = pool_status(body, spec, report, now_rfc3339())
         self.status.submit(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"], "status"),
-                           status)
+                           status, body.get("status"))
         if self.metrics is not None and spec is not None:
             self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(status["active"])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -37,8 +38,10 @@ class StatusWriter:
     """
 
     def __init__(self, api: Patcher, interval: float = 0.25, first_retry: float = FIRST_RETRY,
-                 concurrency: int = WRITES_IN_FLIGHT, busy_interval: float | None = None) -> None:
+                 concurrency: int = WRITES_IN_FLIGHT, busy_interval: float | None = None,
+                 on_write: Callable[[str], None] | None = None) -> None:
         self.api = api
+        self.on_write = on_write  # told the path of every write that landed (a metric)
         # Writes in flight at once. A cold start submits one per pool at the same moment: unbounded,
         # they queue for the client's connections inside the request timeout, and the later ones
         # time out (and are sent again) while the API server works through the first.
@@ -54,8 +57,19 @@ class StatusWriter:
         self.writes = 0
         self.retries = 0
 
-    def submit(self, path: str, status: dict[str, Any]) -> None:
-        """Queue `status` (a merge patch of .status) for the object at `path` (its /status URL)."""
+    def submit(self, path: str, status: dict[str, Any], observed: Mapping[str, Any] | None = None) -> None:
+        """Queue `status` (a merge patch of .status) for the object at `path` (its /status URL).
+
+        `observed` is the status the object has as last listed or watched. Until this writer has
+        written the object it stands for what was written: a restarted operator that finds every
+        status as it would write it sends nothing (about 3.5 ms of the API server's CPU per
+        write, so seconds at a thousand pools). After that the writer's own record wins (the
+        watch's echo of a write comes later than the write). Who takes an object over from
+        another writer (a shard acquired) forgets it first, so nothing an old record says hides
+        what the other wrote.
+        """
+        if observed is not None and path not in self._written and path not in self._tasks:
+            self._written[path] = canonical(observed)
         if path not in self._tasks and self._written.get(path) == canonical(status):
             return  # (with a write in flight, this may be newer than it: the writer compares before writing)
         self._pending[path] = status
@@ -90,6 +104,8 @@ class StatusWriter:
                 if problem is None:
                     self._written[path] = text
                     self.writes += 1
+                    if self.on_write is not None:
+                        self.on_write(path)
                     failures = 0
                     continue
                 if not problem:

@@ -439,7 +439,7 @@ class HandlerRuntime:
         if self.last_dead_letter:
             status["lastDeadLetter"] = self.last_dead_letter
         self.status.submit(resource_path("poolkeeper.dev/v1alpha1", "lifecyclehandlers", meta["namespace"],
-                                         meta["name"], "status"), status)
+                                         meta["name"], "status"), status, self.body.get("status"))
 
     async def close(self) -> None:
         tasks = [*self.workers.values(), *([self._dead_letter_task] if self._dead_letter_task else [])]
