@@ -23,13 +23,15 @@ from typing import Any
 from bench_envelope import (
     SMALL,
     ManyBackendsHAProxy,
+    create_load_balancers,
     create_pools,
     flips,
     layout,
+    on_fresh_cluster,
     populate,
     wait_pools_ready,
 )
-from bench_operator import GROUP_PATH, LB_NAME, Kube, fresh_cluster_dir, log, prepare_cluster
+from bench_operator import Kube, log
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
@@ -42,11 +44,7 @@ async def run_pairs(cluster: Cluster, haproxy: ManyBackendsHAProxy, args: argpar
     kube = Kube(cluster.kubeconfig)
     rows: list[dict[str, Any]] = []
     try:
-        await kube.create(f"{GROUP_PATH}/loadbalancers", {
-            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer", "metadata": {"name": f"{LB_NAME}-0"},
-            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint,
-                                                     "backends": [{"name": b} for b in haproxy.backends]},
-                     "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+        await create_load_balancers(kube, haproxy)
         await populate(kube, lay, args)
         await create_pools(kube, lay.pools, args.concurrency)
         for pair in range(args.pairs):
@@ -100,19 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.pools, args.handlers = SMALL, 0
     args.dir = args.dir.resolve()
-    fresh_cluster_dir(args.dir)
-    lay = layout(args)
-    cluster = Cluster(args.dir)
-    haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
     started = time.monotonic()
-    try:
-        log(f"starting a control plane in {args.dir}")
-        prepare_cluster(cluster)
-        haproxy.start(timeout=60.0)
-        rows = asyncio.run(run_pairs(cluster, haproxy, args))
-    finally:
-        haproxy.stop()
-        cluster.down()
+    rows = on_fresh_cluster(args, layout(args), lambda cluster, haproxy: run_pairs(cluster, haproxy, args))
     print(render(rows, args))
     log(f"whole run {time.monotonic() - started:.0f} s")
     return 0

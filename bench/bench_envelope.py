@@ -39,10 +39,10 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -53,6 +53,7 @@ from bench_operator import (
     cpu_seconds,
     create_namespace,
     descendants,
+    fresh_cluster_dir,
     log,
     memory_kib,
     pod_body,
@@ -72,6 +73,8 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -406,19 +409,40 @@ async def hook_server() -> tuple[web.AppRunner, str, list[int]]:
     return runner, f"http://127.0.0.1:{port}/hook", calls
 
 
+async def create_load_balancers(kube: Kube, haproxy: ManyBackendsHAProxy) -> None:
+    """One HAProxy, several LoadBalancer objects: pools j use LoadBalancer j // LB_BACKENDS."""
+    for index in range(0, len(haproxy.backends), LB_BACKENDS):
+        await kube.create(f"{GROUP_PATH}/loadbalancers", {
+            "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer",
+            "metadata": {"name": f"{LB_NAME}-{index // LB_BACKENDS}"},
+            "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
+                {"name": b} for b in haproxy.backends[index:index + LB_BACKENDS]]},
+                "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+
+
+def on_fresh_cluster(args: argparse.Namespace, lay: Layout,
+                     body: Callable[[Cluster, ManyBackendsHAProxy], Coroutine[Any, Any, T]]) -> T:
+    """`body` run on a fresh control plane in args.dir and one HAProxy with a backend per pool of `lay`."""
+    fresh_cluster_dir(args.dir)
+    cluster = Cluster(args.dir)
+    haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
+    try:
+        log(f"starting a control plane in {args.dir}")
+        prepare_cluster(cluster)
+        haproxy.start(timeout=60.0)
+        return asyncio.run(body(cluster, haproxy))
+    finally:
+        haproxy.stop()
+        cluster.down()
+
+
 async def phases(cluster: Cluster, haproxy: HAProxyProcess, operator: OperatorProcess, sampler: MemorySampler,
                  lay: Layout, args: argparse.Namespace) -> dict[str, Any]:
     kube = Kube(cluster.kubeconfig)
     runner, hook_url, calls = await hook_server()
     out: dict[str, Any] = {"hook_url": hook_url}
     try:
-        for index in range(0, len(haproxy.backends), LB_BACKENDS):  # one HAProxy, several LoadBalancer objects
-            await kube.create(f"{GROUP_PATH}/loadbalancers", {
-                "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer",
-                "metadata": {"name": f"{LB_NAME}-{index // LB_BACKENDS}"},
-                "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
-                    {"name": b} for b in haproxy.backends[index:index + LB_BACKENDS]]},
-                    "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+        await create_load_balancers(kube, haproxy)
         out["populate"] = await populate(kube, lay, args)
         await create_pools(kube, lay.pools[:SMALL], args.concurrency)
         await create_handlers(kube, lay, args, hook_url)

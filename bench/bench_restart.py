@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from bench_envelope import (
-    LB_BACKENDS,
     ManyBackendsHAProxy,
     counter_total,
+    create_load_balancers,
     create_pools,
     layout,
+    on_fresh_cluster,
     populate,
     wait_pools_ready,
 )
-from bench_operator import GROUP_PATH, LB_NAME, Kube, cpu_seconds, fresh_cluster_dir, log, prepare_cluster, wait_until
+from bench_operator import Kube, cpu_seconds, log, wait_until
 from bench_sidebyside import api_writes
 
 from poolkeeper_dev import Cluster
@@ -81,13 +82,7 @@ async def run(cluster: Cluster, haproxy: ManyBackendsHAProxy, args: argparse.Nam
                                extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
     rows: list[dict[str, Any]] = []
     try:
-        for index in range(0, len(haproxy.backends), LB_BACKENDS):
-            await kube.create(f"{GROUP_PATH}/loadbalancers", {
-                "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "LoadBalancer",
-                "metadata": {"name": f"{LB_NAME}-{index // LB_BACKENDS}"},
-                "spec": {"type": "HAProxy", "haproxy": {"endpoint": haproxy.admin_endpoint, "backends": [
-                    {"name": b} for b in haproxy.backends[index:index + LB_BACKENDS]]},
-                    "allowedTargetCIDRs": ["127.0.0.0/8"]}})
+        await create_load_balancers(kube, haproxy)
         await populate(kube, lay, args)
         await create_pools(kube, lay.pools, args.concurrency)
         await asyncio.to_thread(operator.start, False)
@@ -139,19 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.pods, args.handlers = args.pools * args.pool_size, 0
     args.dir = args.dir.resolve()
-    fresh_cluster_dir(args.dir)
-    lay = layout(args)
-    cluster = Cluster(args.dir)
-    haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
     started = time.monotonic()
-    try:
-        log(f"starting a control plane in {args.dir}")
-        prepare_cluster(cluster)
-        haproxy.start(timeout=60.0)
-        rows = asyncio.run(run(cluster, haproxy, args))
-    finally:
-        haproxy.stop()
-        cluster.down()
+    rows = on_fresh_cluster(args, layout(args), lambda cluster, haproxy: run(cluster, haproxy, args))
     print(render(rows))
     log(f"whole run {time.monotonic() - started:.0f} s")
     return 0
