@@ -489,6 +489,18 @@ def variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     return [(THIS, None), *([(BASE, args.baseline)] if args.baseline else [])]
 
 
+async def start_from(operator: OperatorProcess, source: Path | None) -> None:
+    """Start the operator from another checkout's code (`source`), or from this one's (None)."""
+    if source is not None:  # ahead of the venv's editable install of this checkout
+        os.environ["PYTHONPATH"] = f"{source / 'operator'}:{source / 'devtools'}"
+    else:
+        os.environ.pop("PYTHONPATH", None)
+    try:
+        await asyncio.to_thread(operator.start, False)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+
+
 async def cold_start(kube: Kube, operator: OperatorProcess, lay: Layout, args: argparse.Namespace,
                      variant: tuple[str, Path | None], profile: bool) -> dict[str, Any]:
     """Stop the operator, wipe every pool's status, start `variant`'s operator: seconds until
@@ -497,16 +509,9 @@ async def cold_start(kube: Kube, operator: OperatorProcess, lay: Layout, args: a
     await asyncio.to_thread(operator.stop)
     await wipe_status(kube, lay.pools, args.concurrency)
     await asyncio.sleep(0.5)
-    if source is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:  # ahead of the venv's editable install of this checkout
-        os.environ["PYTHONPATH"] = f"{source / 'operator'}:{source / 'devtools'}"
     own0 = process_cpu()
     sampler = MemorySampler(operator)
-    try:
-        await asyncio.to_thread(operator.start, False)
-    finally:
-        os.environ.pop("PYTHONPATH", None)
+    await start_from(operator, source)
     spawned = operator.spawned_at
     sampler.start()
     spy = None

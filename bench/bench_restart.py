@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from bench_envelope import (
     layout,
     on_fresh_cluster,
     populate,
+    start_from,
     wait_pools_ready,
 )
 from bench_operator import Kube, cpu_seconds, log, wait_until
@@ -51,12 +51,7 @@ async def restart(kube: Kube, cluster: Cluster, operator: OperatorProcess, pools
     control = {name: cluster.state["pids"][name] for name in ("kube-apiserver", "etcd")}
     writes0 = await api_writes(kube)
     cpu0 = {name: cpu_seconds(pid) for name, pid in control.items()}
-    if source is not None:  # ahead of the venv's editable install of this checkout
-        os.environ["PYTHONPATH"] = f"{source / 'operator'}:{source / 'devtools'}"
-    try:
-        await asyncio.to_thread(operator.start, False)
-    finally:
-        os.environ.pop("PYTHONPATH", None)
+    await start_from(operator, source)
     started = operator.spawned_at
 
     async def all_reconciled() -> bool:

@@ -172,8 +172,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.api.may_write = elector.is_leading  # every write of a replica that no longer leads is refused
         rt.tasks.append(asyncio.create_task(_lead(rt, elector), name="leader-lease"))
     rt.metrics.leader.set(0 if rt.shards else 1)
-    written = rt.metrics.status_writes  # by resource: .../<plural>/<name>/status
-    status = StatusWriter(rt.api, on_write=lambda path: written.labels(resource=path.split("/")[-3]).inc())
+    written = rt.metrics.status_written  # by resource: .../<plural>/<name>/status
+    status = StatusWriter(rt.api, on_write=lambda path: written(path.split("/")[-3]).inc())
     events = EventRecorder(rt.api)
     rt.lbs = LoadBalancers(rt.api, status, events, enqueue=rt.queue.add,
                            pools_using=lambda lb: rt.pools.pools_using_lb(lb) if rt.pools else [])

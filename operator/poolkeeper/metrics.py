@@ -59,6 +59,7 @@ class Metrics:
         self.status_writes = Counter("poolkeeper_status_writes_total",
                                      "Status subresource writes sent (unchanged statuses are not sent)",
                                      ["resource"], registry=r)
+        self.status_written = Children(self.status_writes)  # by resource: targetpools, loadbalancers, ...
         self.invocations = Counter("poolkeeper_handler_invocations_total", "Lifecycle handler deliveries",
                                    ["result"], registry=r)
         self.dead_lettered = Counter("poolkeeper_handler_dead_lettered_total",
