@@ -480,6 +480,9 @@ def test_blocking_rule_applies_to_updates(cluster: Cluster, ns: str) -> None:
 
 # ----------------------------------------------------------------------------- printing
 def test_printer_columns(cluster: Cluster, examples: str) -> None:
+    for pool, kinds in (("web", "Pod"), ("vms", "Instance")):  # the Source column is what the operator writes
+        kubectl(cluster, "patch", "-n", examples, "tp", pool, "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"source": kinds}}))
     out = kubectl(cluster, "get", "lb,tp,inst,lh", "-n", examples).stdout
     headers = [line.split() for line in out.splitlines() if line.startswith("NAME")]
     assert ["NAME", "TYPE", "ENDPOINT", "ACCEPTED", "REACHABLE", "POOLS", "AGE"] in headers
@@ -514,7 +517,7 @@ def condition(type_: str, status: str = "True", reason: str = "Synced") -> Obj:
 
 STATUSES: dict[str, Obj] = {
     "TargetPool": {
-        "observedGeneration": 1, "backend": "edge/be_web", "desired": 2, "active": 1, "draining": 1,
+        "observedGeneration": 1, "source": "Pod", "backend": "edge/be_web", "desired": 2, "active": 1, "draining": 1,
         "members": [
             {"instance": "Pod/shop/web-0", "address": "10.1.0.4", "port": 8080, "state": "Active",
              "health": "UP", "reason": "HealthCheckPassed", "since": TIME},

@@ -128,6 +128,9 @@ def test_weight_shift_moves_a_service_from_vms_to_pods_without_a_failed_request(
             "sources": sources(*STEPS[0]), "port": fleet.port, "backend": ha_backend(lb, "web"),
             "deregistrationDelaySeconds": 30}})
         wait_for(lambda: active(custom, namespace, "web") == 4, 30, "2 VMs and 2 pods active")
+        # the Source column names every kind of spec.sources (a printer column shows one value of a list)
+        row = cluster.kubectl_run("get", "tp", "web", "-n", namespace, "--no-headers").stdout.split()
+        assert row[1:3] == ["Instance,Pod", "HAProxy"], row
         names = set(servers(haproxy, "web"))
         assert len(names) == 4
         vm_names = {v.name for v in vms}

@@ -193,6 +193,20 @@ def test_status_rows_show_the_weight_where_there_is_one() -> None:
     assert "weight" not in member_row(replace(report, weight=None), "now", {})  # EndpointSlices: no weights
 
 
+def test_status_names_every_source_kind_once_for_the_source_column() -> None:
+    from poolkeeper.controller.report import PoolReport, pool_status
+    from poolkeeper.core.conditions import Condition
+
+    def source_of(spec: PoolSpec | None) -> str:
+        report = PoolReport([], Condition("Synced", True, "Synced", ""))
+        return str(pool_status(body(), spec, report, "now")["source"])
+
+    two_pod_sources = [*mixed(), {"kind": "Pod", "selector": {"matchLabels": {"app": "api"}}}]
+    assert source_of(parse_pool(body(sources=two_pod_sources))) == "Pod,Instance"
+    assert source_of(parse_pool(body(source={"kind": "Node"}))) == "Node"
+    assert source_of(None) == ""  # an invalid spec has no sources to name
+
+
 @settings(max_examples=100, deadline=None)
 @given(ids=st.lists(st.one_of(st.just(""), st.from_regex(CLUSTER_ID, fullmatch=True)), min_size=2, max_size=2,
                     unique=True),

@@ -75,6 +75,7 @@ def pool_status(body: Mapping[str, Any], spec: PoolSpec | None, report: PoolRepo
         "desired": desired, "active": active, "draining": draining,
         "conditions": merge_conditions(old.get("conditions"), [ready, report.synced], meta.get("generation"), now),
         "observedGeneration": meta.get("generation"),
+        "source": ",".join(spec.kinds) if spec else "",
         "backend": spec.backend_text if spec else "",
         "placements": [p.to_status() for p in report.placements],
         **({"clusterID": spec.cluster_id} if spec else {}),  # whose servers these are in a shared backend
