@@ -30,7 +30,7 @@ import uvloop
 
 from poolkeeper import API_VERSION
 from poolkeeper.controller.loadbalancers import LoadBalancers
-from poolkeeper.controller.pools import RESYNC_SECONDS, Outcome, PoolController
+from poolkeeper.controller.pools import HEALTH_SECONDS, RESYNC_SECONDS, Outcome, PoolController
 from poolkeeper.controller.queue import WorkQueue
 from poolkeeper.controller.readiness import ReadinessGates
 from poolkeeper.controller.shards import ShardManager
@@ -205,6 +205,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt.tasks += [*extra, asyncio.create_task(_first_pass_done(extra, len(rt.store.pools)), name="first-pass")]
     rt.tasks.append(asyncio.create_task(rt.lbs.run(), name="loadbalancer-watch"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
+    rt.tasks.append(asyncio.create_task(_resync(rt, HEALTH_SECONDS, slices=5, health=True), name="health-resync"))
     if rt.shards is not None:
         _start_shards(rt, rt.shards)
     # The store and specs are long-lived: move them out of the young generations, so the
@@ -467,22 +468,25 @@ async def _worker(rt: Runtime, until_idle: bool = False) -> None:
         log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
 
 
-async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30) -> None:
+async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30, health: bool = False) -> None:
     """Every pool at least every `period`, whatever happened: repairs drift nobody told us about.
 
     Spread over the period in `slices` (1,000 pools: about 33 a second, not 1,000 at once, which
     would stall the transitions queued behind them), and only pools with nothing scheduled: many
     pools already look again RESYNC_SECONDS after their last reconcile (Outcome.after). Settled
     pools are only re-read, in one round trip per HAProxy (PoolController.resync_due).
+
+    `health`: only the settled pools with health checks (PoolController.checked_and_settled),
+    whose reads do not count towards their full reconcile.
     """
     while True:
-        keys = list(rt.store.pools)
+        keys = rt.pools.checked_and_settled() if health and rt.pools is not None else list(rt.store.pools)
         for index in range(slices):
             await asyncio.sleep(period / slices)
             due = [key for key in keys[index::slices]
                    if key in rt.store.pools and not rt.queue.scheduled(key) and owns(rt, key)]
             if rt.pools is not None and due:  # settled pools whose servers are as they were: no reconcile
-                due = await rt.pools.resync_due(due, fence_of=lambda key: pool_fence(rt, key))
+                due = await rt.pools.resync_due(due, fence_of=lambda key: pool_fence(rt, key), count=not health)
             for key in due:
                 if not rt.queue.scheduled(key):
                     rt.queue.add(key)

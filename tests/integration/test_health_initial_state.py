@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kubernetes import client
 
+from poolkeeper.controller.pools import HEALTH_SECONDS
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import NO_ERRORS, ErrorWatch, backend_errors
@@ -95,11 +96,12 @@ def test_up_a_ready_pod_with_no_listener_is_taken_out_after_fall_checks_and_stay
         failed_at_down = load.snapshot().failed
         econ_at_down = backend_errors(haproxy.admin_endpoint, "web")["econ"]
         assert failed_at_down == econ_at_down > 0  # the price of Up: requests sent to it until then
-        # kubectl shows it out (after a resync), and the reconcile that saw DOWN did not force it back.
-        # A resync comes every 30 s (spread over the period): under the whole suite's load one
-        # can come late, so two periods and some are allowed.
+        # kubectl shows it out within seconds: no event says a check failed, so the health resync
+        # re-reads settled pools with checks every HEALTH_SECONDS (5 s; a pool settled meanwhile
+        # joins at the next period; the 30 s resync was the first to see it before). The reconcile
+        # that saw DOWN did not force it back.
         dead = wait_for(lambda: (m := members(custom, namespace, "web").get(f"Pod/{namespace}/dead"))
-                        and m["health"] == "DOWN" and m, 75, "the member reported DOWN")
+                        and m["health"] == "DOWN" and m, 2 * HEALTH_SECONDS + 5, "the member reported DOWN")
         assert dead["state"] == "Registering" and "health checks failed" in dead["reason"], dead
         time.sleep(2)
         row = stat_of(haproxy, dead_ip)

@@ -678,6 +678,28 @@ def test_checks_with_initial_state_up_plan_an_event_from_the_view_and_report_the
     assert set(health_of(world).values()) == {"UP"}
 
 
+def test_the_health_resync_re_reads_checked_settled_pools_and_finds_a_health_change(world: World) -> None:
+    from poolkeeper.controller.pools import FULL_RESYNC_EVERY
+
+    lb = checked_pool(world, 2)
+    world.lbs.add("other", ["b2"])
+    world.put_pool(pool_body(haproxy("other", "b2"), name="plain", uid="plain-uid"), "1")  # no checks
+    world.settle("plain")
+    assert world.controller.checked_and_settled() == [(NS, "web")]
+
+    def health_due() -> list[tuple[str, str]]:
+        return asyncio.run(world.controller.resync_due(world.controller.checked_and_settled(), count=False))
+
+    assert [health_due() for _ in range(2 * FULL_RESYNC_EVERY)] == [[]] * (2 * FULL_RESYNC_EVERY), \
+        "reads that find every server as it was: no reconcile, and none counted towards the full one"
+    web0 = next(k for k, m in lb.servers.items() if m.address == "10.0.0.1")
+    lb.servers[web0] = replace(lb.servers[web0], health="DOWN")  # checks took it out: no event says so
+    assert health_due() == [(NS, "web")]
+    world.reconcile()
+    assert health_of(world)["Pod/shop/web-0"] == "DOWN", "status shows it after one health resync"
+    assert world.controller.checked_and_settled() == [], "a member out of rotation: watched, not settled"
+
+
 def test_checks_with_initial_state_up_read_when_an_event_changes_nothing_in_haproxy(world: World) -> None:
     lb = checked_pool(world, 2)
     web0 = next(k for k, m in lb.servers.items() if m.address == "10.0.0.1")

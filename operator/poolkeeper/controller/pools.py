@@ -76,6 +76,7 @@ FINALIZER = "poolkeeper.dev/cleanup"
 RESYNC_SECONDS = 30.0
 FULL_RESYNC_EVERY = 10  # a settled pool's resync only re-reads its backend; every 10th is a full reconcile
 WATCH_SECONDS = 0.5  # re-read a pool this often while members drain or wait for checks
+HEALTH_SECONDS = 5.0  # a settled pool with health checks is re-read this often: checks move health on their own
 FOLLOW_UP_SECONDS = 0.05  # the next step of a plan (drain -> remove) when not taken by the same reconcile
 BACKEND_ERRORS = (TimeoutError, HAProxyUnreachable, BackendMissing, OSError, ApiError, AWSError)
 # ELBv2 target groups poolkeeper must not touch at all (AWSError reasons that block the pool)
@@ -528,8 +529,16 @@ class PoolController:
             return None
         return left.actual
 
+    def checked_and_settled(self) -> list[Key]:
+        """Settled pools with health checks: no event tells when a check takes a server out or
+        puts it back, so the health resync re-reads these (a read, not a reconcile, while their
+        servers stay as they were) to show it in status within seconds, not at the next resync."""
+        return [key for key, memory in self.memory.items()
+                if memory.settled is not None and memory.settled.spec.health_check is not None]
+
     async def resync_due(self, keys: Sequence[Key],
-                         fence_of: Callable[[Key], fence.Check | None] = lambda key: None) -> list[Key]:
+                         fence_of: Callable[[Key], fence.Check | None] = lambda key: None,
+                         count: bool = True) -> list[Key]:
         """The pools among `keys` that the periodic resync must reconcile.
 
         A settled pool (its last reconcile changed nothing and left every member Active) is
@@ -537,7 +546,8 @@ class PoolController:
         changed without an event (instances, the pool, its LoadBalancer and its handlers all
         queue it when they change), so it is not reconciled. The reads of one HAProxy go in one
         round trip (BackendReads). Every FULL_RESYNC_EVERY-th resync is a full reconcile anyway.
-        Each pool's read runs under its own fence (with shards: its shard's Lease).
+        Each pool's read runs under its own fence (with shards: its shard's Lease). `count`
+        False (the health resync): the read does not count towards the full reconcile.
         """
         due, checks = [], []
         for key in keys:
@@ -548,7 +558,7 @@ class PoolController:
                 checks.append(key)
         async def still_settled(key: Key) -> bool:
             with fence.fenced(fence_of(key)):
-                return await self._still_settled(key)
+                return await self._still_settled(key, count)
         found = await asyncio.gather(*(still_settled(key) for key in checks), return_exceptions=True)
         due += [key for key, same in zip(checks, found, strict=True) if same is not True]  # errors: reconcile
         for key in due:  # its reconcile reads the backend: no view of it is taken as current
@@ -557,7 +567,7 @@ class PoolController:
                 memory.left = None
         return due
 
-    async def _still_settled(self, key: Key) -> bool:
+    async def _still_settled(self, key: Key, count: bool = True) -> bool:
         memory = self.memory.get(key)
         settled = memory.settled if memory is not None else None
         spec = self.spec(key)
@@ -573,7 +583,7 @@ class PoolController:
             return False  # the reconcile says what is wrong
         if memory.settled is not settled or settled_view(actual) != settled.servers:
             return False  # reconciled meanwhile, or something changed the servers
-        memory.verified += 1
+        memory.verified += count
         return True
 
     async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
