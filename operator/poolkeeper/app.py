@@ -468,6 +468,14 @@ async def _worker(rt: Runtime, until_idle: bool = False) -> None:
         log.debug("reconciled %s/%s in %.1f ms", key[0], key[1], (time.monotonic() - started) * 1000)
 
 
+def _resync_keys(rt: Runtime, health: bool) -> list[tuple[str, str]]:
+    """Every pool, or for the health resync only the settled pools with checks (never every
+    pool: its reads do not count towards a pool's full reconcile)."""
+    if not health:
+        return list(rt.store.pools)
+    return rt.pools.checked_and_settled() if rt.pools is not None else []
+
+
 async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30, health: bool = False) -> None:
     """Every pool at least every `period`, whatever happened: repairs drift nobody told us about.
 
@@ -480,7 +488,7 @@ async def _resync(rt: Runtime, period: float = RESYNC_SECONDS, slices: int = 30,
     whose reads do not count towards their full reconcile.
     """
     while True:
-        keys = rt.pools.checked_and_settled() if health and rt.pools is not None else list(rt.store.pools)
+        keys = _resync_keys(rt, health)
         for index in range(slices):
             await asyncio.sleep(period / slices)
             due = [key for key in keys[index::slices]

@@ -583,7 +583,8 @@ class PoolController:
             return False  # the reconcile says what is wrong
         if memory.settled is not settled or settled_view(actual) != settled.servers:
             return False  # reconciled meanwhile, or something changed the servers
-        memory.verified += count
+        if count:
+            memory.verified += 1
         return True
 
     async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
