@@ -63,4 +63,4 @@ bench: need-test venv binaries
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-runtime .pytest_cache .mypy_cache .ruff_cache

@@ -35,6 +35,7 @@ from bench_operator import Kube, log
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.shipped_python import shipped_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,9 +49,9 @@ async def run_pairs(cluster: Cluster, haproxy: ManyBackendsHAProxy, args: argpar
         await populate(kube, lay, args)
         await create_pools(kube, lay.pools, args.concurrency)
         for pair in range(args.pairs):
-            for label, tree in (("A", args.a), ("B", args.b)):
+            for label, tree, python in (("A", args.a, args.python_a), ("B", args.b, args.python_b)):
                 operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs" / f"{label}{pair}",
-                                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
+                                           extra_args=("--http-allowed-cidrs", "127.0.0.0/8"), python=python)
                 os.environ["PYTHONPATH"] = f"{tree.resolve()}:{REPO / 'devtools'}"
                 try:
                     await asyncio.to_thread(operator.start, False)
@@ -71,6 +72,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         tree = args.a if row["label"] == "A" else args.b
+        python = args.python_a if row["label"] == "A" else args.python_b
+        tree = f"{tree} ({python})" if args.python_a != args.python_b else tree
         lines.append(f"| {row['label']}{row['pair']} | {tree} | {row['transitions']} | {row['cpu']:.2f} | "
                      f"{row['per_1000']:.2f} | {row['reconciles']:.0f} | {row['backend_actions']:.0f} | "
                      f"{row['load']:.1f} |")
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--a", type=Path, required=True, help="operator source folder of run A (the baseline)")
     parser.add_argument("--b", type=Path, required=True, help="operator source folder of run B")
+    parser.add_argument("--python-a", default=None, help="the interpreter of run A (its own packages); default: "
+                        "the image's (Debian's python3 with the runtime lock, shipped_python)")
+    parser.add_argument("--python-b", default=None, help="the interpreter of run B; default: the image's")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/pk-cpu-ab"), help="control plane folder (wiped)")
     parser.add_argument("--pods", type=int, default=2_000)
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds idle after every pool is Ready")
     parser.add_argument("--py-spy", default=None, help="path of py-spy: profile each run's flips")
     args = parser.parse_args(argv)
+    args.python_a = args.python_a or shipped_python()
+    args.python_b = args.python_b or shipped_python()
     args.pools, args.handlers = SMALL, 0
     args.dir = args.dir.resolve()
     started = time.monotonic()

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -73,6 +72,7 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.shipped_python import python_version, shipped_python
 
 T = TypeVar("T")
 
@@ -638,7 +638,8 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         f"flipped, one HAProxy with {len(lay.pools):,} backends "
         f"(behind {-(-len(lay.pools) // LB_BACKENDS)} LoadBalancer objects of at most 64 backends each). "
         "A fresh control plane with its own etcd. "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs shared with the API server, etcd and other "
+        f"The operator on Python {python_version(shipped_python())} (Debian's python3, as in the image), "
+        f"{os.cpu_count()} CPUs shared with the API server, etcd and other "
         f"work on the machine (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end). "
         f"Whole run {total / 60:.1f} min.",
         "",
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(args.dir)
     haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=[b for _, _, b in lay.pools])
     handlers = args.dir / "handlers"
-    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", handlers_dir=handlers,
+    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", handlers_dir=handlers, python=shipped_python(),
                                extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
     sampler = MemorySampler(operator)
     api_cpu: dict[str, float] = {}

@@ -23,7 +23,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -40,6 +39,7 @@ from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
+from poolkeeper_dev.shipped_python import python_version, shipped_python
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,7 +188,7 @@ def main() -> int:
         for i in range(PODS):
             kubelet.create_pod(NAMESPACE, f"p-{i}", {"app": "web"})
             kubelet.set_ready(NAMESPACE, f"p-{i}", f"192.0.2.{i + 1}")
-        operator = OperatorProcess(cluster.kubeconfig, work, handlers_dir=handlers,
+        operator = OperatorProcess(cluster.kubeconfig, work, handlers_dir=handlers, python=shipped_python(),
                                    extra_args=(*args.operator_arg,
                                                *(("--verbose",) if os.environ.get("BENCH_VERBOSE") else ()))).start()
         print(f"operator log: {operator.log_path}", file=sys.stderr, flush=True)
@@ -264,7 +264,8 @@ def main() -> int:
     entered = "Python function's first line" if args.function == "python" else "HTTP receiver getting the POST"
     text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the {entered}, "
             f"through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
-            f"first event waits for its outbox write, later ones do not). {platform.python_version()}, "
+            f"first event waits for its outbox write, later ones do not). The operator on Python "
+            f"{python_version(shipped_python())} (Debian's python3, as in the image), "
             f"{os.cpu_count()} CPUs.\n\n{table}\n")
     print(text)
     Path(args.out).write_text(text)

@@ -39,6 +39,7 @@ from bench_sidebyside import api_writes
 
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess
+from poolkeeper_dev.shipped_python import shipped_python
 
 THIS, BASE = "this checkout", "baseline"
 STATUS_PATCH = "PATCH targetpools/status"
@@ -73,7 +74,7 @@ async def restart(kube: Kube, cluster: Cluster, operator: OperatorProcess, pools
 async def run(cluster: Cluster, haproxy: ManyBackendsHAProxy, args: argparse.Namespace) -> list[dict[str, Any]]:
     lay = layout(args)
     kube = Kube(cluster.kubeconfig)
-    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs",
+    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", python=shipped_python(),
                                extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
     rows: list[dict[str, Any]] = []
     try:

@@ -80,6 +80,7 @@ from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.ports import free_port
+from poolkeeper_dev.shipped_python import shipped_python
 from poolkeeper_dev.traffic import LoadGenerator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1221,8 +1222,8 @@ def main(argv: list[str] | None = None) -> int:
                 *(b for variant in args.uv_only for b in rig_names(variant, UV_RATE)[1:]), "be_burst", "be_big"] \
         if args.only == "all" else ["be_big"]
     haproxy = HAProxyProcess(args.dir / "haproxy", backends=backends)
-    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", extra_args=("--http-allowed-cidrs",
-                                                                                   "127.0.0.0/8"))
+    operator = OperatorProcess(cluster.kubeconfig, args.dir / "logs", python=shipped_python(),
+                               extra_args=("--http-allowed-cidrs", "127.0.0.0/8"))
     try:
         log(f"starting a control plane in {args.dir}")
         prepare_cluster(cluster)

@@ -29,8 +29,10 @@ class OperatorProcess:
     """`start()`, `kill()` (SIGKILL, as a crash), `stop()` (SIGTERM), and its log for failures."""
 
     def __init__(self, kubeconfig: Path, log_dir: Path, *, handlers_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = (), outbox_namespace: str = SYSTEM_NAMESPACE) -> None:
+                 extra_args: tuple[str, ...] = (), outbox_namespace: str = SYSTEM_NAMESPACE,
+                 python: str = sys.executable) -> None:
         self.kubeconfig, self.log_dir = kubeconfig, log_dir
+        self.python = python  # the interpreter that runs the operator (its packages from its own site)
         self.outbox_namespace = outbox_namespace
         self.handlers_dir = handlers_dir or REPO / "handlers"
         self.extra_args = extra_args
@@ -53,13 +55,16 @@ class OperatorProcess:
         self.port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child
-        args = [sys.executable, "-m", "poolkeeper", "run", "--kubeconfig", str(self.kubeconfig),
+        args = [self.python, "-m", "poolkeeper", "run", "--kubeconfig", str(self.kubeconfig),
                 "--metrics-port", str(self.port), "--metrics-address", "127.0.0.1",
                 "--handlers-dir", str(self.handlers_dir), "--outbox-namespace", self.outbox_namespace,
                 *self.extra_args]
         self.spawned_at = time.monotonic()
+        env = dict(os.environ)
+        if self.python != sys.executable and not env.get("PYTHONPATH"):
+            env["PYTHONPATH"] = str(REPO / "operator")  # another venv (shipped_python): the source being measured
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=dict(os.environ), start_new_session=True)
+                                     env=env, start_new_session=True)
         log.close()
         if wait_ready:
             self.wait_ready()
