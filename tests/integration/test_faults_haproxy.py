@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client
 
 from poolkeeper.controller.loadbalancers import LoadBalancers
+from poolkeeper.kube.status import StatusBody
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
 from poolkeeper_dev.rollout import ERROR_COUNTERS, NO_ERRORS, backend_errors, server_status
@@ -82,8 +83,8 @@ class Recorded:
     def post(self, obj: Any, reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append((reason, warning))
 
-    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
-        self.status = status
+    def submit(self, path: str, status: StatusBody, observed: Any = None) -> None:
+        self.status = status() if callable(status) else status
 
     def forget(self, path: str) -> None:
         pass

@@ -16,6 +16,7 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper.controller.loadbalancers import LoadBalancers
 from poolkeeper.core.model import Action, AddMember, Admin, SetAdmin
 from poolkeeper.core.naming import member_name, pool_prefix
+from poolkeeper.kube.status import StatusBody
 from poolkeeper_dev.haproxy import HAProxyProcess
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(120)]
@@ -124,7 +125,7 @@ class Recorded:
     def post(self, obj: Any, reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append(reason)
 
-    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
+    def submit(self, path: str, status: StatusBody, observed: Any = None) -> None:
         pass
 
     def forget(self, path: str) -> None:

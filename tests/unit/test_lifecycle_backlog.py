@@ -24,6 +24,7 @@ from poolkeeper.core.planner import desired_members
 from poolkeeper.core.poolspec import PoolSpec, parse_pool
 from poolkeeper.core.transitions import Transition, supersede
 from poolkeeper.kube.api import ApiError
+from poolkeeper.kube.status import StatusBody
 from poolkeeper.lifecycle import LifecycleHandlers, outbox
 from poolkeeper.lifecycle.delivery import HandlerRuntime
 from poolkeeper.lifecycle.errors import OutboxError
@@ -58,8 +59,8 @@ class FakeStatus:
     def __init__(self) -> None:
         self.last: dict[str, dict[str, Any]] = {}
 
-    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
-        self.last[path] = status
+    def submit(self, path: str, status: StatusBody, observed: Any = None) -> None:
+        self.last[path] = status() if callable(status) else status
 
 
 class FakeEvents:

@@ -18,7 +18,7 @@ from poolkeeper.core.model import (
     SetAdmin,
 )
 from poolkeeper.core.naming import member_name, pool_prefix
-from poolkeeper.core.planner import desired_members, plan_pool
+from poolkeeper.core.planner import MemberMemo, desired_members, plan_pool
 from poolkeeper.core.poolspec import SourceSpec
 from poolkeeper.core.selectors import LabelSelector
 
@@ -253,3 +253,55 @@ def test_default_policy_refuses_what_a_tenant_could_point_at_the_load_balancer()
     assert [m.address for m in desired.values()] == ["192.0.2.9"]
     assert {r.instance.name for r in refused} == set(hostile)
     assert all(r.reason.startswith(f"address {hostile[r.instance.name]} is ") for r in refused)
+
+
+OTHER_SOURCES = (SourceSpec("Pod", LabelSelector.parse({"matchLabels": {"app": "web"}}), weight=7),)
+STRICT = AddressPolicy(parse_cidrs(["127.0.0.0/30"]), LB_ALLOWANCE)
+
+
+@st.composite
+def memo_steps(draw):  # type: ignore[no-untyped-def]
+    """A pool's reconciles: each replaces some instances (new objects), drops or adds some, and may
+    change the holds, the sources, the address policy or the port."""
+    steps = []
+    current = {n: inst(n) for n in draw(st.lists(st.sampled_from("abcdef"), unique=True, max_size=6))}
+    for _ in range(draw(st.integers(1, 6))):
+        for name in draw(st.lists(st.sampled_from("abcdefg"), unique=True, max_size=4)):
+            if draw(st.booleans()) and name in current:
+                del current[name]
+            else:
+                current[name] = inst(name, draw(PHASES), f"127.0.0.{draw(st.integers(1, 6))}",
+                                     labels={"app": draw(st.sampled_from(["web", "api"]))})
+        held = frozenset(draw(st.lists(st.sampled_from([member_name("ns", "web", f"uid-{n}") for n in "abcdefg"]),
+                                       max_size=3)))
+        steps.append((list(current.values()), held, draw(st.sampled_from([WEB, OTHER_SOURCES])),
+                      draw(st.sampled_from([LOOPBACK_ALLOWED, STRICT])), draw(st.sampled_from([80, 81]))))
+    return steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(memo_steps())
+def test_a_memo_changes_no_answer(steps) -> None:  # type: ignore[no-untyped-def]
+    """Kept answers are only an optimisation: every call gives what a call without the memo gives."""
+    memo = MemberMemo()
+    for instances, held, sources, policy, port in steps:
+        args = {"namespace": "ns", "pool": "web", "sources": sources, "port": port, "instances": instances,
+                "policy": policy, "held": held}
+        assert desired_members(**args, memo=memo) == desired_members(**args)
+
+
+def test_a_memo_answers_an_unchanged_instance_without_asking_again() -> None:
+    memo = MemberMemo()
+    same, changed = inst("a"), inst("b")
+    first, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=[same, changed],
+                               policy=LOOPBACK_ALLOWED, memo=memo)
+    replaced = inst("b", Phase.DRAINING)
+    second, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=80, instances=[same, replaced],
+                                policy=LOOPBACK_ALLOWED, memo=memo)
+    name_a, name_b = (member_name("ns", "web", f"uid-{n}") for n in "ab")
+    assert second[name_a] is first[name_a], "the same instance object: the same answer"
+    assert second[name_b] is not first[name_b] and not second[name_b].serving
+    assert set(memo.answers) == {"uid-a", "uid-b"} and memo.answers["uid-b"][0] is replaced
+    third, _ = desired_members(namespace="ns", pool="web", sources=WEB, port=81, instances=[same],
+                               policy=LOOPBACK_ALLOWED, memo=memo)
+    assert third[name_a].port == 81 and set(memo.answers) == {"uid-a"}, "another port: answered afresh"

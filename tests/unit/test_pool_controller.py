@@ -32,6 +32,7 @@ from poolkeeper.core.model import (
 from poolkeeper.core.poolspec import LoadBalancerSpec, parse_load_balancer
 from poolkeeper.core.selectors import LabelSelector
 from poolkeeper.core.tenancy import NodeSourcePolicy
+from poolkeeper.kube.status import StatusBody
 
 NS = "shop"
 
@@ -136,8 +137,8 @@ class Sinks:
         self.patches: list[Any] = []
         self.gates: dict[str, str] = {}  # pod ref -> the member state its readiness gate follows
 
-    def submit(self, path: str, status: dict[str, Any], observed: Any = None) -> None:
-        self.statuses.append(status)
+    def submit(self, path: str, status: StatusBody, observed: Any = None) -> None:
+        self.statuses.append(status() if callable(status) else status)
 
     def post(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
         self.events.append((reason, message))

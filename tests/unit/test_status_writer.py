@@ -189,3 +189,28 @@ async def test_an_object_forgotten_is_compared_with_what_it_has_again() -> None:
     status.submit(PATH, {"active": 1}, {"active": 2})
     await status.flush()
     assert api.written == [{"active": 1}, {"active": 1}], "what the object has now differs: written"
+
+
+async def test_a_status_given_as_a_function_is_built_only_when_compared_or_written() -> None:
+    """A pool that churns submits once per event: only the status that is written gets built."""
+    api = FakeApi(hang=0.02)
+    status = StatusWriter(api, interval=0.05, first_retry=0.01)
+    built: list[int] = []
+
+    def build(active: int) -> Any:
+        def body() -> dict[str, Any]:
+            built.append(active)
+            return {"active": active}
+        return body
+
+    status.submit(PATH, build(1))  # nothing pending: built at once, to compare with what was written
+    assert built == [1]
+    for active in (2, 3, 4):  # the first write waits out its gap: each replaces the one before, unbuilt
+        status.submit(PATH, build(active))
+    assert built == [1]
+    await status.flush()
+    assert api.written == [{"active": 4}] and built == [1, 4]
+
+    status.submit(PATH, build(4), observed=None)  # the same as written: built, compared, not sent
+    await status.flush()
+    assert api.written == [{"active": 4}] and built == [1, 4, 4]

@@ -57,7 +57,15 @@ from poolkeeper.core.model import (
     RemoveMember,
     SetAdmin,
 )
-from poolkeeper.core.planner import Refusal, desired_members, plan_pool, settle_names, simulate, unready_members
+from poolkeeper.core.planner import (
+    MemberMemo,
+    Refusal,
+    desired_members,
+    plan_pool,
+    settle_names,
+    simulate,
+    unready_members,
+)
 from poolkeeper.core.poolspec import InvalidSpec, LoadBalancerSpec, PoolSpec, backend_refusal, parse_pool
 from poolkeeper.core.tenancy import (
     NodeSourcePolicy,
@@ -121,6 +129,7 @@ class PoolMemory:
     settled: Settled | None = None  # the last reconcile left everything in place; None: not (or not known)
     left: LeftView | None = None  # what the next reconcile may plan from instead of reading HAProxy
     verified: int = 0  # resyncs since then that found the backend as it was left
+    members: MemberMemo = field(default_factory=MemberMemo)  # desired_members' answers per instance
 
     def since(self, where: Placement) -> dict[str, float]:
         return self.draining.setdefault(where, {})
@@ -386,7 +395,7 @@ class PoolController:
             return self._backend_failed(body, spec, memory, exc)
         memory.blocked = ""
         try:  # 3. want
-            wanted = await self._wanted(spec, policy, actual)
+            wanted = await self._wanted(spec, policy, actual, memory.members)
         except OutboxError as exc:
             self._publish(body, spec, memory, list(memory.reports.values()),
                           Condition("Synced", False, "OutboxWriteFailed", str(exc)))
@@ -587,21 +596,23 @@ class PoolController:
             memory.verified += 1
         return True
 
-    async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
+    async def _wanted(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember],
+                      memo: MemberMemo | None = None) -> Wanted:
         """Desired members and holds; a blocking hook that starts now holds at once (asked again)."""
-        wanted = self._desired(spec, policy, actual)
+        wanted = self._desired(spec, policy, actual, memo)
         if await self.hooks.prepare(spec, wanted.members):
-            wanted = self._desired(spec, policy, actual)
+            wanted = self._desired(spec, policy, actual, memo)
         return wanted
 
-    def _desired(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember]) -> Wanted:
+    def _desired(self, spec: PoolSpec, policy: AddressPolicy, actual: Mapping[str, ActualMember],
+                 memo: MemberMemo | None = None) -> Wanted:
         holds = self.hooks.held(spec)
         haproxy = spec.backend_type == "HAProxy"
         candidates = self.candidates(spec)
         desired, refused = desired_members(
             namespace=spec.namespace, pool=spec.name, sources=spec.sources, port=spec.port,
             instances=candidates, policy=policy, held=holds.held,
-            variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id,
+            variant=spec.variant if haproxy else "", cluster_id=spec.cluster_id, memo=memo,
         )
         if spec.target_type == "instance":  # ELBv2 registers EC2 instances: members need an instance id
             for name, member in list(desired.items()):

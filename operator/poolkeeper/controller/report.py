@@ -18,12 +18,13 @@ from poolkeeper.core.planner import ADDRESS_CHANGED, Refusal
 from poolkeeper.core.poolspec import PoolSpec
 from poolkeeper.kube.api import resource_path
 from poolkeeper.kube.events import now_rfc3339
+from poolkeeper.kube.status import StatusBody
 
 EVENT_LIST_LIMIT = 10  # instances named in one Event before "and N more"
 
 
 class StatusSink(Protocol):
-    def submit(self, path: str, status: dict[str, Any], observed: Mapping[str, Any] | None = None) -> None: ...
+    def submit(self, path: str, status: StatusBody, observed: Mapping[str, Any] | None = None) -> None: ...
 
 
 class EventSink(Protocol):
@@ -115,12 +116,14 @@ class Reporter:
         self.status, self.events, self.metrics = status, events, metrics
 
     def publish(self, body: dict[str, Any], spec: PoolSpec | None, report: PoolReport) -> None:
+        """The status as of now (its `since` times), built only if the writer compares or writes it."""
         meta = body["metadata"]
-        status = pool_status(body, spec, report, now_rfc3339())
+        now = now_rfc3339()
         self.status.submit(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"], "status"),
-                           status, body.get("status"))
+                           lambda: pool_status(body, spec, report, now), body.get("status"))
         if self.metrics is not None and spec is not None:
-            self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(status["active"])
+            active = sum(1 for r in report.members if r.state is MemberState.ACTIVE)
+            self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(active)
 
     def warn(self, body: dict[str, Any], reason: str, message: str) -> None:
         self.events.post(body, reason, message, warning=True)
