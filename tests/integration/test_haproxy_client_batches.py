@@ -102,15 +102,22 @@ async def test_a_batch_longer_than_the_timeout_passes_while_answers_keep_coming(
         await client.info()
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Stalls shorter than the timeout, longer than it all together. The first comes before any
+        # answer, the next ones a moment after answers resumed: a quick HAProxy works through 3,000
+        # adds in well under 0.1 s, so stalls that waited for it could all fall after the batch.
+        stalls = 0
+        haproxy.pause()
         task = asyncio.ensure_future(pool.apply(adds(3000)))
-        for _ in range(3):  # stalls shorter than the timeout, longer than it all together
-            await asyncio.sleep(0.05)
-            if task.done():
-                break
-            haproxy.pause()
+        while True:
             await asyncio.sleep(0.3)
             haproxy.resume()
+            stalls += 1
+            await asyncio.sleep(0.005)
+            if stalls == 3 or task.done():
+                break
+            haproxy.pause()
         results = await task
+        assert stalls >= 2, "the batch ended before a second stall: the test did not test anything"
         assert loop.time() - started > 0.5
         assert len(results) == 6000 and all(r.ok for r in results)
     finally:
