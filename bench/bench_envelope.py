@@ -72,7 +72,7 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
-from poolkeeper_dev.shipped_python import python_version, shipped_python
+from poolkeeper_dev.shipped_python import described, shipped_python
 
 T = TypeVar("T")
 
@@ -638,7 +638,7 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         f"flipped, one HAProxy with {len(lay.pools):,} backends "
         f"(behind {-(-len(lay.pools) // LB_BACKENDS)} LoadBalancer objects of at most 64 backends each). "
         "A fresh control plane with its own etcd. "
-        f"The operator on Python {python_version(shipped_python())} (Debian's python3, as in the image), "
+        f"The operator on {described()}, "
         f"{os.cpu_count()} CPUs shared with the API server, etcd and other "
         f"work on the machine (load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end). "
         f"Whole run {total / 60:.1f} min.",

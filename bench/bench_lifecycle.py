@@ -39,7 +39,7 @@ from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
-from poolkeeper_dev.shipped_python import python_version, shipped_python
+from poolkeeper_dev.shipped_python import described, shipped_python
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,8 +264,8 @@ def main() -> int:
     entered = "Python function's first line" if args.function == "python" else "HTTP receiver getting the POST"
     text = (f"## Lifecycle handlers end to end\n\nPod status write acknowledged by the API server -> the {entered}, "
             f"through the real operator ({PODS} pods, EndpointSlice pool; an instance's "
-            f"first event waits for its outbox write, later ones do not). The operator on Python "
-            f"{python_version(shipped_python())} (Debian's python3, as in the image), "
+            f"first event waits for its outbox write, later ones do not). The operator on "
+            f"{described()}, "
             f"{os.cpu_count()} CPUs.\n\n{table}\n")
     print(text)
     Path(args.out).write_text(text)

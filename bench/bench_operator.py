@@ -57,7 +57,7 @@ from poolkeeper.core.naming import member_name, pool_prefix
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAPROXY, HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess, ensure_system_namespace
-from poolkeeper_dev.shipped_python import python_version, shipped_python
+from poolkeeper_dev.shipped_python import described, shipped_python
 from poolkeeper_dev.standin_kubelet import FakeKubelet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -762,7 +762,7 @@ def environment(kubernetes: str) -> dict[str, str]:
         "cpus": f"{os.cpu_count()} (usable here: {len(os.sched_getaffinity(0))})",
         "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                            if line.startswith("model name")), platform.machine()),
-        "python": f"{python_version(shipped_python())} (the operator's: Debian's python3, as in the image)",
+        "python": f"the operator's: {described()}",
         "kopf": metadata.version("kopf"),
         "kubernetes": kubernetes,
         "haproxy": " ".join(haproxy.split()[:3]) or "?",

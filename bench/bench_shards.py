@@ -59,7 +59,7 @@ from poolkeeper.backends.haproxy_client import HAProxyClient
 from poolkeeper_dev import Cluster
 from poolkeeper_dev.haproxy import HAProxyProcess
 from poolkeeper_dev.operator_process import OperatorProcess
-from poolkeeper_dev.shipped_python import python_version, shipped_python
+from poolkeeper_dev.shipped_python import described, shipped_python
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "scaling.md"
@@ -121,8 +121,8 @@ async def all_in_rotation(haproxy: HAProxyProcess, backends: Sequence[str], expe
 
 async def start_replicas(cluster: Cluster, setup: Setup, args: argparse.Namespace, index: int) -> list[OperatorProcess]:
     extra = () if setup.shards == 1 else ("--shards", str(setup.shards))  # one replica needs no Lease
-    procs = [OperatorProcess(cluster.kubeconfig, args.dir / "logs" / f"{index}-{r}", extra_args=extra,
-                             python=shipped_python())
+    python = shipped_python()
+    procs = [OperatorProcess(cluster.kubeconfig, args.dir / "logs" / f"{index}-{r}", extra_args=extra, python=python)
              for r in range(setup.replicas)]
     cores = os.cpu_count() or 1
     for r, proc in enumerate(procs):
@@ -243,7 +243,7 @@ def render(runs: list[Run], args: argparse.Namespace, load: tuple[float, float],
         f"{runs[0].transitions} readiness transitions per run ({args.concurrency} writes in flight, as fast as the "
         f"API server takes them), {args.repeat} runs per setup, setups alternating; medians (each run in "
         f"brackets). {'Each replica pinned to its own core (taskset). ' if args.pin else ''}"
-        f"The operator on Python {python_version(shipped_python())} (Debian's python3, as in the image), "
+        f"The operator on {described()}, "
         f"{os.cpu_count()} CPUs shared with the API server, etcd, HAProxy and the "
         f"load generator; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end; whole run "
         f"{total / 60:.1f} min; {errors} write errors.",

@@ -2,8 +2,8 @@
 
 The image runs the operator on Debian's python3 (Containerfile, image.py) with exactly the
 packages of requirements/runtime.lock. The development venv may use another build of Python
-(pyenv's, without profile-guided optimisation): measured side by side, the operator spent about
-1.1x the CPU under it (docs/scaling.md). So the benchmarks run the operator the way users run it:
+(pyenv's, without profile-guided optimisation): measured side by side, the operator spent 1.1 to
+1.25x the CPU under it (docs/scaling.md). So the benchmarks run the operator the way users run it:
 this venv's python, with the operator's source on PYTHONPATH (always the code being measured).
 """
 
@@ -43,9 +43,8 @@ def shipped_python(venv: Path = VENV, python: Path = DEBIAN_PYTHON, lock: Path =
     return str(exe)
 
 
-
-def python_version(python: str) -> str:
-    """X.Y.Z of an interpreter, as the benchmarks' reports name the one that ran the operator."""
-    out = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+def described() -> str:
+    """How the benchmarks' reports name the interpreter that ran the operator."""
+    out = subprocess.run([shipped_python(), "-c", "import platform; print(platform.python_version())"],
                          capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return f"Python {out.stdout.strip()} (Debian's python3, as in the image)"

@@ -48,8 +48,7 @@ class PoolReport:
 
 def ready_condition(report: PoolReport) -> tuple[Condition, int, int, int]:
     """(Ready, desired, active, draining) from the members and Synced."""
-    active = sum(1 for r in report.members if r.state is MemberState.ACTIVE)
-    draining = sum(1 for r in report.members if r.state is MemberState.DRAINING)
+    active, draining = members_in(report, MemberState.ACTIVE), members_in(report, MemberState.DRAINING)
     desired = report.desired
     if desired is None:
         desired = sum(1 for r in report.members if r.state is not MemberState.DRAINING)
@@ -63,6 +62,10 @@ def ready_condition(report: PoolReport) -> tuple[Condition, int, int, int]:
     else:
         ready = Condition("Ready", False, "MembersNotActive", f"{active} of {desired} members active")
     return ready, desired, active, draining
+
+
+def members_in(report: PoolReport, state: MemberState) -> int:
+    return sum(1 for r in report.members if r.state is state)
 
 
 def pool_status(body: Mapping[str, Any], spec: PoolSpec | None, report: PoolReport, now: str) -> dict[str, Any]:
@@ -122,7 +125,7 @@ class Reporter:
         self.status.submit(resource_path(API_VERSION, "targetpools", meta["namespace"], meta["name"], "status"),
                            lambda: pool_status(body, spec, report, now), body.get("status"))
         if self.metrics is not None and spec is not None:
-            active = sum(1 for r in report.members if r.state is MemberState.ACTIVE)
+            active = members_in(report, MemberState.ACTIVE)
             self.metrics.members.labels(namespace=spec.namespace, pool=spec.name).set(active)
 
     def warn(self, body: dict[str, Any], reason: str, message: str) -> None:
