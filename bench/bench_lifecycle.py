@@ -28,12 +28,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from quiet import QUIET_BUSY, wait_until_quiet
 
 from poolkeeper.kube.api import STRATEGIC, KubeApi, resource_path
 from poolkeeper.kube.credentials import load_credentials
@@ -126,6 +127,10 @@ class Split:
     to_operator: list[float] = field(default_factory=list)  # answered -> the operator recorded the transition
     dispatch: list[float] = field(default_factory=list)  # recorded -> function entered
 
+    def extend(self, other: Split) -> Split:
+        """Both splits' samples together."""
+        return Split(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+
 
 def match(acks: list[Ack], calls: list[list[Any]]) -> Split:
     """Pair each write with the first later call for the same pod and state, in order."""
@@ -154,6 +159,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--transitions", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --transitions (each started once the machine is quiet); percentiles pooled")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-lifecycle.md"))
     parser.add_argument("--function", choices=("python", "http"), default="python",
                         help="the handler: a Python function, or an HTTP receiver in its own process")
@@ -163,10 +170,16 @@ def main() -> int:
     parser.add_argument("--operator-arg", action="append", default=[],
                         help="an extra `poolkeeper run` argument, e.g. --operator-arg=--function-workers=4")
     args = parser.parse_args()
+    if args.rounds > 1 and args.transitions % (2 * PODS):
+        parser.error(f"with --rounds, --transitions must be a multiple of {2 * PODS}: rounds end with every pod Ready")
     work = Path(tempfile.mkdtemp(prefix="pk-bench-lifecycle-"))
     cluster = Cluster(work / "cluster").up()
     operator = None
     receiver: tuple[multiprocessing.process.BaseProcess, int] | None = None
+    acks: list[Ack] = []
+    calls: list[list[Any]] = []
+    split, rounds, busy, cpu = Split(), [], [], 0.0  # pooled over the rounds; each round's p99; CPUs busy before
+    load_before: tuple[float, float, float] | None = None
     try:
         cluster.kubectl_run("apply", "--server-side", "-f", str(REPO / "manifests" / "crds"))
         cluster.kubectl_run("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=poolkeeper")
@@ -214,8 +227,6 @@ def main() -> int:
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < PODS):
             time.sleep(0.2)
         time.sleep(1)
-        out.write_text("")
-        cpu_before = _cpu_seconds(operator)
 
         async def drive() -> list[Ack]:
             api = KubeApi(load_credentials(str(cluster.kubeconfig)))
@@ -224,32 +235,40 @@ def main() -> int:
             finally:
                 await api.close()
 
-        load_before = os.getloadavg()
-        acks = asyncio.run(drive())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(out.read_text().splitlines()) < len(acks):
-            time.sleep(0.2)
-        cpu = _cpu_seconds(operator) - cpu_before
+        for _ in range(args.rounds):  # each round ends with every pod Ready, as it started
+            busy.append(wait_until_quiet())
+            out.write_text("")
+            cpu_before = _cpu_seconds(operator)
+            load_before = load_before or os.getloadavg()
+            round_acks = asyncio.run(drive())
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(out.read_text().splitlines()) < len(round_acks):
+                time.sleep(0.2)
+            cpu += _cpu_seconds(operator) - cpu_before
+            round_calls = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+            this = match(round_acks, round_calls)
+            if not this.end_to_end:
+                raise SystemExit(f"no function calls were seen; operator log:\n{operator.log_tail()}")
+            split, acks, calls = split.extend(this), acks + round_acks, calls + round_calls
+            rounds.append(percentile(this.end_to_end, 99))
         load_after = os.getloadavg()
-        calls = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-        split = match(acks, calls)
         latencies = split.end_to_end
-        if not latencies:
-            raise SystemExit(f"no function calls were seen; operator log:\n{operator.log_tail()}")
     finally:
         if operator is not None:
             operator.stop()
         if receiver is not None:
             receiver[0].kill()
         cluster.down()
-    answered = max(a[2] for a in acks) - min(a[3] for a in acks)
     rows = [
-        ("transitions written", f"{len(acks)} at {args.rate:.0f}/s (all answered within {answered:.1f} s)"),
+        ("transitions written", f"{len(acks)} at {args.rate:.0f}/s, in {args.rounds} rounds of {args.transitions} "
+                                f"(each started when the CPUs were under {QUIET_BUSY:.0%} busy: "
+                                f"{', '.join(f'{b:.0%}' for b in busy)})"),
         ("function calls seen", f"{len(calls)} ({len(latencies)} matched to a write; the rest superseded)"),
         ("transition -> function, p50", f"{statistics.median(latencies):.1f} ms"),
         ("transition -> function, p90", f"{percentile(latencies, 90):.1f} ms"),
         ("transition -> function, p99", f"{percentile(latencies, 99):.1f} ms (target < {TARGET_P99_MS:.0f} ms)"),
         ("transition -> function, max", f"{max(latencies):.1f} ms"),
+        ("transition -> function, p99 of each round", " / ".join(f"{r:.1f} ms" for r in rounds)),
         ("parts, p50 / p90 / p99 / max (ms)", ""),
         ("write sent -> API server answered", spread(split.api_answer)),
         ("answered -> operator recorded the transition", spread(split.to_operator)),
@@ -258,7 +277,7 @@ def main() -> int:
         ("handler", "Python function" if args.function == "python" else "HTTP POST to a receiver process"),
         ("a second handler on the pool, whose receiver never answers",
          "yes" if args.stuck_handler else "no"),
-        ("load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"),
+        ("load average (1 min) before / after", f"{(load_before or load_after)[0]:.2f} / {load_after[0]:.2f}"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     entered = "Python function's first line" if args.function == "python" else "HTTP receiver getting the POST"

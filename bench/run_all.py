@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from quiet import wait_until_quiet
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -152,8 +154,12 @@ STEPS = (
 
 
 def run_step(step: Step, scratch: Path, quick: bool, failures: list[str]) -> str:
-    """The step's section of the document; a failure is reported there and in `failures`."""
+    """The step's section of the document; a failure is reported there and in `failures`.
+
+    It starts once the machine is quiet: not while the previous step's processes still exit."""
     args = [*((step.quick or []) if quick else []), *step.args(scratch)]
+    busy = wait_until_quiet()
+    print(f"== the CPUs were {busy:.0%} busy before {step.script}", file=sys.stderr, flush=True)
     code, out, err = run_script(step.script, args)
     if code or not out.strip():
         failures.append(step.script)
