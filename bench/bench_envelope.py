@@ -67,6 +67,7 @@ from bench_operator import (
     servers_in_rotation,
     wait_until,
 )
+from bench_sidebyside import api_writes
 from quiet import QUIET_BUSY, wait_until_quiet
 from run_all import ENVELOPE_HEADING, section_of
 
@@ -324,6 +325,17 @@ async def watch_pools_ready(kube: Kube, pools: Sequence[tuple[str, str, str]], s
 
 
 # ----------------------------------------------------------------------------- phases
+WRITES_KEY = "writes: "  # a flips result's API write counts, by "VERB resource[/subresource]"
+OWN_WRITES = "PATCH pods/status"
+
+
+def written_by(counts: dict[str, Any], per: float = 1.0) -> str:
+    """The API writes in a flips result, most first: "PATCH targetpools/status 0.10, POST events 0.05"."""
+    writes = sorted(((k.removeprefix(WRITES_KEY), v / per) for k, v in counts.items()
+                     if k.startswith(WRITES_KEY) and v > 0), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v:.2f}" if per != 1.0 else f"{k} {v:.0f}" for k, v in writes)
+
+
 async def flip_rounds(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, lay: Layout,
                       args: argparse.Namespace, label: str) -> dict[str, Any]:
     """args.rounds rounds of `flips`, each once the machine is quiet (the tail of creating 990 pools,
@@ -333,7 +345,7 @@ async def flip_rounds(kube: Kube, operator: OperatorProcess, haproxy: HAProxyPro
         busy = await asyncio.to_thread(wait_until_quiet, QUIET_BUSY, QUIET_WAIT_S, log)
         log(f"{label}, round {index + 1} of {args.rounds}: the CPUs were {busy:.0%} busy before it")
         rounds.append(await flips(kube, operator, haproxy, lay, args, f"{label} round {index + 1}"))
-    summed: dict[str, Any] = {key: sum(r[key] for r in rounds) for key in rounds[0]}
+    summed: dict[str, Any] = {key: sum(r.get(key, 0.0) for r in rounds) for key in {k for r in rounds for k in r}}
     summed["per_1000"] = statistics.median(r["per_1000"] for r in rounds)
     summed["rounds"] = [r["per_1000"] for r in rounds]
     return summed
@@ -352,16 +364,18 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         await asyncio.sleep(1.0)
     metrics0 = await asyncio.to_thread(operator.metrics)
+    writes0 = await api_writes(kube)
     cpu0, own0, wall0 = cpu_seconds(operator.pid), process_cpu(), time.monotonic()
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.1
     tasks = []
-    errors = 0
+    errors = written = 0
 
     async def send(namespace: str, name: str, ready: bool) -> None:
-        nonlocal errors
+        nonlocal errors, written
         try:
             await kube.patch_status(pod_path(namespace, name), {"status": {"conditions": readiness(ready)}})
+            written += 1
         except (RuntimeError, aiohttp.ClientError, TimeoutError):
             errors += 1
 
@@ -391,13 +405,17 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
     metrics1 = await asyncio.to_thread(operator.metrics)
     counts = {name: counter_total(metrics1, f"poolkeeper_{name}_total")
               - counter_total(metrics0, f"poolkeeper_{name}_total") for name in ("reconciles", "backend_actions")}
+    writes = {k: v - writes0.get(k, 0.0) for k, v in (await api_writes(kube)).items()}
+    writes[OWN_WRITES] = writes.get(OWN_WRITES, 0.0) - written  # the benchmark's own flips are not the operator's
+    counts.update({f"{WRITES_KEY}{k}": v for k, v in writes.items() if v > 0})
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         await asyncio.wait_for(spy.wait(), 30)
     total = args.transitions + sum(1 for v in state.values() if not v)
     log(f"{label}: {total} transitions in {sent:.1f} s, operator CPU {cpu:.2f} s "
         f"({cpu / total * 1000:.2f} s per 1,000), benchmark CPU {own:.2f} s, {errors} write errors, "
-        f"{counts['reconciles']:.0f} reconciles, {counts['backend_actions']:.0f} HAProxy actions")
+        f"{counts['reconciles']:.0f} reconciles, {counts['backend_actions']:.0f} HAProxy actions, "
+        f"API writes besides the flips: {written_by(counts) or 'none'}")
     return {"transitions": total, "cpu": cpu, "per_1000": cpu / total * 1000, "own_cpu": own, "wall": wall,
             "sent_in": sent, "errors": errors, **counts}
 
@@ -685,7 +703,10 @@ def render(out: dict[str, Any], sampler: MemorySampler, lay: Layout, args: argpa
         f"- Per transition: {small['reconciles'] / small['transitions']:.2f} reconciles and "
         f"{small['backend_actions'] / small['transitions']:.2f} HAProxy actions at 10 pools, "
         f"{large['reconciles'] / large['transitions']:.2f} and {large['backend_actions'] / large['transitions']:.2f} "
-        f"at {len(lay.pools):,} pools (from the operator's metrics).",
+        f"at {len(lay.pools):,} pools (from the operator's metrics). API writes per transition besides the "
+        f"benchmark's own pod status PATCH (the API server's `apiserver_request_total`; the operator's Lease "
+        f"renewals included): {written_by(small, small['transitions']) or 'none'} at 10 pools; "
+        f"{written_by(large, large['transitions']) or 'none'} at {len(lay.pools):,} pools.",
         "- Transitions: readiness flips (status PATCHes) of the pods of the first 10 pools, paced; CPU is the "
         "operator's utime + stime from /proc from the first write until HAProxy shows every server back in "
         f"rotation, per round; each round starts once the CPUs are under {QUIET_BUSY:.0%} busy (at most "
