@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from poolkeeper import API_VERSION
 from poolkeeper.aws import AWSError
@@ -407,8 +407,8 @@ class PoolController:
         plan = self._plan(spec, wanted, actual, since)  # 4. plan
         try:  # 5. apply
             fresh: Mapping[str, ActualMember] | None = None
-            if self._read_with_apply(spec, plan.actions):
-                results, fresh = await backend.apply_and_read(plan.actions)  # type: ignore[attr-defined]
+            if self._read_with_apply(backend, spec, plan.actions):
+                results, fresh = await backend.apply_and_read(plan.actions)
             else:
                 results = await backend.apply(plan.actions) if plan.actions else []
             if fresh is None and kept is not None and spec.health_check is not None:
@@ -485,8 +485,9 @@ class PoolController:
             log.debug("removals after a drain not applied yet: %s", exc)
             return []
 
-    def _read_with_apply(self, spec: PoolSpec, actions: Sequence[Any]) -> bool:
-        """Read the servers in the apply's round trip where that read is worth keeping.
+    def _read_with_apply(self, backend: Backend, spec: PoolSpec, actions: Sequence[Any]) -> TypeGuard[ServerBackend]:
+        """Read the servers in the apply's round trip where that read is worth keeping (only an
+        HAProxy pool's backend, a ServerBackend, can).
 
         - Servers start to drain in a pool without checks: those found idle are removed by the
           same reconcile (one more round trip, not a reconcile of its own); a follow-up for the
