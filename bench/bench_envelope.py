@@ -778,14 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_cluster(cluster)
         handlers.mkdir(parents=True, exist_ok=True)
         (handlers / "envelope.py").write_text("def handle(event, context):\n    return None\n")
-        for attempt in range(5):  # one frontend port per backend: one may be taken meanwhile (free_port races)
-            try:
-                haproxy.start(timeout=60.0)
-                break
-            except RuntimeError as exc:
-                if attempt == 4 or "Address already in use" not in str(exc):
-                    raise
-                haproxy = ManyBackendsHAProxy(args.dir / "haproxy", backends=haproxy.backends)
+        haproxy.start(timeout=60.0)  # a frontend port taken meanwhile: it moves to fresh ports itself
         out = asyncio.run(phases(cluster, haproxy, operator, sampler, lay, args))
         api_cpu = {name: cpu_seconds(pid) for name, pid in cluster.state["pids"].items()
                    if name in ("kube-apiserver", "etcd")}

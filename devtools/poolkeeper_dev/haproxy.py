@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,12 @@ def issue_cert(ca: CertificateAuthority, folder: Path, name: str, *, server: boo
 
 
 # ----- the process
+PORT_ATTEMPTS = 5
+
+
+class PortTaken(RuntimeError):
+    """HAProxy could not bind a port that was free when it was picked."""
+
 
 
 class HAProxyProcess:
@@ -118,14 +125,24 @@ class HAProxyProcess:
         self.binary = binary
         self.config = self.workdir / "haproxy.cfg"
         self.log = self.workdir / "haproxy.log"
-        self.frontend_ports = {backend: free_port() for backend in self.backends}
-        self.tls_port = free_port() if tls else None
         self.listen_host = listen_host
-        self.admin_port = free_port() if listen_host != "127.0.0.1" else None
+        self.tls = tls
+        self._pick_ports()
+        self._started = False  # once started, the ports are kept: a restart is the same HAProxy
         self._tls_files: TLSFiles | None = None
         self.master_worker = master_worker
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused: int | None = None
+
+    def _pick_ports(self) -> None:
+        """Ports for every listener; a declared server pointing at one of our frontends follows it."""
+        old = getattr(self, "frontend_ports", {})
+        self.frontend_ports = {backend: free_port() for backend in self.backends}
+        moved = {str(old[b]): str(self.frontend_ports[b]) for b in old}
+        self.declared = {backend: re.sub(r"(?<=:)(\d+)\b", lambda m: moved.get(m[1], m[1]), server)
+                         for backend, server in self.declared.items()}
+        self.tls_port = free_port() if self.tls else None
+        self.admin_port = free_port() if self.listen_host != "127.0.0.1" else None
 
     # ----- what tests use
     @property
@@ -170,12 +187,29 @@ class HAProxyProcess:
 
     # ----- lifecycle
     def start(self, timeout: float = 10.0) -> None:
-        """Start and wait until the admin socket and every frontend accept connections."""
+        """Start and wait until the admin socket and every frontend accept connections.
+
+        free_port() only finds a port free at that moment: another process (an API server started
+        meanwhile, a client's ephemeral port) may take it before HAProxy binds it. The first start
+        then picks fresh ports and tries again; a restart keeps its ports, as a real one would."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(timeout)
+            except PortTaken:
+                if self._started or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self._pick_ports()
+                continue
+            self._started = True
+            return
+
+    def _start(self, timeout: float) -> None:
         if self.pid is not None:
             raise RuntimeError("HAProxy is already running")
         if self.tls_port is not None and self._tls_files is None:
             self._tls_files = self._make_certs()
         self.config.write_text(self._render())
+        logged = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             mode = ["-W", "-S", str(self.master_socket)] if self.master_worker else []
             self._proc = subprocess.Popen([self.binary, *mode, "-f", str(self.config), "-db"],
@@ -183,7 +217,9 @@ class HAProxyProcess:
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self._proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self._proc.returncode}:\n{self._log_tail()}")
+                said = self.log.read_bytes()[logged:]  # this start's lines only
+                error = PortTaken if b"Address already in use" in said else RuntimeError
+                raise error(f"haproxy exited with {self._proc.returncode}:\n{self._log_tail()}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"haproxy was not ready after {timeout} s:\n{self._log_tail()}")
@@ -289,7 +325,11 @@ class HAProxyProcess:
         return fields
 
     def _ready(self) -> bool:
-        targets: list[tuple[int, str | tuple[str, int]]] = [(socket.AF_UNIX, str(self.admin_socket))]
+        """Every listener accepts, and the runtime API answers: a connection alone can be accepted
+        by the kernel while HAProxy is still binding (and about to exit because a port was taken)."""
+        if not self._answers():
+            return False
+        targets: list[tuple[int, str | tuple[str, int]]] = []
         ports = [*self.frontend_ports.values(), *([self.tls_port] if self.tls_port else [])]
         targets += [(socket.AF_INET, ("127.0.0.1", port)) for port in ports if port == self.tls_port]
         targets += [(socket.AF_INET, (self.listen_host, port)) for port in ports if port != self.tls_port]
@@ -302,6 +342,19 @@ class HAProxyProcess:
                 except OSError:
                     return False
         return True
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5.0)
+            try:
+                sock.connect(str(self.admin_socket))
+                sock.sendall(b"show info\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except OSError:
+                return False
+        return b"Pid:" in answer
 
     def _log_tail(self) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else "(no output)"
