@@ -93,7 +93,8 @@ def compose_document(operator: str, haproxy: str, functions: str, lifecycle: str
         "`bench/bench_functions.py`, `bench/bench_operator.py`, `bench/bench_sidebyside.py`, "
         "`bench/bench_lifecycle.py` and "
         "`bench/bench_rollout.py` in sequence "
-        "and rewrites this file. "
+        "and rewrites this file. Each starts once the machine's CPUs are under 25% busy over 2 s (`bench/quiet.py`, "
+        "from /proc/stat), so one benchmark's tear-down is not measured by the next. "
         "Each script can also be run on its own; `bench_operator.py` starts and stops its own "
         "control plane (etcd, kube-apiserver, kube-controller-manager), HAProxy and operator.", "",
         operator.strip(), "",
