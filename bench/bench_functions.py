@@ -5,6 +5,7 @@
 (1) 2,000 invocations issued open-loop at 200/s through a FunctionPool of the default size; the
     function returns time.time() on entry, so latency = entry - the moment invoke() was called.
 (2) 3,000 deliver_http() POSTs, 32 at a time, to an aiohttp receiver in its own process.
+It runs itself (and so the function workers) on the interpreter the image ships (shipped_python).
 Each is repeated; the table reports the median over repeats (and the range).
 """
 
@@ -26,11 +27,13 @@ from typing import Any
 from poolkeeper.functions.http import deliver_http, make_http_session, parse_cidrs
 from poolkeeper.functions.invoke_cli import sample_event
 from poolkeeper.functions.pool import FunctionPool, default_size
+from poolkeeper_dev.shipped_python import described, shipped_python
 
 LOOPBACK = parse_cidrs(["127.0.0.0/8"])  # the receiver is on loopback: allowed explicitly
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_P99_MS = 10.0
+ON_SHIPPED = "POOLKEEPER_BENCH_ON_SHIPPED_PYTHON"  # set once this script runs on the image's interpreter
 HANDLER = "import time\n\ndef handle(event, context):\n    return time.time()\n"
 
 
@@ -165,7 +168,7 @@ def render(latency_runs: list[dict[str, Any]], http_runs: list[dict[str, Any]],
     lines = [
         "## Handler functions",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, "
+        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), {described()}, "
         f"{platform.system()}; shared with other work. Median of {args.repeats} runs (range = min - max).",
         "",
         "| Measure | Median | Range | Notes |",
@@ -223,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-functions.md")
     args = parser.parse_args(argv)
+    if not os.environ.get(ON_SHIPPED):  # the function workers run on the interpreter the image ships
+        python = shipped_python()
+        path = os.pathsep.join(str(REPO / folder) for folder in ("operator", "devtools"))
+        env = {**os.environ, ON_SHIPPED: "1", "PYTHONPATH": path}
+        os.execve(python, [python, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)], env)
     print(f"pool size {default_size()}; running {args.repeats} repeats...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as handlers:
         Path(handlers, "bench.py").write_text(HANDLER)
