@@ -1,7 +1,7 @@
 """End to end: a pod's status write -> the operator -> a LifecycleHandler function called.
 
-    .venv/bin/python bench/bench_lifecycle.py [--transitions 1000] [--rate 200] [--function python|http]
-        [--out docs/benchmarks-lifecycle.md]
+    .venv/bin/python bench/bench_lifecycle.py [--transitions 1000] [--rate 200] [--rounds 3]
+        [--function python|http] [--out docs/benchmarks-lifecycle.md]
 
 A real control plane, the real operator (as its own process) and an EndpointSlice pool of 50
 pods. Pods are flipped ready / not ready at a fixed rate; each flip is one `up` or `down`
@@ -13,7 +13,9 @@ The end-to-end figure is split where it can be, so a slow API server is not blam
 operator: the write sent -> answered; answered -> the operator recorded the transition (the
 event's `time`, set when the watch event was turned into a CloudEvent: the API server's watch
 delivery plus the operator's informer); recorded -> function entered (the operator's own
-dispatch: queues, outbox, function worker). The machine's load average is printed beside.
+dispatch: queues, outbox, function worker). --rounds rounds of --transitions, each started once
+the CPUs are quiet (bench/quiet.py); the percentiles are over every round's samples, and each
+round's p99 is shown. The machine's load average is printed beside.
 """
 
 from __future__ import annotations
