@@ -369,13 +369,12 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.1
     tasks = []
-    errors = written = 0
+    errors = 0
 
     async def send(namespace: str, name: str, ready: bool) -> None:
-        nonlocal errors, written
+        nonlocal errors
         try:
             await kube.patch_status(pod_path(namespace, name), {"status": {"conditions": readiness(ready)}})
-            written += 1
         except (RuntimeError, aiohttp.ClientError, TimeoutError):
             errors += 1
 
@@ -405,13 +404,13 @@ async def flips(kube: Kube, operator: OperatorProcess, haproxy: HAProxyProcess, 
     metrics1 = await asyncio.to_thread(operator.metrics)
     counts = {name: counter_total(metrics1, f"poolkeeper_{name}_total")
               - counter_total(metrics0, f"poolkeeper_{name}_total") for name in ("reconciles", "backend_actions")}
+    total = args.transitions + sum(1 for v in state.values() if not v)  # the flips and the writes back to Ready
     writes = {k: v - writes0.get(k, 0.0) for k, v in (await api_writes(kube)).items()}
-    writes[OWN_WRITES] = writes.get(OWN_WRITES, 0.0) - written  # the benchmark's own flips are not the operator's
+    writes[OWN_WRITES] = writes.get(OWN_WRITES, 0.0) - (total - errors)  # the benchmark's own writes that landed
     counts.update({f"{WRITES_KEY}{k}": v for k, v in writes.items() if v > 0})
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         await asyncio.wait_for(spy.wait(), 30)
-    total = args.transitions + sum(1 for v in state.values() if not v)
     log(f"{label}: {total} transitions in {sent:.1f} s, operator CPU {cpu:.2f} s "
         f"({cpu / total * 1000:.2f} s per 1,000), benchmark CPU {own:.2f} s, {errors} write errors, "
         f"{counts['reconciles']:.0f} reconciles, {counts['backend_actions']:.0f} HAProxy actions, "

@@ -327,7 +327,10 @@ class HAProxyProcess:
     def _ready(self) -> bool:
         """Every listener accepts, and the runtime API answers: a connection alone can be accepted
         by the kernel while HAProxy is still binding (and about to exit because a port was taken)."""
-        if not self._answers():
+        try:
+            if "Pid" not in self._show_info(5.0):
+                return False
+        except OSError:
             return False
         targets: list[tuple[int, str | tuple[str, int]]] = []
         ports = [*self.frontend_ports.values(), *([self.tls_port] if self.tls_port else [])]
@@ -342,19 +345,6 @@ class HAProxyProcess:
                 except OSError:
                     return False
         return True
-
-    def _answers(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5.0)
-            try:
-                sock.connect(str(self.admin_socket))
-                sock.sendall(b"show info\n")
-                answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            except OSError:
-                return False
-        return b"Pid:" in answer
 
     def _log_tail(self) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else "(no output)"
